@@ -1,0 +1,75 @@
+"""Stub of the compiled wire codec (rust/pypop-ext), checked with mypy.stubtest.
+
+The pure-Python twin in ``pypop._wire_py`` has exactly this API and behaviour;
+docs/wire.md is the specification both follow.
+"""
+
+from typing import Final
+
+DEFAULT_MAX_LINE: Final[int]
+"""255: RFC 2449 §4 command-line limit, line end included."""
+
+IMPLEMENTATION: Final[str]
+""""rust" here, "python" in the twin."""
+
+class LineFramer:
+    """Splits a byte stream into command lines (server side, lenient line ends)."""
+
+    def __init__(self, max_line: int = 255) -> None: ...
+    @property
+    def max_line(self) -> int: ...
+    @property
+    def buffered(self) -> int:
+        """Octets held for an incomplete line (0 while skipping an overlong one)."""
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Every line completed by ``data``, without its line end; ``None`` marks an overlong line."""
+
+    def clear(self) -> None:
+        """Forget buffered input and any overlong-skip state (used at STLS)."""
+
+class DotStuffer:
+    """Streams a stored message as a multi-line response body (RFC 1939 §3)."""
+
+    def __init__(self, top_lines: int | None = None) -> None: ...
+    @property
+    def done(self) -> bool:
+        """True once a TOP cut is complete; further input is ignored."""
+
+    def feed(self, data: bytes) -> bytes: ...
+    def finish(self) -> bytes:
+        """Pending octets, a CRLF if the output does not end a line, then ".\\r\\n"."""
+
+class SizeCounter:
+    """Counts a message's POP3 size (RFC 1939 §11) without producing output."""
+
+    def __init__(self) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> int: ...
+
+class Unstuffer:
+    """Client side: multi-line reply bytes in, message bytes out (strict CRLF)."""
+
+    def __init__(self) -> None: ...
+    @property
+    def done(self) -> bool: ...
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """(message octets, None) until the terminator; then (octets, bytes after it)."""
+
+def stuff(message: bytes, top_lines: int | None = None) -> bytes:
+    """Whole-message DotStuffer: feed(message) + finish()."""
+
+def wire_size(message: bytes) -> int:
+    """Whole-message SizeCounter."""
+
+def unstuff(data: bytes) -> tuple[bytes, bytes]:
+    """Whole-buffer Unstuffer; raises ValueError if the terminator is missing."""
+
+def constant_time_eq(a: bytes, b: bytes) -> bool: ...
+def apop_digest(timestamp: bytes, secret: bytes) -> str: ...
+def apop_verify(timestamp: bytes, secret: bytes, digest: bytes) -> bool: ...
+def cram_md5_digest(secret: bytes, challenge: bytes) -> str: ...
+def cram_md5_verify(secret: bytes, challenge: bytes, digest: bytes) -> bool: ...
+def cram_md5_context(secret: bytes) -> bytes: ...
+def cram_md5_verify_context(context: bytes, challenge: bytes, digest: bytes) -> bool: ...
+def make_challenge(host: str) -> str: ...

@@ -1,0 +1,143 @@
+"""The backend plugin contract.
+
+A backend is found by name in the entry-point group ``pypop.backends``. The entry
+point names a :data:`BackendFactory`: a callable that takes the ``[backend]`` options
+from the config file and returns a :class:`Backend`.
+
+Rules every backend follows (``pypop.testing`` checks them):
+
+- ``Backend.open_mailbox`` takes the exclusive maildrop lock (RFC 1939 §4) before it
+  returns, and raises :class:`MailboxLocked` at once if another session holds it.
+- ``Mailbox.messages`` is a snapshot taken at open time: message *n* is
+  ``messages[n - 1]`` for the whole session, mail that arrives later is not in it.
+- ``MessageInfo.size`` is the POP3 size (RFC 1939 §11): the octets a client gets from
+  RETR after unstuffing, i.e. ``pypop.wire.wire_size`` of what ``retrieve`` yields.
+- ``MessageInfo.uid`` is 1-70 octets in 0x21-0x7E, unique in the maildrop and the same
+  in every session (RFC 1939 §7).
+- ``Mailbox.retrieve`` yields the stored octets (any line-end convention); the server
+  does the stuffing, CRLF conversion and the TOP cut.
+- ``Mailbox.commit`` is called only from UPDATE (a QUIT in TRANSACTION state). It
+  removes exactly the listed messages and releases the lock. ``Mailbox.aclose``
+  releases the lock without removing anything; it is called on every other way out
+  (dropped connection, timeout, shutdown) and after ``commit``; it is idempotent.
+- Each failure has one exception type, below. Anything else a backend raises is a bug:
+  the server ends that session with ``-ERR [SYS/TEMP]`` and logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "AuthFailed",
+    "Backend",
+    "BackendError",
+    "BackendFactory",
+    "Mailbox",
+    "MailboxLocked",
+    "MessageInfo",
+    "NoSuchMessage",
+    "PermanentFailure",
+    "TemporaryFailure",
+    "UpdateFailed",
+    "is_valid_uid",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a maildrop snapshot."""
+
+    size: int
+    """POP3 size in octets, CRLF counted (RFC 1939 §11)."""
+    uid: str
+    """Unique id for UIDL: 1-70 characters in 0x21-0x7E (RFC 1939 §7)."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True if ``uid`` is a legal UIDL unique-id (RFC 1939 §7)."""
+    return 1 <= len(uid) <= 70 and all("\x21" <= c <= "\x7e" for c in uid)
+
+
+class BackendError(Exception):
+    """Base class of every error a backend may raise."""
+
+
+class NoSuchMessage(BackendError):
+    """The message is gone (e.g. removed from outside during the session)."""
+
+
+class MailboxLocked(BackendError):
+    """Another session holds the maildrop lock: ``-ERR [IN-USE]``."""
+
+
+class AuthFailed(BackendError):
+    """A backend that authenticates itself (e.g. upstream IMAP) refused: ``[AUTH]``."""
+
+
+class TemporaryFailure(BackendError):
+    """Try again later: ``-ERR [SYS/TEMP]``."""
+
+
+class PermanentFailure(BackendError):
+    """The account cannot be served (disabled, corrupt): ``-ERR [SYS/PERM]``."""
+
+
+class UpdateFailed(BackendError):
+    """UPDATE could not remove some marked messages (RFC 1939 §6).
+
+    It must never have removed a message that was not marked.
+    """
+
+
+@runtime_checkable
+class Mailbox(Protocol):
+    """One user's locked maildrop, for one session."""
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open time; index 0 is message 1."""
+        ...
+
+    def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the stored octets of ``messages[index]`` in blocks (64 KiB or so).
+
+        ``top_lines`` is a hint for TOP: a backend may stop early once it has sent the
+        header and that many body lines, or ignore it; the server cuts anyway.
+        Raises :class:`NoSuchMessage` if the message has vanished.
+        """
+        ...
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        """UPDATE: remove the messages at these indices, then release the lock.
+
+        Raises :class:`UpdateFailed` if some could not be removed.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the lock without removing anything. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A store of maildrops."""
+
+    async def open_mailbox(self, user: str) -> Mailbox:
+        """Lock and snapshot ``user``'s maildrop.
+
+        Raises :class:`MailboxLocked`, :class:`TemporaryFailure` or
+        :class:`PermanentFailure`.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources at server shutdown."""
+        ...
+
+
+BackendFactory = Callable[[Mapping[str, object]], Backend]
+"""What an entry point in ``pypop.backends`` names: options -> backend."""
