@@ -1,0 +1,178 @@
+"""The in-memory reference backend, registered as ``memory`` like any plugin.
+
+Options (``[backend]`` in the config file):
+
+- ``seed``: a folder with one sub-folder per user, each holding ``*.eml`` files
+  (delivery order = file name order). UIDLs come from the file names, so they survive
+  a restart as long as the files do.
+- ``sample_users`` / ``sample_messages``: generate ``user1``..``userN`` with that many
+  sample messages each (for demos and benchmarks).
+
+Mail lives for the life of the process. Locks and UPDATE behave as in any backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+from pypop.backend import (
+    Mailbox,
+    MailboxLocked,
+    MessageInfo,
+    is_valid_uid,
+)
+from pypop.wire import wire_size
+
+__all__ = ["MemoryBackend", "MemoryMailbox", "create", "sample_message"]
+
+BLOCK = 65536
+_UID_CHARS = re.compile(r"[^\x21-\x7e]")
+
+
+@dataclass(eq=False, slots=True)
+class _Stored:
+    uid: str
+    data: bytes
+    size: int
+
+
+def _uid_from_name(name: str) -> str:
+    uid = _UID_CHARS.sub("_", name)
+    if not is_valid_uid(uid):
+        uid = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return uid
+
+
+def sample_message(user: str, n: int, *, body_octets: int = 400) -> bytes:
+    """A plausible text message; some lines start with "." to exercise stuffing."""
+    date = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=n)
+    lines = [
+        f"From: Sender {n} <sender{n}@example.org>",
+        f"To: {user} <{user}@example.org>",
+        f"Subject: Sample message {n} for {user}",
+        f"Date: {format_datetime(date)}",
+        f"Message-ID: <sample-{n}-{user}@example.org>",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        f"Hello {user}, this is sample message {n}.",
+        ".A line that starts with a dot.",
+        ".",
+    ]
+    text = "\r\n".join(lines) + "\r\n"
+    filler = "The quick brown fox jumps over the lazy dog. " * 2
+    line = filler.strip() + "\r\n"
+    missing = max(0, body_octets - len(text))
+    return (text + line * -(-missing // len(line))).encode()
+
+
+class MemoryMailbox:
+    def __init__(self, backend: MemoryBackend, user: str, snapshot: list[_Stored]) -> None:
+        self._backend = backend
+        self._user = user
+        self._snapshot = snapshot
+        self._messages = [MessageInfo(m.size, m.uid) for m in snapshot]
+        self._closed = False
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self._messages
+
+    async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        # Only this session's commit removes mail from a locked maildrop, so a
+        # snapshot entry cannot vanish here.
+        data = self._snapshot[index].data
+        if len(data) <= BLOCK:
+            yield data
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), BLOCK):
+            yield bytes(view[start : start + BLOCK])
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        try:
+            gone = {id(self._snapshot[i]) for i in deleted}
+            box = self._backend._mail.get(self._user, [])
+            box[:] = [m for m in box if id(m) not in gone]
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend._locked.discard(self._user)
+
+
+class MemoryBackend:
+    """Maildrops in a dict; one lock per user."""
+
+    def __init__(self) -> None:
+        self._mail: dict[str, list[_Stored]] = {}
+        self._locked: set[str] = set()
+        self._seq = itertools.count(1)
+
+    def deliver(self, user: str, data: bytes, *, uid: str | None = None) -> str:
+        """Append a message to ``user``'s maildrop; returns its UIDL."""
+        if uid is None:
+            uid = f"{next(self._seq):08d}.{hashlib.sha256(data).hexdigest()[:16]}"
+        elif not is_valid_uid(uid):
+            raise ValueError(f"invalid UIDL {uid!r}")
+        self._mail.setdefault(user, []).append(_Stored(uid, data, wire_size(data)))
+        return uid
+
+    def seed_folder(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise ValueError(f"seed folder {str(folder)!r} is not a directory")
+        for user_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            for eml in sorted(user_dir.glob("*.eml")):
+                self.deliver(user_dir.name, eml.read_bytes(), uid=_uid_from_name(eml.stem))
+
+    def users(self) -> list[str]:
+        return sorted(self._mail)
+
+    async def open_mailbox(self, user: str) -> Mailbox:
+        if user in self._locked:
+            raise MailboxLocked(user)
+        self._locked.add(user)
+        return MemoryMailbox(self, user, list(self._mail.get(user, ())))
+
+    async def aclose(self) -> None:
+        self._locked.clear()
+
+
+def _int_option(options: Mapping[str, object], name: str, default: int) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"backend option {name!r} must be an integer")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"backend option {name!r} must be an integer") from None
+    if n < 0:
+        raise ValueError(f"backend option {name!r} must not be negative")
+    return n
+
+
+def create(options: Mapping[str, object]) -> MemoryBackend:
+    """Entry point ``memory`` in ``pypop.backends``."""
+    unknown = set(options) - {"seed", "sample_users", "sample_messages", "sample_size"}
+    if unknown:
+        raise ValueError(f"unknown memory backend options: {', '.join(sorted(unknown))}")
+    backend = MemoryBackend()
+    seed = options.get("seed")
+    if seed is not None:
+        backend.seed_folder(Path(str(seed)))
+    users = _int_option(options, "sample_users", 0)
+    count = _int_option(options, "sample_messages", 3)
+    size = _int_option(options, "sample_size", 400)
+    for u in range(1, users + 1):
+        for n in range(1, count + 1):
+            backend.deliver(f"user{u}", sample_message(f"user{u}", n, body_octets=size))
+    return backend

@@ -1,0 +1,216 @@
+"""Server settings: one dataclass, filled from a TOML file and/or CLI flags.
+
+Example ``pypop.toml`` (every key optional)::
+
+    [server]
+    listen = ["127.0.0.1:110"]          # plain POP3 (STLS when [tls] is set)
+    listen_tls = ["127.0.0.1:995"]      # implicit TLS (RFC 8314)
+    hostname = "mail.example.org"       # used in APOP/CRAM-MD5 challenges
+    implementation = "pypop"            # CAPA IMPLEMENTATION; "" hides it
+    greeting = "POP3 server ready"
+
+    [limits]
+    idle_timeout = 600                  # seconds; RFC 1939 §3 wants >= 600
+    max_connections = 1000
+    max_connections_per_ip = 50
+    max_bad_commands = 20
+    max_auth_failures = 5
+    shutdown_timeout = 30
+    auth_failure_delay = 2.0
+
+    [auth]
+    passwd_file = "/etc/pypop/passwd"   # Dovecot passwd-file format
+    apop = false
+    allow_plaintext = false             # USER/PASS, PLAIN, LOGIN without TLS
+                                        # (always allowed on loopback)
+    mechanisms = ["PLAIN", "LOGIN"]
+    login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
+
+    [tls]
+    cert = "/etc/pypop/cert.pem"
+    key = "/etc/pypop/key.pem"
+
+    [backend]
+    name = "maildir"
+    root = "/var/mail"                  # every other key goes to the backend
+
+    [policy]
+    expire = "NEVER"                    # CAPA EXPIRE; "" hides it
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "ServerConfig", "load_config", "parse_address"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message says which."""
+
+
+def parse_address(text: str, default_port: int = 110) -> tuple[str, int]:
+    """``"127.0.0.1:110"``, ``"[::1]:110"``, ``"localhost"`` -> (host, port)."""
+    text = text.strip()
+    host, port_s = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad listen address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad listen address {text!r}")
+            port_s = rest[1:]
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise ConfigError(f"bad port in listen address {text!r}") from None
+    if not 0 <= port <= 65535 or not host:
+        raise ConfigError(f"bad listen address {text!r}")
+    return host, port
+
+
+@dataclass
+class ServerConfig:
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 110)])
+    listen_tls: list[tuple[str, int]] = field(default_factory=list)
+    hostname: str = field(default_factory=socket.gethostname)
+    implementation: str = "pypop"
+    greeting: str = "POP3 server ready"
+    expire: str = "NEVER"
+
+    idle_timeout: float = 600.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_bad_commands: int = 20
+    max_auth_failures: int = 5
+    shutdown_timeout: float = 30.0
+    auth_failure_delay: float = 2.0
+
+    passwd_file: Path | None = None
+    apop: bool = False
+    allow_plaintext: bool = False
+    mechanisms: list[str] = field(default_factory=lambda: ["PLAIN", "LOGIN"])
+    login_delay: int = 0
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    backend: str = "memory"
+    backend_options: dict[str, object] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.idle_timeout < 600:
+            # RFC 1939 §3: an autologout timer MUST be at least 10 minutes.
+            raise ConfigError("limits.idle_timeout must be at least 600 seconds (RFC 1939 §3)")
+        for name in (
+            "max_connections",
+            "max_connections_per_ip",
+            "max_bad_commands",
+            "max_auth_failures",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} must be at least 1")
+        if self.shutdown_timeout < 0 or self.auth_failure_delay < 0:
+            raise ConfigError("timeouts and delays must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls.cert and tls.key go together")
+        if self.listen_tls and self.tls_cert is None:
+            raise ConfigError("server.listen_tls needs tls.cert and tls.key")
+        if not self.listen and not self.listen_tls:
+            raise ConfigError("nothing to listen on")
+        if not self.hostname or any(c in self.hostname for c in "<>@ \t\r\n"):
+            raise ConfigError("server.hostname must be a plain host name")
+        if self.login_delay < 0:
+            raise ConfigError("auth.login_delay must not be negative")
+
+
+_SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
+    "server": {
+        "hostname": ("hostname", str),
+        "implementation": ("implementation", str),
+        "greeting": ("greeting", str),
+    },
+    "policy": {"expire": ("expire", str)},
+    "limits": {
+        "idle_timeout": ("idle_timeout", (int, float)),
+        "max_connections": ("max_connections", int),
+        "max_connections_per_ip": ("max_connections_per_ip", int),
+        "max_bad_commands": ("max_bad_commands", int),
+        "max_auth_failures": ("max_auth_failures", int),
+        "shutdown_timeout": ("shutdown_timeout", (int, float)),
+        "auth_failure_delay": ("auth_failure_delay", (int, float)),
+    },
+    "auth": {
+        "apop": ("apop", bool),
+        "allow_plaintext": ("allow_plaintext", bool),
+        "login_delay": ("login_delay", int),
+    },
+}
+
+
+def _check(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where} has the wrong type")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} has the wrong type")
+    return value
+
+
+def _path(base: Path, value: Any, where: str) -> Path:
+    p = Path(_check(value, str, where))
+    return p if p.is_absolute() else base / p
+
+
+def load_config(path: Path, config: ServerConfig | None = None) -> ServerConfig:
+    """Read a TOML file into ``config`` (a new default one if None)."""
+    cfg = config if config is not None else ServerConfig()
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    base = path.parent
+    known = set(_SECTIONS) | {"tls", "backend"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(f"{path}: unknown section [{section}]")
+    for section, keys in _SECTIONS.items():
+        table = data.get(section, {})
+        for key, value in table.items():
+            where = f"{section}.{key}"
+            if section == "server" and key in ("listen", "listen_tls"):
+                addrs = _check(value, list, where)
+                setattr(cfg, key, [parse_address(_check(a, str, where)) for a in addrs])
+            elif section == "auth" and key == "passwd_file":
+                cfg.passwd_file = _path(base, value, where)
+            elif section == "auth" and key == "mechanisms":
+                mechs = _check(value, list, where)
+                cfg.mechanisms = [str(_check(m, str, where)).upper() for m in mechs]
+            elif key in keys:
+                attr, kind = keys[key]
+                setattr(cfg, attr, _check(value, kind, where))
+            else:
+                raise ConfigError(f"{path}: unknown setting {where}")
+    tls = data.get("tls", {})
+    for key, value in tls.items():
+        if key == "cert":
+            cfg.tls_cert = _path(base, value, "tls.cert")
+        elif key == "key":
+            cfg.tls_key = _path(base, value, "tls.key")
+        else:
+            raise ConfigError(f"{path}: unknown setting tls.{key}")
+    backend = dict(data.get("backend", {}))
+    if "name" in backend:
+        cfg.backend = str(_check(backend.pop("name"), str, "backend.name"))
+    if backend:
+        cfg.backend_options = backend
+    return cfg

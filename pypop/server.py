@@ -1,0 +1,264 @@
+"""The Trio server: listeners, limits, one task per connection, graceful shutdown.
+
+``serve(config, task_status=...)`` works with ``nursery.start`` and port 0, and hands
+back the running :class:`Server` (its ``addresses`` are the bound ones).
+
+Shutdown (hypercorn's two-nursery recipe): :meth:`Server.shutdown` stops the accept
+loops and closes the listeners at once; sessions get ``shutdown_timeout`` seconds to
+finish on their own, then they are cancelled. A cancelled session never runs UPDATE,
+so nothing it marked is removed; a session already in UPDATE finishes it (shielded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import Counter
+from typing import Any
+
+import trio
+
+from pypop.backend import Backend
+from pypop.config import ServerConfig
+from pypop.protocol import ProtocolConfig
+from pypop.registry import create_backend
+from pypop.session import PasswordChecker, Session, SessionContext
+
+__all__ = ["Server", "make_ssl_context", "serve"]
+
+log = logging.getLogger("pypop.server")
+
+TOO_MANY: bytes = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+# Errors from accept() that mean "this one connection failed", not "the listener died"
+# (the same list trio.serve_listeners uses).
+_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    """TLS 1.2 or later (RFC 8314 §4.1)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    """A running POP3 server; build with :func:`serve`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        backend: Backend | None = None,
+        store: PasswordChecker | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.backend = (
+            backend
+            if backend is not None
+            else create_backend(config.backend, config.backend_options)
+        )
+        if ssl_context is None and config.tls_cert is not None and config.tls_key is not None:
+            ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
+        self.ssl_context = ssl_context
+        self.store = store if store is not None else _default_store(config)
+        protocol = ProtocolConfig(
+            max_bad_commands=config.max_bad_commands,
+            max_auth_failures=config.max_auth_failures,
+            implementation=config.implementation or None,
+            expire=config.expire or None,
+            login_delay=config.login_delay or None,
+            stls_available=ssl_context is not None,
+        )
+        self.context = SessionContext(
+            backend=self.backend,
+            store=self.store,
+            protocol=protocol,
+            hostname=config.hostname,
+            greeting=config.greeting,
+            idle_timeout=config.idle_timeout,
+            auth_failure_delay=config.auth_failure_delay,
+            apop=config.apop,
+            allow_plaintext=config.allow_plaintext,
+            ssl_context=ssl_context,
+        )
+        self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []
+        self.active = 0
+        self.per_ip: Counter[str] = Counter()
+        self.total_sessions = 0
+        self._shutdown = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (safe to call more than once)."""
+        self._shutdown.set()
+
+    async def _open(self, addrs: list[tuple[str, int]]) -> list[trio.SocketListener]:
+        listeners: list[trio.SocketListener] = []
+        for host, port in addrs:
+            listeners.extend(await trio.open_tcp_listeners(port, host=host))
+        return listeners
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        plain = await self._open(self.config.listen)
+        tls = await self._open(self.config.listen_tls)
+        self.addresses = [_sockname(lst) for lst in plain]
+        self.tls_addresses = [_sockname(lst) for lst in tls]
+        try:
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as acceptors:
+                    for lst in plain:
+                        acceptors.start_soon(self._accept_loop, lst, sessions, False)
+                    for lst in tls:
+                        acceptors.start_soon(self._accept_loop, lst, sessions, True)
+                    log.info(
+                        "listening on %s (plain) %s (implicit TLS)",
+                        self.addresses,
+                        self.tls_addresses,
+                    )
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+                for lst in plain + tls:
+                    await lst.aclose()
+                log.info(
+                    "shutting down: %d sessions open, waiting up to %ss",
+                    self.active,
+                    self.config.shutdown_timeout,
+                )
+                with trio.move_on_after(self.config.shutdown_timeout):
+                    await self._idle.wait()
+                sessions.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for lst in plain + tls:
+                    await trio.aclose_forcefully(lst)
+                try:
+                    await self.backend.aclose()
+                except Exception:
+                    log.exception("backend failed to close")
+            log.info("stopped after %d sessions", self.total_sessions)
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, nursery: trio.Nursery, implicit_tls: bool
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    log.error("accept failed (%s); pausing 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._connection, stream, implicit_tls)
+
+    async def _connection(self, stream: trio.SocketStream, implicit_tls: bool) -> None:
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        if self.active >= self.config.max_connections or (
+            self.per_ip[peer] >= self.config.max_connections_per_ip
+        ):
+            log.warning("refused %s: connection limit", peer)
+            await self._refuse(stream, implicit_tls)
+            return
+        self.active += 1
+        self.per_ip[peer] += 1
+        self.total_sessions += 1
+        self._idle = trio.Event() if self.active == 1 else self._idle
+        try:
+            await self._session(stream, peer, implicit_tls)
+        except Exception:
+            # One session's bug never ends the server (DESIGN rule 5).
+            log.exception("session with %s crashed", peer)
+        finally:
+            self.active -= 1
+            self.per_ip[peer] -= 1
+            if not self.per_ip[peer]:
+                del self.per_ip[peer]
+            if self.active == 0:
+                self._idle.set()
+
+    async def _session(self, stream: trio.SocketStream, peer: str, implicit_tls: bool) -> None:
+        s: trio.abc.Stream = stream
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            if implicit_tls:
+                assert self.ssl_context is not None
+                tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                s = tls
+                # RFC 8314 §3.3: the handshake comes first, then the greeting.
+                with trio.move_on_after(60) as cs:
+                    await tls.do_handshake()
+                if cs.cancelled_caught:
+                    return
+            session = Session(self.context, s, peer, tls=implicit_tls, loopback=_is_loopback(peer))
+            await session.run()
+            s = session.stream
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await _close(s)
+
+    async def _refuse(self, stream: trio.SocketStream, implicit_tls: bool) -> None:
+        if not implicit_tls:
+            with trio.move_on_after(1):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(TOO_MANY)
+        await trio.aclose_forcefully(stream)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    # RFC 8314 §3.2: TLS ends with close_notify; give it a moment, then cut.
+    with trio.move_on_after(2) as cs:
+        cs.shield = True
+        try:
+            await stream.aclose()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
+    name: Any = listener.socket.getsockname()
+    return (str(name[0]), int(name[1]))
+
+
+def _default_store(config: ServerConfig) -> PasswordChecker:
+    from pypop.auth import PasswdFileStore
+
+    if config.passwd_file is None:
+        raise ValueError("no credential store: set auth.passwd_file (or --passwd-file)")
+    return PasswdFileStore(config.passwd_file)
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    backend: Backend | None = None,
+    store: PasswordChecker | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a POP3 server until cancelled or until ``Server.shutdown()``."""
+    server = Server(config, backend=backend, store=store, ssl_context=ssl_context)
+    await server.run(task_status=task_status)

@@ -1,0 +1,349 @@
+"""One connection: a :class:`ServerConnection` driven over a Trio stream.
+
+The protocol object decides; this module only does the I/O it asks for: reading,
+writing (one ``send_all`` per batch of replies), authenticating, opening the maildrop,
+streaming message bodies through the dot-stuffer, STLS and UPDATE.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Protocol
+
+import trio
+
+from pypop.backend import (
+    AuthFailed,
+    Backend,
+    Mailbox,
+    MailboxLocked,
+    NoSuchMessage,
+    PermanentFailure,
+    TemporaryFailure,
+    UpdateFailed,
+)
+from pypop.protocol import (
+    NEED_DATA,
+    ApopLogin,
+    Closing,
+    ConnectionClosed,
+    PasswordLogin,
+    ProtocolConfig,
+    Retrieve,
+    SaslAborted,
+    SaslResponse,
+    SaslStart,
+    ServerConnection,
+    StartTLS,
+    Update,
+)
+from pypop.wire import DotStuffer, make_challenge
+
+if TYPE_CHECKING:
+    from pypop.protocol import Event
+
+__all__ = ["PasswordChecker", "Session", "SessionContext"]
+
+log = logging.getLogger("pypop.session")
+
+RECV_SIZE: Final = 65536
+# Flush queued replies once this much is waiting: bounds memory per session while a
+# pipelined batch or a large message is being produced.
+FLUSH_AT: Final = 65536
+
+
+class PasswordChecker(Protocol):
+    """What the session needs of a credential store for USER/PASS."""
+
+    async def verify_password(self, user: str, password: str) -> bool: ...
+
+
+class _SessionEnd(Exception):
+    """Leave the session now (peer gone, stream broken, body cut off)."""
+
+
+@dataclass
+class SessionContext:
+    """What every session of one server shares."""
+
+    backend: Backend
+    store: PasswordChecker
+    protocol: ProtocolConfig
+    hostname: str
+    greeting: str = "POP3 server ready"
+    idle_timeout: float = 600.0
+    auth_failure_delay: float = 2.0
+    apop: bool = False
+    allow_plaintext: bool = False
+    ssl_context: ssl.SSLContext | None = None
+    # Optional hooks the auth layer fills in (APOP, SASL); None = not offered.
+    apop_verifier: Callable[[str, bytes, bytes], Awaitable[bool]] | None = None
+    sasl_factory: Callable[[str, Session], object] | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class Session:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        stream: trio.abc.Stream,
+        peer: str,
+        *,
+        tls: bool = False,
+        loopback: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.peer = peer
+        self.tls = tls
+        self.loopback = loopback
+        timestamp = make_challenge(ctx.hostname).encode("ascii") if ctx.apop else None
+        self.conn = ServerConnection(
+            ctx.protocol,
+            tls_active=tls,
+            plaintext_allowed=self._plaintext_allowed(tls),
+            apop_timestamp=timestamp,
+        )
+        self.mailbox: Mailbox | None = None
+        self.user: str | None = None
+        self.retrieved = 0
+        self.retrieved_octets = 0
+        self.deleted = 0
+        self.end = "?"
+        self._sasl: object | None = None
+
+    def _plaintext_allowed(self, tls: bool) -> bool:
+        # RFC 2595 §3 / RFC 8314: no cleartext passwords outside TLS unless the admin
+        # says so; loopback never leaves the host.
+        return tls or self.loopback or self.ctx.allow_plaintext
+
+    # -- I/O --
+
+    async def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        try:
+            with trio.fail_after(self.ctx.idle_timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            raise _SessionEnd("send failed") from exc
+
+    async def _receive(self) -> bytes | None:
+        """Bytes from the peer, b"" at EOF, None when the idle timer expires."""
+        with trio.move_on_after(self.ctx.idle_timeout):
+            try:
+                data = await self.stream.receive_some(RECV_SIZE)
+                return data if isinstance(data, bytes) else bytes(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        return None
+
+    # -- the loop --
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        self.conn.greeting(self.ctx.greeting)
+        try:
+            await self._loop()
+        except _SessionEnd as exc:
+            self.end = str(exc)
+        finally:
+            if self.mailbox is not None:
+                # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    try:
+                        await self.mailbox.aclose()
+                    except Exception:
+                        log.exception("backend failed to release %s's maildrop", self.user)
+            log.info(
+                "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
+                "duration=%.3f end=%s",
+                self.peer,
+                self.user or "-",
+                self.conn.commands,
+                self.retrieved,
+                self.retrieved_octets,
+                self.deleted,
+                time.monotonic() - started,
+                self.end,
+            )
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        while True:
+            event: Event = conn.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                data = await self._receive()
+                if data is None:
+                    # §3: autologout without UPDATE and without a response.
+                    self.end = "autologout"
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                self.end = "disconnected"
+                return
+            if isinstance(event, Closing):
+                await self._flush()
+                self.end = event.reason
+                return
+            closing = await self._dispatch(event)
+            if closing is not None:
+                await self._flush()
+                self.end = closing.reason
+                return
+            if conn.pending_output >= FLUSH_AT:
+                await self._flush()
+
+    async def _dispatch(self, event: Event) -> Closing | None:
+        match event:
+            case Retrieve():
+                await self._retrieve(event)
+            case PasswordLogin(user=user, password=password):
+                ok = await self._verify(self.ctx.store.verify_password(user, password))
+                return await self._finish_login(user, ok)
+            case ApopLogin(user=user, digest=digest, timestamp=timestamp):
+                verifier = self.ctx.apop_verifier
+                ok = verifier is not None and await self._verify(verifier(user, timestamp, digest))
+                return await self._finish_login(user, ok)
+            case StartTLS():
+                await self._start_tls()
+            case Update(deleted=deleted):
+                return await self._update(deleted)
+            case SaslStart() | SaslResponse() | SaslAborted():
+                return await self._sasl_event(event)
+        return None
+
+    async def _verify(self, check: Awaitable[bool]) -> bool:
+        try:
+            return await check
+        except Exception:
+            log.exception("credential check failed")
+            return False
+
+    # -- login --
+
+    async def _finish_login(self, user: str | None, ok: bool) -> Closing | None:
+        conn = self.conn
+        if not ok or user is None:
+            await trio.sleep(self.ctx.auth_failure_delay)
+            return conn.login_failed("AUTH", "Authentication failed")
+        try:
+            mailbox = await self.ctx.backend.open_mailbox(user)
+        except MailboxLocked:
+            return conn.login_failed("IN-USE", "Mailbox is locked by another session")
+        except AuthFailed:
+            await trio.sleep(self.ctx.auth_failure_delay)
+            return conn.login_failed("AUTH", "Authentication failed")
+        except PermanentFailure:
+            return conn.login_failed("SYS/PERM", "Mailbox cannot be opened")
+        except Exception as exc:
+            if not isinstance(exc, TemporaryFailure):
+                log.exception("backend failed to open %s's maildrop", user)
+            return conn.login_failed("SYS/TEMP", "Mailbox temporarily unavailable")
+        self.mailbox, self.user = mailbox, user
+        conn.login_succeeded(user, mailbox.messages)
+        return None
+
+    # -- SASL (pypop.auth fills ctx.sasl_factory) --
+
+    async def _sasl_event(self, event: SaslStart | SaslResponse | SaslAborted) -> Closing | None:
+        if isinstance(event, SaslAborted):
+            return None
+        await trio.sleep(self.ctx.auth_failure_delay)
+        return self.conn.login_failed("AUTH", "Authentication failed")
+
+    # -- STLS (RFC 2595 §4) --
+
+    async def _start_tls(self) -> None:
+        ctx = self.ctx.ssl_context
+        if ctx is None:  # the grammar only lets STLS through when it is configured
+            self.conn.reply_err("STLS not available")
+            return
+        self.conn.start_tls()
+        await self._flush()
+        tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
+        try:
+            with trio.fail_after(60):
+                await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            raise _SessionEnd("TLS handshake failed") from exc
+        self.stream = tls_stream
+        self.tls = True
+        self.conn.plaintext_allowed = self._plaintext_allowed(True)
+
+    # -- RETR / TOP --
+
+    async def _retrieve(self, event: Retrieve) -> None:
+        assert self.mailbox is not None
+        conn = self.conn
+        stuffer = DotStuffer(event.top_lines)
+        blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)
+        try:
+            # The first block decides between +OK and -ERR; after +OK there is no way
+            # back, so a later failure can only end the session.
+            try:
+                block: bytes | None = await anext(blocks, None)
+            except NoSuchMessage:
+                conn.reply_err("No such message")
+                return
+            except Exception:
+                log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
+                conn.reply_err("Message temporarily unavailable", "SYS/TEMP")
+                await self._flush()
+                raise _SessionEnd("backend failure") from None
+            conn.message_header()
+            try:
+                while block is not None:
+                    conn.send_raw(stuffer.feed(block))
+                    if stuffer.done:
+                        break
+                    if conn.pending_output >= FLUSH_AT:
+                        await self._flush()
+                    block = await anext(blocks, None)
+            except _SessionEnd:
+                raise
+            except Exception:
+                log.exception(
+                    "backend failed while streaming message %d of %s", event.index + 1, self.user
+                )
+                raise _SessionEnd("backend failure mid-message") from None
+            conn.send_raw(stuffer.finish())
+            conn.message_done()
+            if event.top_lines is None:
+                self.retrieved += 1
+                self.retrieved_octets += event.size
+        finally:
+            aclose = getattr(blocks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- UPDATE (RFC 1939 §6) --
+
+    async def _update(self, deleted: tuple[int, ...]) -> Closing:
+        assert self.mailbox is not None
+        mailbox, self.mailbox = self.mailbox, None
+        failed = False
+        # Shielded: once UPDATE starts it finishes, even during shutdown.
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(60):
+                    await mailbox.commit(deleted)
+                self.deleted = len(deleted)
+            except UpdateFailed:
+                failed = True
+            except Exception:
+                log.exception("backend failed in UPDATE for %s", self.user)
+                failed = True
+            finally:
+                try:
+                    await mailbox.aclose()
+                except Exception:
+                    log.exception("backend failed to release %s's maildrop", self.user)
+        return self.conn.update_finished(failed)
