@@ -1,0 +1,285 @@
+"""The ``maildir`` backend: :class:`MaildirBackend` and its :class:`MaildirMailbox`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import BinaryIO, TypeVar
+
+import trio
+from pypop.backend import (
+    AuthFailed,
+    MailboxLocked,
+    MessageInfo,
+    NoSuchMessage,
+    PermanentFailure,
+    TemporaryFailure,
+    UpdateFailed,
+)
+
+from pypop_maildir import _store
+from pypop_maildir._config import MaildirConfig, UnsafeUser, expand_template
+from pypop_maildir._lock import HeldLock, LockBusy, acquire
+
+__all__ = ["BLOCK_SIZE", "MaildirBackend", "MaildirMailbox"]
+
+BLOCK_SIZE = 64 * 1024
+T = TypeVar("T")
+
+
+class MaildirBackend:
+    """Maildrops as Maildir folders under ``config.root`` (see the package docs)."""
+
+    def __init__(self, config: MaildirConfig) -> None:
+        self.config = config
+        self._limiter: trio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """Bounds the worker threads doing file I/O for all sessions."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.config.io_threads)
+        return self._limiter
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        result: T = await trio.to_thread.run_sync(fn, limiter=self.limiter)
+        return result
+
+    def maildir_path(self, user: str) -> str:
+        """The maildir of ``user``; raises :class:`AuthFailed` for an unsafe name."""
+        try:
+            rel = expand_template(self.config.template, user)
+        except UnsafeUser:
+            raise AuthFailed("user name cannot be mapped to a maildir") from None
+        return os.path.join(self.config.root, rel)
+
+    async def open_mailbox(self, user: str) -> MaildirMailbox:
+        maildir = self.maildir_path(user)
+        # One thread call that either returns a locked snapshot or releases the lock:
+        # nothing awaits between taking the lock and handing the mailbox over.
+        return await self.run(lambda: self._open_sync(maildir))
+
+    def _open_sync(self, maildir: str) -> MaildirMailbox:
+        cfg = self.config
+        if not all(os.path.isdir(os.path.join(maildir, d)) for d in ("cur", "new", "tmp")):
+            if not cfg.autocreate:
+                raise PermanentFailure("maildir does not exist")
+            try:
+                for d in ("cur", "new", "tmp"):
+                    os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise TemporaryFailure("cannot create maildir") from exc
+        try:
+            lock = acquire(maildir, cfg.lock, cfg.lock_stale_timeout)
+        except LockBusy:
+            raise MailboxLocked("maildrop is locked by another session") from None
+        except OSError as exc:
+            raise TemporaryFailure("cannot lock maildir") from exc
+        try:
+            entries = _store.list_messages(maildir)
+            if cfg.flag_updates:
+                _store.move_new_to_cur(maildir, entries)
+            _store.fill_sizes(
+                maildir, entries, filename_sizes=cfg.filename_sizes, use_cache=cfg.size_cache
+            )
+            _store.assign_uids(entries)
+            if cfg.save_uidl:
+                _store.apply_uidlist(maildir, entries, fsync=cfg.fsync)
+        except BaseException as exc:
+            lock.release()
+            if isinstance(exc, OSError):
+                raise TemporaryFailure("cannot read maildir") from exc
+            raise
+        return MaildirMailbox(self, maildir, entries, lock)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every mailbox releases its own lock."""
+
+
+class MaildirMailbox:
+    """One locked maildir snapshot (pypop.backend.Mailbox)."""
+
+    def __init__(
+        self, backend: MaildirBackend, maildir: str, entries: list[_store.Entry], lock: HeldLock
+    ) -> None:
+        self._backend = backend
+        self.maildir = maildir
+        self._entries = entries
+        self._lock: HeldLock | None = lock
+        self._messages = tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries)
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self._messages
+
+    def _entry(self, index: int) -> _store.Entry:
+        if not 0 <= index < len(self._entries):
+            raise NoSuchMessage(f"no message at index {index}")
+        return self._entries[index]
+
+    def _open_file(self, entry: _store.Entry) -> BinaryIO:
+        lock = self._lock
+        if lock is not None:
+            lock.refresh()
+        try:
+            return open(entry.path(self.maildir), "rb")
+        except FileNotFoundError:
+            pass
+        # Renamed from outside (an IMAP client set a flag)? Find it by base name.
+        found = _store.find_by_base(self.maildir, entry.base)
+        if found is None:
+            raise NoSuchMessage("message was removed") from None
+        entry.subdir, entry.name = found.subdir, found.name
+        try:
+            return open(entry.path(self.maildir), "rb")
+        except FileNotFoundError:
+            raise NoSuchMessage("message was removed") from None
+
+    async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the stored octets in 64 KiB blocks, each read in a worker thread.
+
+        With ``top_lines`` it stops after the header and that many body lines (counting
+        LF line ends, which never stops earlier than the server's TOP cut).
+        """
+        entry = self._entry(index)
+        try:
+            f = await self._backend.run(lambda: self._open_file(entry))
+        except OSError as exc:
+            raise TemporaryFailure("cannot open message") from exc
+        cutter = _TopCut(top_lines) if top_lines is not None else None
+        complete = False
+        try:
+            while True:
+                try:
+                    block = await self._backend.run(lambda: f.read(BLOCK_SIZE))
+                except OSError as exc:
+                    raise TemporaryFailure("cannot read message") from exc
+                if not block:
+                    complete = True
+                    break
+                if cutter is not None:
+                    block, stop = cutter.feed(block)
+                    if block:
+                        yield block
+                    if stop:
+                        break
+                    continue
+                yield block
+        finally:
+            f.close()
+        if complete and top_lines is None:
+            entry.retrieved = True
+        lock = self._lock
+        if lock is not None:
+            lock.refresh()
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        """UPDATE: unlink exactly the marked files, fsync the folders, release the lock."""
+        try:
+            if self._lock is None:
+                raise UpdateFailed("mailbox is already closed")
+            marked = sorted({i for i in deleted if 0 <= i < len(self._entries)})
+            await self._backend.run(lambda: self._commit_sync(marked))
+        finally:
+            await self.aclose()
+
+    def _commit_sync(self, marked: list[int]) -> None:
+        cfg = self._backend.config
+        failed = 0
+        removed: set[str] = set()
+        for i in marked:
+            entry = self._entries[i]
+            try:
+                os.unlink(entry.path(self.maildir))
+            except FileNotFoundError:
+                found = _store.find_by_base(self.maildir, entry.base)
+                if found is not None:  # renamed from outside: remove it under its new name
+                    try:
+                        os.unlink(found.path(self.maildir))
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        failed += 1
+                        continue
+            except OSError:
+                failed += 1
+                continue
+            removed.add(entry.base)
+        renamed = False
+        if cfg.flag_updates:
+            # Dovecot (pop3_no_flag_updates = no) marks RETR-ed messages \Seen.
+            done = set(marked)
+            for i, entry in enumerate(self._entries):
+                if i in done or not entry.retrieved or entry.subdir != "cur":
+                    continue
+                target = _store.with_seen_flag(entry.name)
+                if target is None:
+                    continue
+                dst = os.path.join(self.maildir, "cur", target)
+                with contextlib.suppress(OSError):
+                    if not os.path.exists(dst):
+                        os.rename(entry.path(self.maildir), dst)
+                        renamed = True
+        synced = True
+        if cfg.fsync and (marked or renamed):
+            for sub in ("cur", "new"):
+                try:
+                    _store.fsync_dir(os.path.join(self.maildir, sub))
+                except OSError:
+                    synced = False
+        if cfg.save_uidl and removed:
+            with contextlib.suppress(OSError):
+                _store.drop_from_uidlist(self.maildir, removed, fsync=cfg.fsync)
+        if failed:
+            raise UpdateFailed(f"{failed} of {len(marked)} marked messages could not be removed")
+        if not synced:
+            raise UpdateFailed("removals could not be made durable (fsync failed)")
+
+    async def aclose(self) -> None:
+        """Release the lock without removing anything. Idempotent."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            with trio.CancelScope(shield=True):
+                await self._backend.run(lock.release)
+
+
+class _TopCut:
+    """Finds where a TOP reply can stop: the first empty line, then ``n`` more lines.
+
+    Only LF is taken as a line end here. The wire rules (docs/wire.md) also end lines
+    at a bare CR, so they count at least as many lines: stopping after ``n`` LF-lines
+    never stops before the server's own cut.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.remaining = n
+        self.in_header = True
+        self.line = b""  # the current header line so far, only while it is 0-1 octets
+
+    def feed(self, block: bytes) -> tuple[bytes, bool]:
+        pos = 0
+        if self.in_header:
+            while True:
+                lf = block.find(b"\n", pos)
+                if lf < 0:
+                    tail = block[pos:]
+                    self.line = (self.line + tail)[:2]
+                    return block, False
+                line = self.line + block[pos:lf]
+                self.line = b""
+                pos = lf + 1
+                if line in (b"", b"\r"):
+                    self.in_header = False
+                    break
+        # Body: count LF line ends.
+        if self.remaining == 0:
+            return block[:pos], True
+        count = block.count(b"\n", pos)
+        if count < self.remaining:
+            self.remaining -= count
+            return block, False
+        for _ in range(self.remaining):
+            pos = block.index(b"\n", pos) + 1
+        self.remaining = 0
+        return block[:pos], True

@@ -1,0 +1,367 @@
+"""Reading a maildir: listing, delivery order, UIDLs, POP3 sizes and their cache.
+
+Everything here blocks and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pypop.backend import is_valid_uid
+from pypop.wire import SizeCounter
+
+__all__ = [
+    "SIZE_CACHE_NAME",
+    "UIDLIST_NAME",
+    "Entry",
+    "base_name",
+    "count_size",
+    "delivery_key",
+    "find_by_base",
+    "fsync_dir",
+    "list_messages",
+    "mapped_uid",
+    "write_atomically",
+]
+
+SIZE_CACHE_NAME = "pypop-sizes"
+UIDLIST_NAME = "pypop-uidlist"
+_SIZE_CACHE_MAGIC = "pypop-sizes 1"
+_UIDLIST_MAGIC = "pypop-uidlist 1"
+COUNT_BLOCK = 256 * 1024
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message of the snapshot."""
+
+    subdir: str  # "new" or "cur"
+    name: str
+    base: str
+    size: int = 0
+    uid: str = ""
+    retrieved: bool = False
+
+    def path(self, maildir: str) -> str:
+        return os.path.join(maildir, self.subdir, self.name)
+
+
+def base_name(name: str) -> str:
+    """The part of a file name before the first ':' (the info separator).
+
+    This is what Dovecot's ``pop3_uidl_format = %f`` gives: it keeps ``,S=``/``,W=``
+    fields, which are part of the base name; only the ``:2,FLAGS`` info is cut.
+    """
+    return name.split(":", 1)[0]
+
+
+_TIME_RE = re.compile(r"(\d+)(?:\.|$)")
+_USEC_RE = re.compile(r"M(\d+)")
+_W_RE = re.compile(r",W=(\d+)(?=,|$)")
+
+
+def delivery_key(name: str) -> tuple[int, int, int, str]:
+    """Sort key for delivery order.
+
+    Maildir names start with the delivery time in seconds (``1700000000.M123P45.host``);
+    Dovecot's and Postfix's names carry microseconds as ``M<usec>`` in the second
+    field. Order: names with a time prefix by (seconds, microseconds, name), then names
+    without one by name.
+    """
+    m = _TIME_RE.match(name)
+    if m is None:
+        return (1, 0, 0, name)
+    usec = 0
+    parts = name.split(".", 2)
+    if len(parts) > 1:
+        mu = _USEC_RE.search(parts[1])
+        if mu is not None:
+            usec = int(mu.group(1))
+    return (0, int(m.group(1)), usec, name)
+
+
+def mapped_uid(key: str) -> str:
+    """A stable valid UIDL for a base name that is not one.
+
+    ``pypop/`` + 43 characters of base64url(SHA-256). A file name cannot contain '/',
+    so a mapped UIDL can never equal a real base name.
+    """
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return "pypop/" + base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def filename_size(base: str) -> int | None:
+    """The ``,W=<n>`` virtual (CRLF) size in the base name, if any."""
+    m = _W_RE.search(base)
+    return int(m.group(1)) if m else None
+
+
+def list_messages(maildir: str) -> list[Entry]:
+    """Regular files of new/ and cur/ (not dot-files), in delivery order."""
+    entries: list[Entry] = []
+    for sub in ("new", "cur"):
+        with os.scandir(os.path.join(maildir, sub)) as it:
+            for de in it:
+                if de.name.startswith("."):
+                    continue
+                try:
+                    if not de.is_file():
+                        continue
+                except OSError:
+                    continue
+                entries.append(Entry(sub, de.name, base_name(de.name)))
+    entries.sort(key=lambda e: delivery_key(e.name))
+    return entries
+
+
+def find_by_base(maildir: str, base: str) -> Entry | None:
+    """Find a message again after an outside rename (flag change, new/ -> cur/)."""
+    for sub in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(maildir, sub))
+        except OSError:
+            continue
+        for name in names:
+            if base_name(name) == base and not name.startswith("."):
+                return Entry(sub, name, base)
+    return None
+
+
+def count_size(path: str) -> int:
+    """The POP3 size of a file, streamed through SizeCounter (never read whole)."""
+    counter = SizeCounter()
+    with open(path, "rb") as f:
+        while block := f.read(COUNT_BLOCK):
+            counter.feed(block)
+    return counter.finish()
+
+
+def write_atomically(path: str, lines: Iterable[str], *, fsync: bool) -> None:
+    """Write a text file through a temporary name and ``rename``."""
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            for line in lines:
+                f.write(line)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cacheable(name: str) -> bool:
+    return not any(c in name for c in "\t\n\r")
+
+
+# ---------------------------------------------------------------- size cache
+
+
+def read_size_cache(path: str) -> dict[str, tuple[int, int, int, int]]:
+    """base -> (st_size, st_mtime_ns, st_ino, pop3 size). Bad content is ignored."""
+    cache: dict[str, tuple[int, int, int, int]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            if f.readline().rstrip("\n") != _SIZE_CACHE_MAGIC:
+                return {}
+            for line in f:
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != 5:
+                    continue
+                try:
+                    st_size, mtime_ns, ino, size = (int(x) for x in fields[1:])
+                except ValueError:
+                    continue
+                cache[fields[0]] = (st_size, mtime_ns, ino, size)
+    except (OSError, UnicodeError):
+        return {}
+    return cache
+
+
+def size_cache_lines(cache: dict[str, tuple[int, int, int, int]]) -> Iterable[str]:
+    yield _SIZE_CACHE_MAGIC + "\n"
+    for base, (st_size, mtime_ns, ino, size) in cache.items():
+        yield f"{base}\t{st_size}\t{mtime_ns}\t{ino}\t{size}\n"
+
+
+def fill_sizes(
+    maildir: str, entries: list[Entry], *, filename_sizes: bool, use_cache: bool
+) -> None:
+    """Set ``Entry.size`` for every entry: ``,W=``, else a valid cache entry, else count.
+
+    A cache entry is used only if the file's size, mtime (ns) and inode all match; a
+    flag rename keeps all three, a rewrite changes at least one. The cache is
+    rewritten (atomically) only when it changed.
+    """
+    cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
+    old = read_size_cache(cache_path) if use_cache else {}
+    new: dict[str, tuple[int, int, int, int]] = {}
+    for e in entries:
+        if filename_sizes:
+            w = filename_size(e.base)
+            if w is not None:
+                e.size = w
+                continue
+        path = e.path(maildir)
+        st = os.stat(path)
+        hit = old.get(e.base)
+        if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
+            e.size = hit[3]
+        else:
+            e.size = count_size(path)
+        if use_cache and _cacheable(e.base):
+            new[e.base] = (st.st_size, st.st_mtime_ns, st.st_ino, e.size)
+    if use_cache and new != old:
+        with contextlib.suppress(OSError):  # the cache is an optimisation only
+            write_atomically(cache_path, size_cache_lines(new), fsync=False)
+
+
+# ---------------------------------------------------------------- UIDLs
+
+
+def assign_uids(entries: list[Entry]) -> None:
+    """UIDL = base name if valid, else :func:`mapped_uid`; duplicates disambiguated.
+
+    A second file with the same base name (a crash between link and unlink, a copy)
+    gets ``mapped_uid(base + "\\0" + subdir/name)`` so UIDLs stay unique.
+    """
+    seen: set[str] = set()
+    for e in entries:
+        uid = e.base if is_valid_uid(e.base) else mapped_uid(e.base)
+        if uid in seen:
+            uid = mapped_uid(f"{e.base}\0{e.subdir}/{e.name}")
+        seen.add(uid)
+        e.uid = uid
+
+
+def apply_uidlist(maildir: str, entries: list[Entry], *, fsync: bool) -> None:
+    """``save_uidl``: keep the UIDL a message was first given, across renames.
+
+    ``pypop-uidlist`` maps base name -> (UIDL, inode, mtime). A message whose base name
+    is listed keeps its UIDL; one whose base name changed (a rename by another tool)
+    is recognised by inode and mtime (a rename keeps both) and keeps its UIDL too.
+    New messages get the UIDL :func:`assign_uids` gave them. Entries of vanished
+    files are dropped. The file is rewritten atomically when it changed.
+    """
+    path = os.path.join(maildir, UIDLIST_NAME)
+    old: dict[str, tuple[str, int, int]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            if f.readline().rstrip("\n") == _UIDLIST_MAGIC:
+                for line in f:
+                    fields = line.rstrip("\n").split("\t")
+                    if len(fields) == 4 and is_valid_uid(fields[1]):
+                        with contextlib.suppress(ValueError):
+                            old[fields[0]] = (fields[1], int(fields[2]), int(fields[3]))
+    except FileNotFoundError:
+        pass
+    by_inode = {(ino, mtime): (base, uid) for base, (uid, ino, mtime) in old.items()}
+    present = {e.base for e in entries}
+    new: dict[str, tuple[str, int, int]] = {}
+    used: set[str] = set()
+    for e in entries:
+        st = os.stat(e.path(maildir))
+        ident = (st.st_ino, st.st_mtime_ns)
+        rec = old.get(e.base)
+        uid: str | None = None
+        if rec is not None:
+            uid = rec[0]
+        elif ident in by_inode and by_inode[ident][0] not in present:
+            uid = by_inode[ident][1]
+        if uid is None or uid in used:
+            uid = e.uid if e.uid not in used else mapped_uid(f"{e.base}\0{e.subdir}/{e.name}")
+        e.uid = uid
+        used.add(uid)
+        if _cacheable(e.base):
+            new[e.base] = (uid, st.st_ino, st.st_mtime_ns)
+    if new != old:
+        write_atomically(
+            path,
+            [_UIDLIST_MAGIC + "\n"] + [f"{b}\t{u}\t{i}\t{m}\n" for b, (u, i, m) in new.items()],
+            fsync=fsync,
+        )
+
+
+def drop_from_uidlist(maildir: str, bases: set[str], *, fsync: bool) -> None:
+    """Forget UIDLs of messages removed in UPDATE (best effort)."""
+    path = os.path.join(maildir, UIDLIST_NAME)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return
+    kept = [ln for i, ln in enumerate(lines) if i == 0 or ln.split("\t", 1)[0] not in bases]
+    if len(kept) != len(lines):
+        write_atomically(path, kept, fsync=fsync)
+
+
+# ---------------------------------------------------------------- flags
+
+
+def with_seen_flag(name: str) -> str | None:
+    """The name with the ``S`` flag added (``:2,`` info kept sorted), or None if set."""
+    base, sep, info = name.partition(":")
+    if not sep:
+        return name + ":2,S"
+    if not info.startswith("2,"):
+        return None  # experimental "1," info: leave it alone
+    flags = info[2:]
+    if "S" in flags:
+        return None
+    return f"{base}:2,{''.join(sorted(flags + 'S'))}"
+
+
+def move_new_to_cur(maildir: str, entries: list[Entry]) -> None:
+    """Move new/ messages to cur/ with an empty ``:2,`` info, as Dovecot does.
+
+    ``link`` + ``unlink`` so that an existing cur/ file is never overwritten; a failed
+    move leaves the message in new/, where it is still served.
+    """
+    for e in entries:
+        if e.subdir != "new":
+            continue
+        target = e.name if ":" in e.name else e.name + ":2,"
+        src = e.path(maildir)
+        dst = os.path.join(maildir, "cur", target)
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(src, dst):  # an earlier move died half-way
+                    os.unlink(src)
+                    e.subdir, e.name = "cur", target
+            continue
+        except OSError:
+            try:
+                if os.path.exists(dst):
+                    continue
+                os.rename(src, dst)
+            except OSError:
+                continue
+            e.subdir, e.name = "cur", target
+            continue
+        try:
+            os.unlink(src)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)  # keep exactly one copy
+            continue
+        e.subdir, e.name = "cur", target
