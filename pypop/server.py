@@ -104,6 +104,10 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
     def shutdown(self) -> None:
         """Begin a graceful shutdown (safe to call more than once)."""
         self._shutdown.set()

@@ -1,0 +1,5 @@
+import sys
+
+from pypop.cli import main
+
+sys.exit(main())

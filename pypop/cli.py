@@ -1,0 +1,193 @@
+"""``pypop serve | passwd``; ``python -m pypop`` is the same."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from pypop import __version__
+from pypop.config import ConfigError, ServerConfig, load_config, parse_address
+from pypop.registry import BackendLoadError
+
+if TYPE_CHECKING:
+    from pypop.server import Server
+
+__all__ = ["main"]
+
+log = logging.getLogger("pypop")
+
+DEMO_PORT = 1110
+DEMO_USERS = ("user1", "user2", "user3")
+DEMO_PASSWORD = "password"  # noqa: S105 (documented demo credential)
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the POP3 server")
+    p.add_argument("-c", "--config", type=Path, help="TOML config file (see docs/config.md)")
+    p.add_argument(
+        "--demo", action="store_true", help=f"sample users and mail on 127.0.0.1:{DEMO_PORT}"
+    )
+    p.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", help="plain POP3 listener (repeatable)"
+    )
+    p.add_argument(
+        "--listen-tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="implicit-TLS listener, RFC 8314 (repeatable)",
+    )
+    p.add_argument("--backend", help="backend name from the pypop.backends entry points")
+    p.add_argument(
+        "-o",
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option (repeatable)",
+    )
+    p.add_argument("--passwd-file", type=Path, help="Dovecot-style passwd-file")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--hostname", help="host name used in APOP/CRAM-MD5 challenges")
+    p.add_argument("--apop", action="store_true", default=None, help="offer APOP")
+    p.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        default=None,
+        help="allow USER/PASS, PLAIN and LOGIN without TLS",
+    )
+    p.add_argument("--idle-timeout", type=float, help="seconds (>= 600, RFC 1939 §3)")
+    p.add_argument("--max-connections", type=int)
+    p.add_argument("--max-connections-per-ip", type=int)
+    p.add_argument("--shutdown-timeout", type=float)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
+    if args.listen:
+        cfg.listen = [parse_address(a) for a in args.listen]
+    if args.listen_tls:
+        cfg.listen_tls = [parse_address(a, 995) for a in args.listen_tls]
+    if args.backend:
+        cfg.backend = args.backend
+        if args.backend != "memory" and not args.config:
+            cfg.backend_options = {}
+    for item in args.backend_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--backend-option wants KEY=VALUE, got {item!r}")
+        cfg.backend_options[key] = value
+    simple = {
+        "passwd_file": args.passwd_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "hostname": args.hostname,
+        "apop": args.apop,
+        "allow_plaintext": args.allow_plaintext,
+        "idle_timeout": args.idle_timeout,
+        "max_connections": args.max_connections,
+        "max_connections_per_ip": args.max_connections_per_ip,
+        "shutdown_timeout": args.shutdown_timeout,
+    }
+    for name, value in simple.items():
+        if value is not None:
+            setattr(cfg, name, value)
+
+
+def _demo_config(cfg: ServerConfig, workdir: Path) -> None:
+    passwd = workdir / "passwd"
+    passwd.write_text(
+        "".join(f"{u}:{{PLAIN}}{DEMO_PASSWORD}\n" for u in DEMO_USERS), encoding="utf-8"
+    )
+    cfg.listen = [("127.0.0.1", DEMO_PORT)]
+    cfg.passwd_file = passwd
+    cfg.backend = "memory"
+    cfg.backend_options = {"sample_users": len(DEMO_USERS), "sample_messages": 5}
+    cfg.apop = True
+
+
+async def _run(cfg: ServerConfig, demo: bool) -> None:
+    from pypop.server import Server
+
+    server = Server(cfg)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_watch_signals, server, outer.cancel_scope)
+        async with trio.open_nursery() as inner:
+            await inner.start(server.run)
+            if demo:
+                host, port = server.addresses[0]
+                print(
+                    f"pypop {__version__} demo: users {', '.join(DEMO_USERS)}, "
+                    f"password {DEMO_PASSWORD!r}",
+                    flush=True,
+                )
+                print(f"  curl pop3://{DEMO_USERS[0]}:{DEMO_PASSWORD}@{host}:{port}/1", flush=True)
+        outer.cancel_scope.cancel()
+
+
+async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if server.shutting_down:
+                log.warning("second %s: stopping now", name)
+                scope.cancel()
+                return
+            log.info("%s: graceful shutdown", name)
+            server.shutdown()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(args.config) if args.config else ServerConfig()
+        with tempfile.TemporaryDirectory(prefix="pypop-demo-") as tmp:
+            if args.demo:
+                _demo_config(cfg, Path(tmp))
+            _apply_flags(args, cfg)
+            cfg.validate()
+            trio.run(_run, cfg, args.demo)
+    except (ConfigError, BackendLoadError, ValueError) as exc:
+        print(f"pypop: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pypop: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pypop", description="POP3 server framework")
+    parser.add_argument("--version", action="version", version=f"pypop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    pw = sub.add_parser(
+        "passwd", help="hash a password for a passwd-file (like doveadm pw)", add_help=False
+    )
+    pw.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "passwd":
+        from pypop.auth import passwd_main
+
+        return passwd_main(list(args.rest))
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The sans-I/O engine, driven without sockets (h11 tests/test_io.py style).
+
+Every scenario is fed three ways (whole, byte by byte, and in one pipelined write
+followed by nothing) and must produce exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pypop.backend import MessageInfo
+from pypop.protocol import (
+    NEED_DATA,
+    ApopLogin,
+    Closing,
+    ConnectionClosed,
+    Event,
+    PasswordLogin,
+    ProtocolConfig,
+    ProtocolError,
+    Retrieve,
+    SaslAborted,
+    SaslResponse,
+    SaslStart,
+    ServerConnection,
+    StartTLS,
+    State,
+    Update,
+    parse_command,
+)
+from pypop.protocol.commands import Dele, List, ParseError, Pass, Top, Uidl, User
+
+MAILDROP = [MessageInfo(120, "uid-one"), MessageInfo(200, "uid-two"), MessageInfo(300, "u3")]
+BODY = b"Subject: x\r\n\r\nbody\r\n.\r\n"
+
+
+class Driver:
+    """A tiny synchronous 'session': answers events the way the real one would."""
+
+    def __init__(self, conn: ServerConnection, password: str = "secret") -> None:
+        self.conn = conn
+        self.password = password
+        self.events: list[Event] = []
+        self.closed: str | None = None
+
+    def run(self) -> None:
+        conn = self.conn
+        while self.closed is None:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                return
+            self.events.append(ev)
+            match ev:
+                case PasswordLogin(user=user, password=pw):
+                    if pw == self.password:
+                        conn.login_succeeded(user, MAILDROP)
+                    elif (c := conn.login_failed()) is not None:
+                        self.closed = c.reason
+                case ApopLogin():
+                    conn.login_failed()
+                case Retrieve():
+                    conn.message_header()
+                    conn.send_raw(BODY)
+                    conn.message_done()
+                case Update():
+                    self.closed = conn.update_finished(False).reason
+                case StartTLS():
+                    conn.start_tls()
+                case SaslStart(initial=initial):
+                    if initial is None:
+                        conn.sasl_challenge(b"")
+                    elif initial == b"\0bob\0secret":
+                        conn.login_succeeded("bob", MAILDROP)
+                    else:
+                        conn.login_failed()
+                case SaslResponse(data=data):
+                    if data == b"\0bob\0secret":
+                        conn.login_succeeded("bob", MAILDROP)
+                    else:
+                        conn.login_failed()
+                case SaslAborted():
+                    pass
+                case Closing(reason=reason):
+                    self.closed = reason
+                case ConnectionClosed():
+                    self.closed = "eof"
+
+
+def chunkings(data: bytes) -> Iterator[list[bytes]]:
+    yield [data]
+    yield [data[i : i + 1] for i in range(len(data))]
+    mid = len(data) // 2
+    yield [data[:mid], data[mid:]]
+
+
+def converse(
+    data: bytes, make: Callable[[], ServerConnection] | None = None, login: bool = False
+) -> bytes:
+    """Feed ``data`` every way; assert the replies agree; return them (greeting cut)."""
+    outputs = []
+    for chunks in chunkings(data):
+        conn = make() if make else ServerConnection()
+        if login:
+            conn.receive_data(b"USER bob\r\nPASS secret\r\n")
+            Driver(conn).run()
+            conn.data_to_send()
+        d = Driver(conn)
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            d.run()
+        outputs.append(conn.data_to_send())
+    assert outputs[0] == outputs[1] == outputs[2], outputs
+    return outputs[0]
+
+
+# ---- grammar -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"USER bob", User("bob")),
+        (b"user bob", User("bob")),
+        (b"PASS with spaces  inside ", Pass("with spaces  inside ")),
+        (b"LIST", List(None)),
+        (b"LIST 2", List(2)),
+        (b"LIST 2 ", List(2)),
+        (b"uidl 3", Uidl(3)),
+        (b"DELE 1", Dele(1)),
+        (b"TOP 1 0", Top(1, 0)),
+        (b"TOP 1 99999999999999", Top(1, 1 << 32)),
+    ],
+)
+def test_grammar_accepts(line: bytes, expected: object) -> None:
+    assert parse_command(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"LIST -1", b"LIST abc", b"LIST 1 2", b"LIST +1", b"RETR", b"RETR 1 2", b"DELE x",
+        b"TOP 1", b"TOP 1 -1", b"TOP a 1", b"USER", b"USER a b", b"PASS", b"STAT 1",
+        b"NOOP x", b"LIST  1", b"APOP bob", b"APOP bob short", b"QUIT now",
+    ],
+)
+def test_grammar_rejects_arguments(line: bytes) -> None:
+    result = parse_command(line)
+    assert isinstance(result, ParseError)
+    assert result.text == "Invalid arguments"
+
+
+@pytest.mark.parametrize("line", [b"", b"XY", b"HELLO", b"FOO1", b"R\xe9TR 1", b" STAT"])
+def test_grammar_unknown(line: bytes) -> None:
+    assert parse_command(line) == ParseError("Unknown command")
+
+
+@pytest.mark.parametrize("line", [b"STAT\r", b"US\rER x", b"USER a\0b", b"NOOP\0"])
+def test_grammar_rejects_cr_and_nul(line: bytes) -> None:
+    assert parse_command(line) == ParseError("Invalid characters in command")
+
+
+def test_user_rejects_bad_utf8_and_controls() -> None:
+    assert isinstance(parse_command(b"USER \xff"), ParseError)
+    assert isinstance(parse_command(b"USER a\x01"), ParseError)
+    assert parse_command("USER jösé".encode()) == User("jösé")
+
+
+# ---- states ------------------------------------------------------------------------
+
+
+def test_greeting_plain_and_apop() -> None:
+    c = ServerConnection()
+    c.greeting()
+    assert c.data_to_send() == b"+OK POP3 server ready\r\n"
+    c = ServerConnection(apop_timestamp=b"<1.2@host>")
+    c.greeting("hi")
+    assert c.data_to_send() == b"+OK hi <1.2@host>\r\n"
+
+
+@pytest.mark.parametrize(
+    "cmd", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL"]
+)
+def test_transaction_commands_refused_in_authorization(cmd: bytes) -> None:
+    assert converse(cmd + b"\r\n") == b"-ERR Command not valid in this state\r\n"
+
+
+@pytest.mark.parametrize("cmd", [b"USER bob", b"PASS x", b"APOP bob " + b"a" * 32, b"STLS",
+                                 b"AUTH PLAIN"])
+def test_authorization_commands_refused_in_transaction(cmd: bytes) -> None:
+    out = converse(cmd + b"\r\n", login=True)
+    assert out == b"-ERR Command not valid in this state\r\n"
+
+
+def test_login_and_stat_list_uidl() -> None:
+    out = converse(b"USER bob\r\nPASS secret\r\nSTAT\r\nLIST\r\nLIST 2\r\nUIDL\r\nUIDL 3\r\n")
+    assert out == (
+        b"+OK\r\n"
+        b"+OK maildrop has 3 messages (620 octets)\r\n"
+        b"+OK 3 620\r\n"
+        b"+OK 3 messages (620 octets)\r\n1 120\r\n2 200\r\n3 300\r\n.\r\n"
+        b"+OK 2 200\r\n"
+        b"+OK\r\n1 uid-one\r\n2 uid-two\r\n3 u3\r\n.\r\n"
+        b"+OK 3 u3\r\n"
+    )
+
+
+def test_bare_lf_line_ends_are_accepted() -> None:
+    assert converse(b"USER bob\nPASS secret\nSTAT\n").endswith(b"+OK 3 620\r\n")
+
+
+@pytest.mark.parametrize("arg", [b"0", b"4", b"99999999999", b"18446744073709551616"])
+def test_out_of_range_numbers(arg: bytes) -> None:
+    for cmd in (b"LIST ", b"RETR ", b"DELE ", b"UIDL "):
+        assert converse(cmd + arg + b"\r\n", login=True) == b"-ERR No such message\r\n"
+    assert converse(b"TOP " + arg + b" 1\r\n", login=True) == b"-ERR No such message\r\n"
+
+
+@pytest.mark.parametrize("arg", [b"-1", b"abc", b"1.0", b"1 2", b"\xd9\xa3"])
+def test_malformed_numbers(arg: bytes) -> None:
+    for cmd in (b"LIST ", b"RETR ", b"DELE ", b"UIDL "):
+        assert converse(cmd + arg + b"\r\n", login=True) == b"-ERR Invalid arguments\r\n"
+
+
+def test_deleted_messages_are_invisible_and_rset_restores() -> None:
+    out = converse(
+        b"DELE 2\r\nDELE 2\r\nSTAT\r\nLIST\r\nLIST 2\r\nUIDL\r\nUIDL 2\r\nRETR 2\r\nTOP 2 0\r\n"
+        b"RSET\r\nSTAT\r\nLIST 2\r\n",
+        login=True,
+    )
+    assert out == (
+        b"+OK Marked to be deleted\r\n"
+        b"-ERR Message already deleted\r\n"
+        b"+OK 2 420\r\n"
+        b"+OK 2 messages (420 octets)\r\n1 120\r\n3 300\r\n.\r\n"
+        b"-ERR No such message\r\n"
+        b"+OK\r\n1 uid-one\r\n3 u3\r\n.\r\n"
+        b"-ERR No such message\r\n"
+        b"-ERR No such message\r\n"
+        b"-ERR No such message\r\n"
+        b"+OK maildrop has 3 messages (620 octets)\r\n"
+        b"+OK 3 620\r\n"
+        b"+OK 2 200\r\n"
+    )
+
+
+def test_retr_and_top_events() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER bob\r\nPASS secret\r\nRETR 2\r\nTOP 3 5\r\nNOOP\r\n")
+    d = Driver(conn)
+    d.run()
+    assert [e for e in d.events if isinstance(e, Retrieve)] == [
+        Retrieve(1, 200, None), Retrieve(2, 300, 5)
+    ]
+    out = conn.data_to_send()
+    assert out.endswith(b"+OK 200 octets\r\n" + BODY + b"+OK\r\n" + BODY + b"+OK\r\n")
+
+
+def test_quit_in_transaction_updates_only_marked() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER bob\r\nPASS secret\r\nDELE 3\r\nDELE 1\r\nQUIT\r\nNOOP\r\n")
+    d = Driver(conn)
+    d.run()
+    assert Update((0, 2)) in d.events
+    assert conn.state is State.CLOSED
+    assert conn.data_to_send().endswith(b"+OK Logging out\r\n")
+
+
+def test_quit_in_authorization_closes_without_update() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"QUIT\r\nUSER x\r\n")
+    d = Driver(conn)
+    d.run()
+    assert d.closed == "quit"
+    assert not any(isinstance(e, Update) for e in d.events)
+    assert conn.data_to_send() == b"+OK Logging out\r\n"
+
+
+def test_update_failure_reports_sys_temp() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER bob\r\nPASS secret\r\nDELE 1\r\nQUIT\r\n")
+    d = Driver(conn)
+    while not isinstance(ev := conn.next_event(), Update):
+        d.events.append(ev)
+        if isinstance(ev, PasswordLogin):
+            conn.login_succeeded("bob", MAILDROP)
+    conn.data_to_send()
+    conn.update_finished(True)
+    assert conn.data_to_send() == b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n"
+
+
+def test_eof_is_connection_closed() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER bob\r\nPASS secret\r\nDELE 1\r\n")
+    conn.receive_data(b"")
+    d = Driver(conn)
+    d.run()
+    assert d.closed == "eof"
+    assert not any(isinstance(e, Update) for e in d.events)
+
+
+def test_pass_without_user_and_wrong_password() -> None:
+    assert converse(b"PASS x\r\n") == b"-ERR No username given\r\n"
+    out = converse(b"USER bob\r\nPASS wrong\r\nPASS secret\r\n")
+    assert out == b"+OK\r\n-ERR [AUTH] Authentication failed\r\n-ERR No username given\r\n"
+
+
+def test_apop_only_with_timestamp() -> None:
+    assert converse(b"APOP bob " + b"0" * 32 + b"\r\n") == b"-ERR APOP not available\r\n"
+    conn = ServerConnection(apop_timestamp=b"<1.2@h>")
+    conn.receive_data(b"APOP bob " + b"a" * 32 + b"\r\n")
+    assert conn.next_event() == ApopLogin("bob", b"a" * 32, b"<1.2@h>")
+
+
+# ---- limits ------------------------------------------------------------------------
+
+
+def test_command_line_limits() -> None:
+    ok = b"USER " + b"a" * 248 + b"\r\n"  # 255 octets with CRLF
+    assert len(ok) == 255
+    assert converse(ok) == b"+OK\r\n"
+    long = b"USER " + b"a" * 249 + b"\r\n"
+    assert converse(long + b"NOOP\r\n") == (
+        b"-ERR Line too long\r\n-ERR Command not valid in this state\r\n"
+    )
+    huge = b"X" * 100_000 + b"\r\nCAPA\r\n"
+    assert converse(huge).startswith(b"-ERR Line too long\r\n+OK Capability list follows\r\n")
+
+
+def test_too_many_bad_commands_disconnects() -> None:
+    cfg = ProtocolConfig(max_bad_commands=3)
+    conn = ServerConnection(cfg)
+    conn.receive_data(b"FOO\r\nBAR\r\nBAZ\r\nCAPA\r\n")
+    d = Driver(conn)
+    d.run()
+    assert d.closed == "too many invalid commands"
+    assert conn.data_to_send() == (
+        b"-ERR Unknown command\r\n-ERR Unknown command\r\n"
+        b"-ERR Too many invalid commands, closing connection\r\n"
+    )
+
+
+def test_too_many_auth_failures_disconnects() -> None:
+    conn = ServerConnection(ProtocolConfig(max_auth_failures=2))
+    conn.receive_data(b"USER a\r\nPASS b\r\nUSER a\r\nPASS c\r\nUSER a\r\n")
+    d = Driver(conn)
+    d.run()
+    assert d.closed == "too many authentication failures"
+    assert conn.data_to_send().count(b"-ERR [AUTH]") == 2
+
+
+def test_response_codes_are_checked() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    assert isinstance(conn.next_event(), PasswordLogin)
+    with pytest.raises(ProtocolError):
+        conn.login_failed("NOT-A-CODE")
+
+
+def test_caller_must_complete_events() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    conn.next_event()
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+# ---- CAPA, plaintext policy, STLS, SASL -------------------------------------------
+
+
+def test_capa_by_state_and_policy() -> None:
+    cfg = ProtocolConfig(
+        sasl_mechanisms=("PLAIN", "CRAM-MD5"), stls_available=True, login_delay=30
+    )
+    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg))
+    assert out == (
+        b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
+        b"AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN CRAM-MD5\r\nSTLS\r\n"
+        b"EXPIRE NEVER\r\nLOGIN-DELAY 30\r\nIMPLEMENTATION pypop\r\n.\r\n"
+    )
+    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg, plaintext_allowed=False))
+    assert b"USER\r\n" not in out
+    assert b"SASL CRAM-MD5\r\n" in out
+    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg), login=True)
+    assert b"STLS" not in out
+    assert b"USER\r\n" in out  # RFC 2449 §5: AUTHORIZATION capabilities in both states
+    hidden = ProtocolConfig(implementation=None, expire=None)
+    out = converse(b"CAPA\r\n", lambda: ServerConnection(hidden))
+    assert b"IMPLEMENTATION" not in out
+    assert b"EXPIRE" not in out
+
+
+def test_plaintext_refused_without_tls() -> None:
+    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",))
+    out = converse(
+        b"USER bob\r\nPASS secret\r\nAUTH PLAIN\r\nAUTH\r\n",
+        lambda: ServerConnection(cfg, plaintext_allowed=False),
+    )
+    refused = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+    assert out == refused * 3 + b"+OK\r\n.\r\n"
+
+
+def test_stls_discards_pipelined_plaintext() -> None:
+    cfg = ProtocolConfig(stls_available=True)
+    conn = ServerConnection(cfg)
+    conn.receive_data(b"STLS\r\nCAPA\r\nUSER injected\r\nPAS")
+    d = Driver(conn)
+    d.run()
+    assert d.events == [StartTLS()]
+    assert conn.data_to_send() == b"+OK Begin TLS negotiation\r\n"
+    assert conn.tls_active
+    conn.receive_data(b"CAPA\r\n")
+    d.run()
+    out = conn.data_to_send()
+    assert out.startswith(b"+OK Capability list follows\r\n")
+    assert b"STLS" not in out
+    assert converse(b"STLS\r\n") == b"-ERR STLS not available\r\n"
+    out = converse(b"STLS\r\n", lambda: ServerConnection(cfg, tls_active=True))
+    assert out == b"-ERR TLS already active\r\n"
+
+
+def test_sasl_exchange() -> None:
+    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",))
+    make = lambda: ServerConnection(cfg)  # noqa: E731
+    good = base64.b64encode(b"\0bob\0secret")
+    assert converse(b"AUTH plain " + good + b"\r\n", make) == (
+        b"+OK maildrop has 3 messages (620 octets)\r\n"
+    )
+    assert converse(b"AUTH PLAIN\r\n" + good + b"\r\nSTAT\r\n", make) == (
+        b"+ \r\n+OK maildrop has 3 messages (620 octets)\r\n+OK 3 620\r\n"
+    )
+    assert converse(b"AUTH PLAIN\r\n*\r\nNOOP\r\n", make) == (
+        b"+ \r\n-ERR Authentication cancelled\r\n-ERR Command not valid in this state\r\n"
+    )
+    assert converse(b"AUTH PLAIN\r\n!!!\r\n", make) == b"+ \r\n-ERR Invalid base64 data\r\n"
+    assert converse(b"AUTH PLAIN !!!\r\n", make) == b"-ERR Invalid base64 data\r\n"
+    assert converse(b"AUTH PLAIN =\r\n", make) == b"-ERR [AUTH] Authentication failed\r\n"
+    assert converse(b"AUTH FOO\r\n", make) == b"-ERR Unsupported authentication mechanism\r\n"
+    assert converse(b"AUTH\r\n", make) == b"+OK\r\nPLAIN\r\n.\r\n"
+
+
+def test_sasl_continuation_may_exceed_command_limit() -> None:
+    cfg = ProtocolConfig(sasl_mechanisms=("XOAUTH2",))
+    conn = ServerConnection(cfg)
+    conn.receive_data(b"AUTH XOAUTH2\r\n")
+    assert conn.next_event() == SaslStart("XOAUTH2", None)
+    conn.sasl_challenge(b"")
+    token = base64.b64encode(b"x" * 3000)
+    conn.receive_data(token + b"\r\n")
+    ev = conn.next_event()
+    assert ev == SaslResponse(b"x" * 3000)
+    conn.login_failed()
+    conn.receive_data(b"USER " + b"a" * 300 + b"\r\n")  # back to the 255 limit
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send().endswith(b"-ERR Line too long\r\n")
+
+
+def test_protocol_imports_no_io() -> None:
+    code = (
+        "import sys, pypop.protocol; "
+        "bad = {'trio', 'socket', 'ssl', 'asyncio'} & set(sys.modules); "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
