@@ -1,0 +1,255 @@
+"""The Dovecot-compatible passwd-file store and the ``pypop passwd`` command.
+
+File format (Dovecot's ``passwd-file``), one user a line::
+
+    user:{SCHEME}data:uid:gid:gecos:home:shell:extra fields
+
+Only the first two fields matter for authentication. Blank lines and lines starting
+with ``#`` are skipped; so is a line starting with ``:`` (no user name), as Dovecot
+does. A password without a ``{SCHEME}`` prefix uses ``default_scheme``: ``CRYPT``,
+Dovecot's default, which reads the crypt(3) formats ``$2a$/$2b$/$2y$`` (bcrypt),
+``$5$``, ``$6$`` (SHA-crypt) and ``$1$`` (MD5-crypt). The extra field ``nologin``
+disables the user. Malformed lines (no password, unknown scheme, a value the scheme
+can never verify, a duplicate user) are logged with their line number, never their
+content, and skipped: such users are unknown, and take the dummy verification.
+
+The file is re-read when its (mtime, size, inode, device) changes, checked at most
+once a second on the next lookup. The new table replaces the old one in one
+assignment. A reload that fails (unreadable file, or a file that lost every valid
+entry, as when an editor truncates it before writing) keeps the old table, logs, and
+is retried on the next check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from pypop.auth import schemes
+from pypop.auth.store import StoredCredential, _make_dummy, _VerifyingStore
+
+__all__ = ["PasswdFileStore", "parse_passwd_file", "passwd_main"]
+
+log = logging.getLogger("pypop.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class ParseResult:
+    entries: dict[str, StoredCredential]
+    errors: int
+
+
+def parse_passwd_file(
+    data: bytes, *, default_scheme: str = "CRYPT", source: str = "passwd-file"
+) -> ParseResult:
+    """Parse a passwd-file; malformed lines are logged and skipped."""
+    entries: dict[str, StoredCredential] = {}
+    seen: set[str] = set()
+    errors = 0
+
+    def bad(lineno: int, why: str) -> None:
+        nonlocal errors
+        errors += 1
+        log.warning("%s line %d: %s; line ignored", source, lineno, why)
+
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if not raw or raw.startswith((b"#", b":")):
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad(lineno, "not UTF-8")
+            continue
+        fields = line.split(":")
+        user = fields[0]
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in user):
+            bad(lineno, "user name contains white space or control characters")
+            continue
+        if user in seen:
+            bad(lineno, f"user {user!r} exists more than once (the first line wins)")
+            continue
+        seen.add(user)
+        password = fields[1] if len(fields) > 1 else ""
+        extra = " ".join(fields[7:]).split() if len(fields) > 7 else []
+        if "nologin" in extra:
+            continue  # a disabled user: known to the admin, unknown to logins
+        if not password:
+            bad(lineno, f"user {user!r} has no password")
+            continue
+        try:
+            entries[user] = StoredCredential.parse(user, password, default_scheme)
+        except schemes.UnknownSchemeError:
+            bad(lineno, f"user {user!r} has an unknown password scheme")
+        except ValueError:
+            bad(lineno, f"user {user!r} has a malformed password for its scheme")
+    return ParseResult(entries, errors)
+
+
+class PasswdFileStore(_VerifyingStore):
+    """A :class:`~pypop.auth.store.CredentialStore` backed by a Dovecot passwd-file.
+
+    The constructor reads the file and raises ``OSError`` if it cannot (fail at
+    start-up, not at the first login). Hash checks run in worker threads bounded by
+    ``limiter`` (default: :func:`~pypop.auth.store.default_hash_limiter`).
+    """
+
+    reveals_secrets = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        default_scheme: str = "CRYPT",
+        limiter: trio.CapacityLimiter | None = None,
+        check_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(limiter)
+        schemes.SCHEMES[schemes.canonical_scheme(default_scheme)]  # KeyError if unknown
+        self.path = Path(path)
+        self.default_scheme = default_scheme
+        self._check_interval = check_interval
+        self._clock = clock
+        self._signature: tuple[int, int, int, int] | None = None
+        self._last_check = clock()
+        if not self._load():
+            raise OSError(f"cannot load passwd-file {self.path}")
+
+    @property
+    def signature(self) -> tuple[int, int, int, int] | None:
+        return self._signature
+
+    def _load(self) -> bool:
+        """Read and swap in the file; False (old table kept) if that fails."""
+        try:
+            with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except OSError as exc:
+            log.error(
+                "passwd-file %s: cannot read (%s); keeping the previous users",
+                self.path,
+                exc.strerror or type(exc).__name__,
+            )
+            return False
+        result = parse_passwd_file(data, default_scheme=self.default_scheme, source=str(self.path))
+        if not result.entries and self._entries:
+            log.error(
+                "passwd-file %s: no valid entries after reload; keeping the previous %d users",
+                self.path,
+                len(self._entries),
+            )
+            return False
+        self._entries, self._dummy = result.entries, _make_dummy(result.entries)
+        self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        log.info("passwd-file %s: %d users loaded", self.path, len(result.entries))
+        return True
+
+    def reload_if_changed(self) -> bool:
+        """Synchronous: re-read the file if it changed. True if a new table was loaded."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            log.error(
+                "passwd-file %s: cannot stat (%s); keeping the previous users",
+                self.path,
+                exc.strerror or type(exc).__name__,
+            )
+            return False
+        if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) == self._signature:
+            return False
+        return self._load()
+
+    async def _refresh(self) -> None:
+        now = self._clock()
+        if now - self._last_check < self._check_interval:
+            return
+        self._last_check = now  # set before awaiting: concurrent callers skip the check
+        await trio.to_thread.run_sync(self.reload_if_changed)
+
+
+# --------------------------------------------------------------------------- pypop passwd
+
+
+def passwd_main(argv: list[str]) -> int:
+    """``pypop passwd``: print a ``{SCHEME}hash`` line for a passwd-file (like doveadm pw)."""
+    parser = argparse.ArgumentParser(
+        prog="pypop passwd",
+        description="Hash a password for a Dovecot-style passwd-file.",
+    )
+    parser.add_argument(
+        "-s",
+        "--scheme",
+        default=schemes.DEFAULT_HASH_SCHEME,
+        help=f"password scheme (default {schemes.DEFAULT_HASH_SCHEME}; -l lists them)",
+    )
+    parser.add_argument(
+        "-p",
+        "--password",
+        help="the password (visible to other local users in the process list; "
+        "without -p it is asked for twice)",
+    )
+    parser.add_argument("-l", "--list", action="store_true", help="list the schemes and exit")
+    parser.add_argument(
+        "-t",
+        "--test",
+        metavar="HASH",
+        help="check the password against HASH instead; exit status 0 if it matches",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+
+    if args.list:
+        print(" ".join([*schemes.SCHEMES, "CLEARTEXT"]))
+        return 0
+
+    password: str | None = args.password
+    if password is None:
+        try:
+            password = getpass.getpass("Enter new password: ")
+            if args.test is None and getpass.getpass("Retype new password: ") != password:
+                print("pypop passwd: passwords don't match", file=sys.stderr)
+                return 1
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 1
+    if not password:
+        print("pypop passwd: empty passwords are not allowed", file=sys.stderr)
+        return 1
+
+    if args.test is not None:
+        try:
+            scheme, value = schemes.parse_stored(args.test, "CRYPT")
+            ok = schemes.verify_scheme(scheme, value, password)
+        except ValueError as exc:
+            print(f"pypop passwd: {exc}", file=sys.stderr)
+            return 2
+        print(f"{{{scheme}}} ({'verified' if ok else 'NOT verified'})")
+        return 0 if ok else 1
+
+    try:
+        hashed = schemes.hash_password(args.scheme, password)
+    except schemes.UnknownSchemeError:
+        print(f"pypop passwd: unknown scheme {args.scheme!r} (-l lists them)", file=sys.stderr)
+        return 2
+    if any(c in hashed for c in ":\r\n"):
+        print(
+            "pypop passwd: this password cannot be stored in a passwd-file with this "
+            "scheme (it contains ':' or a line break)",
+            file=sys.stderr,
+        )
+        return 1
+    print(hashed)
+    return 0

@@ -1,0 +1,171 @@
+"""Credential stores: the small interface the server, SASL and APOP use.
+
+A store answers two questions:
+
+- ``verify_password(user, password)``: is this the password? Used by USER/PASS,
+  PLAIN, LOGIN. Unknown users take a dummy verification of the same cost, so that
+  timing does not tell which users exist.
+- ``lookup(user)``: the stored secret, for mechanisms that need it (APOP, CRAM-MD5,
+  SCRAM-SHA-256). ``None`` for unknown users, disabled users, and stores that cannot
+  reveal secrets (an IMAP passthrough authenticates upstream instead).
+
+A store may raise :class:`pypop.backend.TemporaryFailure` when it cannot answer now
+(the session replies ``-ERR [SYS/TEMP]``). A store that can never reveal secrets may
+set ``reveals_secrets = False``: :func:`pypop.auth.sasl.available_mechanisms` then
+leaves out CRAM-MD5 and SCRAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import trio
+
+from pypop import wire
+from pypop.auth import schemes
+from pypop.auth.schemes import ScramKeys
+
+__all__ = [
+    "CredentialStore",
+    "MemoryCredentialStore",
+    "StoredCredential",
+    "default_hash_limiter",
+]
+
+log = logging.getLogger("pypop.auth")
+
+
+@runtime_checkable
+class CredentialStore(Protocol):
+    async def verify_password(self, user: str, password: str) -> bool:
+        """True if ``password`` is right for ``user``; constant-ish time for unknown users."""
+        ...
+
+    async def lookup(self, user: str) -> StoredCredential | None:
+        """The stored secret of ``user``, or None (unknown, disabled, or not revealable)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCredential:
+    """One user's stored secret: ``scheme`` is canonical (``CLEARTEXT`` reads as ``PLAIN``)."""
+
+    user: str
+    scheme: str
+    value: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, user: str, stored: str, default_scheme: str = "CRYPT") -> StoredCredential:
+        """From ``{SCHEME}data``; ``ValueError`` (incl. ``UnknownSchemeError``) if unusable."""
+        scheme, value = schemes.parse_stored(stored, default_scheme)
+        schemes.validate_value(scheme, value)
+        return cls(user, scheme, value)
+
+    def plaintext(self) -> str | None:
+        """The password itself, for PLAIN/CLEARTEXT entries only."""
+        return self.value if self.scheme == "PLAIN" else None
+
+    def cram_md5_context(self) -> bytes | None:
+        """The 32-octet HMAC-MD5 state for CRAM-MD5 (from a CRAM-MD5 or PLAIN entry)."""
+        if self.scheme == "CRAM-MD5":
+            return bytes.fromhex(self.value)
+        if self.scheme == "PLAIN":
+            return wire.cram_md5_context(self.value.encode("utf-8"))
+        return None
+
+    def scram_sha256_keys(self) -> ScramKeys | None:
+        """Stored SCRAM-SHA-256 keys (a PLAIN entry gives None: derive with your own salt)."""
+        if self.scheme == "SCRAM-SHA-256":
+            return ScramKeys.parse(self.value)
+        return None
+
+    @property
+    def heavy(self) -> bool:
+        return schemes.is_heavy(self.scheme)
+
+    def verify(self, password: str) -> bool:
+        """Synchronous check (may be CPU-heavy: see :attr:`heavy`)."""
+        return schemes.verify_scheme(self.scheme, self.value, password)
+
+
+def default_hash_limiter() -> trio.CapacityLimiter:
+    """A limiter for hash threads: at most ``min(8, cpus)`` (at least 2) at once."""
+    return trio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+
+
+class _VerifyingStore:
+    """Shared verification logic: the entries live in ``self._entries``."""
+
+    _entries: Mapping[str, StoredCredential]
+    _dummy: StoredCredential
+
+    def __init__(self, limiter: trio.CapacityLimiter | None) -> None:
+        self._limiter = limiter
+        self._entries = {}
+        self._dummy = _make_dummy({})
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = default_hash_limiter()
+        return self._limiter
+
+    async def _refresh(self) -> None:
+        """Hook for stores that reload (passwd-file)."""
+
+    async def verify_password(self, user: str, password: str) -> bool:
+        await self._refresh()
+        cred = self._entries.get(user)
+        known = cred is not None
+        target = cred if cred is not None else self._dummy
+        if target.heavy:
+            ok = await trio.to_thread.run_sync(target.verify, password, limiter=self.limiter)
+        else:
+            ok = target.verify(password)
+        return ok and known
+
+    async def lookup(self, user: str) -> StoredCredential | None:
+        await self._refresh()
+        return self._entries.get(user)
+
+    def users(self) -> list[str]:
+        return sorted(self._entries)
+
+
+def _make_dummy(entries: Mapping[str, StoredCredential]) -> StoredCredential:
+    """A credential that costs what a typical real one does, and matches nothing useful.
+
+    It is an existing entry of the most common scheme (same cost parameters as real
+    users); the result of verifying against it is thrown away. With no entries, a PLAIN
+    credential of random text.
+    """
+    counts = Counter(c.scheme for c in entries.values())
+    if counts:
+        scheme = max(counts, key=lambda s: (schemes.is_heavy(s), counts[s]))
+        sample = next(c for c in entries.values() if c.scheme == scheme)
+        return StoredCredential("", sample.scheme, sample.value)
+    return StoredCredential("", "PLAIN", secrets.token_urlsafe(24))
+
+
+class MemoryCredentialStore(_VerifyingStore):
+    """A store built from a mapping ``user -> "{SCHEME}data"`` (tests, small setups)."""
+
+    reveals_secrets = True
+
+    def __init__(
+        self,
+        entries: Mapping[str, str],
+        *,
+        default_scheme: str = "PLAIN",
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        super().__init__(limiter)
+        parsed = {u: StoredCredential.parse(u, s, default_scheme) for u, s in entries.items()}
+        self._entries = parsed
+        self._dummy = _make_dummy(parsed)
