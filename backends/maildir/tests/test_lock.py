@@ -1,0 +1,171 @@
+"""The exclusive lock: in one process, across processes, stale recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from pypop.backend import MailboxLocked
+
+from pypop_maildir import create
+from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME
+
+METHODS = ["auto", "dotlock", "fcntl"]
+
+HOLDER = """
+import sys, trio
+from pypop_maildir import create
+
+async def main() -> None:
+    backend = create({"root": sys.argv[1], "lock": sys.argv[2]})
+    mb = await backend.open_mailbox("alice")
+    print("locked", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)
+    await mb.aclose()
+    print("released", flush=True)
+
+trio.run(main)
+"""
+
+
+def start_holder(root: Path, method: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), method],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def close_holder(proc: subprocess.Popen[str]) -> None:
+    proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
+def try_open(root: Path, method: str, **options: object) -> bool:
+    """True if this process can lock alice's maildrop (and releases it again)."""
+
+    async def main() -> bool:
+        backend = create({"root": str(root), "lock": method, **options})
+        try:
+            mb = await backend.open_mailbox("alice")
+        except MailboxLocked:
+            return False
+        await mb.aclose()
+        return True
+
+    return trio.run(main)
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_two_opens_in_one_process_conflict(alice: Path, root: Path, method: str) -> None:
+    backend = create({"root": str(root), "lock": method})
+    mb = await backend.open_mailbox("alice")
+    with pytest.raises(MailboxLocked):
+        await backend.open_mailbox("alice")
+    other = create({"root": str(root), "lock": method})  # a second backend instance too
+    with pytest.raises(MailboxLocked):
+        await other.open_mailbox("alice")
+    await mb.aclose()
+    mb = await backend.open_mailbox("alice")
+    await mb.aclose()
+    assert not (alice / DOTLOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lock_across_processes_and_release(alice: Path, root: Path, method: str) -> None:
+    proc = start_holder(root, method)
+    try:
+        assert not try_open(root, method)
+        if method == "auto":
+            assert not try_open(root, "dotlock")  # the two interoperate
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "released\n"
+    finally:
+        close_holder(proc)
+    assert try_open(root, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lock_of_killed_process_is_recovered(alice: Path, root: Path, method: str) -> None:
+    proc = start_holder(root, method)
+    assert not try_open(root, method)
+    proc.send_signal(signal.SIGKILL)
+    close_holder(proc)
+    if method != "fcntl":
+        assert (alice / DOTLOCK_NAME).exists()  # left behind ...
+    assert try_open(root, method)  # ... and recovered at once
+    assert not (alice / DOTLOCK_NAME).exists()
+
+
+def test_dotlock_content_is_pid_and_host(alice: Path, root: Path) -> None:
+    async def main() -> None:
+        for method, extra in (("dotlock", ""), ("auto", "fcntl\n")):
+            mb = await create({"root": str(root), "lock": method}).open_mailbox("alice")
+            text = (alice / DOTLOCK_NAME).read_text()
+            assert text == f"{os.getpid()}:{socket.gethostname()}\n{extra}"
+            await mb.aclose()
+        mb = await create({"root": str(root), "lock": "fcntl"}).open_mailbox("alice")
+        assert (alice / FLOCK_NAME).exists()
+        await mb.aclose()
+
+    trio.run(main)
+    assert sorted(p.name for p in alice.iterdir() if "lock" in p.name) == [FLOCK_NAME]
+
+
+@pytest.mark.parametrize("method", ["auto", "dotlock"])
+def test_stale_dotlock_from_other_host_by_age(alice: Path, root: Path, method: str) -> None:
+    lock = alice / DOTLOCK_NAME
+    lock.write_text("4242:some-other-host.example\n")
+    assert not try_open(root, method, lock_stale_timeout=60)  # fresh: respected
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert try_open(root, method, lock_stale_timeout=60)  # untouched for 2 min: stale
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("content", ["", "garbage", "notapid:HOST\n"])
+def test_unreadable_dotlock_falls_back_to_age(alice: Path, root: Path, content: str) -> None:
+    lock = alice / DOTLOCK_NAME
+    lock.write_text(content.replace("HOST", socket.gethostname()))
+    assert not try_open(root, "dotlock", lock_stale_timeout=60)
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert try_open(root, "dotlock", lock_stale_timeout=60)
+
+
+def test_dead_local_pid_is_stale_at_once(alice: Path, root: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (alice / DOTLOCK_NAME).write_text(f"{proc.pid}:{socket.gethostname()}\n")
+    assert try_open(root, "dotlock")
+    # our own pid, but not a lock this process holds: left by an earlier process
+    (alice / DOTLOCK_NAME).write_text(f"{os.getpid()}:{socket.gethostname()}\n")
+    assert try_open(root, "dotlock")
+
+
+def test_live_local_pid_is_respected(alice: Path, root: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (alice / DOTLOCK_NAME).write_text(f"{proc.pid}:{socket.gethostname()}\n")
+        old = time.time() - 10_000
+        os.utime(alice / DOTLOCK_NAME, (old, old))
+        assert not try_open(root, "dotlock")  # alive: the age does not matter
+    finally:
+        proc.kill()
+        proc.wait()

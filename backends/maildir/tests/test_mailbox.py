@@ -1,0 +1,393 @@
+"""The maildir backend against the pypop.backend contract, on real maildirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pypop.backend import (
+    AuthFailed,
+    Backend,
+    Mailbox,
+    NoSuchMessage,
+    UpdateFailed,
+    is_valid_uid,
+)
+from pypop.wire import stuff, wire_size
+
+from pypop_maildir import BLOCK_SIZE, MaildirMailbox
+from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
+
+from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
+
+
+async def read_all(mb: Mailbox, index: int, top_lines: int | None = None) -> list[bytes]:
+    return [block async for block in mb.retrieve(index, top_lines=top_lines)]
+
+
+def name_for(i: int, tag: str = "host") -> str:
+    return f"{1700000000 + i}.M{i}P{100 + i}.{tag}"
+
+
+async def test_is_a_backend_and_mailbox(alice: Path, backend_factory: BackendMaker) -> None:
+    backend = backend_factory()
+    assert isinstance(backend, Backend)
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, Mailbox)
+    assert list(mb.messages) == []
+    await mb.aclose()
+    await backend.aclose()
+
+
+async def test_hard_cases_sizes_and_bytes(alice: Path, backend_factory: BackendMaker) -> None:
+    names = list(HARD_CASES)
+    for i, key in enumerate(names):
+        deliver(alice, name_for(i, key), HARD_CASES[key])
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        assert len(mb.messages) == len(names)
+        for i, key in enumerate(names):
+            data = HARD_CASES[key]
+            assert mb.messages[i].size == wire_size(data), key
+            assert b"".join(await read_all(mb, i)) == data, key
+    finally:
+        await mb.aclose()
+    # exact figures for a few, independent of the codec
+    assert wire_size(HARD_CASES["lf"]) == len(HARD_CASES["lf"]) + 5
+    assert wire_size(HARD_CASES["no-final-newline"]) == len(HARD_CASES["no-final-newline"]) + 2
+    assert wire_size(b".") == 3
+
+
+async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: BackendMaker) -> None:
+    line = b"0123456789" * 7 + b"\n"  # LF-only lines: size differs from the file size
+    body = line * (5 * 1024 * 1024 // len(line) + 1)
+    data = b"Subject: big\n\n" + body
+    deliver(alice, name_for(1), data)
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        assert mb.messages[0].size == wire_size(data) == len(data) + data.count(b"\n")
+        blocks = await read_all(mb, 0)
+        assert max(len(b) for b in blocks) <= BLOCK_SIZE
+        assert len(blocks) >= len(data) // BLOCK_SIZE
+        assert b"".join(blocks) == data
+        # TOP hint: stops early, but the server's cut of what we send is the same.
+        for n in (0, 1, 3):
+            top = b"".join(await read_all(mb, 0, top_lines=n))
+            assert len(top) < BLOCK_SIZE
+            assert stuff(top, top_lines=n) == stuff(data, top_lines=n)
+    finally:
+        await mb.aclose()
+
+
+@pytest.mark.parametrize("key", sorted(HARD_CASES))
+@pytest.mark.parametrize("n", [0, 1, 2, 100])
+async def test_top_hint_never_cuts_short(
+    alice: Path, backend_factory: BackendMaker, key: str, n: int
+) -> None:
+    data = HARD_CASES[key]
+    deliver(alice, name_for(1), data)
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        top = b"".join(await read_all(mb, 0, top_lines=n))
+        assert data.startswith(top)
+        assert stuff(top, top_lines=n) == stuff(data, top_lines=n)
+    finally:
+        await mb.aclose()
+
+
+async def test_delivery_order_new_and_cur(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, "1700000005.M5P1.h:2,S", b"c\n", sub="cur")
+    deliver(alice, "1700000001.M900000P1.h", b"b\n")
+    deliver(alice, "1700000001.M12P1.h", b"a\n")  # same second, earlier microsecond
+    deliver(alice, "zzz-no-time", b"e\n")
+    deliver(alice, "1700000010.M1P1.h", b"d\n", sub="cur")
+    (alice / "new" / ".hidden").write_bytes(b"x")
+    (alice / "cur" / "subdir").mkdir()
+    mb = await backend_factory(flag_updates=False).open_mailbox("alice")
+    try:
+        assert [m.uid for m in mb.messages] == [
+            "1700000001.M12P1.h",
+            "1700000001.M900000P1.h",
+            "1700000005.M5P1.h",
+            "1700000010.M1P1.h",
+            "zzz-no-time",
+        ]
+        assert [b"".join(await read_all(mb, i)) for i in range(5)] == [
+            b"a\n", b"b\n", b"c\n", b"d\n", b"e\n",
+        ]  # fmt: skip
+    finally:
+        await mb.aclose()
+    assert delivery_key("123") < delivery_key("abc")
+
+
+async def test_uidl_stable_across_flags_and_new_to_cur(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    deliver(alice, "1700000001.M1P1.h,S=10,W=12", b"Subject: 1\n")
+    deliver(alice, "1700000002.M1P1.h", b"Subject: 2\n")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    first = [m.uid for m in mb.messages]
+    assert first == ["1700000001.M1P1.h,S=10,W=12", "1700000002.M1P1.h"]  # Dovecot %f
+    await mb.aclose()
+    # Dovecot behaviour: moved to cur/ with an empty info.
+    assert sorted(os.listdir(alice / "cur")) == [
+        "1700000001.M1P1.h,S=10,W=12:2,",
+        "1700000002.M1P1.h:2,",
+    ]
+    assert os.listdir(alice / "new") == []
+    os.rename(alice / "cur" / "1700000002.M1P1.h:2,", alice / "cur" / "1700000002.M1P1.h:2,FS")
+    mb = await backend.open_mailbox("alice")
+    assert [m.uid for m in mb.messages] == first
+    await mb.aclose()
+
+
+async def test_invalid_names_get_stable_valid_uids(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    long = "1700000001.M1P1." + "h" * 80
+    deliver(alice, long, b"a\n")
+    deliver(alice, "1700000002.with space", b"b\n")
+    deliver(alice, "1700000003.caf\u00e9", b"c\n")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    uids = [m.uid for m in mb.messages]
+    await mb.aclose()
+    assert uids == [mapped_uid(long), mapped_uid("1700000002.with space"), mapped_uid(
+        "1700000003.caf\u00e9"
+    )]  # fmt: skip
+    assert all(is_valid_uid(u) and u.startswith("pypop/") for u in uids)
+    assert len(set(uids)) == 3
+    mb = await backend.open_mailbox("alice")
+    assert [m.uid for m in mb.messages] == uids
+    await mb.aclose()
+
+
+async def test_duplicate_base_names_stay_unique(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, "1700000001.M1P1.h:2,S", b"a\n", sub="cur")
+    deliver(alice, "1700000001.M1P1.h:2,T", b"a\n", sub="cur")
+    mb = await backend_factory().open_mailbox("alice")
+    uids = [m.uid for m in mb.messages]
+    await mb.aclose()
+    assert uids[0] == "1700000001.M1P1.h"
+    assert uids[1].startswith("pypop/")
+    assert len(set(uids)) == 2
+
+
+async def test_w_field_is_used_without_reading(alice: Path, backend_factory: BackendMaker) -> None:
+    # A W= that disagrees with the content proves the file was not read for the size.
+    deliver(alice, "1700000001.M1P1.h,S=5,W=999", b"abc\n")
+    mb = await backend_factory().open_mailbox("alice")
+    assert mb.messages[0].size == 999
+    await mb.aclose()
+    mb = await backend_factory(filename_sizes=False).open_mailbox("alice")
+    assert mb.messages[0].size == 5
+    await mb.aclose()
+
+
+async def test_size_cache_used_and_stale_entry_never_served(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    path = deliver(alice, "1700000001.M1P1.h", b"one\ntwo\n", sub="cur")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    assert mb.messages[0].size == 10
+    await mb.aclose()
+    cache = alice / SIZE_CACHE_NAME
+    lines = cache.read_text().splitlines()
+    assert lines[0] == "pypop-sizes 1"
+    st = path.stat()
+    assert lines[1] == f"1700000001.M1P1.h\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t10"
+    # A valid entry is served (we plant a different size to see it used) ...
+    cache.write_text(lines[0] + "\n" + lines[1].rsplit("\t", 1)[0] + "\t77\n")
+    mb = await backend.open_mailbox("alice")
+    assert mb.messages[0].size == 77
+    await mb.aclose()
+    # ... and survives a flag rename (same size, mtime, inode).
+    renamed = alice / "cur" / "1700000001.M1P1.h:2,S"
+    os.rename(path, renamed)
+    mb = await backend.open_mailbox("alice")
+    assert mb.messages[0].size == 77
+    await mb.aclose()
+    # Same length, different content and mtime: stale, recomputed.
+    renamed.write_bytes(b"one\r\ntw\n")
+    os.utime(renamed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    mb = await backend.open_mailbox("alice")
+    assert mb.messages[0].size == wire_size(b"one\r\ntw\n") == 9
+    await mb.aclose()
+    assert cache.read_text().splitlines()[1].endswith("\t9")
+    # A garbled cache is ignored, not trusted.
+    cache.write_bytes(b"garbage\x00\n")
+    mb = await backend.open_mailbox("alice")
+    assert mb.messages[0].size == 9
+    await mb.aclose()
+
+
+async def test_snapshot_excludes_mail_delivered_during_session(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    deliver(alice, name_for(1), b"first\n")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    deliver(alice, name_for(2), b"second\n")
+    assert len(mb.messages) == 1
+    await mb.commit([])
+    mb = await backend.open_mailbox("alice")
+    assert [m.uid for m in mb.messages] == [name_for(1), name_for(2)]
+    await mb.aclose()
+
+
+async def test_removed_from_outside_is_no_such_message(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    deliver(alice, name_for(1), b"one\n")
+    deliver(alice, name_for(2), b"two\n")
+    deliver(alice, name_for(3), b"three\n")
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        (alice / "cur" / (name_for(2) + ":2,")).unlink()
+        # renamed from outside (an IMAP client set a flag): still served
+        os.rename(alice / "cur" / (name_for(3) + ":2,"), alice / "cur" / (name_for(3) + ":2,RS"))
+        with pytest.raises(NoSuchMessage):
+            await read_all(mb, 1)
+        assert b"".join(await read_all(mb, 0)) == b"one\n"
+        assert b"".join(await read_all(mb, 2)) == b"three\n"
+        with pytest.raises(NoSuchMessage):
+            await read_all(mb, 3)
+        # the gone one marked: UPDATE still succeeds and removes the others marked
+        await mb.commit([1, 2])
+    finally:
+        await mb.aclose()
+    assert os.listdir(alice / "cur") == [name_for(1) + ":2,S"]  # RETR-ed: seen
+
+
+async def test_commit_removes_exactly_the_marked(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    for i in range(6):
+        deliver(alice, name_for(i), f"m{i}\n".encode())
+    backend = backend_factory(flag_updates=False)
+    mb = await backend.open_mailbox("alice")
+    await mb.commit([0, 2, 5, 2, 99, -1])
+    await mb.aclose()  # idempotent after commit
+    assert sorted(os.listdir(alice / "new")) == [name_for(1), name_for(3), name_for(4)]
+    mb = await backend.open_mailbox("alice")  # lock was released
+    assert [m.uid for m in mb.messages] == [name_for(1), name_for(3), name_for(4)]
+    await mb.aclose()
+
+
+async def test_aclose_removes_nothing(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, name_for(1), b"x\n")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    await mb.aclose()
+    await mb.aclose()
+    mb = await backend.open_mailbox("alice")
+    assert len(mb.messages) == 1
+    await mb.aclose()
+
+
+async def test_commit_partial_failure(
+    alice: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(4):
+        deliver(alice, name_for(i), f"m{i}\n".encode())
+    backend = backend_factory(flag_updates=False)
+    mb = await backend.open_mailbox("alice")
+    real_unlink = os.unlink
+    bad = str(alice / "new" / name_for(1))
+
+    def failing_unlink(path: str | os.PathLike[str], *a: object, **k: object) -> None:
+        if os.fspath(path) == bad:  # fault injection: one marked file cannot be removed
+            raise PermissionError(13, "Permission denied", bad)
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", failing_unlink)
+    with pytest.raises(UpdateFailed, match="1 of 2"):
+        await mb.commit([1, 2])
+    monkeypatch.undo()
+    assert sorted(os.listdir(alice / "new")) == [name_for(0), name_for(1), name_for(3)]
+    mb = await backend.open_mailbox("alice")  # the lock was released anyway
+    await mb.aclose()
+
+
+async def test_seen_flag_after_retr_and_quit(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, name_for(1), b"one\n")
+    deliver(alice, name_for(2), b"two\n")
+    deliver(alice, name_for(3) + ":2,F", b"three\n", sub="cur")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    await read_all(mb, 0)  # RETR
+    await read_all(mb, 1, top_lines=0)  # TOP: not seen
+    await read_all(mb, 2)
+    await mb.commit([])
+    assert sorted(os.listdir(alice / "cur")) == [
+        name_for(1) + ":2,S",
+        name_for(2) + ":2,",
+        name_for(3) + ":2,FS",
+    ]
+
+
+async def test_no_flag_updates_touches_nothing(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, name_for(1), b"one\n")
+    mb = await backend_factory(flag_updates=False).open_mailbox("alice")
+    await read_all(mb, 0)
+    await mb.commit([])
+    assert os.listdir(alice / "new") == [name_for(1)]
+    assert os.listdir(alice / "cur") == []
+
+
+async def test_save_uidl_survives_base_rename(alice: Path, backend_factory: BackendMaker) -> None:
+    deliver(alice, name_for(1), b"one\n", sub="cur")
+    deliver(alice, name_for(2), b"two\n", sub="cur")
+    backend = backend_factory(save_uidl=True)
+    mb = await backend.open_mailbox("alice")
+    uids = [m.uid for m in mb.messages]
+    await mb.aclose()
+    assert uids == [name_for(1), name_for(2)]
+    assert (alice / UIDLIST_NAME).read_text().startswith("pypop-uidlist 1\n")
+    # another tool renames the file and adds a size field: the base name changes
+    os.rename(alice / "cur" / name_for(2), alice / "cur" / (name_for(2) + ",S=4:2,S"))
+    mb = await backend.open_mailbox("alice")
+    assert [m.uid for m in mb.messages] == uids
+    await mb.commit([0])
+    assert name_for(1) not in (alice / UIDLIST_NAME).read_text()
+
+
+@pytest.mark.parametrize(
+    "user",
+    ["", "a/b", "..", ".", ".hidden", "a\x00b", "a\nb", "a\x7fb", "a\\b", "/etc", "x\x1b"],
+)
+async def test_unsafe_user_names_fail_auth(
+    root: Path, backend_factory: BackendMaker, user: str
+) -> None:
+    with pytest.raises(AuthFailed):
+        await backend_factory().open_mailbox(user)
+    assert os.listdir(root) == []
+
+
+async def test_template_domain_and_local_part(root: Path, backend_factory: BackendMaker) -> None:
+    md = make_maildir(root / "example.org" / "bob" / "Maildir")
+    deliver(md, name_for(1), b"hi\n")
+    backend = backend_factory(template="%d/%n/Maildir")
+    mb = await backend.open_mailbox("bob@example.org")
+    assert isinstance(mb, MaildirMailbox)
+    assert mb.maildir == str(md)
+    assert len(mb.messages) == 1
+    await mb.aclose()
+    with pytest.raises(AuthFailed):  # no domain: empty component
+        await backend.open_mailbox("bob")
+    with pytest.raises(AuthFailed):
+        await backend.open_mailbox("..@example.org")
+
+
+async def test_autocreate(root: Path, backend_factory: BackendMaker) -> None:
+    from pypop.backend import PermanentFailure
+
+    with pytest.raises(PermanentFailure):
+        await backend_factory(autocreate=False).open_mailbox("carol")
+    mb = await backend_factory().open_mailbox("carol")
+    assert list(mb.messages) == []
+    await mb.aclose()
+    assert sorted(os.listdir(root / "carol")) == ["cur", "new", "tmp"]
