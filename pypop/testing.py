@@ -1,0 +1,350 @@
+"""A conformance kit any backend runs under pytest (with pytest-trio installed).
+
+Subclass :class:`BackendConformance` in a test module and give it a ``harness``
+fixture that returns a :class:`Harness` for your backend::
+
+    import pytest
+    from pypop.testing import BackendConformance
+
+    class MyHarness:
+        def __init__(self, tmp_path): ...
+        def make_backend(self): return MyBackend(...)
+        async def deliver(self, backend, user, message): ...
+
+    class TestMyBackend(BackendConformance):
+        @pytest.fixture
+        def harness(self, tmp_path):
+            return MyHarness(tmp_path)
+
+The kit checks the contract in ``pypop.backend`` directly and through a real pypop
+server on 127.0.0.1 with the standard library's ``poplib`` as the client: UIDLs stable
+across sessions, LIST sizes equal to what RETR delivers, RSET, a dropped connection
+deleting nothing, QUIT deleting exactly the marked messages, the exclusive lock
+([IN-USE]), snapshots, and concurrent sessions of different users.
+"""
+
+from __future__ import annotations
+
+import poplib
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol, TypeVar
+
+import pytest
+import trio
+
+from pypop.backend import Backend, MailboxLocked, is_valid_uid
+from pypop.config import ServerConfig
+from pypop.server import Server, serve
+from pypop.wire import wire_size
+
+__all__ = ["HARD_MESSAGES", "BackendConformance", "DictPasswords", "Harness", "expected_retr"]
+
+T = TypeVar("T")
+
+PASSWORD = "conformance-password"  # noqa: S105 (test credential)
+
+
+class Harness(Protocol):
+    """What a backend's test suite provides to the kit."""
+
+    def make_backend(self) -> Backend:
+        """A new backend over an empty store (called once per test)."""
+        ...
+
+    async def deliver(self, backend: Backend, user: str, message: bytes) -> None:
+        """Add a message to ``user``'s maildrop, as a delivery agent would."""
+        ...
+
+
+class DictPasswords:
+    """A credential checker over a dict (tests, embedding)."""
+
+    def __init__(self, passwords: Mapping[str, str]) -> None:
+        self._passwords = dict(passwords)
+
+    async def verify_password(self, user: str, password: str) -> bool:
+        expected = self._passwords.get(user)
+        return expected is not None and expected == password
+
+
+# Stored messages that real clients trip over, and what RETR must deliver for each
+# (CRLF line ends, a final CRLF added, dot-stuffing undone by the client).
+HARD_MESSAGES: dict[str, bytes] = {
+    "lf-only": b"Subject: lf\n\nline one\nline two\n",
+    "leading-dots": b"Subject: dots\r\n\r\n.one dot\r\n..two dots\r\n.\r\nafter\r\n",
+    "just-dot": b".",
+    "no-final-newline": b"Subject: nofinal\r\n\r\nlast line",
+    "eight-bit": "Subject: caf\u00e9\r\n\r\nna\u00efve \u00fcber\r\n".encode(),
+    "folded-header": b"Subject: a\r\n folded\r\n\tsubject\r\nTo: x\r\n\r\nbody\r\n",
+    # A "." line that starts exactly at the 64 KiB block boundary.
+    "dot-at-64k": b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * 63 + b"y" * 1006 + b"\r\n"
+    + b".dot\r\n",
+}
+
+
+def expected_retr(message: bytes) -> bytes:
+    """What a client reassembles from RETR: CRLF line ends and a final CRLF."""
+    out = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+def _retr_bytes(lines: list[bytes]) -> bytes:
+    # poplib splits on CRLF and undoes the stuffing; join back what was sent.
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class BackendConformance:
+    """Mix-in test class; see the module docstring."""
+
+    pytestmark = [pytest.mark.trio]  # noqa: RUF012 (pytest reads it as is)
+    users = ("alice", "bob")
+
+    @pytest.fixture
+    def harness(self) -> Harness:
+        raise NotImplementedError("define a `harness` fixture returning a Harness")
+
+    # -- helpers --
+
+    @asynccontextmanager
+    async def _server(self, backend: Backend) -> AsyncIterator[Server]:
+        config = ServerConfig(listen=[("127.0.0.1", 0)], auth_failure_delay=0.0,
+                              shutdown_timeout=5.0)
+        store = DictPasswords(dict.fromkeys(self.users, PASSWORD))
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                lambda task_status: serve(config, backend=backend, store=store,
+                                          task_status=task_status)
+            )
+            try:
+                yield server
+            finally:
+                server.shutdown()
+
+    @staticmethod
+    async def _client(server: Server, user: str, fn: Callable[[poplib.POP3], T]) -> T:
+        host, port = server.addresses[0]
+
+        def run() -> T:
+            pop = poplib.POP3(host, port, timeout=30)
+            try:
+                pop.user(user)
+                pop.pass_(PASSWORD)
+                return fn(pop)
+            finally:
+                pop.close()
+
+        return await trio.to_thread.run_sync(run)
+
+    # -- the contract, directly --
+
+    async def test_uidls_valid_unique_and_stable(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for n in range(5):
+            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\nsame\r\n".encode())
+        await harness.deliver(backend, "alice", b"Subject: 0\r\n\r\nsame\r\n")  # a duplicate
+        box = await backend.open_mailbox("alice")
+        first = [m.uid for m in box.messages]
+        await box.aclose()
+        box = await backend.open_mailbox("alice")
+        second = [m.uid for m in box.messages]
+        await box.aclose()
+        assert len(first) == 6
+        assert first == second
+        assert len(set(first)) == 6
+        assert all(is_valid_uid(u) for u in first)
+        await backend.aclose()
+
+    async def test_sizes_match_streamed_octets(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for msg in HARD_MESSAGES.values():
+            await harness.deliver(backend, "alice", msg)
+        box = await backend.open_mailbox("alice")
+        try:
+            for i, info in enumerate(box.messages):
+                data = b"".join([b async for b in box.retrieve(i)])
+                assert wire_size(data) == info.size
+        finally:
+            await box.aclose()
+        await backend.aclose()
+
+    async def test_lock_is_exclusive_and_released(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        await harness.deliver(backend, "alice", b"Subject: x\r\n\r\ny\r\n")
+        box = await backend.open_mailbox("alice")
+        with pytest.raises(MailboxLocked):
+            await backend.open_mailbox("alice")
+        other = await backend.open_mailbox("bob")  # other users are independent
+        await other.aclose()
+        await box.aclose()
+        await box.aclose()  # idempotent
+        again = await backend.open_mailbox("alice")
+        await again.aclose()
+        await backend.aclose()
+
+    async def test_snapshot_hides_later_delivery(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        await harness.deliver(backend, "alice", b"Subject: 1\r\n\r\n1\r\n")
+        box = await backend.open_mailbox("alice")
+        await harness.deliver(backend, "alice", b"Subject: 2\r\n\r\n2\r\n")
+        assert len(box.messages) == 1
+        await box.commit([])
+        box = await backend.open_mailbox("alice")
+        assert len(box.messages) == 2
+        await box.aclose()
+        await backend.aclose()
+
+    # -- through a real server --
+
+    async def test_retr_delivers_listed_size_and_exact_bytes(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for msg in HARD_MESSAGES.values():
+            await harness.deliver(backend, "alice", msg)
+
+        def fetch(pop: poplib.POP3) -> list[tuple[int, bytes]]:
+            sizes = [int(x.split()[1]) for x in pop.list()[1]]
+            return [(s, _retr_bytes(pop.retr(i + 1)[1])) for i, s in enumerate(sizes)]
+
+        async with self._server(backend) as server:
+            got = await self._client(server, "alice", fetch)
+        assert len(got) == len(HARD_MESSAGES)
+        for (size, data), msg in zip(got, HARD_MESSAGES.values(), strict=True):
+            assert data == expected_retr(msg)
+            assert size == len(data)
+
+    async def test_top_returns_headers_and_n_lines(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        await harness.deliver(backend, "alice", b"A: 1\r\nB: 2\r\n\r\nl1\r\n.l2\r\nl3\r\n")
+        async with self._server(backend) as server:
+            tops = await self._client(
+                server, "alice", lambda p: [p.top(1, n)[1] for n in (0, 2, 10)]
+            )
+        assert tops == [
+            [b"A: 1", b"B: 2", b""],
+            [b"A: 1", b"B: 2", b"", b"l1", b".l2"],
+            [b"A: 1", b"B: 2", b"", b"l1", b".l2", b"l3"],
+        ]
+
+    async def test_quit_removes_exactly_the_marked(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for n in range(1, 5):
+            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n{n}\r\n".encode())
+
+        def dele_2_and_4(pop: poplib.POP3) -> list[bytes]:
+            uids = pop.uidl()[1]
+            pop.dele(2)
+            pop.dele(4)
+            pop.quit()
+            return uids
+
+        async with self._server(backend) as server:
+            before = await self._client(server, "alice", dele_2_and_4)
+            after = await self._client(server, "alice", lambda p: p.uidl()[1])
+        ids = [u.split()[1] for u in before]
+        assert [u.split()[1] for u in after] == [ids[0], ids[2]]
+
+    async def test_rset_restores(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for n in range(3):
+            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n\r\n".encode())
+
+        def dele_rset_quit(pop: poplib.POP3) -> tuple[int, int]:
+            pop.dele(1)
+            pop.dele(3)
+            marked = pop.stat()[0]
+            pop.rset()
+            count = pop.stat()[0]
+            pop.quit()
+            return marked, count
+
+        async with self._server(backend) as server:
+            assert await self._client(server, "alice", dele_rset_quit) == (1, 3)
+            assert await self._client(server, "alice", lambda p: p.stat()[0]) == 3
+
+    async def test_dropped_connection_deletes_nothing(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for n in range(3):
+            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n\r\n".encode())
+
+        def dele_all_then_drop(pop: poplib.POP3) -> None:
+            for i in (1, 2, 3):
+                pop.dele(i)
+            # Vanish without QUIT: RST, not FIN.
+            sock = pop.sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+        async with self._server(backend) as server:
+            await self._client(server, "alice", dele_all_then_drop)
+            # The server notices the drop and releases the lock; poll briefly.
+            for _ in range(100):
+                try:
+                    count = await self._client(server, "alice", lambda p: p.stat()[0])
+                    break
+                except poplib.error_proto as exc:
+                    assert b"[IN-USE]" in exc.args[0]
+                    await trio.sleep(0.05)
+            else:
+                pytest.fail("the dropped session never released its lock")
+        assert count == 3
+
+    async def test_second_session_gets_in_use(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        await harness.deliver(backend, "alice", b"Subject: x\r\n\r\n\r\n")
+        async with self._server(backend) as server:
+            host, port = server.addresses[0]
+
+            def two_sessions() -> bytes:
+                first = poplib.POP3(host, port, timeout=30)
+                first.user("alice")
+                first.pass_(PASSWORD)
+                second = poplib.POP3(host, port, timeout=30)
+                second.user("alice")
+                try:
+                    second.pass_(PASSWORD)
+                except poplib.error_proto as exc:
+                    reply: bytes = exc.args[0]
+                else:
+                    reply = b"+OK (no lock!)"
+                other = poplib.POP3(host, port, timeout=30)
+                other.user("bob")
+                other.pass_(PASSWORD)  # a different user is not blocked
+                other.quit()
+                second.quit()
+                first.quit()
+                return reply
+
+            reply = await trio.to_thread.run_sync(two_sessions)
+        assert reply == b"-ERR [IN-USE] Mailbox is locked by another session"
+
+    async def test_concurrent_sessions_for_different_users(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        for user in self.users:
+            for n in range(3):
+                await harness.deliver(backend, user, f"To: {user}\r\n\r\n{n}\r\n".encode())
+        results: dict[str, list[bytes]] = {}
+        async with self._server(backend) as server:
+
+            async def one(user: str) -> None:
+                def fetch(p: poplib.POP3) -> list[bytes]:
+                    return [line for i in (1, 2, 3) for line in p.retr(i)[1]]
+
+                results[user] = await self._client(server, user, fetch)
+
+            async with trio.open_nursery() as nursery:
+                for user in self.users:
+                    nursery.start_soon(one, user)
+        for user in self.users:
+            assert results[user][0] == f"To: {user}".encode()
+            assert len(results[user]) == 9
+
+    async def test_empty_maildrop(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+
+        def stat_list_uidl(p: poplib.POP3) -> tuple[object, ...]:
+            return p.stat(), p.list()[1], p.uidl()[1]
+
+        async with self._server(backend) as server:
+            assert await self._client(server, "alice", stat_list_uidl) == ((0, 0), [], [])
