@@ -4,7 +4,27 @@ The pure-Python twin in ``pypop._wire_py`` has exactly this API and behaviour;
 docs/wire.md is the specification both follow.
 """
 
-from typing import Final
+from typing import Final, Self, final
+
+__all__ = [
+    "DEFAULT_MAX_LINE",
+    "IMPLEMENTATION",
+    "DotStuffer",
+    "LineFramer",
+    "SizeCounter",
+    "Unstuffer",
+    "apop_digest",
+    "apop_verify",
+    "constant_time_eq",
+    "cram_md5_context",
+    "cram_md5_digest",
+    "cram_md5_verify",
+    "cram_md5_verify_context",
+    "make_challenge",
+    "stuff",
+    "unstuff",
+    "wire_size",
+]
 
 DEFAULT_MAX_LINE: Final[int]
 """255: RFC 2449 §4 command-line limit, line end included."""
@@ -12,10 +32,11 @@ DEFAULT_MAX_LINE: Final[int]
 IMPLEMENTATION: Final[str]
 """"rust" here, "python" in the twin."""
 
+@final
 class LineFramer:
     """Splits a byte stream into command lines (server side, lenient line ends)."""
 
-    def __init__(self, max_line: int = 255) -> None: ...
+    def __new__(cls, max_line: int = 255) -> Self: ...
     @property
     def max_line(self) -> int: ...
     @property
@@ -28,10 +49,11 @@ class LineFramer:
     def clear(self) -> None:
         """Forget buffered input and any overlong-skip state (used at STLS)."""
 
+@final
 class DotStuffer:
     """Streams a stored message as a multi-line response body (RFC 1939 §3)."""
 
-    def __init__(self, top_lines: int | None = None) -> None: ...
+    def __new__(cls, top_lines: int | None = None) -> Self: ...
     @property
     def done(self) -> bool:
         """True once a TOP cut is complete; further input is ignored."""
@@ -40,17 +62,19 @@ class DotStuffer:
     def finish(self) -> bytes:
         """Pending octets, a CRLF if the output does not end a line, then ".\\r\\n"."""
 
+@final
 class SizeCounter:
     """Counts a message's POP3 size (RFC 1939 §11) without producing output."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def feed(self, data: bytes) -> None: ...
     def finish(self) -> int: ...
 
+@final
 class Unstuffer:
     """Client side: multi-line reply bytes in, message bytes out (strict CRLF)."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     @property
     def done(self) -> bool: ...
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:

@@ -157,7 +157,7 @@ pub fn cram_md5_verify_context(
     Ok(hex_digest_eq(&expected, digest))
 }
 
-static CHALLENGE_COUNTER: AtomicU64 = AtomicU64::new(0);
+static CHALLENGE_COUNTER: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh challenge in msg-id form (RFC 1939 §7, RFC 2195):
 /// `<PID.COUNTER.RANDOM@host>`, with the decimal process id, a per-process counter that

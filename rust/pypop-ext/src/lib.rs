@@ -1,0 +1,376 @@
+//! `pypop._wire`: a thin pyo3 binding of the pure `pop3-wire` crate.
+//!
+//! The API is `pypop/_wire.pyi`; the behaviour is docs/wire.md. Every streaming call takes
+//! a whole chunk (one FFI call per chunk, never per line or octet). Input may be any
+//! bytes-like object (`bytes` is read in place, anything else is copied once through
+//! `memoryview(x).tobytes()`, as the pure-Python twin does); output is always `bytes`.
+//! Above [`RELEASE_GIL_ABOVE`] octets of input the work runs with the GIL released.
+
+use pop3_wire as wire;
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyMemoryView};
+
+/// Inputs larger than this are processed without holding the GIL.
+const RELEASE_GIL_ABOVE: usize = 64 * 1024;
+
+fn value_error(e: wire::WireError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// The argument as `bytes`: itself if it is one, else a copy of its buffer.
+fn as_bytes<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(b.clone());
+    }
+    Ok(PyMemoryView::from(obj)?
+        .call_method0("tobytes")?
+        .cast_into::<PyBytes>()?)
+}
+
+/// Runs `f` on `data`, without the GIL if `data` is large. `bytes` are immutable, so
+/// reading them with the GIL released is sound.
+fn run<'a, T, F>(py: Python<'_>, data: &'a [u8], f: F) -> T
+where
+    F: Send + FnOnce(&'a [u8]) -> T,
+    T: Send,
+{
+    if data.len() > RELEASE_GIL_ABOVE {
+        py.detach(|| f(data))
+    } else {
+        f(data)
+    }
+}
+
+/// A count argument: a Python int (anything with `__index__`), saturated to `u64::MAX`
+/// if huge; negative ones are kept apart so that each caller raises its own `ValueError`.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Value(u64),
+    Negative,
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Count {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(n) => Ok(u64::try_from(n).map_or(Count::Negative, Count::Value)),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => Ok(if obj.lt(0)? {
+                Count::Negative
+            } else {
+                Count::Value(u64::MAX)
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn top_lines_arg(top_lines: Option<Count>) -> PyResult<Option<u64>> {
+    match top_lines {
+        None => Ok(None),
+        Some(Count::Value(n)) => Ok(Some(n)),
+        Some(Count::Negative) => Err(PyValueError::new_err("top_lines must not be negative")),
+    }
+}
+
+/// Splits a byte stream into command lines (server side, lenient line ends).
+#[pyclass(module = "pypop._wire")]
+struct LineFramer {
+    inner: wire::LineFramer,
+}
+
+#[pymethods]
+impl LineFramer {
+    #[new]
+    #[pyo3(signature = (max_line = Count::Value(255)), text_signature = "(max_line=255)")]
+    fn new(max_line: Count) -> PyResult<Self> {
+        let max_line = match max_line {
+            Count::Value(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Count::Negative => 0,
+        };
+        Ok(LineFramer {
+            inner: wire::LineFramer::new(max_line).map_err(value_error)?,
+        })
+    }
+
+    #[getter]
+    fn max_line(&self) -> usize {
+        self.inner.max_line()
+    }
+
+    /// Octets held for an incomplete line (0 while skipping an overlong one).
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+
+    /// Every line completed by ``data``, without its line end; ``None`` marks an overlong line.
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let data = as_bytes(data)?;
+        let data = data.as_bytes();
+        let list = PyList::empty(py);
+        if data.len() > RELEASE_GIL_ABOVE {
+            let framer = &mut self.inner;
+            let lines = py.detach(|| framer.feed(data));
+            for line in lines {
+                list.append(line.map(|l| PyBytes::new(py, &l)))?;
+            }
+        } else {
+            let mut result = Ok(());
+            self.inner.feed_with(data, |line| {
+                if result.is_ok() {
+                    result = list.append(line.map(|l| PyBytes::new(py, l)));
+                }
+            });
+            result?;
+        }
+        Ok(list)
+    }
+
+    /// Forget buffered input and any overlong-skip state (used at STLS).
+    fn clear(&mut self) {
+        self.inner.clear();
+    }
+}
+
+/// Streams a stored message as a multi-line response body (RFC 1939 §3).
+#[pyclass(module = "pypop._wire")]
+struct DotStuffer {
+    inner: wire::DotStuffer,
+}
+
+#[pymethods]
+impl DotStuffer {
+    #[new]
+    #[pyo3(signature = (top_lines = None))]
+    fn new(top_lines: Option<Count>) -> PyResult<Self> {
+        let top_lines = top_lines_arg(top_lines)?;
+        Ok(DotStuffer {
+            inner: wire::DotStuffer::new(top_lines),
+        })
+    }
+
+    /// True once a TOP cut is complete; further input is ignored.
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
+
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = as_bytes(data)?;
+        let stuffer = &mut self.inner;
+        let out = run(py, data.as_bytes(), |d| stuffer.feed(d)).map_err(value_error)?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Pending octets, a CRLF if the output does not end a line, then ".\\r\\n".
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.inner.finish().map_err(value_error)?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
+
+/// Counts a message's POP3 size (RFC 1939 §11) without producing output.
+#[pyclass(module = "pypop._wire")]
+struct SizeCounter {
+    inner: wire::SizeCounter,
+}
+
+#[pymethods]
+impl SizeCounter {
+    #[new]
+    fn new() -> Self {
+        SizeCounter {
+            inner: wire::SizeCounter::new(),
+        }
+    }
+
+    fn feed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = as_bytes(data)?;
+        let counter = &mut self.inner;
+        run(py, data.as_bytes(), |d| counter.feed(d)).map_err(value_error)
+    }
+
+    fn finish(&mut self) -> PyResult<u64> {
+        self.inner.finish().map_err(value_error)
+    }
+}
+
+/// Client side: multi-line reply bytes in, message bytes out (strict CRLF).
+#[pyclass(module = "pypop._wire")]
+struct Unstuffer {
+    inner: wire::Unstuffer,
+}
+
+#[pymethods]
+impl Unstuffer {
+    #[new]
+    fn new() -> Self {
+        Unstuffer {
+            inner: wire::Unstuffer::new(),
+        }
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
+
+    /// (message octets, None) until the terminator; then (octets, bytes after it).
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Option<Bound<'py, PyBytes>>)> {
+        let data = as_bytes(data)?;
+        let unstuffer = &mut self.inner;
+        let (payload, rest) =
+            run(py, data.as_bytes(), |d| unstuffer.feed(d)).map_err(value_error)?;
+        Ok((
+            PyBytes::new(py, &payload),
+            rest.map(|r| PyBytes::new(py, r)),
+        ))
+    }
+}
+
+/// Whole-message DotStuffer: feed(message) + finish().
+#[pyfunction]
+#[pyo3(signature = (message, top_lines = None))]
+fn stuff<'py>(
+    py: Python<'py>,
+    message: &Bound<'py, PyAny>,
+    top_lines: Option<Count>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let top_lines = top_lines_arg(top_lines)?;
+    let message = as_bytes(message)?;
+    let out = run(py, message.as_bytes(), |m| wire::stuff(m, top_lines));
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Whole-message SizeCounter.
+#[pyfunction]
+fn wire_size(py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let message = as_bytes(message)?;
+    Ok(run(py, message.as_bytes(), wire::wire_size))
+}
+
+/// Whole-buffer Unstuffer; raises ValueError if the terminator is missing.
+#[pyfunction]
+fn unstuff<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let data = as_bytes(data)?;
+    let (payload, rest) = run(py, data.as_bytes(), wire::unstuff).map_err(value_error)?;
+    Ok((PyBytes::new(py, &payload), PyBytes::new(py, rest)))
+}
+
+#[pyfunction]
+fn constant_time_eq(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(wire::constant_time_eq(
+        as_bytes(a)?.as_bytes(),
+        as_bytes(b)?.as_bytes(),
+    ))
+}
+
+#[pyfunction]
+fn apop_digest(timestamp: &Bound<'_, PyAny>, secret: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(wire::apop_digest(
+        as_bytes(timestamp)?.as_bytes(),
+        as_bytes(secret)?.as_bytes(),
+    ))
+}
+
+#[pyfunction]
+fn apop_verify(
+    timestamp: &Bound<'_, PyAny>,
+    secret: &Bound<'_, PyAny>,
+    digest: &Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    Ok(wire::apop_verify(
+        as_bytes(timestamp)?.as_bytes(),
+        as_bytes(secret)?.as_bytes(),
+        as_bytes(digest)?.as_bytes(),
+    ))
+}
+
+#[pyfunction]
+fn cram_md5_digest(secret: &Bound<'_, PyAny>, challenge: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(wire::cram_md5_digest(
+        as_bytes(secret)?.as_bytes(),
+        as_bytes(challenge)?.as_bytes(),
+    ))
+}
+
+#[pyfunction]
+fn cram_md5_verify(
+    secret: &Bound<'_, PyAny>,
+    challenge: &Bound<'_, PyAny>,
+    digest: &Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    Ok(wire::cram_md5_verify(
+        as_bytes(secret)?.as_bytes(),
+        as_bytes(challenge)?.as_bytes(),
+        as_bytes(digest)?.as_bytes(),
+    ))
+}
+
+#[pyfunction]
+fn cram_md5_context<'py>(
+    py: Python<'py>,
+    secret: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let context = wire::cram_md5_context(as_bytes(secret)?.as_bytes());
+    Ok(PyBytes::new(py, &context))
+}
+
+#[pyfunction]
+fn cram_md5_verify_context(
+    context: &Bound<'_, PyAny>,
+    challenge: &Bound<'_, PyAny>,
+    digest: &Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    wire::cram_md5_verify_context(
+        as_bytes(context)?.as_bytes(),
+        as_bytes(challenge)?.as_bytes(),
+        as_bytes(digest)?.as_bytes(),
+    )
+    .map_err(value_error)
+}
+
+#[pyfunction]
+fn make_challenge(host: &str) -> PyResult<String> {
+    wire::make_challenge(host).map_err(value_error)
+}
+
+/// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.
+#[pymodule]
+fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DEFAULT_MAX_LINE", wire::DEFAULT_MAX_LINE)?;
+    m.add("IMPLEMENTATION", "rust")?;
+    m.add_class::<LineFramer>()?;
+    m.add_class::<DotStuffer>()?;
+    m.add_class::<SizeCounter>()?;
+    m.add_class::<Unstuffer>()?;
+    m.add_function(wrap_pyfunction!(stuff, m)?)?;
+    m.add_function(wrap_pyfunction!(wire_size, m)?)?;
+    m.add_function(wrap_pyfunction!(unstuff, m)?)?;
+    m.add_function(wrap_pyfunction!(constant_time_eq, m)?)?;
+    m.add_function(wrap_pyfunction!(apop_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(apop_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(cram_md5_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(cram_md5_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(cram_md5_context, m)?)?;
+    m.add_function(wrap_pyfunction!(cram_md5_verify_context, m)?)?;
+    m.add_function(wrap_pyfunction!(make_challenge, m)?)?;
+    Ok(())
+}
