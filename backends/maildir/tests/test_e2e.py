@@ -1,0 +1,190 @@
+"""End to end: the pypop conformance kit, poplib against real maildirs, kill -9."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import poplib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from pypop.backend import Backend
+from pypop.config import ServerConfig
+from pypop.server import Server, serve
+from pypop.testing import BackendConformance, DictPasswords, expected_retr
+
+from pypop_maildir import create
+
+from .conftest import HARD_CASES, deliver, make_maildir
+
+PASSWORD = "maildir-e2e-password"
+_counter = itertools.count(1)
+
+
+def unique_name() -> str:
+    n = next(_counter)
+    return f"{1700000000 + n}.M{n}P{os.getpid()}.e2e"
+
+
+class MaildirHarness:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def make_backend(self) -> Backend:
+        return create({"root": str(self.root)})
+
+    async def deliver(self, backend: Backend, user: str, message: bytes) -> None:
+        md = make_maildir(self.root / user)
+        deliver(md, unique_name(), message)
+
+
+class TestMaildirConformance(BackendConformance):
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> MaildirHarness:
+        root = tmp_path / "conformance"
+        root.mkdir()
+        return MaildirHarness(root)
+
+
+@asynccontextmanager
+async def running(backend: Backend) -> AsyncIterator[Server]:
+    config = ServerConfig(listen=[("127.0.0.1", 0)], auth_failure_delay=0.0, shutdown_timeout=5.0)
+    store = DictPasswords({"alice": PASSWORD})
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            lambda task_status: serve(config, backend=backend, store=store, task_status=task_status)
+        )
+        try:
+            yield server
+        finally:
+            server.shutdown()
+
+
+async def test_poplib_hard_cases_and_5mib(alice: Path, root: Path) -> None:
+    messages = dict(HARD_CASES)
+    messages["five-mib"] = b"Subject: big\n\n" + (b"." * 70 + b"\n") * (5 * 1024 * 1024 // 71)
+    for key, data in messages.items():
+        deliver(alice, unique_name() + "." + key, data)
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def session() -> tuple[list[int], list[bytes], list[bytes]]:
+            pop = poplib.POP3(host, port, timeout=60)
+            try:
+                pop.user("alice")
+                pop.pass_(PASSWORD)
+                sizes = [int(x.split()[1]) for x in pop.list()[1]]
+                bodies = [
+                    b"".join(line + b"\r\n" for line in pop.retr(i + 1)[1])
+                    for i in range(len(sizes))
+                ]
+                uidls = pop.uidl()[1]
+                pop.quit()
+                return sizes, bodies, uidls
+            finally:
+                pop.close()
+
+        sizes, bodies, uidls = await trio.to_thread.run_sync(session)
+    for i, (key, data) in enumerate(messages.items()):
+        want = expected_retr(data)
+        assert bodies[i] == want, key
+        assert sizes[i] == len(want), key
+    assert len({u.split()[1] for u in uidls}) == len(messages)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_server(root: Path, passwd: Path, port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "pypop", "serve", "--backend", "maildir",
+            "-o", f"root={root}", "--passwd-file", str(passwd),
+            "--listen", f"127.0.0.1:{port}", "--allow-plaintext", "--log-level", "ERROR",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("server did not start")
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        assert chunk, "connection closed"
+        buf += chunk
+    return buf
+
+
+def test_kill_9_mid_retr_deletes_nothing(alice: Path, root: Path, tmp_path: Path) -> None:
+    big = b"Subject: big\r\n\r\n" + b"y" * 78 + b"\r\n"
+    big = big + b"z" * 78 * 1024 * 80 + b"\r\n"  # ~6 MiB
+    names = []
+    for i in range(3):
+        names.append(unique_name())
+        deliver(alice, names[-1], big if i == 1 else b"Subject: small\r\n\r\nhi\r\n")
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{{PLAIN}}{PASSWORD}\n")
+    port = _free_port()
+    proc = _start_server(root, passwd, port)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with sock:
+            assert _recv_line(sock).startswith(b"+OK")
+            for cmd in (b"USER alice", f"PASS {PASSWORD}".encode(), b"DELE 1", b"DELE 3"):
+                sock.sendall(cmd + b"\r\n")
+                assert _recv_line(sock).startswith(b"+OK"), cmd
+            sock.sendall(b"RETR 2\r\n")
+            assert _recv_line(sock).startswith(b"+OK")
+            assert len(sock.recv(65536)) > 0  # mid-RETR
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Nothing removed (DELE 1 and DELE 3 never reached UPDATE).
+    files = sorted(os.listdir(alice / "cur")) + sorted(os.listdir(alice / "new"))
+    assert [f.split(":")[0] for f in files] == names
+    # The next server recovers the lock left by the killed one and sees all mail.
+    port = _free_port()
+    proc = _start_server(root, passwd, port)
+    try:
+        pop = poplib.POP3("127.0.0.1", port, timeout=30)
+        try:
+            pop.user("alice")
+            pop.pass_(PASSWORD)
+            assert pop.stat()[0] == 3
+            assert [u.split()[1].decode() for u in pop.uidl()[1]] == names
+            pop.quit()
+        finally:
+            pop.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
