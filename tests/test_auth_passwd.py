@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from pypop.auth import (
     StoredCredential,
     hash_password,
 )
-from pypop.auth import store as store_module
 from pypop.auth.passwd import parse_passwd_file
 
 SHA512 = (
@@ -44,6 +44,14 @@ walter:{{PLAIN}}w\r
 """
 
 
+def write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def remove(path: Path) -> None:
+    path.unlink()
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -68,8 +76,10 @@ def test_parse(caplog: pytest.LogCaptureFixture) -> None:
     assert result.entries["walter"].value == "w"  # CRLF line end
     assert result.errors == 5  # mallory, trent, peggy, victor, duplicate alice
     text = caplog.text
-    assert "line 9" in text and "unknown password scheme" in text
-    assert "second-alice" not in text and "frperg" not in text  # never log secrets
+    assert "line 9" in text
+    assert "unknown password scheme" in text
+    assert "second-alice" not in text  # never log secrets
+    assert "frperg" not in text
     assert "wonderland" not in repr(result.entries["alice"])
 
 
@@ -100,7 +110,8 @@ async def test_verify_and_lookup(passwd: Path) -> None:
     assert dave.cram_md5_context() == bytes.fromhex(CRAM[10:])
     bob = await store.lookup("bob")
     assert bob is not None
-    assert bob.cram_md5_context() is None and bob.scram_sha256_keys() is None
+    assert bob.cram_md5_context() is None
+    assert bob.scram_sha256_keys() is None
 
 
 def test_missing_file_fails_at_start(tmp_path: Path) -> None:
@@ -135,25 +146,23 @@ async def test_dummy_without_entries() -> None:
     assert not await store.verify_password("x", "anything")
 
 
-async def test_heavy_hashes_run_in_the_bounded_pool(passwd: Path) -> None:
+async def test_heavy_hashes_run_in_the_bounded_pool(
+    passwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     limiter = trio.CapacityLimiter(1)
-    store = PasswdFileStore(passwd, limiter=limiter)
-    seen: list[int] = []
+    store = PasswdFileStore(passwd, limiter=limiter, check_interval=1e9)
+    seen: list[object] = []
     real = trio.to_thread.run_sync
 
-    async def spy(fn, *args, limiter=None, **kw):  # type: ignore[no-untyped-def]
-        seen.append(id(limiter))
-        return await real(fn, *args, limiter=limiter, **kw)
+    async def spy(fn: Callable[..., bool], *args: object, limiter: object = None) -> bool:
+        seen.append(limiter)
+        return await real(fn, *args, limiter=limiter)  # type: ignore[arg-type]
 
-    orig = store_module.trio.to_thread.run_sync
-    store_module.trio.to_thread.run_sync = spy  # type: ignore[assignment]
-    try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(store.verify_password, "bob", "secret")
-    finally:
-        store_module.trio.to_thread.run_sync = orig  # type: ignore[assignment]
-    assert seen == [id(limiter)] * 3
+    monkeypatch.setattr(trio.to_thread, "run_sync", spy)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(store.verify_password, "bob", "secret")
+    assert seen == [limiter] * 3
     assert limiter.borrowed_tokens == 0
 
 
@@ -161,7 +170,7 @@ async def test_reload_on_change(passwd: Path) -> None:
     clock = Clock()
     store = PasswdFileStore(passwd, clock=clock)
     assert await store.verify_password("alice", "wonderland")
-    passwd.write_text("alice:{PLAIN}changed\nnewbie:{PLAIN}hi\n", encoding="utf-8")
+    write(passwd, "alice:{PLAIN}changed\nnewbie:{PLAIN}hi\n")
     os.utime(passwd, ns=(1, 1))  # a different mtime even on coarse file systems
     # Within a second of the last check: the old table is still used.
     clock.now = 0.5
@@ -176,36 +185,32 @@ async def test_atomic_rename_is_seen(passwd: Path, tmp_path: Path) -> None:
     clock = Clock()
     store = PasswdFileStore(passwd, clock=clock)
     new = tmp_path / "users.new"
-    new.write_text("alice:{PLAIN}renamed\n", encoding="utf-8")
-    new.replace(passwd)
+    write(new, "alice:{PLAIN}renamed\n")
+    os.replace(new, passwd)
     clock.now = 2
     assert await store.verify_password("alice", "renamed")
 
 
-async def test_broken_reload_keeps_old_data(
-    passwd: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_broken_reload_keeps_old_data(passwd: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     store = PasswdFileStore(passwd, clock=clock)
     # Truncated (as an editor does before writing): no valid entries.
-    passwd.write_text("# nothing yet\n", encoding="utf-8")
+    write(passwd, "# nothing yet\n")
     clock.now = 2
     assert await store.verify_password("alice", "wonderland")
     assert "keeping the previous" in caplog.text
     # Deleted: still the old data.
-    passwd.unlink()
+    remove(passwd)
     clock.now = 4
     assert await store.verify_password("alice", "wonderland")
     # Back again: picked up (the failed reloads did not record a signature).
-    passwd.write_text("alice:{PLAIN}back\n", encoding="utf-8")
+    write(passwd, "alice:{PLAIN}back\n")
     clock.now = 6
     assert await store.verify_password("alice", "back")
 
 
 async def test_memory_store_hashes() -> None:
-    store = MemoryCredentialStore(
-        {"a": hash_password("ARGON2ID", "pw"), "b": "plain-by-default"}
-    )
+    store = MemoryCredentialStore({"a": hash_password("ARGON2ID", "pw"), "b": "plain-by-default"})
     assert await store.verify_password("a", "pw")
     assert not await store.verify_password("a", "pW")
     assert await store.verify_password("b", "plain-by-default")

@@ -172,8 +172,16 @@ def test_saslprep() -> None:
 
 
 def test_scheme_list_covers_the_issue() -> None:
-    for name in ["PLAIN", "CRAM-MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID",
-                 "SSHA512", "SCRAM-SHA-256"]:
+    for name in [
+        "PLAIN",
+        "CRAM-MD5",
+        "SHA256-CRYPT",
+        "SHA512-CRYPT",
+        "BLF-CRYPT",
+        "ARGON2ID",
+        "SSHA512",
+        "SCRAM-SHA-256",
+    ]:
         assert name in SCHEMES
 
 
