@@ -358,6 +358,8 @@ class Unstuffer:
         if self._held:
             data = self._held + data
             self._held = b""
+        elif not data:
+            return b"", None
         bol = self._bol
         if bol and data[:3] == b".\r\n":
             self._done = True

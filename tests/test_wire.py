@@ -1,0 +1,1012 @@
+"""docs/wire.md, rule by rule, against both wire codecs.
+
+Every test that takes the ``wire`` fixture runs twice: against the Rust extension
+``pypop._wire`` (id ``rust``) and the pure-Python twin ``pypop._wire_py`` (id ``python``),
+markupsafe's tests/conftest.py pattern. Unlike markupsafe, a missing extension is a
+*failure*, never a skip: CI must test the codec it ships. While the extension is not
+built, run ``pytest tests/test_wire.py -k python``.
+
+The hypothesis properties check each module against small executable models of the
+spec (written per line / per octet, independently of either implementation), check the
+round trips, and check Rust == twin call for call under random chunkings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+RUST = "pypop._wire"
+TWIN = "pypop._wire_py"
+
+
+def _load(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # fail, never skip: CI must test the Rust codec
+        pytest.fail(
+            f"{name} does not import ({exc}); build it with `pip install -e .`, "
+            "or deselect it locally with `-k python`",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="module", params=[RUST, TWIN], ids=["rust", "python"])
+def wire(request: pytest.FixtureRequest) -> ModuleType:
+    name: str = request.param
+    return _load(name)
+
+
+@pytest.fixture(scope="module")
+def rust() -> ModuleType:
+    return _load(RUST)
+
+
+@pytest.fixture(scope="module")
+def twin() -> ModuleType:
+    return _load(TWIN)
+
+
+# Hypothesis: a profile for this file (not loaded globally), and per-test example counts.
+# PYPOP_WIRE_EXAMPLES=10 multiplies them for a long local run.
+settings.register_profile(
+    "pypop-wire",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+_SCALE = float(os.environ.get("PYPOP_WIRE_EXAMPLES", "1"))
+
+
+def examples(n: int) -> settings:
+    return settings(settings.get_profile("pypop-wire"), max_examples=max(1, int(n * _SCALE)))
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def octets(data: bytes) -> list[bytes]:
+    """``data`` one octet per chunk."""
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def frame(wire: ModuleType, chunks: Iterable[bytes], max_line: int = 255) -> list[bytes | None]:
+    framer = wire.LineFramer(max_line)
+    out: list[bytes | None] = []
+    for chunk in chunks:
+        out += framer.feed(chunk)
+    return out
+
+
+def stuff_chunks(wire: ModuleType, chunks: Iterable[bytes], top: int | None = None) -> bytes:
+    stuffer = wire.DotStuffer(top)
+    out = b"".join(stuffer.feed(chunk) for chunk in chunks)
+    return out + bytes(stuffer.finish())
+
+
+def unstuff_chunks(wire: ModuleType, chunks: Iterable[bytes]) -> tuple[bytes, bytes | None]:
+    """Payload, and the rest plus every chunk not fed (None without a terminator)."""
+    unstuffer = wire.Unstuffer()
+    payload = b""
+    pending = iter(chunks)
+    for chunk in pending:
+        part, rest = unstuffer.feed(chunk)
+        payload += part
+        if rest is not None:
+            assert unstuffer.done
+            return payload, rest + b"".join(pending)
+        assert not unstuffer.done
+    return payload, None
+
+
+def split_at(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (duplicates give empty chunks)."""
+    points = [0, *sorted(min(max(c, 0), len(data)) for c in cuts), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def prefixes(chunks: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """(chunk, everything fed so far including it)."""
+    fed = b""
+    for chunk in chunks:
+        fed += chunk
+        yield chunk, fed
+
+
+# --------------------------------------------------------------------------------------
+# executable models of docs/wire.md (slow, obvious, independent of both implementations)
+# --------------------------------------------------------------------------------------
+
+
+def model_frame(fed: bytes, max_line: int) -> tuple[list[bytes | None], int]:
+    """All lines the framer has given after ``fed``, and its ``buffered``."""
+    out: list[bytes | None] = []
+    line = bytearray()
+    for byte in fed:
+        line.append(byte)
+        if byte == 0x0A:
+            if len(line) > max_line:
+                out.append(None)
+            else:
+                end = -2 if line[-2:] == b"\r\n" else -1
+                out.append(bytes(line[:end]))
+            line.clear()
+    if len(line) >= max_line:  # known overlong: max_line octets and no LF yet
+        out.append(None)
+        return out, 0
+    return out, len(line)
+
+
+def model_lines(message: bytes) -> tuple[list[bytes], bytes]:
+    """DotStuffer line ends (CRLF, bare LF, bare CR): complete lines and the tail."""
+    lines: list[bytes] = []
+    line = bytearray()
+    i = 0
+    while i < len(message):
+        byte = message[i]
+        if byte == 0x0D:
+            lines.append(bytes(line))
+            line.clear()
+            if message[i + 1 : i + 2] == b"\n":
+                i += 1
+        elif byte == 0x0A:
+            lines.append(bytes(line))
+            line.clear()
+        else:
+            line.append(byte)
+        i += 1
+    return lines, bytes(line)
+
+
+def _dot(line: bytes) -> bytes:
+    return b"." + line if line.startswith(b".") else line
+
+
+def _cut(lines: list[bytes], top: int | None) -> tuple[list[bytes], bool]:
+    if top is not None and b"" in lines:
+        keep = lines.index(b"") + 1 + top
+        if len(lines) >= keep:
+            return lines[:keep], True
+    return lines, False
+
+
+def model_stuffed_so_far(fed: bytes, top: int | None) -> tuple[bytes, bool]:
+    """DotStuffer output and ``done`` after ``fed`` (a final CR is held back)."""
+    if fed.endswith(b"\r"):
+        fed = fed[:-1]
+    lines, tail = model_lines(fed)
+    lines, done = _cut(lines, top)
+    out = b"".join(_dot(line) + b"\r\n" for line in lines)
+    return (out, True) if done else (out + _dot(tail), False)
+
+
+def model_stuff(message: bytes, top: int | None = None) -> bytes:
+    """Whole DotStuffer output, ``finish()`` included."""
+    lines, tail = model_lines(message)
+    if tail:
+        lines.append(tail)  # finish() ends the last line
+    lines, _ = _cut(lines, top)
+    return b"".join(_dot(line) + b"\r\n" for line in lines) + b".\r\n"
+
+
+def model_crlf(message: bytes) -> bytes:
+    """The message as the client gets it back: every line end CRLF, a final one added."""
+    lines, tail = model_lines(message)
+    if tail:
+        lines.append(tail)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def model_unstuffed_so_far(fed: bytes) -> tuple[bytes, bytes | None]:
+    """Unstuffer payload so far and ``rest`` (None before the terminator)."""
+    out = bytearray()
+    pos = 0
+    while (end := fed.find(b"\r\n", pos)) >= 0:  # only CRLF ends a line
+        line = fed[pos:end]
+        if line == b".":
+            return bytes(out), fed[end + 2 :]
+        out += line[1:] if line.startswith(b".") else line
+        out += b"\r\n"
+        pos = end + 2
+    tail = fed[pos:]  # at a line start
+    if tail in (b".", b".\r"):
+        tail = b""
+    elif tail.endswith(b"\r"):
+        tail = tail[:-1]
+    out += tail[1:] if tail.startswith(b".") else tail
+    return bytes(out), None
+
+
+# --------------------------------------------------------------------------------------
+# module surface
+# --------------------------------------------------------------------------------------
+
+API = {
+    "DEFAULT_MAX_LINE",
+    "IMPLEMENTATION",
+    "DotStuffer",
+    "LineFramer",
+    "SizeCounter",
+    "Unstuffer",
+    "apop_digest",
+    "apop_verify",
+    "constant_time_eq",
+    "cram_md5_context",
+    "cram_md5_digest",
+    "cram_md5_verify",
+    "cram_md5_verify_context",
+    "make_challenge",
+    "stuff",
+    "unstuff",
+    "wire_size",
+}
+
+
+def test_api(wire: ModuleType) -> None:
+    assert wire.DEFAULT_MAX_LINE == 255
+    assert wire.IMPLEMENTATION in ("rust", "python")
+    assert set(dir(wire)) >= API
+
+
+def test_rust_is_rust(rust: ModuleType) -> None:
+    assert rust.IMPLEMENTATION == "rust"
+
+
+def test_python_twin_is_python(twin: ModuleType) -> None:
+    assert twin.IMPLEMENTATION == "python"
+    assert set(twin.__all__) == API  # pypop.wire does `from pypop._wire_py import *`
+
+
+def test_selector_exports_the_api() -> None:
+    wire = importlib.import_module("pypop.wire")
+    assert set(wire.__all__) == API
+    assert wire.IMPLEMENTATION in ("rust", "python")
+
+
+# --------------------------------------------------------------------------------------
+# LineFramer
+# --------------------------------------------------------------------------------------
+
+
+def test_framer_line_ends(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.max_line == 255
+    assert framer.feed(b"USER alice\r\nPASS b\nSTAT\r\n\r\n\n") == [
+        b"USER alice",
+        b"PASS b",
+        b"STAT",
+        b"",
+        b"",
+    ]
+    assert framer.buffered == 0
+
+
+def test_framer_other_cr_stays_in_line(wire: ModuleType) -> None:
+    assert frame(wire, [b"A\rB\r\n", b"C\r\r\n", b"\rD\n", b"\r\r\n"]) == [
+        b"A\rB",
+        b"C\r",
+        b"\rD",
+        b"\r",
+    ]
+
+
+def test_framer_lone_cr_is_not_a_line_end(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"NOOP\r") == []
+    assert framer.buffered == 5
+    assert framer.feed(b"QUIT\r") == []
+    assert framer.feed(b"\n") == [b"NOOP\rQUIT"]
+    assert framer.buffered == 0
+
+
+def test_framer_nul_and_8bit_pass_through(wire: ModuleType) -> None:
+    assert frame(wire, [b"\x00USER \xff\xe9\x80\x00\r\n"]) == [b"\x00USER \xff\xe9\x80\x00"]
+
+
+def test_framer_incomplete_line_is_buffered(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"RETR 1\r\nLIST") == [b"RETR 1"]
+    assert framer.buffered == 4
+    assert framer.feed(b" 2") == []
+    assert framer.buffered == 6
+    assert framer.feed(b"\r\nUI") == [b"LIST 2"]
+    assert framer.buffered == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "ok"),
+    [
+        (b"x" * 253 + b"\r\n", True),  # 255 octets with CRLF
+        (b"x" * 254 + b"\r\n", False),  # 256
+        (b"x" * 254 + b"\n", True),  # 255 with LF
+        (b"x" * 255 + b"\n", False),  # 256
+        (b"x" * 252 + b"\r\r\n", True),  # 255: the first CR is content
+        (b"\r\n", True),
+    ],
+)
+@pytest.mark.parametrize("chunking", ["whole", "octets", "halves"])
+def test_framer_limit_includes_line_end(
+    wire: ModuleType, line: bytes, ok: bool, chunking: str
+) -> None:
+    data = line + b"NOOP\r\n"
+    chunks = {
+        "whole": [data],
+        "octets": octets(data),
+        "halves": [data[:128], data[128:]],
+    }[chunking]
+    content = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    assert frame(wire, chunks) == [content if ok else None, b"NOOP"]
+
+
+def test_framer_overlong_reported_once_max_line_is_buffered(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"x" * 254) == []
+    assert framer.buffered == 254
+    assert framer.feed(b"x") == [None]  # 255 octets and no LF: cannot be a line
+    assert framer.buffered == 0
+    assert framer.feed(b"y" * 10_000) == []  # skipped, not buffered
+    assert framer.buffered == 0
+    assert framer.feed(b"yy\r") == []
+    assert framer.buffered == 0
+    assert framer.feed(b"\nNOOP\r\n") == [b"NOOP"]
+
+
+def test_framer_overlong_cr_at_limit(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"x" * 254 + b"\r") == [None]  # 255 buffered, LF not yet seen
+    assert framer.feed(b"\n") == []
+    assert framer.feed(b"QUIT\r\n") == [b"QUIT"]
+
+
+def test_framer_overlong_in_order(wire: ModuleType) -> None:
+    data = b"USER a\r\n" + b"x" * 300 + b"\r\nPASS b\r\n" + b"y" * 256 + b"\nQUIT\n"
+    assert frame(wire, [data]) == [b"USER a", None, b"PASS b", None, b"QUIT"]
+    assert frame(wire, octets(data)) == [b"USER a", None, b"PASS b", None, b"QUIT"]
+
+
+def test_framer_overlong_whole_chunk_without_lf(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"A\r\n" + b"z" * 255) == [b"A", None]
+    assert framer.buffered == 0
+    assert framer.feed(b"\r\nB\r\n") == [b"B"]
+
+
+def test_framer_small_max_line(wire: ModuleType) -> None:
+    assert frame(wire, [b"\r\n\nx\nx\r\nxy\n\n"], max_line=2) == [b"", b"", b"x", None, None, b""]
+
+
+@pytest.mark.parametrize("bad", [1, 0, -1, -255])
+def test_framer_max_line_below_2(wire: ModuleType, bad: int) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 (the spec names only the type)
+        wire.LineFramer(bad)
+
+
+def test_framer_clear(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(b"STLS\r\nUSER") == [b"STLS"]
+    framer.clear()
+    assert framer.buffered == 0
+    assert framer.feed(b"CAPA\r\n") == [b"CAPA"]
+    assert framer.feed(b"x" * 300) == [None]
+    framer.clear()  # also forgets that the rest of an overlong line is being skipped
+    assert framer.feed(b"NOOP\r\n") == [b"NOOP"]
+
+
+def test_framer_accepts_bytes_like(wire: ModuleType) -> None:
+    framer = wire.LineFramer()
+    assert framer.feed(bytearray(b"USER a\r\nPA")) == [b"USER a"]
+    assert framer.feed(memoryview(b"SS b\r\n")) == [b"PASS b"]
+
+
+def test_framer_byte_by_byte_equals_whole(wire: ModuleType) -> None:
+    script = b"CAPA\r\nUSER a\nPASS \xff\x00\r\nLIST 1\r\n\r\n" + b"q" * 400 + b"\nQUIT\r\n"
+    whole = frame(wire, [script])
+    assert whole == [b"CAPA", b"USER a", b"PASS \xff\x00", b"LIST 1", b"", None, b"QUIT"]
+    assert frame(wire, octets(script)) == whole
+
+
+def test_framer_linear_on_long_unterminated_input(wire: ModuleType) -> None:
+    # 4 MiB, no LF, in 1-octet-growing chunks would be quadratic if rescanned; here a
+    # big max_line keeps everything buffered and the feed count is large.
+    framer = wire.LineFramer(1 << 23)
+    block = b"a" * 4096
+    for _ in range(1024):
+        assert framer.feed(block) == []
+    assert framer.buffered == 1 << 22
+    assert framer.feed(b"\r\n") == [b"a" * (1 << 22)]
+
+
+# --------------------------------------------------------------------------------------
+# DotStuffer
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "wire_bytes"),
+    [
+        (b"", b".\r\n"),
+        (b".", b"..\r\n.\r\n"),  # a message that is exactly "."
+        (b".\r\n", b"..\r\n.\r\n"),
+        (b"..", b"...\r\n.\r\n"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"abc", b"abc\r\n.\r\n"),  # no final line end: finish() adds CRLF
+        (b"a\nb\n", b"a\r\nb\r\n.\r\n"),  # bare LF
+        (b"a\rb\r", b"a\r\nb\r\n.\r\n"),  # bare CR
+        (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),  # CR CR LF: two line ends
+        (b"a\n\rb", b"a\r\n\r\nb\r\n.\r\n"),  # LF CR: two line ends
+        (b"\r", b"\r\n.\r\n"),
+        (b"\n", b"\r\n.\r\n"),
+        (b"\r\n", b"\r\n.\r\n"),
+        (b".a\n.b\r.c\r\n.d", b"..a\r\n..b\r\n..c\r\n..d\r\n.\r\n"),
+        (b"a.b\r\n .c\r\n", b"a.b\r\n .c\r\n.\r\n"),
+        (b"\r\n.\r\n", b"\r\n..\r\n.\r\n"),
+        (b"\x00\xff\x80.\r\n.\x00\r\n", b"\x00\xff\x80.\r\n..\x00\r\n.\r\n"),
+        (b"From: a\nSubject: b\n\nbody\n.\n..\nend\n", (
+            b"From: a\r\nSubject: b\r\n\r\nbody\r\n..\r\n...\r\nend\r\n.\r\n"
+        )),  # a bare-LF (Maildir-style) file
+    ],
+)  # fmt: skip
+def test_stuff(wire: ModuleType, message: bytes, wire_bytes: bytes) -> None:
+    assert wire.stuff(message) == wire_bytes
+    assert stuff_chunks(wire, [message]) == wire_bytes
+    assert stuff_chunks(wire, octets(message)) == wire_bytes
+    assert stuff_chunks(wire, [b"", *octets(message), b""]) == wire_bytes
+    assert model_stuff(message) == wire_bytes  # the model agrees with the table
+
+
+def test_stuff_dot_at_chunk_start(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer()
+    assert stuffer.feed(b".first\r\n") == b"..first\r\n"
+    assert stuffer.feed(b".second\r") == b"..second"
+    assert stuffer.feed(b"\n") == b"\r\n"
+    assert stuffer.feed(b".") == b".."
+    assert stuffer.feed(b".third\n") == b".third\r\n"
+    assert stuffer.feed(b"x.\n") == b"x.\r\n"
+    assert stuffer.finish() == b".\r\n"
+
+
+def test_stuff_cr_at_chunk_end_is_held(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer()
+    assert stuffer.feed(b"a\r") == b"a"
+    assert stuffer.feed(b"") == b""
+    assert stuffer.feed(b"\n.b\r") == b"\r\n..b"
+    assert stuffer.feed(b".c") == b"\r\n..c"  # the held CR was bare: "." begins a line
+    assert stuffer.feed(b"\r") == b""
+    assert stuffer.feed(b"\r") == b"\r\n"  # CR CR: the first one is bare
+    assert stuffer.finish() == b"\r\n.\r\n"  # the last CR too
+
+
+def test_stuff_finish_after_line_end(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer()
+    assert stuffer.feed(b"x\r\n") == b"x\r\n"
+    assert stuffer.finish() == b".\r\n"
+
+
+def test_stuff_feed_after_finish(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer()
+    stuffer.feed(b"x")
+    stuffer.finish()
+    with pytest.raises(ValueError):  # noqa: PT011
+        stuffer.feed(b"y")
+
+
+def test_stuff_accepts_bytes_like(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer()
+    assert stuffer.feed(bytearray(b".a\n")) == b"..a\r\n"
+    assert stuffer.feed(memoryview(b".b")) == b"..b"
+    assert stuffer.finish() == b"\r\n.\r\n"
+
+
+MAIL = b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n.line 2\r\nline 3\r\n"
+MAIL_WIRE = b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n"
+
+
+@pytest.mark.parametrize(
+    ("message", "top", "wire_bytes"),
+    [
+        (MAIL, 0, b"From: a@example.org\r\nSubject: hi\r\n\r\n.\r\n"),
+        (MAIL, 1, b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n.\r\n"),
+        (MAIL, 2, b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n..line 2\r\n.\r\n"),
+        (MAIL, 3, MAIL_WIRE),
+        (MAIL, 1000, MAIL_WIRE),  # n larger than the body: sent whole
+        (b"A: 1\r\nB: 2\r\n", 0, b"A: 1\r\nB: 2\r\n.\r\n"),  # no blank line: all header
+        (b"A: 1\r\n.B: 2", 0, b"A: 1\r\n..B: 2\r\n.\r\n"),  # ... and no final line end
+        (b"A: 1\n\nb1\nb2\nb3", 2, b"A: 1\r\n\r\nb1\r\nb2\r\n.\r\n"),  # bare LF
+        (b"A: 1\r\rb1\rb2", 1, b"A: 1\r\n\r\nb1\r\n.\r\n"),  # bare CR
+        (b"A: 1\r\r\nb1\r\n", 0, b"A: 1\r\n\r\n.\r\n"),  # CR CR LF: blank line
+        (b"\r\nbody\r\n", 0, b"\r\n.\r\n"),  # the first line is the blank line
+        (b"A: 1\r\n\r\nb1", 1, b"A: 1\r\n\r\nb1\r\n.\r\n"),  # fewer lines, no line end
+        (b"A: 1\r\n\r\n\r\n\r\nx\r\n", 2, b"A: 1\r\n\r\n\r\n\r\n.\r\n"),  # empty body lines
+        (b"A: 1\r\n\r\n.\r\n..\r\nx", 2, b"A: 1\r\n\r\n..\r\n...\r\n.\r\n"),
+        (b"", 0, b".\r\n"),
+        (b"", 3, b".\r\n"),
+    ],
+)
+def test_top(wire: ModuleType, message: bytes, top: int, wire_bytes: bytes) -> None:
+    assert wire.stuff(message, top) == wire_bytes
+    assert stuff_chunks(wire, [message], top) == wire_bytes
+    assert stuff_chunks(wire, octets(message), top) == wire_bytes
+    assert model_stuff(message, top) == wire_bytes
+
+
+def test_top_done_and_later_input_ignored(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer(1)
+    assert not stuffer.done
+    assert stuffer.feed(b"H: 1\r\n") == b"H: 1\r\n"
+    assert stuffer.feed(b"\r\nb1\r") == b"\r\nb1"
+    assert not stuffer.done  # the held CR may be the first half of CRLF
+    assert stuffer.feed(b"\nb2\r\n.b3\r\n") == b"\r\n"
+    assert stuffer.done
+    assert stuffer.feed(b"b4\r\n") == b""
+    assert stuffer.feed(b"\r") == b""
+    assert stuffer.finish() == b".\r\n"
+
+
+def test_top_zero_done_at_blank_line(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer(0)
+    assert stuffer.feed(b"H: 1\n") == b"H: 1\r\n"
+    assert stuffer.feed(b"\n") == b"\r\n"
+    assert stuffer.done
+    assert stuffer.feed(b"body") == b""
+    assert stuffer.finish() == b".\r\n"
+
+
+def test_top_not_done_without_blank_line(wire: ModuleType) -> None:
+    stuffer = wire.DotStuffer(0)
+    assert stuffer.feed(b"H: 1\r\nH: 2") == b"H: 1\r\nH: 2"
+    assert not stuffer.done
+    assert stuffer.finish() == b"\r\n.\r\n"
+
+
+@pytest.mark.parametrize("bad", [-1, -1000])
+def test_top_negative(wire: ModuleType, bad: int) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        wire.DotStuffer(bad)
+    with pytest.raises(ValueError):  # noqa: PT011
+        wire.stuff(b"x", bad)
+
+
+# --------------------------------------------------------------------------------------
+# SizeCounter / wire_size
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "size"),
+    [
+        (b"", 0),
+        (b"a", 3),
+        (b"a\r\n", 3),
+        (b"a\n", 3),
+        (b"a\r", 3),
+        (b"\r\r\n", 4),
+        (b"\n\r", 4),
+        (b".\r\n", 3),  # stuffing dots are not counted
+        (b".", 3),
+        (b"a\r\nb", 6),
+        (MAIL, len(MAIL)),
+        (b"\x00\xff\n", 4),
+    ],
+)
+def test_wire_size(wire: ModuleType, message: bytes, size: int) -> None:
+    assert wire.wire_size(message) == size
+    for chunks in ([message], octets(message), [b"", *octets(message), b""]):
+        counter = wire.SizeCounter()
+        for chunk in chunks:
+            assert counter.feed(chunk) is None
+        assert counter.finish() == size
+    assert len(wire.unstuff(wire.stuff(message))[0]) == size
+
+
+# --------------------------------------------------------------------------------------
+# Unstuffer
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "payload", "rest"),
+    [
+        (b".\r\n", b"", b""),
+        (b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n", b""),
+        (b"..a\r\n...\r\n..\r\n.\r\n", b".a\r\n..\r\n.\r\n", b""),
+        (b".x\r\n.\r\n", b"x\r\n", b""),
+        (b".\nx\r\n.\r\n", b"\nx\r\n", b""),  # "." then bare LF loses the dot
+        (b".\rx\r\n.\r\n", b"\rx\r\n", b""),  # "." then bare CR loses the dot
+        (b"a\n.b\r\n.\r\n", b"a\n.b\r\n", b""),  # after a bare LF: not a line start
+        (b"a\r.b\r\n.\r\n", b"a\r.b\r\n", b""),  # after a bare CR: not a line start
+        (b"a\r\r\n.b\r\n.\r\n", b"a\r\r\nb\r\n", b""),
+        (b"x\r\n.\r\n+OK 2\r\n", b"x\r\n", b"+OK 2\r\n"),  # pipelined reply after it
+        (b".\r\n.\r\n", b"", b".\r\n"),
+        (b"\x00\xff\r\n.\x80\r\n.\r\n", b"\x00\xff\r\n\x80\r\n", b""),
+    ],
+)
+def test_unstuff(wire: ModuleType, data: bytes, payload: bytes, rest: bytes) -> None:
+    assert wire.unstuff(data) == (payload, rest)
+    assert unstuff_chunks(wire, [data]) == (payload, rest)
+    assert unstuff_chunks(wire, octets(data)) == (payload, rest)
+    assert model_unstuffed_so_far(data) == (payload, rest)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"a\r\n",
+        b"a\r\n.",
+        b"a\r\n.\r",
+        b"a\n.\n",  # bare LFs: no line start, no terminator
+        b"a\n.\r\n",
+        b"a\r.\r\n",
+        b"..\r\n",
+        b".x\r\n",
+        b"x.\r\n",
+    ],
+)
+def test_unstuff_needs_terminator(wire: ModuleType, data: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        wire.unstuff(data)
+    assert unstuff_chunks(wire, [data])[1] is None
+
+
+def test_unstuffer_holds_back_undecided_octets(wire: ModuleType) -> None:
+    unstuffer = wire.Unstuffer()
+    assert unstuffer.feed(b"a\r") == (b"a", None)  # trailing CR
+    assert unstuffer.feed(b"\n") == (b"\r\n", None)
+    assert unstuffer.feed(b".") == (b"", None)  # "." at a line start
+    assert unstuffer.feed(b"\r") == (b"", None)  # ".\r" at a line start
+    assert unstuffer.feed(b"x") == (b"\rx", None)  # stuffed ".\rx"
+    assert unstuffer.feed(b"\r\n.") == (b"\r\n", None)
+    assert unstuffer.feed(b".") == (b".", None)  # ".." -> "."
+    assert unstuffer.feed(b"\r\n.\r") == (b"\r\n", None)
+    assert not unstuffer.done
+    assert unstuffer.feed(b"\n+OK") == (b"", b"+OK")
+    assert unstuffer.done
+    with pytest.raises(ValueError):  # noqa: PT011
+        unstuffer.feed(b"more")
+
+
+def test_unstuffer_terminator_at_start_split(wire: ModuleType) -> None:
+    unstuffer = wire.Unstuffer()
+    assert unstuffer.feed(b".") == (b"", None)
+    assert unstuffer.feed(b"\r\n") == (b"", b"")
+    assert unstuffer.done
+
+
+def test_unstuffer_dot_lf_at_chunk_edge(wire: ModuleType) -> None:
+    unstuffer = wire.Unstuffer()
+    assert unstuffer.feed(b"x\r\n.") == (b"x\r\n", None)
+    assert unstuffer.feed(b"\n") == (b"\n", None)  # "." + bare LF: loses the dot
+    assert unstuffer.feed(b".\r\n") == (b".\r\n", None)  # after a bare LF: plain data
+    assert unstuffer.feed(b".\r\n") == (b"", b"")
+
+
+def test_unstuffer_done_after_empty_rest(wire: ModuleType) -> None:
+    unstuffer = wire.Unstuffer()
+    assert unstuffer.feed(b"a\r\n.\r\n") == (b"a\r\n", b"")
+    assert unstuffer.done
+    with pytest.raises(ValueError):  # noqa: PT011
+        unstuffer.feed(b"")
+
+
+def test_unstuffer_accepts_bytes_like(wire: ModuleType) -> None:
+    unstuffer = wire.Unstuffer()
+    assert unstuffer.feed(bytearray(b"..a\r\n")) == (b".a\r\n", None)
+    assert unstuffer.feed(memoryview(b".\r\nz")) == (b"", b"z")
+
+
+# --------------------------------------------------------------------------------------
+# digests and challenges
+# --------------------------------------------------------------------------------------
+
+APOP_TIMESTAMP = b"<1896.697170952@dbc.mtview.ca.us>"  # RFC 1939 §7
+APOP_SECRET = b"tanstaaf"
+APOP_DIGEST = "c4c9334bac560ecc979e58001b3e22fb"
+CRAM_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"  # RFC 2195 §2
+CRAM_SECRET = b"tanstaaftanstaaf"
+CRAM_DIGEST = "b913a602c7eda7a495b4e6e7334d3890"
+# `doveadm pw -s CRAM-MD5 -p ...` (Dovecot 2.3.19.1), committed so no Dovecot is needed.
+DOVECOT_CRAM = {
+    CRAM_SECRET: "{CRAM-MD5}d06d4e1b26fccaa4b0b61801132340a354b21152711fb604ca3e035e7015116b",
+    b"pypop-secret": "{CRAM-MD5}65299f7d892d9b00c4c9e0f2b3e5c7dfbc44b863ee42972ac455c89a524d1ba7",
+    # 70 octets: longer than the MD5 block, so HMAC hashes the key first
+    b"k" * 70: "{CRAM-MD5}48841cb6af67d6831ff5f85da70033ee0e938840e352117c89783e8f640ea6ac",
+}
+
+
+def test_constant_time_eq(wire: ModuleType) -> None:
+    assert wire.constant_time_eq(b"", b"")
+    assert wire.constant_time_eq(b"abc", b"abc")
+    assert not wire.constant_time_eq(b"abc", b"abd")
+    assert not wire.constant_time_eq(b"abc", b"ab")
+    assert not wire.constant_time_eq(b"abc", b"ABC")
+
+
+def test_apop(wire: ModuleType) -> None:
+    assert wire.apop_digest(APOP_TIMESTAMP, APOP_SECRET) == APOP_DIGEST
+    assert wire.apop_verify(APOP_TIMESTAMP, APOP_SECRET, APOP_DIGEST.encode())
+    assert wire.apop_verify(APOP_TIMESTAMP, APOP_SECRET, APOP_DIGEST.upper().encode())
+    assert not wire.apop_verify(APOP_TIMESTAMP, b"tanstaaF", APOP_DIGEST.encode())
+    assert not wire.apop_verify(APOP_TIMESTAMP, APOP_SECRET, APOP_DIGEST[:-1].encode())
+    assert not wire.apop_verify(APOP_TIMESTAMP, APOP_SECRET, APOP_DIGEST.encode() + b"0")
+    assert not wire.apop_verify(APOP_TIMESTAMP, APOP_SECRET, b"")
+
+
+def test_cram_md5(wire: ModuleType) -> None:
+    assert wire.cram_md5_digest(CRAM_SECRET, CRAM_CHALLENGE) == CRAM_DIGEST
+    assert wire.cram_md5_verify(CRAM_SECRET, CRAM_CHALLENGE, CRAM_DIGEST.encode())
+    assert wire.cram_md5_verify(CRAM_SECRET, CRAM_CHALLENGE, CRAM_DIGEST.upper().encode())
+    assert not wire.cram_md5_verify(b"tanstaaf", CRAM_CHALLENGE, CRAM_DIGEST.encode())
+    assert not wire.cram_md5_verify(CRAM_SECRET, CRAM_CHALLENGE + b" ", CRAM_DIGEST.encode())
+    assert not wire.cram_md5_verify(CRAM_SECRET, CRAM_CHALLENGE, CRAM_DIGEST[:30].encode())
+
+
+@pytest.mark.parametrize("secret", list(DOVECOT_CRAM))
+def test_cram_md5_dovecot_context(wire: ModuleType, secret: bytes) -> None:
+    stored = DOVECOT_CRAM[secret].removeprefix("{CRAM-MD5}")
+    context = wire.cram_md5_context(secret)
+    assert isinstance(context, bytes)
+    assert context.hex() == stored
+    digest = wire.cram_md5_digest(secret, CRAM_CHALLENGE)
+    context = bytes.fromhex(stored)
+    assert wire.cram_md5_verify_context(context, CRAM_CHALLENGE, digest.encode())
+    assert wire.cram_md5_verify_context(context, CRAM_CHALLENGE, digest.upper().encode())
+    assert not wire.cram_md5_verify_context(context, CRAM_CHALLENGE + b"x", digest.encode())
+    flipped = bytes([context[0] ^ 1]) + context[1:]
+    assert not wire.cram_md5_verify_context(flipped, CRAM_CHALLENGE, digest.encode())
+
+
+def test_cram_md5_rfc_vector_through_context(wire: ModuleType) -> None:
+    context = bytes.fromhex(DOVECOT_CRAM[CRAM_SECRET].removeprefix("{CRAM-MD5}"))
+    assert wire.cram_md5_verify_context(context, CRAM_CHALLENGE, CRAM_DIGEST.encode())
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_cram_md5_context_length(wire: ModuleType, size: int) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        wire.cram_md5_verify_context(b"\0" * size, CRAM_CHALLENGE, CRAM_DIGEST.encode())
+
+
+CHALLENGE = re.compile(r"<([0-9]+)\.([0-9]+)\.([0-9a-fA-F]{1,16})@(.+)>\Z")
+
+
+def test_make_challenge_form(wire: ModuleType) -> None:
+    challenge = wire.make_challenge("pop.example.org")
+    assert isinstance(challenge, str)
+    match = CHALLENGE.match(challenge)
+    assert match, challenge
+    assert int(match[1]) == os.getpid()
+    assert match[4] == "pop.example.org"
+
+
+def test_make_challenge_unique(wire: ModuleType) -> None:
+    challenges = [wire.make_challenge("h") for _ in range(20_000)]
+    assert len(set(challenges)) == len(challenges)
+    counters = [m[2] for c in challenges if (m := CHALLENGE.match(c))]
+    assert len(set(counters)) == len(challenges)  # the counter alone never repeats
+    randoms = {m[3] for c in challenges if (m := CHALLENGE.match(c))}
+    assert len(randoms) > len(challenges) - 5  # 64 random bits each
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["", "a b", "a<b", "a>b", "a@b", "<h>", "h\t", "\nh", "h\r", "h\x00", "h\x7f", "h\x85",
+     "h\u00a0", "h\u2003", "h\x1b"],
+)  # fmt: skip
+def test_make_challenge_bad_host(wire: ModuleType, host: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        wire.make_challenge(host)
+
+
+@pytest.mark.parametrize("host", ["localhost", "pop.example.org", "xn--bcher-kva.example", "[::1]"])
+def test_make_challenge_good_host(wire: ModuleType, host: str) -> None:
+    assert wire.make_challenge(host).endswith(f"@{host}>")
+
+
+# --------------------------------------------------------------------------------------
+# hypothesis: models, round trips, chunking
+# --------------------------------------------------------------------------------------
+
+
+def binary(max_size: int) -> st.SearchStrategy[bytes]:
+    """Like ``st.binary``, but drawn as integers: hypothesis compares its cached choice
+    sequences, and a ``bytes`` choice meeting an ``int`` one raises BytesWarning under
+    ``python -bb`` (our test setting)."""
+    return st.lists(st.integers(0, 255), max_size=max_size).map(bytes)
+
+
+_PIECES = st.sampled_from(
+    [b".", b"\r", b"\n", b"\r\n", b".\r\n", b"\r\n.\r\n", b"..", b"\n\n", b"\r\n\r\n",
+     b"\r\r\n", b"\n.", b"\r.", b"a", b"Subject: x", b"\x00", b"\xff", b" ", b"\t"]
+)  # fmt: skip
+messages = st.one_of(
+    st.lists(st.one_of(_PIECES, binary(max_size=12)), max_size=60).map(b"".join),
+    binary(max_size=200),
+)
+lines_stream = st.lists(
+    st.one_of(
+        _PIECES,
+        binary(max_size=8),
+        st.integers(1, 300).map(lambda n: b"x" * n),
+    ),
+    max_size=30,
+).map(b"".join)
+tops = st.one_of(st.none(), st.integers(0, 4))
+max_lines = st.one_of(st.integers(2, 12), st.just(255))
+
+
+def chunked(data: bytes, draw: st.DataObject) -> list[bytes]:
+    cuts = draw.draw(st.lists(st.integers(0, len(data)), max_size=12), label="cuts")
+    return split_at(data, cuts)
+
+
+@examples(400)
+@given(data=lines_stream, max_line=max_lines, draw=st.data())
+def test_prop_framer_matches_model(
+    wire: ModuleType, data: bytes, max_line: int, draw: st.DataObject
+) -> None:
+    framer = wire.LineFramer(max_line)
+    out: list[bytes | None] = []
+    for chunk, fed in prefixes(chunked(data, draw)):
+        out += framer.feed(chunk)
+        lines, buffered = model_frame(fed, max_line)
+        assert out == lines  # so also independent of the chunking
+        assert framer.buffered == buffered
+
+
+@examples(400)
+@given(message=messages, top=tops, draw=st.data())
+def test_prop_stuffer_matches_model(
+    wire: ModuleType, message: bytes, top: int | None, draw: st.DataObject
+) -> None:
+    stuffer = wire.DotStuffer(top)
+    out = b""
+    for chunk, fed in prefixes(chunked(message, draw)):
+        out += stuffer.feed(chunk)
+        assert (out, stuffer.done) == model_stuffed_so_far(fed, top)
+    assert out + stuffer.finish() == model_stuff(message, top)
+
+
+@examples(300)
+@given(message=messages, draw=st.data())
+def test_prop_round_trip_and_size(wire: ModuleType, message: bytes, draw: st.DataObject) -> None:
+    stuffed = wire.stuff(message)
+    assert stuffed.endswith(b"\r\n.\r\n") or stuffed == b".\r\n"
+    payload, rest = wire.unstuff(stuffed)
+    assert rest == b""
+    assert payload == model_crlf(message)
+    size = wire.wire_size(message)
+    assert size == len(payload)
+    stuffed_dots = stuffed[:-3].count(b"\r\n..") + stuffed.startswith(b"..")
+    assert size == len(stuffed) - 3 - stuffed_dots
+    counter = wire.SizeCounter()
+    for chunk in chunked(message, draw):
+        counter.feed(chunk)
+    assert counter.finish() == size
+    # the client side, under another chunking, with a pipelined reply behind it
+    assert unstuff_chunks(wire, chunked(stuffed + b"+OK\r\n", draw)) == (payload, b"+OK\r\n")
+
+
+@examples(400)
+@given(data=messages, draw=st.data())
+def test_prop_unstuffer_matches_model(wire: ModuleType, data: bytes, draw: st.DataObject) -> None:
+    unstuffer = wire.Unstuffer()
+    out = b""
+    for chunk, fed in prefixes(chunked(data, draw)):
+        part, rest = unstuffer.feed(chunk)
+        out += part
+        expected, expected_rest = model_unstuffed_so_far(fed)
+        assert out == expected
+        if expected_rest is not None:
+            assert unstuffer.done
+            # the rest is what follows the terminator in everything fed
+            assert rest == expected_rest
+            break
+        assert rest is None
+        assert not unstuffer.done
+
+
+@examples(150)
+@given(secret=binary(max_size=100), challenge=binary(max_size=150))
+def test_prop_cram_context(wire: ModuleType, secret: bytes, challenge: bytes) -> None:
+    digest = wire.cram_md5_digest(secret, challenge)
+    context = wire.cram_md5_context(secret)
+    assert len(context) == 32
+    assert wire.cram_md5_verify_context(context, challenge, digest.encode())
+    assert wire.cram_md5_verify(secret, challenge, digest.encode())
+
+
+# --------------------------------------------------------------------------------------
+# hypothesis: Rust == twin, call for call (both modules required)
+# --------------------------------------------------------------------------------------
+
+
+def _run_both(
+    rust: ModuleType, twin: ModuleType, drive: Callable[[ModuleType], list[object]]
+) -> None:
+    assert drive(rust) == drive(twin)
+
+
+@examples(300)
+@given(data=lines_stream, max_line=max_lines, draw=st.data())
+def test_agree_framer(
+    rust: ModuleType, twin: ModuleType, data: bytes, max_line: int, draw: st.DataObject
+) -> None:
+    chunks = chunked(data, draw)
+
+    def drive(mod: ModuleType) -> list[object]:
+        framer = mod.LineFramer(max_line)
+        return [(framer.feed(chunk), framer.buffered) for chunk in chunks]
+
+    _run_both(rust, twin, drive)
+
+
+@examples(300)
+@given(message=messages, top=tops, draw=st.data())
+def test_agree_stuffer_and_size(
+    rust: ModuleType, twin: ModuleType, message: bytes, top: int | None, draw: st.DataObject
+) -> None:
+    chunks = chunked(message, draw)
+
+    def drive(mod: ModuleType) -> list[object]:
+        stuffer = mod.DotStuffer(top)
+        counter = mod.SizeCounter()
+        trace: list[object] = []
+        for chunk in chunks:
+            trace.append((stuffer.feed(chunk), stuffer.done))
+            counter.feed(chunk)
+        trace += [stuffer.finish(), counter.finish(), mod.stuff(message, top)]
+        trace.append(mod.wire_size(message))
+        return trace
+
+    _run_both(rust, twin, drive)
+
+
+@examples(300)
+@given(data=messages, draw=st.data())
+def test_agree_unstuffer(
+    rust: ModuleType, twin: ModuleType, data: bytes, draw: st.DataObject
+) -> None:
+    chunks = chunked(data, draw)
+
+    def drive(mod: ModuleType) -> list[object]:
+        unstuffer = mod.Unstuffer()
+        trace: list[object] = []
+        for chunk in chunks:
+            result = unstuffer.feed(chunk)
+            trace.append((result, unstuffer.done))
+            if result[1] is not None:
+                break
+        return trace
+
+    _run_both(rust, twin, drive)
+
+
+@examples(200)
+@given(data=messages, draw=st.data())
+def test_agree_unstuff_stuffed(
+    rust: ModuleType, twin: ModuleType, data: bytes, draw: st.DataObject
+) -> None:
+    stuffed = twin.stuff(data) + data  # a valid body with arbitrary octets behind it
+    chunks = chunked(stuffed, draw)
+
+    def drive(mod: ModuleType) -> list[object]:
+        unstuffer = mod.Unstuffer()
+        trace: list[object] = [mod.unstuff(stuffed)]
+        for chunk in chunks:
+            result = unstuffer.feed(chunk)
+            trace.append(result)
+            if result[1] is not None:
+                break
+        return trace
+
+    _run_both(rust, twin, drive)
