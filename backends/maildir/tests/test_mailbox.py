@@ -391,3 +391,12 @@ async def test_autocreate(root: Path, backend_factory: BackendMaker) -> None:
     assert list(mb.messages) == []
     await mb.aclose()
     assert sorted(os.listdir(root / "carol")) == ["cur", "new", "tmp"]
+
+
+def test_fast_uid_check_equals_contract() -> None:
+    from pypop_maildir._store import valid_uid
+
+    for n in range(0x110):
+        c = chr(n)
+        for uid in (c, "a" + c, c * 70, c * 71, ""):
+            assert valid_uid(uid) == is_valid_uid(uid), repr(uid)

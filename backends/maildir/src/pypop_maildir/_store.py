@@ -87,6 +87,11 @@ def delivery_key(name: str) -> tuple[int, int, int, str]:
     return (0, int(m.group(1)), usec, name)
 
 
+def valid_uid(uid: str) -> bool:
+    """``pypop.backend.is_valid_uid`` with str methods (hot on 100,000 names)."""
+    return 1 <= len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid
+
+
 def mapped_uid(key: str) -> str:
     """A stable valid UIDL for a base name that is not one.
 
@@ -245,7 +250,7 @@ def assign_uids(entries: list[Entry]) -> None:
     """
     seen: set[str] = set()
     for e in entries:
-        uid = e.base if is_valid_uid(e.base) else mapped_uid(e.base)
+        uid = e.base if valid_uid(e.base) else mapped_uid(e.base)
         if uid in seen:
             uid = mapped_uid(f"{e.base}\0{e.subdir}/{e.name}")
         seen.add(uid)
