@@ -15,6 +15,7 @@ from pypop.auth import (
     MemoryCredentialStore,
     PasswdFileStore,
     StoredCredential,
+    UnknownSchemeError,
     hash_password,
 )
 from pypop.auth.passwd import parse_passwd_file
@@ -117,7 +118,7 @@ async def test_verify_and_lookup(passwd: Path) -> None:
 def test_missing_file_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(OSError):  # noqa: PT011
         PasswdFileStore(tmp_path / "nope")
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownSchemeError):
         PasswdFileStore(tmp_path / "nope", default_scheme="ROT13")
 
 

@@ -115,7 +115,7 @@ class PasswdFileStore(_VerifyingStore):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(limiter)
-        schemes.SCHEMES[schemes.canonical_scheme(default_scheme)]  # KeyError if unknown
+        schemes.is_heavy(default_scheme)  # UnknownSchemeError (a ValueError) if unknown
         self.path = Path(path)
         self.default_scheme = default_scheme
         self._check_interval = check_interval
