@@ -1,0 +1,1 @@
+"""pypop benchmark suite: ``python -m benches`` (see benches/README.md)."""
