@@ -32,8 +32,8 @@ pub use auth::{
     cram_md5_verify_context, make_challenge, CRAM_MD5_CONTEXT_LEN,
 };
 pub use framer::LineFramer;
-pub use stuff::{stuff, wire_size, DotStuffer, SizeCounter};
-pub use unstuff::{unstuff, Unstuffer};
+pub use stuff::{stuff, stuff_into, wire_size, DotStuffer, SizeCounter};
+pub use unstuff::{unstuff, unstuff_into, Unstuffer};
 
 /// The RFC 2449 §4 command-line limit: 255 octets, line end included.
 pub const DEFAULT_MAX_LINE: usize = 255;

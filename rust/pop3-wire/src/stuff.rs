@@ -44,6 +44,42 @@ impl Sink for Count {
     fn dot(&mut self) {}
 }
 
+/// Octets per block in [`skip_verbatim_blocks`].
+const BLOCK: usize = 64;
+
+/// True if no octet of the block `w[1..=BLOCK]` needs rewriting: no bare LF, no bare CR,
+/// no `.` after an LF. `w[0]` and `w[BLOCK + 1]` are the octets around the block. Written
+/// without branches so that the compiler vectorises it.
+#[inline]
+fn block_is_verbatim(w: &[u8; BLOCK + 2]) -> bool {
+    let mut bad = 0u8;
+    for j in 0..BLOCK {
+        let (p, c, n) = (w[j], w[j + 1], w[j + 2]);
+        let bare_lf = (c == b'\n') & (p != b'\r');
+        let bare_cr = (c == b'\r') & (n != b'\n');
+        let dot_at_line_start = (c == b'.') & (p == b'\n');
+        bad |= u8::from(bare_lf | bare_cr | dot_at_line_start);
+    }
+    bad == 0
+}
+
+/// From `i` (at least 1, not inside a CRLF), skips whole blocks that pass through
+/// unchanged and returns where the first other block starts. Used only without a TOP cut,
+/// where line ends need not be counted.
+#[inline]
+fn skip_verbatim_blocks(data: &[u8], mut i: usize) -> usize {
+    while i + BLOCK < data.len() {
+        let w: &[u8; BLOCK + 2] = data[i - 1..i + BLOCK + 1]
+            .try_into()
+            .expect("a window of BLOCK + 2 octets");
+        if !block_is_verbatim(w) {
+            break;
+        }
+        i += BLOCK;
+    }
+    i
+}
+
 /// Where a TOP cut stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Top {
@@ -126,7 +162,34 @@ impl Normaliser {
         }
         // `data[run..i]` is input not yet written that passes through unchanged.
         let mut run = i;
+        // Block skipping is tried again from `retry_at`; after a block that needs rewriting
+        // the distance doubles (up to 4 KiB), so that input with many bare LFs does not pay
+        // for a failed check on every block.
+        let mut retry_at = i;
+        let mut backoff = BLOCK;
         while i < len {
+            if self.top == Top::Off
+                && i > 0
+                && i >= retry_at
+                && !(self.at_line_start && data[i] == b'.')
+            {
+                let skipped = skip_verbatim_blocks(data, i);
+                if skipped == i {
+                    retry_at = i + backoff;
+                    backoff = (backoff * 2).min(4096);
+                } else {
+                    backoff = BLOCK;
+                    i = skipped;
+                    if data[i - 1] == b'\r' {
+                        // The block check saw that this CR's LF follows: keep them together.
+                        i += 1;
+                    }
+                    self.at_line_start = data[i - 1] == b'\n';
+                    if i == len {
+                        break;
+                    }
+                }
+            }
             if self.at_line_start && data[i] == b'.' {
                 out.span(&data[run..i]);
                 out.dot();
@@ -245,13 +308,16 @@ impl DotStuffer {
     /// Appends the stuffed form of `data` to `out`.
     /// Fails with [`WireError::Finished`] after [`DotStuffer::finish`].
     pub fn feed_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+        // Mail is mostly CRLF text: reserve a little more than the input; `Vec` grows
+        // for the rest.
+        out.reserve(data.len() + data.len() / 16 + 8);
         self.state.feed(data, out)
     }
 
     /// The stuffed form of `data`. Fails with [`WireError::Finished`] after
     /// [`DotStuffer::finish`].
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, WireError> {
-        let mut out = Vec::with_capacity(Self::max_output_len(data.len()));
+        let mut out = Vec::new();
         self.feed_into(data, &mut out)?;
         Ok(out)
     }
@@ -312,12 +378,17 @@ impl SizeCounter {
 
 /// The whole-message [`DotStuffer`]: `feed(message)` then `finish()`.
 pub fn stuff(message: &[u8], top_lines: Option<u64>) -> Vec<u8> {
-    let mut s = DotStuffer::new(top_lines);
-    let mut out = Vec::with_capacity(DotStuffer::max_output_len(message.len()) + 5);
-    s.feed_into(message, &mut out)
-        .and_then(|()| s.finish_into(&mut out))
-        .expect("a new DotStuffer is not finished");
+    let mut out = Vec::new();
+    stuff_into(message, top_lines, &mut out);
     out
+}
+
+/// [`stuff`], appending to `out` (a buffer the caller may reuse).
+pub fn stuff_into(message: &[u8], top_lines: Option<u64>, out: &mut Vec<u8>) {
+    let mut s = DotStuffer::new(top_lines);
+    s.feed_into(message, out)
+        .and_then(|()| s.finish_into(out))
+        .expect("a new DotStuffer is not finished");
 }
 
 /// The whole-message [`SizeCounter`].

@@ -187,10 +187,16 @@ impl Unstuffer {
 /// The whole-buffer [`Unstuffer`]: the message and the octets after the terminator.
 /// Fails with [`WireError::MissingTerminator`] if there is no terminator.
 pub fn unstuff(data: &[u8]) -> Result<(Vec<u8>, &[u8]), WireError> {
-    let mut u = Unstuffer::new();
-    let mut out = Vec::with_capacity(data.len());
-    match u.feed_into(data, &mut out)? {
-        Some(rest) => Ok((out, rest)),
-        None => Err(WireError::MissingTerminator),
-    }
+    let mut out = Vec::new();
+    let rest = unstuff_into(data, &mut out)?;
+    Ok((out, rest))
+}
+
+/// [`unstuff`], appending the message to `out` (a buffer the caller may reuse) and
+/// returning the octets after the terminator. On [`WireError::MissingTerminator`], `out`
+/// holds what was unstuffed before the end of `data`.
+pub fn unstuff_into<'a>(data: &'a [u8], out: &mut Vec<u8>) -> Result<&'a [u8], WireError> {
+    Unstuffer::new()
+        .feed_into(data, out)?
+        .ok_or(WireError::MissingTerminator)
 }

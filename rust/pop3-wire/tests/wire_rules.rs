@@ -551,3 +551,45 @@ fn large_message_round_trip() {
         assert_eq!(payload.len() as u64, wire_size(&m));
     }
 }
+
+/// Long, mostly clean messages with sparse line ends and dots: exercises the
+/// block-skipping fast path of the stuffer (64-octet blocks) and its edges.
+#[test]
+fn random_long_messages_match_reference() {
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    for round in 0..3_000 {
+        let len = rng.below(700);
+        let density = 1 + rng.below(120);
+        let mut m = Vec::with_capacity(len);
+        for _ in 0..len {
+            if rng.below(density) == 0 {
+                const SPECIAL: &[u8] = b".\r\n\r\n\r\n.";
+                m.push(SPECIAL[rng.below(SPECIAL.len())]);
+            } else if rng.below(3) == 0 {
+                // CRLF-heavy content, as real mail is.
+                m.extend_from_slice(b"\r\n");
+            } else {
+                m.push(b'x');
+            }
+        }
+        let top = if round % 4 == 0 {
+            Some(rng.below(10) as u64)
+        } else {
+            None
+        };
+        let want = ref_stuff(&m, top);
+        assert_eq!(stuff(&m, top), want, "{m:?} {top:?}");
+        let mut chunks = Vec::new();
+        let mut rest = &m[..];
+        while !rest.is_empty() {
+            let n = rng.below(rest.len().min(300) + 1);
+            chunks.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+        assert_eq!(stuff_chunks(&chunks, top), want, "{chunks:?} {top:?}");
+        assert_eq!(size_chunks(&chunks), ref_size(&m), "{chunks:?}");
+        assert_eq!(wire_size(&m), ref_size(&m));
+        let wire = ref_stuff(&m, None);
+        assert_eq!(unstuff(&wire).unwrap().0.len() as u64, ref_size(&m));
+    }
+}

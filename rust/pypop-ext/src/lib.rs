@@ -10,9 +10,41 @@ use pop3_wire as wire;
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
+use std::cell::RefCell;
 
 /// Inputs larger than this are processed without holding the GIL.
 const RELEASE_GIL_ABOVE: usize = 64 * 1024;
+
+/// Output is built in a reused buffer and copied once into the `bytes` result (fresh
+/// large buffers cost page faults on every call). Buffers beyond this size are not kept.
+const SCRATCH_KEEP: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's empty scratch buffer.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    SCRATCH.with(|cell| {
+        // Taken out, not borrowed, so that a nested call just gets a fresh buffer.
+        let mut buf = cell.take();
+        buf.clear();
+        let result = f(&mut buf);
+        if buf.capacity() <= SCRATCH_KEEP {
+            *cell.borrow_mut() = buf;
+        }
+        result
+    })
+}
+
+/// Empties a per-object scratch buffer, dropping it if it grew too large.
+fn reset(scratch: &mut Vec<u8>) {
+    if scratch.capacity() > SCRATCH_KEEP {
+        *scratch = Vec::new();
+    } else {
+        scratch.clear();
+    }
+}
 
 fn value_error(e: wire::WireError) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -142,6 +174,7 @@ impl LineFramer {
 #[pyclass(module = "pypop._wire")]
 struct DotStuffer {
     inner: wire::DotStuffer,
+    scratch: Vec<u8>,
 }
 
 #[pymethods]
@@ -152,6 +185,7 @@ impl DotStuffer {
         let top_lines = top_lines_arg(top_lines)?;
         Ok(DotStuffer {
             inner: wire::DotStuffer::new(top_lines),
+            scratch: Vec::new(),
         })
     }
 
@@ -167,9 +201,10 @@ impl DotStuffer {
         data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let data = as_bytes(data)?;
-        let stuffer = &mut self.inner;
-        let out = run(py, data.as_bytes(), |d| stuffer.feed(d)).map_err(value_error)?;
-        Ok(PyBytes::new(py, &out))
+        let DotStuffer { inner, scratch } = self;
+        reset(scratch);
+        run(py, data.as_bytes(), |d| inner.feed_into(d, scratch)).map_err(value_error)?;
+        Ok(PyBytes::new(py, scratch))
     }
 
     /// Pending octets, a CRLF if the output does not end a line, then ".\\r\\n".
@@ -209,6 +244,7 @@ impl SizeCounter {
 #[pyclass(module = "pypop._wire")]
 struct Unstuffer {
     inner: wire::Unstuffer,
+    scratch: Vec<u8>,
 }
 
 #[pymethods]
@@ -217,6 +253,7 @@ impl Unstuffer {
     fn new() -> Self {
         Unstuffer {
             inner: wire::Unstuffer::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -232,13 +269,11 @@ impl Unstuffer {
         data: &Bound<'py, PyAny>,
     ) -> PyResult<(Bound<'py, PyBytes>, Option<Bound<'py, PyBytes>>)> {
         let data = as_bytes(data)?;
-        let unstuffer = &mut self.inner;
-        let (payload, rest) =
-            run(py, data.as_bytes(), |d| unstuffer.feed(d)).map_err(value_error)?;
-        Ok((
-            PyBytes::new(py, &payload),
-            rest.map(|r| PyBytes::new(py, r)),
-        ))
+        let Unstuffer { inner, scratch } = self;
+        reset(scratch);
+        let rest =
+            run(py, data.as_bytes(), |d| inner.feed_into(d, scratch)).map_err(value_error)?;
+        Ok((PyBytes::new(py, scratch), rest.map(|r| PyBytes::new(py, r))))
     }
 }
 
@@ -252,8 +287,12 @@ fn stuff<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let top_lines = top_lines_arg(top_lines)?;
     let message = as_bytes(message)?;
-    let out = run(py, message.as_bytes(), |m| wire::stuff(m, top_lines));
-    Ok(PyBytes::new(py, &out))
+    with_scratch(|out| {
+        run(py, message.as_bytes(), |m| {
+            wire::stuff_into(m, top_lines, out)
+        });
+        Ok(PyBytes::new(py, out))
+    })
 }
 
 /// Whole-message SizeCounter.
@@ -270,8 +309,10 @@ fn unstuff<'py>(
     data: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let data = as_bytes(data)?;
-    let (payload, rest) = run(py, data.as_bytes(), wire::unstuff).map_err(value_error)?;
-    Ok((PyBytes::new(py, &payload), PyBytes::new(py, rest)))
+    with_scratch(|out| {
+        let rest = run(py, data.as_bytes(), |d| wire::unstuff_into(d, out)).map_err(value_error)?;
+        Ok((PyBytes::new(py, out), PyBytes::new(py, rest)))
+    })
 }
 
 #[pyfunction]

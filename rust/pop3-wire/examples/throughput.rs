@@ -1,0 +1,114 @@
+//! Quick single-core throughput check of the codec (not a benchmark suite: that is
+//! benches/wire_bench.py). Run with `cargo run --release -p pop3-wire --example throughput`.
+
+use pop3_wire::{stuff, unstuff, wire_size, DotStuffer, LineFramer, Unstuffer};
+use std::hint::black_box;
+use std::time::Instant;
+
+/// A 1 MiB message of ~72-octet lines with the given line end; every 40th line starts
+/// with a dot.
+fn message(line_end: &[u8]) -> Vec<u8> {
+    let mut m = b"From: a@example.org\r\nSubject: throughput\r\n\r\n".to_vec();
+    let mut i = 0u32;
+    while m.len() < 1 << 20 {
+        if i % 40 == 0 {
+            m.push(b'.');
+        }
+        m.extend_from_slice(
+            format!("{i:08} The quick brown fox jumps over the lazy dog 0123456789").as_bytes(),
+        );
+        m.extend_from_slice(line_end);
+        i += 1;
+    }
+    m.truncate(1 << 20);
+    m
+}
+
+fn measure(name: &str, bytes: usize, mut f: impl FnMut()) {
+    // Warm up, then run for about half a second.
+    for _ in 0..5 {
+        f();
+    }
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed().as_secs_f64() < 0.5 {
+        f();
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64() / f64::from(n);
+    println!("{name:<44} {:>8.0} MB/s", bytes as f64 / secs / 1e6);
+}
+
+fn main() {
+    let crlf = message(b"\r\n");
+    let lf = message(b"\n");
+    let len = crlf.len();
+    measure("stuff 1 MiB CRLF (one call)", len, || {
+        black_box(stuff(black_box(&crlf), None));
+    });
+    measure("stuff 1 MiB LF (one call)", len, || {
+        black_box(stuff(black_box(&lf), None));
+    });
+    let mut out = Vec::with_capacity(2 * len + 64);
+    measure(
+        "DotStuffer 1 MiB CRLF, 64 KiB chunks, reused buf",
+        len,
+        || {
+            out.clear();
+            let mut s = DotStuffer::new(None);
+            for c in crlf.chunks(64 * 1024) {
+                s.feed_into(c, &mut out).unwrap();
+            }
+            s.finish_into(&mut out).unwrap();
+            black_box(&out);
+        },
+    );
+    measure(
+        "DotStuffer 1 MiB CRLF, 64 KiB chunks, Vec each",
+        len,
+        || {
+            let mut s = DotStuffer::new(None);
+            for c in crlf.chunks(64 * 1024) {
+                black_box(s.feed(c).unwrap());
+            }
+            black_box(s.finish().unwrap());
+        },
+    );
+    measure("wire_size 1 MiB CRLF", len, || {
+        black_box(wire_size(black_box(&crlf)));
+    });
+    measure("wire_size 1 MiB LF", len, || {
+        black_box(wire_size(black_box(&lf)));
+    });
+    let wire = stuff(&crlf, None);
+    measure("unstuff 1 MiB (one call)", wire.len(), || {
+        black_box(unstuff(black_box(&wire)).unwrap());
+    });
+    measure(
+        "Unstuffer 1 MiB, 64 KiB chunks, reused buf",
+        wire.len(),
+        || {
+            out.clear();
+            let mut u = Unstuffer::new();
+            for c in wire.chunks(64 * 1024) {
+                if u.feed_into(c, &mut out).unwrap().is_some() {
+                    break;
+                }
+            }
+            black_box(&out);
+        },
+    );
+    let commands = b"RETR 1\r\nDELE 1\r\nNOOP\r\nSTAT\r\n".repeat(16 * 1024);
+    measure(
+        "LineFramer 512 KiB of short commands",
+        commands.len(),
+        || {
+            let mut f = LineFramer::default();
+            let mut n = 0usize;
+            for c in commands.chunks(64 * 1024) {
+                f.feed_with(c, |l| n += l.map_or(0, <[u8]>::len));
+            }
+            black_box(n);
+        },
+    );
+}
