@@ -2,6 +2,12 @@
 
 use crate::WireError;
 use memchr::memmem::Finder;
+use std::sync::LazyLock;
+
+/// The searcher for a line start with a dot. Shared, and kept out of [`Unstuffer`]: it
+/// holds SIMD vectors with 32-octet alignment, more than Python's allocator gives the
+/// objects that embed an `Unstuffer` (a pyo3 class), where it crashed.
+static LINE_START_DOT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n."));
 
 /// Octets held back because their meaning depends on the next chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +45,6 @@ pub struct Unstuffer {
     line_start: bool,
     held: Held,
     done: bool,
-    finder: Finder<'static>,
 }
 
 impl Default for Unstuffer {
@@ -55,7 +60,6 @@ impl Unstuffer {
             line_start: true,
             held: Held::Nothing,
             done: false,
-            finder: Finder::new(b"\r\n."),
         }
     }
 
@@ -120,6 +124,7 @@ impl Unstuffer {
         }
         // `data[run..i]` is checked input not yet written.
         let mut run = i;
+        let finder = &*LINE_START_DOT;
         loop {
             if self.line_start {
                 if i == len {
@@ -145,7 +150,7 @@ impl Unstuffer {
                 }
                 self.line_start = false;
             }
-            match self.finder.find(&data[i..]) {
+            match finder.find(&data[i..]) {
                 Some(k) => {
                     i += k + 2;
                     self.line_start = true;

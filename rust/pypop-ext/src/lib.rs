@@ -12,6 +12,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use std::cell::RefCell;
 
+// Python allocates pyo3 objects with 16-octet alignment at most: a codec type that needs
+// more (SIMD state inside) would crash at run time, so refuse to build instead.
+const _: () = {
+    assert!(std::mem::align_of::<wire::LineFramer>() <= 16);
+    assert!(std::mem::align_of::<wire::DotStuffer>() <= 16);
+    assert!(std::mem::align_of::<wire::SizeCounter>() <= 16);
+    assert!(std::mem::align_of::<wire::Unstuffer>() <= 16);
+};
+
 /// Inputs larger than this are processed without holding the GIL.
 const RELEASE_GIL_ABOVE: usize = 64 * 1024;
 
