@@ -16,14 +16,17 @@ Example ``pypop.toml`` (every key optional)::
     max_bad_commands = 20
     max_auth_failures = 5
     shutdown_timeout = 30
-    auth_failure_delay = 2.0
+    auth_failure_delay = 2.0            # before every -ERR [AUTH]
+    auth_penalty_max = 15.0             # per-IP delay grows 2, 4, 8 .. this; 0 = off
+    max_auth_per_client = 2             # authentications one IP runs at once
 
     [auth]
     passwd_file = "/etc/pypop/passwd"   # Dovecot passwd-file format
     apop = false
     allow_plaintext = false             # USER/PASS, PLAIN, LOGIN without TLS
                                         # (always allowed on loopback)
-    mechanisms = ["PLAIN", "LOGIN"]
+    mechanisms = ["SCRAM-SHA-256", "PLAIN", "LOGIN"]   # SASL AUTH, in CAPA order
+    tokens_file = "/etc/pypop/tokens"   # user:token lines for OAUTHBEARER/XOAUTH2
     login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
 
     [tls]
@@ -45,6 +48,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pypop.auth.sasl import ALL_MECHANISMS, DEFAULT_MECHANISMS
 
 __all__ = ["ConfigError", "ServerConfig", "load_config", "parse_address"]
 
@@ -93,11 +98,14 @@ class ServerConfig:
     max_auth_failures: int = 5
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 2.0
+    auth_penalty_max: float = 15.0
+    max_auth_per_client: int = 2
 
     passwd_file: Path | None = None
     apop: bool = False
     allow_plaintext: bool = False
-    mechanisms: list[str] = field(default_factory=lambda: ["PLAIN", "LOGIN"])
+    mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
+    tokens_file: Path | None = None
     login_delay: int = 0
 
     tls_cert: Path | None = None
@@ -118,7 +126,7 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be at least 1")
-        if self.shutdown_timeout < 0 or self.auth_failure_delay < 0:
+        if min(self.shutdown_timeout, self.auth_failure_delay, self.auth_penalty_max) < 0:
             raise ConfigError("timeouts and delays must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls.cert and tls.key go together")
@@ -128,6 +136,12 @@ class ServerConfig:
             raise ConfigError("nothing to listen on")
         if not self.hostname or any(c in self.hostname for c in "<>@ \t\r\n"):
             raise ConfigError("server.hostname must be a plain host name")
+        unknown = [m for m in self.mechanisms if m.upper() not in ALL_MECHANISMS]
+        if unknown:
+            raise ConfigError(
+                f"auth.mechanisms: unknown {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(ALL_MECHANISMS))})"
+            )
         if self.login_delay < 0:
             raise ConfigError("auth.login_delay must not be negative")
 
@@ -147,6 +161,8 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "max_auth_failures": ("max_auth_failures", int),
         "shutdown_timeout": ("shutdown_timeout", (int, float)),
         "auth_failure_delay": ("auth_failure_delay", (int, float)),
+        "auth_penalty_max": ("auth_penalty_max", (int, float)),
+        "max_auth_per_client": ("max_auth_per_client", int),
     },
     "auth": {
         "apop": ("apop", bool),
@@ -192,6 +208,8 @@ def load_config(path: Path, config: ServerConfig | None = None) -> ServerConfig:
                 setattr(cfg, key, [parse_address(_check(a, str, where)) for a in addrs])
             elif section == "auth" and key == "passwd_file":
                 cfg.passwd_file = _path(base, value, where)
+            elif section == "auth" and key == "tokens_file":
+                cfg.tokens_file = _path(base, value, where)
             elif section == "auth" and key == "mechanisms":
                 mechs = _check(value, list, where)
                 cfg.mechanisms = [str(_check(m, str, where)).upper() for m in mechs]

@@ -22,11 +22,20 @@ from typing import Any
 
 import trio
 
+from pypop.auth import (
+    AuthPenalty,
+    CredentialStore,
+    LoginDelay,
+    PasswdFileStore,
+    PerClientLimiter,
+    StaticTokenVerifier,
+    TokenVerifier,
+)
 from pypop.backend import Backend
 from pypop.config import ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.registry import create_backend
-from pypop.session import PasswordChecker, Session, SessionContext
+from pypop.session import Session, SessionContext
 
 __all__ = ["Server", "make_ssl_context", "serve"]
 
@@ -61,8 +70,9 @@ class Server:
         config: ServerConfig,
         *,
         backend: Backend | None = None,
-        store: PasswordChecker | None = None,
+        store: CredentialStore | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        token_verifier: TokenVerifier | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -83,6 +93,9 @@ class Server:
             login_delay=config.login_delay or None,
             stls_available=ssl_context is not None,
         )
+        if token_verifier is None and config.tokens_file is not None:
+            token_verifier = StaticTokenVerifier.from_file(config.tokens_file)
+        penalty_max = config.auth_penalty_max
         self.context = SessionContext(
             backend=self.backend,
             store=self.store,
@@ -90,10 +103,21 @@ class Server:
             hostname=config.hostname,
             greeting=config.greeting,
             idle_timeout=config.idle_timeout,
-            auth_failure_delay=config.auth_failure_delay,
             apop=config.apop,
             allow_plaintext=config.allow_plaintext,
             ssl_context=ssl_context,
+            mechanisms=tuple(m.upper() for m in config.mechanisms),
+            token_verifier=token_verifier,
+            penalty=AuthPenalty(
+                initial_delay=min(2.0, penalty_max),
+                max_delay=penalty_max,
+                failure_delay=config.auth_failure_delay,
+                clock=trio.current_time,
+            ),
+            per_client=PerClientLimiter(config.max_auth_per_client),
+            login_delay=LoginDelay(config.login_delay, clock=trio.current_time)
+            if config.login_delay
+            else None,
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -247,8 +271,7 @@ def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
     return (str(name[0]), int(name[1]))
 
 
-def _default_store(config: ServerConfig) -> PasswordChecker:
-    from pypop.auth import PasswdFileStore
+def _default_store(config: ServerConfig) -> CredentialStore:
 
     if config.passwd_file is None:
         raise ValueError("no credential store: set auth.passwd_file (or --passwd-file)")
@@ -259,10 +282,14 @@ async def serve(
     config: ServerConfig,
     *,
     backend: Backend | None = None,
-    store: PasswordChecker | None = None,
+    store: CredentialStore | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    token_verifier: TokenVerifier | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a POP3 server until cancelled or until ``Server.shutdown()``."""
-    server = Server(config, backend=backend, store=store, ssl_context=ssl_context)
+    server = Server(
+        config, backend=backend, store=store, ssl_context=ssl_context,
+        token_verifier=token_verifier,
+    )
     await server.run(task_status=task_status)

@@ -7,15 +7,30 @@ streaming message bodies through the dot-stuffer, STLS and UPDATE.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from pypop.auth import (
+    AuthPenalty,
+    CredentialStore,
+    LoginDelay,
+    PerClientLimiter,
+    SaslChallenge,
+    SaslContext,
+    SaslMechanism,
+    SaslSuccess,
+    TokenVerifier,
+    available_mechanisms,
+    create_mechanism,
+    verify_apop,
+)
 from pypop.backend import (
     AuthFailed,
     Backend,
@@ -46,7 +61,7 @@ from pypop.wire import DotStuffer, make_challenge
 if TYPE_CHECKING:
     from pypop.protocol import Event
 
-__all__ = ["PasswordChecker", "Session", "SessionContext"]
+__all__ = ["Session", "SessionContext"]
 
 log = logging.getLogger("pypop.session")
 
@@ -54,12 +69,6 @@ RECV_SIZE: Final = 65536
 # Flush queued replies once this much is waiting: bounds memory per session while a
 # pipelined batch or a large message is being produced.
 FLUSH_AT: Final = 65536
-
-
-class PasswordChecker(Protocol):
-    """What the session needs of a credential store for USER/PASS."""
-
-    async def verify_password(self, user: str, password: str) -> bool: ...
 
 
 class _SessionEnd(Exception):
@@ -71,19 +80,20 @@ class SessionContext:
     """What every session of one server shares."""
 
     backend: Backend
-    store: PasswordChecker
+    store: CredentialStore
     protocol: ProtocolConfig
     hostname: str
     greeting: str = "POP3 server ready"
     idle_timeout: float = 600.0
-    auth_failure_delay: float = 2.0
     apop: bool = False
     allow_plaintext: bool = False
     ssl_context: ssl.SSLContext | None = None
-    # Optional hooks the auth layer fills in (APOP, SASL); None = not offered.
-    apop_verifier: Callable[[str, bytes, bytes], Awaitable[bool]] | None = None
-    sasl_factory: Callable[[str, Session], object] | None = None
-    stats: dict[str, int] = field(default_factory=dict)
+    mechanisms: tuple[str, ...] = ()
+    token_verifier: TokenVerifier | None = None
+    penalty: AuthPenalty = field(default_factory=AuthPenalty)
+    per_client: PerClientLimiter = field(default_factory=PerClientLimiter)
+    login_delay: LoginDelay | None = None
+    hash_limiter: trio.CapacityLimiter | None = None
 
 
 class Session:
@@ -114,12 +124,39 @@ class Session:
         self.retrieved_octets = 0
         self.deleted = 0
         self.end = "?"
-        self._sasl: object | None = None
+        self._sasl: SaslMechanism | None = None
+        self._sasl_user: str | None = None  # success data sent as a final challenge
+        self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
         # RFC 2595 §3 / RFC 8314: no cleartext passwords outside TLS unless the admin
         # says so; loopback never leaves the host.
         return tls or self.loopback or self.ctx.allow_plaintext
+
+    def _sasl_context(self) -> SaslContext:
+        binding: bytes | None = None
+        if self.tls and isinstance(self.stream, trio.SSLStream):
+            # tls-unique exists for TLS 1.2 only; TLS 1.3 gets no -PLUS (RFC 9266).
+            binding = self.stream.get_channel_binding("tls-unique")
+        return SaslContext(
+            store=self.ctx.store,
+            hostname=self.ctx.hostname,
+            tls_active=self.tls,
+            token_verifier=self.ctx.token_verifier,
+            channel_binding=binding,
+            hash_limiter=self.ctx.hash_limiter,
+        )
+
+    def _update_mechanisms(self) -> None:
+        """Tell the protocol which SASL mechanisms CAPA and AUTH may offer now."""
+        ctx = self._sasl_context()
+        enabled = self.ctx.mechanisms
+        usable = available_mechanisms(ctx, enabled, allow_plaintext=self.conn.plaintext_allowed)
+        everything = available_mechanisms(
+            dataclasses.replace(ctx, tls_active=True), enabled, allow_plaintext=True
+        )
+        self.conn.sasl_usable = usable
+        self.conn.sasl_refused_plaintext = [m for m in everything if m not in usable]
 
     # -- I/O --
 
@@ -206,12 +243,15 @@ class Session:
             case Retrieve():
                 await self._retrieve(event)
             case PasswordLogin(user=user, password=password):
-                ok = await self._verify(self.ctx.store.verify_password(user, password))
-                return await self._finish_login(user, ok)
+                store = self.ctx.store
+                return await self._login(
+                    user, lambda: store.verify_password(user, password), password
+                )
             case ApopLogin(user=user, digest=digest, timestamp=timestamp):
-                verifier = self.ctx.apop_verifier
-                ok = verifier is not None and await self._verify(verifier(user, timestamp, digest))
-                return await self._finish_login(user, ok)
+                store = self.ctx.store
+                return await self._login(
+                    user, lambda: verify_apop(store, user, timestamp, digest), digest
+                )
             case StartTLS():
                 await self._start_tls()
             case Update(deleted=deleted):
@@ -220,27 +260,44 @@ class Session:
                 return await self._sasl_event(event)
         return None
 
-    async def _verify(self, check: Awaitable[bool]) -> bool:
-        try:
-            return await check
-        except Exception:
-            log.exception("credential check failed")
-            return False
-
     # -- login --
 
-    async def _finish_login(self, user: str | None, ok: bool) -> Closing | None:
+    async def _login(
+        self, user: str, verify: Callable[[], Awaitable[bool]], secret: str | bytes
+    ) -> Closing | None:
+        """USER/PASS and APOP: penalty, verification, then the maildrop."""
+        penalty = self.ctx.penalty
+        async with self.ctx.per_client.slot(self.peer):
+            # The penalty is served before verifying, so parallel connections from
+            # one client learn nothing sooner (Dovecot's anvil does the same).
+            await trio.sleep(penalty.delay(self.peer))
+            try:
+                ok = await verify()
+            except Exception as exc:
+                if not isinstance(exc, TemporaryFailure):
+                    log.exception("credential check failed")
+                return self.conn.login_failed("SYS/TEMP", "Temporary authentication failure")
+        if not ok:
+            return await self._auth_failed(user, secret)
+        penalty.record_success(self.peer)
+        return await self._open(user)
+
+    async def _auth_failed(self, user: str | None, secret: str | bytes | None) -> Closing | None:
+        await trio.sleep(self.ctx.penalty.record_failure(self.peer, user, secret))
+        return self.conn.login_failed("AUTH", "Authentication failed")
+
+    async def _open(self, user: str) -> Closing | None:
+        """§4: lock and snapshot the maildrop, then TRANSACTION."""
         conn = self.conn
-        if not ok or user is None:
-            await trio.sleep(self.ctx.auth_failure_delay)
-            return conn.login_failed("AUTH", "Authentication failed")
+        if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
+            # RFC 2449 §8.1.1
+            return conn.login_failed("LOGIN-DELAY", "Minimum time between logins not reached")
         try:
             mailbox = await self.ctx.backend.open_mailbox(user)
         except MailboxLocked:
             return conn.login_failed("IN-USE", "Mailbox is locked by another session")
         except AuthFailed:
-            await trio.sleep(self.ctx.auth_failure_delay)
-            return conn.login_failed("AUTH", "Authentication failed")
+            return await self._auth_failed(user, None)
         except PermanentFailure:
             return conn.login_failed("SYS/PERM", "Mailbox cannot be opened")
         except Exception as exc:
@@ -251,13 +308,56 @@ class Session:
         conn.login_succeeded(user, mailbox.messages)
         return None
 
-    # -- SASL (pypop.auth fills ctx.sasl_factory) --
+    # -- SASL (RFC 5034) --
 
     async def _sasl_event(self, event: SaslStart | SaslResponse | SaslAborted) -> Closing | None:
         if isinstance(event, SaslAborted):
+            self._sasl = None
+            self._sasl_user = None
             return None
-        await trio.sleep(self.ctx.auth_failure_delay)
-        return self.conn.login_failed("AUTH", "Authentication failed")
+        if self._sasl_user is not None:
+            # The mechanism's success data went out as a challenge (RFC 4422 §5, for
+            # protocols without "additional data with success"); the client must
+            # answer with an empty line.
+            user, self._sasl_user, self._sasl = self._sasl_user, None, None
+            if not isinstance(event, SaslResponse) or event.data:
+                return await self._auth_failed(user, None)
+            self.ctx.penalty.record_success(self.peer)
+            return await self._open(user)
+        if isinstance(event, SaslStart):
+            mech = create_mechanism(
+                event.mechanism,
+                self._sasl_context(),
+                self.ctx.mechanisms,
+                allow_plaintext=self.conn.plaintext_allowed,
+            )
+            if mech is None:
+                return self.conn.login_failed("AUTH", "Authentication failed")
+            self._sasl = mech
+            async with self.ctx.per_client.slot(self.peer):
+                await trio.sleep(self.ctx.penalty.delay(self.peer))
+                result = await mech.step(event.initial)
+        else:
+            if self._sasl is None:
+                return self.conn.login_failed("AUTH", "Authentication failed")
+            mech = self._sasl
+            async with self.ctx.per_client.slot(self.peer):
+                result = await mech.step(event.data)
+        if isinstance(result, SaslChallenge):
+            self.conn.sasl_challenge(result.data)
+            return None
+        if isinstance(result, SaslSuccess):
+            if result.data:
+                self._sasl_user = result.user
+                self.conn.sasl_challenge(result.data)
+                return None
+            self._sasl = None
+            self.ctx.penalty.record_success(self.peer)
+            return await self._open(result.user)
+        self._sasl = None
+        if result.code == "AUTH":
+            return await self._auth_failed(mech.attempted_user, mech.attempted_secret)
+        return self.conn.login_failed(result.code, result.text)
 
     # -- STLS (RFC 2595 §4) --
 
@@ -277,6 +377,7 @@ class Session:
         self.stream = tls_stream
         self.tls = True
         self.conn.plaintext_allowed = self._plaintext_allowed(True)
+        self._update_mechanisms()
 
     # -- RETR / TOP --
 
@@ -313,6 +414,9 @@ class Session:
                 log.exception(
                     "backend failed while streaming message %d of %s", event.index + 1, self.user
                 )
+                # Earlier replies still go out; the cut message has no terminator, so the
+                # client sees a broken transfer, never a short message.
+                await self._flush()
                 raise _SessionEnd("backend failure mid-message") from None
             conn.send_raw(stuffer.finish())
             conn.message_done()

@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import poplib
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
 import pytest
 import trio
 
+from pypop.auth import MemoryCredentialStore
 from pypop.backend import Backend, MailboxLocked, is_valid_uid
 from pypop.config import ServerConfig
 from pypop.server import Server, serve
 from pypop.wire import wire_size
 
-__all__ = ["HARD_MESSAGES", "BackendConformance", "DictPasswords", "Harness", "expected_retr"]
+__all__ = ["HARD_MESSAGES", "BackendConformance", "Harness", "expected_retr"]
 
 T = TypeVar("T")
 
@@ -56,17 +57,6 @@ class Harness(Protocol):
     async def deliver(self, backend: Backend, user: str, message: bytes) -> None:
         """Add a message to ``user``'s maildrop, as a delivery agent would."""
         ...
-
-
-class DictPasswords:
-    """A credential checker over a dict (tests, embedding)."""
-
-    def __init__(self, passwords: Mapping[str, str]) -> None:
-        self._passwords = dict(passwords)
-
-    async def verify_password(self, user: str, password: str) -> bool:
-        expected = self._passwords.get(user)
-        return expected is not None and expected == password
 
 
 # Stored messages that real clients trip over, and what RETR must deliver for each
@@ -111,9 +101,11 @@ class BackendConformance:
 
     @asynccontextmanager
     async def _server(self, backend: Backend) -> AsyncIterator[Server]:
-        config = ServerConfig(listen=[("127.0.0.1", 0)], auth_failure_delay=0.0,
-                              shutdown_timeout=5.0)
-        store = DictPasswords(dict.fromkeys(self.users, PASSWORD))
+        config = ServerConfig(
+            listen=[("127.0.0.1", 0)], auth_failure_delay=0.0, auth_penalty_max=0.0,
+            shutdown_timeout=5.0,
+        )
+        store = MemoryCredentialStore(dict.fromkeys(self.users, PASSWORD))
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 lambda task_status: serve(config, backend=backend, store=store,

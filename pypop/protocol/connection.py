@@ -223,6 +223,11 @@ class ServerConnection:
         self._busy: Event | None = None
         self._pending_user: str | None = None
         self._sasl_waiting = False
+        # Set by the session when it knows more than the config (store abilities, TLS
+        # channel binding): mechanisms usable now, and those refused only for want of
+        # TLS. None = derive both from the config and plaintext_allowed.
+        self.sasl_usable: list[str] | None = None
+        self.sasl_refused_plaintext: list[str] | None = None
         # maildrop snapshot (§4): numbers fixed for the session
         self._sizes: list[int] = []
         self._uids: list[str] = []
@@ -367,12 +372,12 @@ class ServerConnection:
             case Auth(mechanism=None):
                 self._multiline("", self.usable_mechanisms())  # Outlook discovery
             case Auth(mechanism=str(mech), initial=initial):
-                if mech not in self.config.sasl_mechanisms:
-                    self._err("Unsupported authentication mechanism")
-                elif mech not in self.usable_mechanisms():
+                if mech in self.usable_mechanisms():
+                    return SaslStart(mech, initial)
+                if mech in self._refused_mechanisms():
                     self._err(PLAINTEXT_REFUSED, "AUTH")
                 else:
-                    return SaslStart(mech, initial)
+                    self._err("Unsupported authentication mechanism")
             case Stls():
                 if not self.config.stls_available:
                     self._err("STLS not available")
@@ -458,11 +463,19 @@ class ServerConnection:
     # -- capabilities --
 
     def usable_mechanisms(self) -> list[str]:
+        if self.sasl_usable is not None:
+            return self.sasl_usable
         return [
             m
             for m in self.config.sasl_mechanisms
             if self.plaintext_allowed or m not in self.config.plaintext_mechanisms
         ]
+
+    def _refused_mechanisms(self) -> list[str]:
+        if self.sasl_refused_plaintext is not None:
+            return self.sasl_refused_plaintext
+        usable = self.usable_mechanisms()
+        return [m for m in self.config.sasl_mechanisms if m not in usable]
 
     def capabilities(self) -> list[str]:
         """RFC 2449 §5-6. Capabilities of the AUTHORIZATION state are announced in
