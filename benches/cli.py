@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import resource
@@ -105,7 +106,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="idle: connections against Dovecot, a process each (default 1000; quick 200)",
     )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter that runs `python -m pypop serve` (default: this one)",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="print the table (and redraw the PNG beside it) from an earlier run's JSON",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     args = p.parse_args(argv)
     q = args.quick
@@ -160,7 +172,7 @@ def meta(
                 break
     except OSError:
         pass
-    wire = cmd(sys.executable, "-c", "import pypop.wire as w; print(w.IMPLEMENTATION)")
+    wire = cmd(args.python, "-c", "import pypop.wire as w; print(w.IMPLEMENTATION)")
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": cmd("git", "rev-parse", "--short", "HEAD"),
@@ -169,6 +181,7 @@ def meta(
         "cpus": os.cpu_count(),
         "pinned": bool(pin_prefix(0)),
         "python": platform.python_version(),
+        "loadavg_at_start": _loadavg(),
         "pypop_wire": wire,
         "dovecot": cmd("dovecot", "--version") if "dovecot" in servers else "",
         "quick": args.quick,
@@ -184,6 +197,13 @@ def meta(
         if binary.is_relative_to(REPO)
         else str(binary),
     }
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
 
 
 def load_args(
@@ -227,8 +247,29 @@ def metric_of(sc: Scenario, data: dict[str, Any]) -> float | None:
     return float(v) if isinstance(v, int | float) else None
 
 
+def rerender(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    info, runs = doc["meta"], doc["runs"]
+    order = [s.key for s in SCENARIOS if any(r["scenario"] == s.key for r in runs)]
+    summary = report.summarize(runs)
+    print(
+        f"pypop benchmark ({'quick' if info['quick'] else 'full'}, {info['date']}, "
+        f"{info['commit']}; median (min-max) of {info['repeats']} runs of "
+        f"{info['duration_s']:g} s; pypop wire codec: {info['pypop_wire'] or '-'}; "
+        "@N% = server's use of its core)"
+    )
+    print(report.format_table(summary, info["servers"], order))
+    png = path.with_suffix(".png")
+    title = f"pypop vs Dovecot POP3 - server on 1 core - median of {info['repeats']}"
+    if report.write_chart(png, summary, info["servers"], order, f"{title} - {info['commit']}"):
+        print(f"PNG:  {png}")
+    return 1 if doc.get("failures") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return rerender(args.report)
     if args.setup:
         subprocess.run(["sh", str(Path(__file__).resolve().parent / "setup.sh")], check=True)
     wanted = [s for s in args.servers.split(",") if s]
@@ -267,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     raise_nofile()
+    load = _loadavg()
+    if load and load[0] > 0.5:
+        print(
+            f"benches: warning: load average {load[0]:.2f} before start: other work on this "
+            "machine will take CPU from the pinned server and the load generator",
+            file=sys.stderr,
+        )
     print(
         "benches: building the load generator (cargo build --release -p pop3-load)", file=sys.stderr
     )
@@ -303,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     cert,
                     key,
                     max_connections=args.idle_connections + 200,
+                    python=args.python,
                 )
                 conns = args.idle_connections
             bar.start(f"{name}: starting")
@@ -405,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"pypop benchmark ({tag}; median (min-max) of {args.repeats} runs of "
-        f"{args.duration:g} s; idle: one run; MB = 10^6 octets)"
+        f"{args.duration:g} s; idle: one run; MB = 10^6 octets; "
+        f"pypop wire codec: {info['pypop_wire'] or '-'}; @N% = server's use of its core)"
     )
     print(table)
     for name, why in skipped.items():

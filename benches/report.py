@@ -72,6 +72,8 @@ def _cell(c: dict[str, Any] | None) -> str:
     if c["median"] is None:
         return "FAILED"
     s = f"{_num(c['median'])} ({_num(c['min'])}-{_num(c['max'])})"
+    if c.get("server_util_median") is not None:
+        s += f" @{100 * c['server_util_median']:.0f}%"
     if c["failed"]:
         s += f" {c['failed']} failed"
     return s
@@ -82,7 +84,11 @@ def format_table(
     servers: Sequence[str],
     scenario_order: Sequence[str],
 ) -> str:
-    """Median (min-max) per server, then pypop/Dovecot ratios of the medians."""
+    """Median (min-max) @server-CPU% per server, then pypop/Dovecot ratios of the medians.
+
+    The server CPU figure is the median share of its one core the server used: well
+    under 100% means it was waiting (on the clients, the disk, or a busy machine).
+    """
     others = [s for s in servers if s != BASELINE]
     has_base = BASELINE in servers
     head = ["scenario", "unit", *servers]

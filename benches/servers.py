@@ -408,14 +408,11 @@ key = "{self.key}"
         conf.write_text(self.config_text())
         self.log = self.workdir / "pypop.log"
         out = self.log.open("wb")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             self.command(conf),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
             cwd=self.workdir,
         )
         out.close()
