@@ -44,7 +44,9 @@ class LineFramer:
         """Octets held for an incomplete line (0 while skipping an overlong one)."""
 
     def feed(self, data: bytes) -> list[bytes | None]:
-        """Every line completed by ``data``, without its line end; ``None`` marks an overlong line."""
+        """Every line completed by ``data``, without its line end.
+
+        ``None`` marks an overlong line."""
 
     def clear(self) -> None:
         """Forget buffered input and any overlong-skip state (used at STLS)."""

@@ -185,8 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pypop.auth import passwd_main
 
         return passwd_main(list(args.rest))
-    parser.error("unknown command")
-    return 2
+    parser.error("unknown command")  # argparse exits
 
 
 if __name__ == "__main__":

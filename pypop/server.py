@@ -289,7 +289,10 @@ async def serve(
 ) -> None:
     """Run a POP3 server until cancelled or until ``Server.shutdown()``."""
     server = Server(
-        config, backend=backend, store=store, ssl_context=ssl_context,
+        config,
+        backend=backend,
+        store=store,
+        ssl_context=ssl_context,
         token_verifier=token_verifier,
     )
     await server.run(task_status=task_status)

@@ -69,7 +69,10 @@ HARD_MESSAGES: dict[str, bytes] = {
     "eight-bit": "Subject: caf\u00e9\r\n\r\nna\u00efve \u00fcber\r\n".encode(),
     "folded-header": b"Subject: a\r\n folded\r\n\tsubject\r\nTo: x\r\n\r\nbody\r\n",
     # A "." line that starts exactly at the 64 KiB block boundary.
-    "dot-at-64k": b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * 63 + b"y" * 1006 + b"\r\n"
+    "dot-at-64k": b"Subject: big\r\n\r\n"
+    + (b"x" * 1022 + b"\r\n") * 63
+    + b"y" * 1006
+    + b"\r\n"
     + b".dot\r\n",
 }
 
@@ -102,14 +105,17 @@ class BackendConformance:
     @asynccontextmanager
     async def _server(self, backend: Backend) -> AsyncIterator[Server]:
         config = ServerConfig(
-            listen=[("127.0.0.1", 0)], auth_failure_delay=0.0, auth_penalty_max=0.0,
+            listen=[("127.0.0.1", 0)],
+            auth_failure_delay=0.0,
+            auth_penalty_max=0.0,
             shutdown_timeout=5.0,
         )
         store = MemoryCredentialStore(dict.fromkeys(self.users, PASSWORD))
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                lambda task_status: serve(config, backend=backend, store=store,
-                                          task_status=task_status)
+                lambda task_status: serve(
+                    config, backend=backend, store=store, task_status=task_status
+                )
             )
             try:
                 yield server
@@ -266,7 +272,9 @@ class BackendConformance:
                 pop.dele(i)
             # Vanish without QUIT: RST, not FIN.
             sock = pop.sock
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
 
         async with self._server(backend) as server:
             await self._client(server, "alice", dele_all_then_drop)
@@ -276,7 +284,8 @@ class BackendConformance:
                     count = await self._client(server, "alice", lambda p: p.stat()[0])
                     break
                 except poplib.error_proto as exc:
-                    assert b"[IN-USE]" in exc.args[0]
+                    if b"[IN-USE]" not in exc.args[0]:
+                        raise
                     await trio.sleep(0.05)
             else:
                 pytest.fail("the dropped session never released its lock")

@@ -42,7 +42,7 @@ BODY = b"Subject: x\r\n\r\nbody\r\n.\r\n"
 class Driver:
     """A tiny synchronous 'session': answers events the way the real one would."""
 
-    def __init__(self, conn: ServerConnection, password: str = "secret") -> None:
+    def __init__(self, conn: ServerConnection, password: str = "secret") -> None:  # noqa: S107
         self.conn = conn
         self.password = password
         self.events: list[Event] = []
@@ -143,9 +143,25 @@ def test_grammar_accepts(line: bytes, expected: object) -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        b"LIST -1", b"LIST abc", b"LIST 1 2", b"LIST +1", b"RETR", b"RETR 1 2", b"DELE x",
-        b"TOP 1", b"TOP 1 -1", b"TOP a 1", b"USER", b"USER a b", b"PASS", b"STAT 1",
-        b"NOOP x", b"LIST  1", b"APOP bob", b"APOP bob short", b"QUIT now",
+        b"LIST -1",
+        b"LIST abc",
+        b"LIST 1 2",
+        b"LIST +1",
+        b"RETR",
+        b"RETR 1 2",
+        b"DELE x",
+        b"TOP 1",
+        b"TOP 1 -1",
+        b"TOP a 1",
+        b"USER",
+        b"USER a b",
+        b"PASS",
+        b"STAT 1",
+        b"NOOP x",
+        b"LIST  1",
+        b"APOP bob",
+        b"APOP bob short",
+        b"QUIT now",
     ],
 )
 def test_grammar_rejects_arguments(line: bytes) -> None:
@@ -189,8 +205,9 @@ def test_transaction_commands_refused_in_authorization(cmd: bytes) -> None:
     assert converse(cmd + b"\r\n") == b"-ERR Command not valid in this state\r\n"
 
 
-@pytest.mark.parametrize("cmd", [b"USER bob", b"PASS x", b"APOP bob " + b"a" * 32, b"STLS",
-                                 b"AUTH PLAIN"])
+@pytest.mark.parametrize(
+    "cmd", [b"USER bob", b"PASS x", b"APOP bob " + b"a" * 32, b"STLS", b"AUTH PLAIN"]
+)
 def test_authorization_commands_refused_in_transaction(cmd: bytes) -> None:
     out = converse(cmd + b"\r\n", login=True)
     assert out == b"-ERR Command not valid in this state\r\n"
@@ -254,7 +271,8 @@ def test_retr_and_top_events() -> None:
     d = Driver(conn)
     d.run()
     assert [e for e in d.events if isinstance(e, Retrieve)] == [
-        Retrieve(1, 200, None), Retrieve(2, 300, 5)
+        Retrieve(1, 200, None),
+        Retrieve(2, 300, 5),
     ]
     out = conn.data_to_send()
     assert out.endswith(b"+OK 200 octets\r\n" + BODY + b"+OK\r\n" + BODY + b"+OK\r\n")
@@ -373,9 +391,7 @@ def test_caller_must_complete_events() -> None:
 
 
 def test_capa_by_state_and_policy() -> None:
-    cfg = ProtocolConfig(
-        sasl_mechanisms=("PLAIN", "CRAM-MD5"), stls_available=True, login_delay=30
-    )
+    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN", "CRAM-MD5"), stls_available=True, login_delay=30)
     out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg))
     assert out == (
         b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
@@ -400,7 +416,9 @@ def test_plaintext_refused_without_tls() -> None:
         b"USER bob\r\nPASS secret\r\nAUTH PLAIN\r\nAUTH\r\n",
         lambda: ServerConnection(cfg, plaintext_allowed=False),
     )
-    refused = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+    refused = (
+        b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+    )
     assert out == refused * 3 + b"+OK\r\n.\r\n"
 
 

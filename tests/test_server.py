@@ -57,7 +57,7 @@ def port_of(server: object) -> int:
 async def test_poplib_session(start_server: ServerStarter, memory_backend: MemoryBackend) -> None:
     server = await start_server()
 
-    def client() -> tuple[object, ...]:
+    def client() -> tuple[bytes, tuple[int, int], list[bytes], list[bytes], list[bytes]]:
         pop = poplib.POP3("127.0.0.1", port_of(server), timeout=10)
         welcome = pop.getwelcome()
         pop.user("alice")
@@ -124,10 +124,14 @@ async def test_pipelined_replies_in_order(start_server: ServerStarter) -> None:
     assert out == (
         b"+OK POP3 server ready\r\n+OK\r\n"
         + f"+OK maildrop has 3 messages ({3 * n} octets)\r\n+OK 3 {3 * n}\r\n".encode()
-        + f"+OK {n} octets\r\n".encode() + stuff(msg1)
+        + f"+OK {n} octets\r\n".encode()
+        + stuff(msg1)
         + b"+OK\r\n"
-        + f"+OK {n} octets\r\n".encode() + stuff(msg2)
-        + b"+OK\r\n" + head3 + b".\r\n"
+        + f"+OK {n} octets\r\n".encode()
+        + stuff(msg2)
+        + b"+OK\r\n"
+        + head3
+        + b".\r\n"
         + b"-ERR No such message\r\n+OK Logging out\r\n"
     )
 
@@ -136,14 +140,17 @@ async def test_garbage_gets_err_and_session_survives(start_server: ServerStarter
     server = await start_server()
     out = await talk(
         port_of(server),
-        b"HELO\r\n\x00\xff\r\nUSER\r\n" + b"A" * 1000 + b"\r\nRETR 1\r\nUSER bob\r\nPASS builder\r\n"
+        b"HELO\r\n\x00\xff\r\nUSER\r\n"
+        + b"A" * 1000
+        + b"\r\nRETR 1\r\nUSER bob\r\nPASS builder\r\n"
         b"LIST 0\r\nLIST -1\r\nLIST 99999999999\r\nQUIT\r\n",
     )
     size = len(sample_message("bob", 1))
     assert out == (
         b"+OK POP3 server ready\r\n-ERR Unknown command\r\n-ERR Invalid characters in command\r\n"
         b"-ERR Invalid arguments\r\n-ERR Line too long\r\n-ERR Command not valid in this state\r\n"
-        b"+OK\r\n" + f"+OK maildrop has 1 messages ({size} octets)\r\n".encode()
+        b"+OK\r\n"
+        + f"+OK maildrop has 1 messages ({size} octets)\r\n".encode()
         + b"-ERR No such message\r\n-ERR Invalid arguments\r\n-ERR No such message\r\n"
         b"+OK Logging out\r\n"
     )
@@ -162,8 +169,13 @@ async def test_wrong_password_and_unknown_user_look_the_same(
     server = await start_server()
     a = await talk(port_of(server), b"USER alice\r\nPASS nope\r\nQUIT\r\n")
     b = await talk(port_of(server), b"USER nobody\r\nPASS nope\r\nQUIT\r\n")
-    assert a == b == (
-        b"+OK POP3 server ready\r\n+OK\r\n-ERR [AUTH] Authentication failed\r\n+OK Logging out\r\n"
+    assert (
+        a
+        == b
+        == (
+            b"+OK POP3 server ready\r\n+OK\r\n"
+            b"-ERR [AUTH] Authentication failed\r\n+OK Logging out\r\n"
+        )
     )
 
 
@@ -219,8 +231,13 @@ async def test_passwd_file_store(start_server: ServerStarter, passwd_file: Path)
 class BrokenBackend:
     """Fault injection: raises where told to."""
 
-    def __init__(self, real: MemoryBackend, *, open_fails: bool = False,
-                 retrieve_fails_after: int | None = None) -> None:
+    def __init__(
+        self,
+        real: MemoryBackend,
+        *,
+        open_fails: bool = False,
+        retrieve_fails_after: int | None = None,
+    ) -> None:
         self.real = real
         self.open_fails = open_fails
         self.retrieve_fails_after = retrieve_fails_after
@@ -272,7 +289,9 @@ async def test_backend_failure_on_retrieve(
     start_server: ServerStarter, memory_backend: MemoryBackend
 ) -> None:
     server = await start_server(backend=BrokenBackend(memory_backend, retrieve_fails_after=0))
-    out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nRETR 2\r\nNOOP\r\n")
+    out = await talk(
+        port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nRETR 2\r\nNOOP\r\n"
+    )
     assert out.endswith(b"-ERR [SYS/TEMP] Message temporarily unavailable\r\n")
     assert b"disk" not in out
     # The session ended without UPDATE: nothing deleted; the server still serves.
@@ -309,7 +328,7 @@ async def test_graceful_shutdown_never_commits_unfinished_sessions(
         with trio.fail_after(5):
             while await stream.receive_some(4096):
                 pass  # the server closes us once the deadline passes
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"all attempts to connect"):
         await trio.open_tcp_stream("127.0.0.1", port)
     box = await memory_backend.open_mailbox("alice")
     assert len(box.messages) == 3
@@ -347,8 +366,11 @@ async def run_and_close(session: Session) -> None:
 
 def _context(backend: Backend, **kw: object) -> SessionContext:
     return SessionContext(
-        backend=backend, store=MemoryCredentialStore(PASSWORDS), protocol=ProtocolConfig(),
-        hostname="test", penalty=AuthPenalty(initial_delay=0, max_delay=0, failure_delay=0),
+        backend=backend,
+        store=MemoryCredentialStore(PASSWORDS),
+        protocol=ProtocolConfig(),
+        hostname="test",
+        penalty=AuthPenalty(initial_delay=0, max_delay=0, failure_delay=0),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -426,7 +448,9 @@ async def test_pipelined_batch_is_one_write(memory_backend: MemoryBackend) -> No
         await client.receive_some()
         await trio.testing.wait_all_tasks_blocked()
         before = counting.sends
-        await client.send_all(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\n")
+        await client.send_all(
+            b"USER alice\r\nPASS wonderland\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\n"
+        )
         await trio.testing.wait_all_tasks_blocked()
         assert counting.sends == before + 1
         await client.send_all(b"QUIT\r\n")
@@ -458,7 +482,7 @@ def test_config_file(tmp_path: Path) -> None:
     path = tmp_path / "pypop.toml"
     path.write_text(
         '[server]\nlisten = ["127.0.0.1:1234", "[::1]:1235"]\nimplementation = ""\n'
-        '[limits]\nidle_timeout = 900\nmax_connections_per_ip = 7\n'
+        "[limits]\nidle_timeout = 900\nmax_connections_per_ip = 7\n"
         '[auth]\npasswd_file = "passwd"\napop = true\n'
         '[backend]\nname = "memory"\nsample_users = 2\n'
     )
@@ -500,7 +524,8 @@ async def test_cli_demo_serves_curl_and_stops_on_sigterm() -> None:
     assert CURL is not None
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "pypop", "serve", "--demo", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -512,8 +537,9 @@ async def test_cli_demo_serves_curl_and_stops_on_sigterm() -> None:
                 buf += chunk
         match = re.search(rb"curl (pop3://\S+)", buf)
         assert match is not None
-        fetched = await trio.run_process([CURL, "-sS", match.group(1).decode()],
-                                         capture_stdout=True)
+        fetched = await trio.run_process(
+            [CURL, "-sS", match.group(1).decode()], capture_stdout=True
+        )
         assert fetched.stdout == sample_message("user1", 1)
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
@@ -526,9 +552,22 @@ async def test_cli_demo_serves_curl_and_stops_on_sigterm() -> None:
 
 def test_cli_reports_unknown_backend() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pypop", "serve", "--backend", "nosuch", "--listen",
-         "127.0.0.1:0", "--passwd-file", "/dev/null"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pypop",
+            "serve",
+            "--backend",
+            "nosuch",
+            "--listen",
+            "127.0.0.1:0",
+            "--passwd-file",
+            "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "pip install pypop-nosuch" in result.stderr
