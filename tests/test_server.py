@@ -572,3 +572,35 @@ def test_cli_reports_unknown_backend() -> None:
     assert result.returncode == 2
     assert "pip install pypop-nosuch" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_one_summary_line_per_session_without_secrets(
+    start_server: ServerStarter, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server()
+    with caplog.at_level("INFO", logger="pypop.session"):
+        await talk(
+            port_of(server), b"USER alice\r\nPASS wonderland\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n"
+        )
+        await talk(port_of(server), b"USER alice\r\nPASS not-the-password\r\nQUIT\r\n")
+        for _ in range(100):
+            if len([r for r in caplog.records if r.name == "pypop.session"]) >= 2:
+                break
+            await trio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pypop.session"]
+    assert len(lines) == 2
+    size = len(sample_message("alice", 1))
+    assert re.fullmatch(
+        rf"session peer=127\.0\.0\.1 user=alice commands=5 retrieved=1 octets={size} "
+        r"deleted=1 duration=\d+\.\d{3} end=quit",
+        lines[0],
+    )
+    assert re.fullmatch(
+        r"session peer=127\.0\.0\.1 user=- commands=3 retrieved=0 octets=0 deleted=0 "
+        r"duration=\d+\.\d{3} end=quit",
+        lines[1],
+    )
+    assert not any(
+        "wonderland" in r.getMessage() or "not-the-password" in r.getMessage()
+        for r in caplog.records
+    )
