@@ -225,6 +225,8 @@ def load_args(
         "--label",
         f"{srv.name}/{sc.key}",
     ]
+    if pin_prefix(0):
+        a += ["--server-core", "0"]
     if sc.load == "tls-login":
         a += ["--ca", str(ca), "--sni", "localhost"]
     if sc.load == "idle":
@@ -256,7 +258,7 @@ def rerender(path: Path) -> int:
         f"pypop benchmark ({'quick' if info['quick'] else 'full'}, {info['date']}, "
         f"{info['commit']}; median (min-max) of {info['repeats']} runs of "
         f"{info['duration_s']:g} s; pypop wire codec: {info['pypop_wire'] or '-'}; "
-        "@N% = server's use of its core)"
+        "@N% = server's use of its core; ! = other work took over 10% of the server's core)"
     )
     print(report.format_table(summary, info["servers"], order))
     png = path.with_suffix(".png")
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "benches: building the load generator (cargo build --release -p pop3-load)", file=sys.stderr
     )
     binary = loadgen.build(quick=args.quick)
+    info = meta(args, servers, skipped, binary)  # before the runs: the codec in use now
 
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="pypop-bench-"))
@@ -431,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     table = report.format_table(summary, servers, order)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "quick" if args.quick else "full"
-    info = meta(args, servers, skipped, binary)
     doc: dict[str, Any] = {
         "meta": info,
         "summary": summary,
@@ -455,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"pypop benchmark ({tag}; median (min-max) of {args.repeats} runs of "
         f"{args.duration:g} s; idle: one run; MB = 10^6 octets; "
-        f"pypop wire codec: {info['pypop_wire'] or '-'}; @N% = server's use of its core)"
+        f"pypop wire codec: {info['pypop_wire'] or '-'}; @N% = server's use of its core; "
+        "! = other work took over 10% of the server's core)"
     )
     print(table)
     for name, why in skipped.items():

@@ -25,6 +25,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
                 "lower_is_better": r["lower_is_better"],
                 "cpu_ratios": [],
                 "server_util": [],
+                "other_util": [],
                 "failed": 0,
             },
         )
@@ -39,6 +40,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
         util = r["result"].get("server_cpu_util")
         if util is not None:
             cell["server_util"].append(util)
+        other = r["result"].get("server_core_other_util")
+        if other is not None:
+            cell["other_util"].append(other)
     for cells in out.values():
         for cell in cells.values():
             v = cell["values"]
@@ -48,6 +52,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
             cell["cpu_ratio_max"] = max(cell["cpu_ratios"]) if cell["cpu_ratios"] else None
             cell["server_util_median"] = (
                 statistics.median(cell["server_util"]) if cell["server_util"] else None
+            )
+            cell["other_util_median"] = (
+                statistics.median(cell["other_util"]) if cell["other_util"] else None
             )
     return out
 
@@ -74,6 +81,8 @@ def _cell(c: dict[str, Any] | None) -> str:
     s = f"{_num(c['median'])} ({_num(c['min'])}-{_num(c['max'])})"
     if c.get("server_util_median") is not None:
         s += f" @{100 * c['server_util_median']:.0f}%"
+    if (c.get("other_util_median") or 0.0) > 0.10:
+        s += "!"
     if c["failed"]:
         s += f" {c['failed']} failed"
     return s

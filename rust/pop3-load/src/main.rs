@@ -45,6 +45,7 @@ scenarios: login | retr-all | top | pipelined | idle | tls-login
   --connections N        idle: connections to hold (default 1000)
   --noop-interval SECS   idle: NOOP period per connection (default 5)
   --server-pid PID       report the server's CPU time and memory (process tree)
+  --server-core N        report how busy core N was with work other than the server
   --ca FILE              tls-login: PEM CA to trust
   --sni NAME             tls-login: server name to verify (default localhost)
   --tls-resumption       tls-login: allow TLS session resumption (default off)
@@ -96,6 +97,7 @@ struct Config {
     connections: usize,
     noop_interval: Duration,
     server_pid: Option<u32>,
+    server_core: Option<usize>,
     tls: Option<(TlsConnector, rustls_pki_types::ServerName<'static>)>,
     label: String,
 }
@@ -172,6 +174,7 @@ fn parse_args() -> Config {
     let mut connections = 1000usize;
     let mut noop_interval = Duration::from_secs(5);
     let mut server_pid = None;
+    let mut server_core = None;
     let mut ca = None;
     let mut sni = "localhost".to_string();
     let mut resumption = false;
@@ -209,6 +212,7 @@ fn parse_args() -> Config {
             "--connections" => connections = parse_num(&v, "connections"),
             "--noop-interval" => noop_interval = parse_secs(&v, "noop interval"),
             "--server-pid" => server_pid = Some(parse_num(&v, "server pid")),
+            "--server-core" => server_core = Some(parse_num(&v, "server core")),
             "--ca" => ca = Some(v),
             "--sni" => sni = v,
             "--label" => label = v,
@@ -263,6 +267,7 @@ fn parse_args() -> Config {
         connections,
         noop_interval,
         server_pid,
+        server_core,
         tls,
         label,
     }
@@ -758,6 +763,7 @@ fn main() {
         .unwrap_or_else(|e| die(&format!("runtime: {e}")));
     let cpu0 = procfs::self_cpu();
     let scpu0 = cfg.server_pid.map(procfs::tree_cpu_seconds);
+    let core0 = cfg.server_core.and_then(procfs::core_busy_seconds);
     let t0 = Instant::now();
     let (mut tally, extra) = rt.block_on(async {
         if cfg.scenario == Scenario::Idle {
@@ -816,6 +822,14 @@ fn main() {
         out["server_cpu_util"] = json!(server_cpu / elapsed);
         out["client_server_cpu_ratio"] =
             json!(if server_cpu > 0.0 { client_cpu / server_cpu } else { 0.0 });
+        // Work on the server's core that was not the server: other processes on a
+        // shared machine (or the kernel's softirq work for the loopback traffic).
+        if let (Some(core), Some(b0)) = (cfg.server_core, core0) {
+            if let Some(b1) = procfs::core_busy_seconds(core) {
+                out["server_core_busy_util"] = json!((b1 - b0) / elapsed);
+                out["server_core_other_util"] = json!(((b1 - b0) - server_cpu).max(0.0) / elapsed);
+            }
+        }
     }
     if let serde_json::Value::Object(m) = extra {
         for (k, v) in m {

@@ -114,3 +114,17 @@ pub fn raise_nofile() -> u64 {
         r.rlim_cur as u64
     }
 }
+
+/// Busy seconds of one CPU so far (everything but idle and iowait), from /proc/stat.
+pub fn core_busy_seconds(core: usize) -> Option<f64> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{core}");
+    let line = s.lines().find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    let busy: u64 = v.iter().take(8).sum::<u64>() - v[3] - v[4];
+    Some(busy as f64 / clk_tck())
+}
