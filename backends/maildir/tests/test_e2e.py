@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from pypop.auth import MemoryCredentialStore
 from pypop.backend import Backend
 from pypop.config import ServerConfig
 from pypop.server import Server, serve
-from pypop.testing import BackendConformance, DictPasswords, expected_retr
+from pypop.testing import BackendConformance, expected_retr
 
 from pypop_maildir import create
 
@@ -56,8 +57,13 @@ class TestMaildirConformance(BackendConformance):
 
 @asynccontextmanager
 async def running(backend: Backend) -> AsyncIterator[Server]:
-    config = ServerConfig(listen=[("127.0.0.1", 0)], auth_failure_delay=0.0, shutdown_timeout=5.0)
-    store = DictPasswords({"alice": PASSWORD})
+    config = ServerConfig(
+        listen=[("127.0.0.1", 0)],
+        auth_failure_delay=0.0,
+        auth_penalty_max=0.0,
+        shutdown_timeout=5.0,
+    )
+    store = MemoryCredentialStore({"alice": PASSWORD})
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(
             lambda task_status: serve(config, backend=backend, store=store, task_status=task_status)
