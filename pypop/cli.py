@@ -134,10 +134,15 @@ async def _run(cfg: ServerConfig, demo: bool) -> None:
 
 
 async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
-    """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now. SIGHUP: read
+    the TLS certificate and key again (a broken pair keeps the old one)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading the TLS certificate and key")
+                server.reload_tls()
+                continue
             if server.shutting_down:
                 log.warning("second %s: stopping now", name)
                 scope.cancel()

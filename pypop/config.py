@@ -30,8 +30,8 @@ Example ``pypop.toml`` (every key optional)::
     login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
 
     [tls]
-    cert = "/etc/pypop/cert.pem"
-    key = "/etc/pypop/key.pem"
+    cert = "/etc/pypop/cert.pem"        # PEM chain; both files are read again on
+    key = "/etc/pypop/key.pem"          # SIGHUP (a bad new pair keeps the old one)
 
     [backend]
     name = "maildir"
@@ -104,6 +104,7 @@ class ServerConfig:
     passwd_file: Path | None = None
     apop: bool = False
     allow_plaintext: bool = False
+    loopback_is_secure: bool = True
     mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
     tokens_file: Path | None = None
     login_delay: int = 0
@@ -167,6 +168,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "auth": {
         "apop": ("apop", bool),
         "allow_plaintext": ("allow_plaintext", bool),
+        "loopback_is_secure": ("loopback_is_secure", bool),
         "login_delay": ("login_delay", int),
     },
 }

@@ -128,6 +128,28 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
 
+    def reload_tls(self) -> bool:
+        """Read ``tls.cert`` and ``tls.key`` again (the CLI calls this on SIGHUP).
+
+        The new context serves every handshake from now on (implicit TLS and STLS);
+        sessions already in TLS keep theirs. If the new pair cannot be loaded (missing
+        file, bad PEM, key not matching the certificate) the old context stays in use,
+        the error is logged, and the result is False.
+        """
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None or key is None:
+            log.warning("TLS reload: no tls.cert/tls.key configured, nothing to reload")
+            return False
+        try:
+            ctx = make_ssl_context(str(cert), str(key))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("TLS reload failed, keeping the current certificate: %s", exc)
+            return False
+        self.ssl_context = ctx
+        self.context.ssl_context = ctx
+        log.info("TLS certificate and key reloaded from %s and %s", cert, key)
+        return True
+
     @property
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()
@@ -230,6 +252,7 @@ class Server:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             if implicit_tls:
+                # Read once per connection: reload_tls() may swap it.
                 assert self.ssl_context is not None
                 tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
                 s = tls
@@ -238,9 +261,13 @@ class Server:
                     await tls.do_handshake()
                 if cs.cancelled_caught:
                     return
-            session = Session(self.context, s, peer, tls=implicit_tls, loopback=_is_loopback(peer))
-            await session.run()
-            s = session.stream
+            # auth.loopback_is_secure: a loopback peer may use cleartext logins.
+            secure_loopback = self.config.loopback_is_secure and _is_loopback(peer)
+            session = Session(self.context, s, peer, tls=implicit_tls, loopback=secure_loopback)
+            try:
+                await session.run()
+            finally:
+                s = session.stream  # the TLS stream after STLS: close it with close_notify
         except trio.BrokenResourceError:
             pass
         finally:

@@ -135,8 +135,14 @@ class Session:
 
     def _sasl_context(self) -> SaslContext:
         binding: bytes | None = None
-        if self.tls and isinstance(self.stream, trio.SSLStream):
-            # tls-unique exists for TLS 1.2 only; TLS 1.3 gets no -PLUS (RFC 9266).
+        if (
+            self.tls
+            and isinstance(self.stream, trio.SSLStream)
+            and self.stream.version() in ("TLSv1.2", "TLSv1.1", "TLSv1")
+        ):
+            # tls-unique is defined up to TLS 1.2 only (RFC 9266 §3: MUST NOT be used
+            # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
+            # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
             binding = self.stream.get_channel_binding("tls-unique")
         return SaslContext(
             store=self.ctx.store,
@@ -316,9 +322,11 @@ class Session:
             self._sasl_user = None
             return None
         if self._sasl_user is not None:
-            # The mechanism's success data went out as a challenge (RFC 4422 §5, for
-            # protocols without "additional data with success"); the client must
-            # answer with an empty line.
+            # RFC 5034 §4: "POP3 does not allow for additional data to be sent with a
+            # message indicating a successful outcome" (RFC 4422 §3.6). So the
+            # mechanism's success data (SCRAM's v=) went out as a final "+ " challenge,
+            # and the client answers it with an empty line before the +OK (the
+            # DIGEST-MD5 rspauth example in RFC 5034 §6). Anything else fails.
             user, self._sasl_user, self._sasl = self._sasl_user, None, None
             if not isinstance(event, SaslResponse) or event.data:
                 return await self._auth_failed(user, None)

@@ -8,8 +8,9 @@ with one of:
 - :class:`SaslChallenge`: send ``+ base64(data)`` (``+ `` for empty data) and feed the
   client's next line to ``step``;
 - :class:`SaslSuccess`: the user is authenticated. If ``data`` is not None it is the
-  mechanism's additional data with success (SCRAM's ``v=``), which the session sends
-  as described in RFC 5034 before ``+OK``;
+  mechanism's additional data with success (SCRAM's ``v=``). POP3 has no way to carry
+  it on the ``+OK`` (RFC 5034 §4, RFC 4422 §3.6), so the session sends it as a last
+  ``+ base64`` challenge, waits for an empty client line, then replies ``+OK``;
 - :class:`SaslFailure`: reply ``-ERR [code] text``.
 
 ``step`` never raises for anything a client sends: undecodable, truncated or
