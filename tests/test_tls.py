@@ -77,6 +77,8 @@ def der_of(chain: Path) -> bytes:
 class Client:
     """A line-oriented raw POP3 client over any trio stream (plain or TLS)."""
 
+    LIMIT = 10.0  # seconds to wait for a line (tests on the autojump clock raise it)
+
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buf = b""
@@ -88,8 +90,8 @@ class Client:
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def line(self, limit: float = 10) -> bytes:
-        with trio.fail_after(limit):
+    async def line(self) -> bytes:
+        with trio.fail_after(self.LIMIT):
             while b"\r\n" not in self.buf:
                 chunk = await self.stream.receive_some(65536)
                 if not chunk:
@@ -119,9 +121,9 @@ class Client:
             got += await self.stream.receive_some(65536)
         return bytes(got)
 
-    async def eof(self, limit: float = 10) -> bool:
+    async def eof(self) -> bool:
         """True once the peer closes (after draining anything left)."""
-        with trio.fail_after(limit):
+        with trio.fail_after(self.LIMIT):
             while await self.stream.receive_some(65536):
                 pass
         return True
