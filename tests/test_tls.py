@@ -21,6 +21,7 @@ import trio
 import trustme
 
 from pypop.backends.memory import sample_message
+from pypop.config import load_config
 from pypop.server import Server
 
 from .conftest import ServerStarter
@@ -591,3 +592,24 @@ async def test_cli_sighup_reloads_certificate(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_config_docstring_example_loads(tmp_path: Path) -> None:
+    """pypop/config.py's example stays a valid file, TLS and auth keys included."""
+    import pypop.config
+
+    doc = pypop.config.__doc__
+    assert doc is not None
+    example = doc.split("::\n", 1)[1]
+    lines = [line[4:] if line.startswith("    ") else line for line in example.splitlines()]
+    path = tmp_path / "pypop.toml"
+    path.write_text("\n".join(lines))
+    cfg = load_config(path)
+    assert cfg.loopback_is_secure is True
+    assert cfg.allow_plaintext is False
+    assert cfg.tls_cert == Path("/etc/pypop/cert.pem")
+    assert cfg.tokens_file == Path("/etc/pypop/tokens")
+    assert cfg.listen_tls == [("127.0.0.1", 995)]
+    off = tmp_path / "off.toml"
+    off.write_text("[auth]\nloopback_is_secure = false\n")
+    assert load_config(off).loopback_is_secure is False
