@@ -421,7 +421,19 @@ def main(argv: list[str] | None = None) -> int:
                     for k in range(reps):
                         bar.start(f"{name}: {sc.key} #{k + 1}")
                         t_lim = args.duration + 120 + conns / 50
-                        res = loadgen.run(binary, load_args(sc, srv, fx, ca, args, conns), t_lim)
+                        # On a shared machine other work may take the server's core:
+                        # run again (at most twice) when it took over 10% of it.
+                        for _attempt in range(3):
+                            res = loadgen.run(
+                                binary, load_args(sc, srv, fx, ca, args, conns), t_lim
+                            )
+                            other = res.data.get("server_core_other_util") or 0.0
+                            if not res.ok or other <= 0.10 or sc.load == "idle":
+                                break
+                            bar.message(
+                                f"benches: {name}/{sc.key}: {100 * other:.0f}% of core 0 "
+                                "went to other work; running it again"
+                            )
                         value = metric_of(sc, res.data) if res.ok else None
                         runs.append(
                             {

@@ -182,8 +182,11 @@ def write_chart(
         unit = next(iter(cells.values()))["unit"]
         lower = next(iter(cells.values()))["lower_is_better"]
         ax.set_title(f"{sc}\n{unit}{' (lower is better)' if lower else ''}", fontsize=9)
-        for i, m in enumerate(med):
-            ax.annotate(_num(m), (i, m), ha="center", va="bottom", fontsize=7)
+        if lower and all(m > 0 for m in med):
+            ax.set_yscale("log")  # Dovecot's process per connection dwarfs the rest
+        for i, s in enumerate(names):
+            text = "failed" if cells[s]["median"] is None else _num(med[i])
+            ax.annotate(text, (i, med[i] or 1), ha="center", va="bottom", fontsize=7)
     for ax in list(axes.flat)[len(scs) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
