@@ -94,6 +94,9 @@ class SessionContext:
     per_client: PerClientLimiter = field(default_factory=PerClientLimiter)
     login_delay: LoginDelay | None = None
     hash_limiter: trio.CapacityLimiter | None = None
+    mechanism_cache: dict[tuple[bool, bool, bool], tuple[list[str], list[str]]] = field(
+        default_factory=dict
+    )
 
 
 class Session:
@@ -156,13 +159,20 @@ class Session:
     def _update_mechanisms(self) -> None:
         """Tell the protocol which SASL mechanisms CAPA and AUTH may offer now."""
         ctx = self._sasl_context()
-        enabled = self.ctx.mechanisms
-        usable = available_mechanisms(ctx, enabled, allow_plaintext=self.conn.plaintext_allowed)
-        everything = available_mechanisms(
-            dataclasses.replace(ctx, tls_active=True), enabled, allow_plaintext=True
-        )
-        self.conn.sasl_usable = usable
-        self.conn.sasl_refused_plaintext = [m for m in everything if m not in usable]
+        plain = self.conn.plaintext_allowed
+        # The answer depends on nothing per-connection but these three facts, so
+        # sessions share it (it is computed on every accept otherwise).
+        key = (self.tls, plain, ctx.channel_binding is not None)
+        cached = self.ctx.mechanism_cache.get(key)
+        if cached is None:
+            enabled = self.ctx.mechanisms
+            usable = available_mechanisms(ctx, enabled, allow_plaintext=plain)
+            everything = available_mechanisms(
+                dataclasses.replace(ctx, tls_active=True), enabled, allow_plaintext=True
+            )
+            cached = (usable, [m for m in everything if m not in usable])
+            self.ctx.mechanism_cache[key] = cached
+        self.conn.sasl_usable, self.conn.sasl_refused_plaintext = cached
 
     # -- I/O --
 
