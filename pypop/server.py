@@ -15,7 +15,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import socket
 import ssl
 from collections import Counter
 from typing import Any
@@ -250,7 +249,6 @@ class Server:
     async def _session(self, stream: trio.SocketStream, peer: str, implicit_tls: bool) -> None:
         s: trio.abc.Stream = stream
         try:
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             if implicit_tls:
                 # Read once per connection: reload_tls() may swap it.
                 assert self.ssl_context is not None

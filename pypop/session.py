@@ -129,6 +129,7 @@ class Session:
         self.end = "?"
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
+        self._idle = trio.CancelScope()
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -176,33 +177,48 @@ class Session:
 
     # -- I/O --
 
+    def _touch(self) -> None:
+        """Push the inactivity deadline forward (RFC 1939 §3: any command resets it).
+
+        One cancel scope per session instead of one per read and write; the deadline
+        moves at most once a second and lands 0-1 s past the configured time, never
+        before it."""
+        scope = self._idle
+        deadline = trio.current_time() + self.ctx.idle_timeout
+        if deadline > scope.deadline:
+            scope.deadline = deadline + 1.0
+
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
         if not data:
             return
+        self._touch()
         try:
-            with trio.fail_after(self.ctx.idle_timeout):
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _SessionEnd("send failed") from exc
 
-    async def _receive(self) -> bytes | None:
-        """Bytes from the peer, b"" at EOF, None when the idle timer expires."""
-        with trio.move_on_after(self.ctx.idle_timeout):
-            try:
-                data = await self.stream.receive_some(RECV_SIZE)
-                return data if isinstance(data, bytes) else bytes(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-        return None
+    async def _receive(self) -> bytes:
+        """Bytes from the peer, b"" at EOF."""
+        self._touch()
+        try:
+            data = await self.stream.receive_some(RECV_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        return data if isinstance(data, bytes) else bytes(data)
 
     # -- the loop --
 
     async def run(self) -> None:
         started = time.monotonic()
         self.conn.greeting(self.ctx.greeting)
+        self._idle.deadline = trio.current_time() + self.ctx.idle_timeout + 1.0
         try:
-            await self._loop()
+            with self._idle:
+                await self._loop()
+            if self._idle.cancelled_caught:
+                # §3: autologout without UPDATE and without a response.
+                self.end = "autologout"
         except _SessionEnd as exc:
             self.end = str(exc)
         finally:
@@ -232,12 +248,7 @@ class Session:
             event: Event = conn.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                data = await self._receive()
-                if data is None:
-                    # §3: autologout without UPDATE and without a response.
-                    self.end = "autologout"
-                    return
-                conn.receive_data(data)
+                conn.receive_data(await self._receive())
                 continue
             if isinstance(event, ConnectionClosed):
                 self.end = "disconnected"

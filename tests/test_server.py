@@ -412,7 +412,7 @@ async def test_idle_autologout_without_update(
         while chunk := await client.receive_some():
             out += chunk
         elapsed = trio.current_time() - start
-    assert 600 <= elapsed < 601  # RFC 1939 §3: at least 10 minutes
+    assert 600 <= elapsed <= 601  # RFC 1939 §3: at least 10 minutes (and at most 1 s more)
     assert out.endswith(b"+OK Marked to be deleted\r\n")  # and no farewell
     assert session.end == "autologout"
     box = await memory_backend.open_mailbox("alice")

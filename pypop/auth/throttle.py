@@ -23,6 +23,7 @@ client runs at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import secrets
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 __all__ = ["AuthPenalty", "LoginDelay", "client_key"]
 
 
+@functools.lru_cache(maxsize=65536)
 def client_key(ip: str) -> str:
     """The unit of penalties: an IPv4 address, or the /64 of an IPv6 address.
 

@@ -74,11 +74,17 @@ def sample_message(user: str, n: int, *, body_octets: int = 400) -> bytes:
 
 
 class MemoryMailbox:
-    def __init__(self, backend: MemoryBackend, user: str, snapshot: list[_Stored]) -> None:
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        user: str,
+        snapshot: Sequence[_Stored],
+        messages: Sequence[MessageInfo],
+    ) -> None:
         self._backend = backend
         self._user = user
         self._snapshot = snapshot
-        self._messages = [MessageInfo(m.size, m.uid) for m in snapshot]
+        self._messages = messages
         self._closed = False
 
     @property
@@ -98,9 +104,11 @@ class MemoryMailbox:
 
     async def commit(self, deleted: Sequence[int]) -> None:
         try:
-            gone = {id(self._snapshot[i]) for i in deleted}
-            box = self._backend._mail.get(self._user, [])
-            box[:] = [m for m in box if id(m) not in gone]
+            if deleted:
+                gone = {id(self._snapshot[i]) for i in deleted}
+                box = self._backend._mail.get(self._user, [])
+                box[:] = [m for m in box if id(m) not in gone]
+                self._backend._views.pop(self._user, None)
         finally:
             await self.aclose()
 
@@ -115,6 +123,9 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._mail: dict[str, list[_Stored]] = {}
+        # Immutable snapshots per user, rebuilt only after the maildrop changes, so
+        # an open costs no per-message work.
+        self._views: dict[str, tuple[tuple[_Stored, ...], tuple[MessageInfo, ...]]] = {}
         self._locked: set[str] = set()
         self._seq = itertools.count(1)
 
@@ -125,6 +136,7 @@ class MemoryBackend:
         elif not is_valid_uid(uid):
             raise ValueError(f"invalid UIDL {uid!r}")
         self._mail.setdefault(user, []).append(_Stored(uid, data, wire_size(data)))
+        self._views.pop(user, None)
         return uid
 
     def seed_folder(self, folder: Path) -> None:
@@ -141,7 +153,12 @@ class MemoryBackend:
         if user in self._locked:
             raise MailboxLocked(user)
         self._locked.add(user)
-        return MemoryMailbox(self, user, list(self._mail.get(user, ())))
+        view = self._views.get(user)
+        if view is None:
+            stored = tuple(self._mail.get(user, ()))
+            view = (stored, tuple(MessageInfo(m.size, m.uid) for m in stored))
+            self._views[user] = view
+        return MemoryMailbox(self, user, *view)
 
     async def aclose(self) -> None:
         self._locked.clear()
