@@ -12,12 +12,10 @@ so nothing it marked is removed; a session already in UPDATE finishes it (shield
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import ssl
 from collections import Counter
-from typing import Any
 
 import trio
 
@@ -32,6 +30,7 @@ from pypop.auth import (
 )
 from pypop.backend import Backend
 from pypop.config import ServerConfig
+from pypop.netio import Listener, SocketStream, is_transient, open_listeners
 from pypop.protocol import ProtocolConfig
 from pypop.registry import create_backend
 from pypop.session import Session, SessionContext
@@ -43,7 +42,6 @@ log = logging.getLogger("pypop.server")
 TOO_MANY: bytes = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 # Errors from accept() that mean "this one connection failed", not "the listener died"
 # (the same list trio.serve_listeners uses).
-_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -157,17 +155,22 @@ class Server:
         """Begin a graceful shutdown (safe to call more than once)."""
         self._shutdown.set()
 
-    async def _open(self, addrs: list[tuple[str, int]]) -> list[trio.SocketListener]:
-        listeners: list[trio.SocketListener] = []
-        for host, port in addrs:
-            listeners.extend(await trio.open_tcp_listeners(port, host=host))
+    async def _open(self, addrs: list[tuple[str, int]]) -> list[Listener]:
+        listeners: list[Listener] = []
+        try:
+            for host, port in addrs:
+                listeners.extend(await open_listeners(host, port))
+        except BaseException:
+            for lst in listeners:
+                await trio.aclose_forcefully(lst)
+            raise
         return listeners
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         plain = await self._open(self.config.listen)
         tls = await self._open(self.config.listen_tls)
-        self.addresses = [_sockname(lst) for lst in plain]
-        self.tls_addresses = [_sockname(lst) for lst in tls]
+        self.addresses = [lst.address for lst in plain]
+        self.tls_addresses = [lst.address for lst in tls]
         try:
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as acceptors:
@@ -204,25 +207,20 @@ class Server:
             log.info("stopped after %d sessions", self.total_sessions)
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, nursery: trio.Nursery, implicit_tls: bool
+        self, listener: Listener, nursery: trio.Nursery, implicit_tls: bool
     ) -> None:
         while True:
             try:
-                stream = await listener.accept()
+                stream, peer = await listener.accept()
             except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT:
+                if is_transient(exc):
                     log.error("accept failed (%s); pausing 100 ms", exc)
                     await trio.sleep(0.1)
                     continue
                 raise
-            nursery.start_soon(self._connection, stream, implicit_tls)
+            nursery.start_soon(self._connection, stream, peer, implicit_tls)
 
-    async def _connection(self, stream: trio.SocketStream, implicit_tls: bool) -> None:
-        try:
-            peer = stream.socket.getpeername()[0]
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
+    async def _connection(self, stream: SocketStream, peer: str, implicit_tls: bool) -> None:
         if self.active >= self.config.max_connections or (
             self.per_ip[peer] >= self.config.max_connections_per_ip
         ):
@@ -246,7 +244,7 @@ class Server:
             if self.active == 0:
                 self._idle.set()
 
-    async def _session(self, stream: trio.SocketStream, peer: str, implicit_tls: bool) -> None:
+    async def _session(self, stream: SocketStream, peer: str, implicit_tls: bool) -> None:
         s: trio.abc.Stream = stream
         try:
             if implicit_tls:
@@ -271,7 +269,7 @@ class Server:
         finally:
             await _close(s)
 
-    async def _refuse(self, stream: trio.SocketStream, implicit_tls: bool) -> None:
+    async def _refuse(self, stream: SocketStream, implicit_tls: bool) -> None:
         if not implicit_tls:
             with trio.move_on_after(1):
                 with contextlib.suppress(trio.BrokenResourceError):
@@ -280,6 +278,9 @@ class Server:
 
 
 async def _close(stream: trio.abc.Stream) -> None:
+    if isinstance(stream, SocketStream):
+        await stream.aclose()  # plain TCP: closing cannot block
+        return
     # RFC 8314 §3.2: TLS ends with close_notify; give it a moment, then cut.
     with trio.move_on_after(2) as cs:
         cs.shield = True
@@ -289,11 +290,6 @@ async def _close(stream: trio.abc.Stream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)
-
-
-def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
-    name: Any = listener.socket.getsockname()
-    return (str(name[0]), int(name[1]))
 
 
 def _default_store(config: ServerConfig) -> CredentialStore:

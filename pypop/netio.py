@@ -1,0 +1,217 @@
+"""Lean TCP listeners and streams on trio's low-level I/O.
+
+``trio.SocketStream`` pays for generality on every call: a conflict detector, a
+memoryview per send, and a schedule point after every successful ``send``/``recv``.
+A POP3 session makes several tiny reads and writes per command, so those costs
+dominate a login. This module does the same job with stdlib sockets and
+``trio.lowlevel.wait_readable``/``wait_writable``:
+
+- an operation that can complete at once completes without yielding to the scheduler;
+  every ``YIELD_EVERY``-th one yields anyway, so a client that keeps its socket busy
+  cannot starve the other sessions, and cancellation is always noticed at the start
+  of an operation (``checkpoint_if_cancelled``);
+- a stream is a slotted object over one socket; TLS wraps it with ``trio.SSLStream``
+  like any other stream.
+
+Errors follow trio's stream contract: ``BrokenResourceError`` for a failed socket,
+``ClosedResourceError`` for one we closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Final
+
+import trio
+from trio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    notify_closing,
+    wait_readable,
+    wait_writable,
+)
+
+__all__ = ["Listener", "SocketStream", "is_transient", "open_listeners"]
+
+RECV_SIZE: Final = 65536
+YIELD_EVERY: Final = 16
+BACKLOG: Final = 4096
+# accept() errors that concern one connection or a passing shortage, not the listener
+# (the list trio.serve_listeners uses, plus the per-connection ones).
+_ACCEPT_TRANSIENT: Final = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.ENOBUFS,
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+    }
+)
+
+
+class SocketStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a trio stream."""
+
+    __slots__ = ("_budget", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._budget = YIELD_EVERY
+
+    async def _fair(self) -> None:
+        # Completed without waiting: yield now and then so one busy peer cannot
+        # monopolise the event loop.
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = YIELD_EVERY
+            await cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        size = RECV_SIZE if max_bytes is None else max_bytes
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _error(sock, exc) from exc
+            else:
+                await self._fair()
+                return data
+            await wait_readable(sock)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _error(sock, exc) from exc
+        if sent == len(data):
+            await self._fair()
+            return
+        with memoryview(data) as view:
+            remaining = view[sent:]
+            while remaining:
+                await wait_writable(sock)
+                try:
+                    sent = sock.send(remaining)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise _error(sock, exc) from exc
+                remaining = remaining[sent:]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self.socket.fileno() == -1:
+            raise trio.ClosedResourceError
+        await wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        await checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _error(self.socket, exc) from exc
+
+    async def aclose(self) -> None:
+        if self.socket.fileno() != -1:
+            notify_closing(self.socket)
+            self.socket.close()
+        await checkpoint()
+
+
+def _error(
+    sock: socket.socket, exc: OSError
+) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if sock.fileno() == -1 or exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("socket was closed")
+    return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
+
+
+class Listener(trio.abc.AsyncResource):
+    """A listening socket; ``accept`` returns (stream, peer address)."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+
+    @property
+    def address(self) -> tuple[str, int]:
+        name = self.socket.getsockname()
+        return str(name[0]), int(name[1])
+
+    async def accept(self) -> tuple[SocketStream, str]:
+        """The next connection, with TCP_NODELAY set (each reply is one write)."""
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        while True:
+            try:
+                conn, addr = sock.accept()
+            except BlockingIOError:
+                await wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    raise
+                raise _error(sock, exc) from exc
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                conn.close()
+                continue
+            stream = SocketStream(conn)
+            return stream, str(addr[0])
+
+    async def aclose(self) -> None:
+        if self.socket.fileno() != -1:
+            notify_closing(self.socket)
+            self.socket.close()
+        await checkpoint()
+
+
+def is_transient(exc: OSError) -> bool:
+    return exc.errno in _ACCEPT_TRANSIENT
+
+
+async def open_listeners(host: str, port: int) -> list[Listener]:
+    """Bind every address ``host`` resolves to (both families for a name), like
+    ``trio.open_tcp_listeners``; IPv6 sockets are v6-only so both can share a port."""
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[Listener] = []
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            if port:
+                sockaddr = (sockaddr[0], port, *sockaddr[2:])
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+            listeners.append(Listener(sock))
+            if port == 0:
+                # An ephemeral port: bind the other families to the same one.
+                port = listeners[0].address[1]
+    except OSError:
+        for lst in listeners:
+            lst.socket.close()
+        raise
+    return listeners
