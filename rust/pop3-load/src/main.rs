@@ -115,7 +115,8 @@ fn parse_secs(v: &str, what: &str) -> Duration {
 }
 
 fn parse_num<T: std::str::FromStr>(v: &str, what: &str) -> T {
-    v.parse().unwrap_or_else(|_| die(&format!("bad {what}: {v}")))
+    v.parse()
+        .unwrap_or_else(|_| die(&format!("bad {what}: {v}")))
 }
 
 fn tls_connector(ca: &str, resumption: bool) -> TlsConnector {
@@ -126,7 +127,9 @@ fn tls_connector(ca: &str, resumption: bool) -> TlsConnector {
         .unwrap_or_else(|e| die(&format!("cannot read CA {ca}: {e}")));
     for c in certs {
         let c = c.unwrap_or_else(|e| die(&format!("bad CA {ca}: {e}")));
-        roots.add(c).unwrap_or_else(|e| die(&format!("bad CA {ca}: {e}")));
+        roots
+            .add(c)
+            .unwrap_or_else(|e| die(&format!("bad CA {ca}: {e}")));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -193,7 +196,9 @@ fn parse_args() -> Config {
             i += 1;
             continue;
         }
-        let Some(v) = args.get(i + 1).cloned() else { die(&format!("{a} needs a value")) };
+        let Some(v) = args.get(i + 1).cloned() else {
+            die(&format!("{a} needs a value"))
+        };
         match a {
             "--host" => host = v,
             "--port" => port = Some(parse_num(&v, "port")),
@@ -233,7 +238,12 @@ fn parse_args() -> Config {
     let users = match users_file {
         Some(f) => load_users(&f),
         None => (ufirst..ufirst + ucount)
-            .map(|k| (upat.replace("%d", &k.to_string()), ppat.replace("%d", &k.to_string())))
+            .map(|k| {
+                (
+                    upat.replace("%d", &k.to_string()),
+                    ppat.replace("%d", &k.to_string()),
+                )
+            })
             .collect(),
     };
     if users.is_empty() {
@@ -288,7 +298,14 @@ struct Conn<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(s: S, cap: usize, timeout: Duration) -> Self {
-        Conn { s, buf: vec![0; cap], start: 0, end: 0, timeout, scratch: Vec::new() }
+        Conn {
+            s,
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+            timeout,
+            scratch: Vec::new(),
+        }
     }
 
     /// Read more octets into the buffer; error on EOF.
@@ -364,13 +381,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut u = Unstuffer::new();
         self.scratch.clear();
         loop {
-            let sink = if collect { Some(&mut self.scratch) } else { None };
+            let sink = if collect {
+                Some(&mut self.scratch)
+            } else {
+                None
+            };
             let n = u.feed(&self.buf[self.start..self.end], sink);
             self.start += n;
             if u.done() {
                 return Ok(u.payload_len);
             }
-            self.fill().await.map_err(|e| format!("{what}: unterminated body: {e}"))?;
+            self.fill()
+                .await
+                .map_err(|e| format!("{what}: unterminated body: {e}"))?;
         }
     }
 
@@ -411,7 +434,10 @@ fn parse_listing(body: &[u8], count: usize, what: &str) -> Res<Vec<u64>> {
             return Err(format!("{what}: bad line {line:?}"));
         }
         if what == "LIST" {
-            sizes.push(val.and_then(|v| v.parse().ok()).ok_or(format!("LIST: bad size {line:?}"))?);
+            sizes.push(
+                val.and_then(|v| v.parse().ok())
+                    .ok_or(format!("LIST: bad size {line:?}"))?,
+            );
         } else {
             let v = val.unwrap_or("");
             if v.is_empty() || v.len() > 70 || !v.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
@@ -421,7 +447,10 @@ fn parse_listing(body: &[u8], count: usize, what: &str) -> Res<Vec<u64>> {
         }
     }
     if sizes.len() != count {
-        return Err(format!("{what}: {} entries, STAT said {count}", sizes.len()));
+        return Err(format!(
+            "{what}: {} entries, STAT said {count}",
+            sizes.len()
+        ));
     }
     Ok(sizes)
 }
@@ -595,7 +624,8 @@ async fn worker(cfg: Arc<Config>, w: usize, budget: Arc<AtomicU64>, deadline: In
     let step = if nu >= c { c } else { 1 };
     loop {
         if cfg.count.is_some() {
-            let left = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
+            let left =
+                budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
             if left.is_err() {
                 break;
             }
@@ -603,14 +633,20 @@ async fn worker(cfg: Arc<Config>, w: usize, budget: Arc<AtomicU64>, deadline: In
             break;
         }
         let (u, p) = &cfg.users[k];
-        k = (k + step) % nu;
+        // Wrap back to this worker's own first user: `(k + step) % nu` would walk
+        // into another worker's users whenever nu is not a multiple of c.
+        k += step;
+        if k >= nu {
+            k = w % nu;
+        }
         let t0 = Instant::now();
         match one_session(&cfg, u, p).await {
             Ok((m, b)) => {
                 t.sessions += 1;
                 t.messages += m;
                 t.bytes += b;
-                t.lat_us.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                t.lat_us
+                    .push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
             Err(e) => t.error(e),
         }
@@ -638,7 +674,10 @@ async fn idle_conn(
     let mut t = Tally::default();
     let (u, p) = &cfg.users[idx % cfg.users.len()];
     let res: Res<()> = async {
-        let permit = sem.acquire().await.map_err(|_| "semaphore closed".to_string())?;
+        let permit = sem
+            .acquire()
+            .await
+            .map_err(|_| "semaphore closed".to_string())?;
         let tcp = connect(&cfg).await?;
         let mut c = Conn::new(tcp, 2048, cfg.timeout);
         login(&mut c, u, p).await?;
@@ -714,7 +753,9 @@ async fn run_idle(cfg: Arc<Config>) -> (Tally, serde_json::Value) {
         }
     }
     if !ramp_ok {
-        t.error(format!("only {logged_in} of {n} connections logged in within {ramp_limit:?}"));
+        t.error(format!(
+            "only {logged_in} of {n} connections logged in within {ramp_limit:?}"
+        ));
     }
     let mut extra = json!({
         "connections": n,
@@ -755,7 +796,10 @@ fn main() {
     let cfg = Arc::new(parse_args());
     let nofile = procfs::raise_nofile();
     if cfg.scenario == Scenario::Idle && (cfg.connections as u64 + 64) > nofile {
-        die(&format!("open-files limit {nofile} is too low for {} connections", cfg.connections));
+        die(&format!(
+            "open-files limit {nofile} is too low for {} connections",
+            cfg.connections
+        ));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -820,8 +864,11 @@ fn main() {
         let server_cpu = procfs::tree_cpu_seconds(pid) - s0;
         out["server_cpu_s"] = json!(server_cpu);
         out["server_cpu_util"] = json!(server_cpu / elapsed);
-        out["client_server_cpu_ratio"] =
-            json!(if server_cpu > 0.0 { client_cpu / server_cpu } else { 0.0 });
+        out["client_server_cpu_ratio"] = json!(if server_cpu > 0.0 {
+            client_cpu / server_cpu
+        } else {
+            0.0
+        });
         // Work on the server's core that was not the server: other processes on a
         // shared machine (or the kernel's softirq work for the loopback traffic).
         if let (Some(core), Some(b0)) = (cfg.server_core, core0) {
@@ -851,7 +898,10 @@ mod tests {
 
     #[test]
     fn listing() {
-        assert_eq!(parse_listing(b"1 10\r\n2 20\r\n", 2, "LIST").unwrap(), vec![10, 20]);
+        assert_eq!(
+            parse_listing(b"1 10\r\n2 20\r\n", 2, "LIST").unwrap(),
+            vec![10, 20]
+        );
         assert!(parse_listing(b"1 10\r\n", 2, "LIST").is_err());
         assert!(parse_listing(b"2 10\r\n", 1, "LIST").is_err());
         assert!(parse_listing(b"1 abc\r\n", 1, "UIDL").is_ok());

@@ -56,7 +56,11 @@ pub fn tree(root: u32) -> Vec<u32> {
 
 /// CPU seconds used by the tree so far (including reaped children).
 pub fn tree_cpu_seconds(root: u32) -> f64 {
-    let ticks: u64 = tree(root).into_iter().filter_map(stat_of).map(|(_, t)| t).sum();
+    let ticks: u64 = tree(root)
+        .into_iter()
+        .filter_map(stat_of)
+        .map(|(_, t)| t)
+        .sum();
     ticks as f64 / clk_tck()
 }
 
@@ -66,7 +70,9 @@ fn status_kib(pid: u32, key: &str) -> u64 {
     } else {
         format!("/proc/{pid}/status")
     };
-    let Ok(s) = fs::read_to_string(path) else { return 0 };
+    let Ok(s) = fs::read_to_string(path) else {
+        return 0;
+    };
     s.lines()
         .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -83,7 +89,10 @@ pub struct Mem {
 
 pub fn tree_mem(root: u32) -> Mem {
     let pids = tree(root);
-    let mut m = Mem { processes: pids.len(), ..Mem::default() };
+    let mut m = Mem {
+        processes: pids.len(),
+        ..Mem::default()
+    };
     for p in pids {
         m.rss_kib += status_kib(p, "VmRSS:");
         m.pss_kib += status_kib(p, "Pss:");
@@ -119,8 +128,14 @@ pub fn raise_nofile() -> u64 {
 pub fn core_busy_seconds(core: usize) -> Option<f64> {
     let s = fs::read_to_string("/proc/stat").ok()?;
     let name = format!("cpu{core}");
-    let line = s.lines().find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let line = s
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     if v.len() < 5 {
         return None;
     }

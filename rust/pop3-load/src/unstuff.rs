@@ -36,7 +36,10 @@ impl Default for Unstuffer {
 
 impl Unstuffer {
     pub fn new() -> Self {
-        Unstuffer { state: State::LineStart, payload_len: 0 }
+        Unstuffer {
+            state: State::LineStart,
+            payload_len: 0,
+        }
     }
 
     pub fn done(&self) -> bool {
@@ -82,7 +85,11 @@ impl Unstuffer {
                         Some(p) => {
                             self.emit(&rest[..=p], &mut sink);
                             let crlf = if p > 0 { rest[p - 1] == b'\r' } else { prev_cr };
-                            self.state = if crlf { State::LineStart } else { State::Mid(false) };
+                            self.state = if crlf {
+                                State::LineStart
+                            } else {
+                                State::Mid(false)
+                            };
                             i += p + 1;
                         }
                         None => {
@@ -138,7 +145,12 @@ mod tests {
 
     fn check(data: &[u8], payload: &[u8], done: bool, rest: &[u8]) {
         for (p, d, r) in all_splits(data) {
-            assert_eq!(p, payload, "payload for {:?}", String::from_utf8_lossy(data));
+            assert_eq!(
+                p,
+                payload,
+                "payload for {:?}",
+                String::from_utf8_lossy(data)
+            );
             assert_eq!(d, done);
             assert_eq!(r, rest);
         }

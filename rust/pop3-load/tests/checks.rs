@@ -19,7 +19,10 @@ enum Fault {
 }
 
 // Message 2 has a line starting with "." (stuffed on the wire) and a bare LF.
-const MSGS: [&[u8]; 2] = [b"Subject: a\r\n\r\nhello\r\n", b"Subject: b\r\n\r\n.dot\r\nx\ny\r\n"];
+const MSGS: [&[u8]; 2] = [
+    b"Subject: a\r\n\r\nhello\r\n",
+    b"Subject: b\r\n\r\n.dot\r\nx\ny\r\n",
+];
 
 fn stuffed(m: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -39,7 +42,11 @@ fn serve_one(s: TcpStream, fault: Fault) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
-    let status = if fault == Fault::BareLfStatus { "+OK ready\n" } else { "+OK ready\r\n" };
+    let status = if fault == Fault::BareLfStatus {
+        "+OK ready\n"
+    } else {
+        "+OK ready\r\n"
+    };
     w.write_all(status.as_bytes()).unwrap();
     let mut line = String::new();
     loop {
@@ -57,8 +64,12 @@ fn serve_one(s: TcpStream, fault: Fault) {
             "NOOP" => b"+OK\r\n".to_vec(),
             "LIST" => {
                 let extra = if fault == Fault::ListSumWrong { 1 } else { 0 };
-                format!("+OK\r\n1 {}\r\n2 {}\r\n.\r\n", MSGS[0].len() + extra, MSGS[1].len())
-                    .into_bytes()
+                format!(
+                    "+OK\r\n1 {}\r\n2 {}\r\n.\r\n",
+                    MSGS[0].len() + extra,
+                    MSGS[1].len()
+                )
+                .into_bytes()
             }
             "UIDL" => b"+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n".to_vec(),
             "RETR" | "TOP" => {
@@ -105,7 +116,14 @@ fn run(fault: Fault, scenario: &str) -> (i32, String) {
         }
     });
     let out = Command::new(env!("CARGO_BIN_EXE_pop3-load"))
-        .args(["--port", &port.to_string(), "--scenario", scenario, "--count", "3"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--scenario",
+            scenario,
+            "--count",
+            "3",
+        ])
         .args(["--concurrency", "1", "--timeout", "2", "--user-count", "2"])
         .output()
         .unwrap();
@@ -142,7 +160,14 @@ fn every_fault_is_an_error() {
 #[test]
 fn refuses_a_non_loopback_target() {
     let out = Command::new(env!("CARGO_BIN_EXE_pop3-load"))
-        .args(["--host", "192.0.2.1", "--port", "110", "--scenario", "login"])
+        .args([
+            "--host",
+            "192.0.2.1",
+            "--port",
+            "110",
+            "--scenario",
+            "login",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
