@@ -42,6 +42,7 @@ __all__ = [
     "PermanentFailure",
     "TemporaryFailure",
     "UpdateFailed",
+    "WireCache",
     "is_valid_uid",
 ]
 
@@ -137,6 +138,19 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release resources at server shutdown."""
         ...
+
+
+@runtime_checkable
+class WireCache(Protocol):
+    """Optional: a mailbox that holds messages ready for the wire.
+
+    A session calls ``wire_message(index)`` before ``retrieve`` for a RETR; a
+    non-None answer must be exactly what the server would send after the "+OK" line
+    (``pypop.wire.stuff`` of the message: dot-stuffed, CRLF, with the terminator). It
+    must not block: no I/O. ``None`` means "use retrieve".
+    """
+
+    def wire_message(self, index: int) -> bytes | None: ...
 
 
 BackendFactory = Callable[[Mapping[str, object]], Backend]

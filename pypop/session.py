@@ -40,7 +40,9 @@ from pypop.backend import (
     PermanentFailure,
     TemporaryFailure,
     UpdateFailed,
+    WireCache,
 )
+from pypop.netio import SocketStream
 from pypop.protocol import (
     NEED_DATA,
     ApopLogin,
@@ -130,6 +132,8 @@ class Session:
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
         self._idle = trio.CancelScope()
+        self._send_many = stream.send_many if isinstance(stream, SocketStream) else None
+        self._wire: Callable[[int], bytes | None] | None = None
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -189,12 +193,16 @@ class Session:
             scope.deadline = deadline + 1.0
 
     async def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if not data:
+        conn = self.conn
+        if not conn.pending_output:
             return
         self._touch()
         try:
-            await self.stream.send_all(data)
+            if self._send_many is not None:
+                # A gathered write: a large message leaves without being copied.
+                await self._send_many(conn.take_output())
+            else:
+                await self.stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _SessionEnd("send failed") from exc
 
@@ -332,6 +340,8 @@ class Session:
                 log.exception("backend failed to open %s's maildrop", user)
             return conn.login_failed("SYS/TEMP", "Mailbox temporarily unavailable")
         self.mailbox, self.user = mailbox, user
+        if isinstance(mailbox, WireCache):
+            self._wire = mailbox.wire_message
         conn.login_succeeded(user, mailbox.messages)
         return None
 
@@ -404,6 +414,7 @@ class Session:
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             raise _SessionEnd("TLS handshake failed") from exc
         self.stream = tls_stream
+        self._send_many = None
         self.tls = True
         self.conn.plaintext_allowed = self._plaintext_allowed(True)
         self._update_mechanisms()
@@ -413,6 +424,15 @@ class Session:
     async def _retrieve(self, event: Retrieve) -> None:
         assert self.mailbox is not None
         conn = self.conn
+        if event.top_lines is None and self._wire is not None:
+            wire = self._wire(event.index)
+            if wire is not None:
+                conn.message_header()
+                conn.send_raw(wire)
+                conn.message_done()
+                self.retrieved += 1
+                self.retrieved_octets += event.size
+                return
         stuffer = DotStuffer(event.top_lines)
         blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)
         try:

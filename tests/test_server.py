@@ -604,3 +604,32 @@ async def test_one_summary_line_per_session_without_secrets(
         "wonderland" in r.getMessage() or "not-the-password" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_large_message_to_a_slow_reader(
+    start_server: ServerStarter, memory_backend: MemoryBackend
+) -> None:
+    body = b"".join(b"%07d .line of a big message\r\n" % i for i in range(200_000))  # ~6 MB
+    message = b"Subject: big\r\n\r\n" + body
+    memory_backend.deliver("bob", message, uid="big")
+    server = await start_server()
+    stream = await trio.open_tcp_stream("127.0.0.1", port_of(server))
+    async with stream:
+        await stream.send_all(b"USER bob\r\nPASS builder\r\nRETR 2\r\nQUIT\r\n")
+        out = bytearray()
+        while chunk := await stream.receive_some(8192):
+            out += chunk
+            await trio.lowlevel.checkpoint()
+    head = f"+OK {len(message)} octets\r\n".encode()
+    start = out.index(head) + len(head)
+    assert out[start:].endswith(b".\r\n+OK Logging out\r\n")
+    assert out[start : -len(b"+OK Logging out\r\n")] == stuff(message)
+
+
+async def test_many_pipelined_replies_in_one_flush(start_server: ServerStarter) -> None:
+    server = await start_server()
+    out = await talk(
+        port_of(server), b"USER bob\r\nPASS builder\r\n" + b"NOOP\r\n" * 3000 + b"QUIT\r\n"
+    )
+    assert out.count(b"+OK\r\n") == 3001  # USER and 3000 NOOPs
+    assert out.endswith(b"+OK\r\n+OK Logging out\r\n")

@@ -28,7 +28,7 @@ from pypop.backend import (
     MessageInfo,
     is_valid_uid,
 )
-from pypop.wire import wire_size
+from pypop.wire import stuff, wire_size
 
 __all__ = ["MemoryBackend", "MemoryMailbox", "create", "sample_message"]
 
@@ -41,6 +41,7 @@ class _Stored:
     uid: str
     data: bytes
     size: int
+    wire: bytes | None = None  # stuff(data), made at the first RETR
 
 
 def _uid_from_name(name: str) -> str:
@@ -90,6 +91,14 @@ class MemoryMailbox:
     @property
     def messages(self) -> Sequence[MessageInfo]:
         return self._messages
+
+    def wire_message(self, index: int) -> bytes:
+        """pypop.backend.WireCache: a RETR is one cached buffer (memory for speed)."""
+        stored = self._snapshot[index]
+        wire = stored.wire
+        if wire is None:
+            wire = stored.wire = stuff(stored.data)
+        return wire
 
     async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
         # Only this session's commit removes mail from a locked maildrop, so a

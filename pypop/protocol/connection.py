@@ -250,6 +250,13 @@ class ServerConnection:
         self._out_len = 0
         return out
 
+    def take_output(self) -> list[bytes]:
+        """Like :meth:`data_to_send`, as the queued chunks (for gathered writes)."""
+        out = self._out
+        self._out = []
+        self._out_len = 0
+        return out
+
     @property
     def pending_output(self) -> int:
         return self._out_len
