@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import BinaryIO, TypeVar
@@ -118,6 +119,19 @@ class MaildirMailbox:
             raise NoSuchMessage(f"no message at index {index}")
         return self._entries[index]
 
+    def _open_and_read(self, entry: _store.Entry) -> tuple[BinaryIO | None, bytes]:
+        """Open and read the first block; (None, data) when that was the whole file."""
+        f = self._open_file(entry)
+        try:
+            block = f.read(BLOCK_SIZE)
+        except BaseException:
+            f.close()
+            raise
+        if len(block) < BLOCK_SIZE:
+            f.close()
+            return None, block
+        return f, block
+
     def _open_file(self, entry: _store.Entry) -> BinaryIO:
         lock = self._lock
         if lock is not None:
@@ -144,30 +158,35 @@ class MaildirMailbox:
         """
         entry = self._entry(index)
         try:
-            f = await self._backend.run(lambda: self._open_file(entry))
+            # One thread hop opens and reads the first block; a message that fits in
+            # one block (most mail) costs no other hop.
+            f, block = await self._backend.run(lambda: self._open_and_read(entry))
         except OSError as exc:
             raise TemporaryFailure("cannot open message") from exc
         cutter = _TopCut(top_lines) if top_lines is not None else None
         complete = False
         try:
             while True:
-                try:
-                    block = await self._backend.run(lambda: f.read(BLOCK_SIZE))
-                except OSError as exc:
-                    raise TemporaryFailure("cannot read message") from exc
-                if not block:
-                    complete = True
-                    break
+                last = f is None or len(block) < BLOCK_SIZE  # a short read is EOF
                 if cutter is not None:
                     block, stop = cutter.feed(block)
                     if block:
                         yield block
                     if stop:
                         break
-                    continue
-                yield block
+                elif block:
+                    yield block
+                if last:
+                    complete = True
+                    break
+                assert f is not None
+                try:
+                    block = await self._backend.run(functools.partial(f.read, BLOCK_SIZE))
+                except OSError as exc:
+                    raise TemporaryFailure("cannot read message") from exc
         finally:
-            f.close()
+            if f is not None:
+                f.close()
         if complete and top_lines is None:
             entry.retrieved = True
         lock = self._lock
