@@ -142,15 +142,16 @@ class Backend(Protocol):
 
 @runtime_checkable
 class WireCache(Protocol):
-    """Optional: a mailbox that holds messages ready for the wire.
+    """Optional: a mailbox that holds messages in memory, ready for the wire.
 
-    A session calls ``wire_message(index)`` before ``retrieve`` for a RETR; a
-    non-None answer must be exactly what the server would send after the "+OK" line
-    (``pypop.wire.stuff`` of the message: dot-stuffed, CRLF, with the terminator). It
-    must not block: no I/O. ``None`` means "use retrieve".
+    For RETR (``top_lines`` None) and TOP a session first calls
+    ``wire_message(index, top_lines)``; a non-None answer must be exactly what the
+    server would send after the "+OK" line, i.e. ``pypop.wire.stuff(message,
+    top_lines)``: dot-stuffed, CRLF line ends, the TOP cut, the terminator. It must not
+    block (no I/O). ``None`` means "use retrieve".
     """
 
-    def wire_message(self, index: int) -> bytes | None: ...
+    def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None: ...
 
 
 BackendFactory = Callable[[Mapping[str, object]], Backend]

@@ -133,7 +133,7 @@ class Session:
         self._sasl_user: str | None = None  # success data sent as a final challenge
         self._idle = trio.CancelScope()
         self._send_many = stream.send_many if isinstance(stream, SocketStream) else None
-        self._wire: Callable[[int], bytes | None] | None = None
+        self._wire: Callable[[int, int | None], bytes | None] | None = None
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -424,14 +424,15 @@ class Session:
     async def _retrieve(self, event: Retrieve) -> None:
         assert self.mailbox is not None
         conn = self.conn
-        if event.top_lines is None and self._wire is not None:
-            wire = self._wire(event.index)
+        if self._wire is not None:
+            wire = self._wire(event.index, event.top_lines)
             if wire is not None:
                 conn.message_header()
                 conn.send_raw(wire)
                 conn.message_done()
-                self.retrieved += 1
-                self.retrieved_octets += event.size
+                if event.top_lines is None:
+                    self.retrieved += 1
+                    self.retrieved_octets += event.size
                 return
         stuffer = DotStuffer(event.top_lines)
         blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)

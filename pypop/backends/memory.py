@@ -92,9 +92,11 @@ class MemoryMailbox:
     def messages(self) -> Sequence[MessageInfo]:
         return self._messages
 
-    def wire_message(self, index: int) -> bytes:
+    def wire_message(self, index: int, top_lines: int | None = None) -> bytes:
         """pypop.backend.WireCache: a RETR is one cached buffer (memory for speed)."""
         stored = self._snapshot[index]
+        if top_lines is not None:
+            return stuff(stored.data, top_lines)
         wire = stored.wire
         if wire is None:
             wire = stored.wire = stuff(stored.data)
