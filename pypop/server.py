@@ -12,6 +12,7 @@ so nothing it marked is removed; a session already in UPDATE finishes it (shield
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import ssl
@@ -52,6 +53,7 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback

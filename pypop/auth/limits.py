@@ -15,9 +15,6 @@ Memory is bounded by the number of clients with an authentication in progress.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import trio
 
 from pypop.auth.throttle import client_key
@@ -40,19 +37,43 @@ class PerClientLimiter:
     def __len__(self) -> int:
         return len(self._slots)
 
-    @asynccontextmanager
-    async def slot(self, ip: str) -> AsyncIterator[None]:
-        key = client_key(ip)
-        entry = self._slots.get(key)
+    def slot(self, ip: str) -> _Slot:
+        """``async with limiter.slot(ip):`` one authentication of ``ip``."""
+        return _Slot(self, client_key(ip))
+
+
+class _Slot:
+    """The context manager of :meth:`PerClientLimiter.slot` (a class, not a generator:
+    it runs on every login)."""
+
+    __slots__ = ("_key", "_limiter", "_sem")
+
+    def __init__(self, limiter: PerClientLimiter, key: str) -> None:
+        self._limiter = limiter
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        slots = self._limiter._slots
+        entry = slots.get(self._key)
         if entry is None:
-            entry = (trio.Semaphore(self.per_client), [0])
-            self._slots[key] = entry
+            entry = slots[self._key] = (trio.Semaphore(self._limiter.per_client), [0])
         sem, users = entry
         users[0] += 1
+        self._sem = sem
         try:
-            async with sem:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._slots[key]
+            await sem.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        slots = self._limiter._slots
+        entry = slots.get(self._key)
+        if entry is not None:
+            entry[1][0] -= 1
+            if entry[1][0] == 0:
+                del slots[self._key]
