@@ -40,7 +40,6 @@ from pypop.backend import (
     PermanentFailure,
     TemporaryFailure,
     UpdateFailed,
-    WireCache,
 )
 from pypop.netio import SocketStream
 from pypop.protocol import (
@@ -340,8 +339,11 @@ class Session:
                 log.exception("backend failed to open %s's maildrop", user)
             return conn.login_failed("SYS/TEMP", "Mailbox temporarily unavailable")
         self.mailbox, self.user = mailbox, user
-        if isinstance(mailbox, WireCache):
-            self._wire = mailbox.wire_message
+        # getattr, not isinstance: a runtime Protocol check costs more than the login.
+        wire: Callable[[int, int | None], bytes | None] | None = getattr(
+            mailbox, "wire_message", None
+        )
+        self._wire = wire
         conn.login_succeeded(user, mailbox.messages)
         return None
 
