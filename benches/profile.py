@@ -1,0 +1,183 @@
+"""Where pypop's time goes, per scenario: ``python -m benches.profile SCENARIO``.
+
+Starts ``pypop serve`` (memory backend, 100 users x 50 x 4 KiB, or 10 x 20 x 1 MiB
+for retr-all-1m) pinned to core 0, drives it with the load generator on core 1, and
+samples the server with py-spy (``pip install py-spy``). Prints the throughput, then
+the functions with the most samples of their own ("self": where the CPU is, a system
+call shows up as the Python line that makes it) and in total. Worker threads are left
+out: trio parks idle ones in a lock, which py-spy counts as busy.
+
+docs/performance.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from benches import loadgen
+from benches.servers import free_port, pin_prefix, wait_port
+
+SCENARIOS = {
+    # name: (load-generator scenario, users, messages, octets, clients)
+    "login": ("login", 100, 50, 4096, 8),
+    "retr-all-4k": ("retr-all", 100, 50, 4096, 8),
+    "top": ("top", 100, 50, 4096, 8),
+    "pipelined": ("pipelined", 100, 50, 4096, 8),
+    "retr-all-1m": ("retr-all", 10, 20, 1 << 20, 4),
+}
+
+
+def _fixture(root: Path, users: int, messages: int, octets: int) -> tuple[Path, Path]:
+    from pypop.backends.memory import sample_message
+
+    eml = root / "eml"
+    lines = []
+    for u in range(1, users + 1):
+        d = eml / f"user{u}"
+        d.mkdir(parents=True)
+        for n in range(1, messages + 1):
+            (d / f"{n:04d}.eml").write_bytes(sample_message(f"user{u}", n, body_octets=octets))
+        lines.append(f"user{u}:{{PLAIN}}pass{u}\n")
+    passwd = root / "passwd"
+    passwd.write_text("".join(lines))
+    return eml, passwd
+
+
+def summarize(raw: Path, top: int) -> str:
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    n = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "Thread._bootstrap" in stack:
+            continue
+        k = int(count)
+        n += k
+        frames = stack.split(";")
+        own[frames[-1]] += k
+        for f in set(frames):
+            total[f] += k
+    out = [f"{n} samples of the event-loop thread", "--- self"]
+    out += [f"{100 * c / n:5.1f}%  {f}" for f, c in own.most_common(top)]
+    out.append("--- total")
+    out += [f"{100 * c / n:5.1f}%  {f}" for f, c in total.most_common(top)]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.profile")
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--no-spy", action="store_true", help="throughput only")
+    args = parser.parse_args()
+    spy = shutil.which("py-spy")
+    if spy is None and not args.no_spy:
+        print("py-spy is not installed (pip install py-spy), or use --no-spy", file=sys.stderr)
+        return 2
+    lg_scenario, users, messages, octets, clients = SCENARIOS[args.scenario]
+    binary = loadgen.build(quick=True)
+    with tempfile.TemporaryDirectory(prefix="pypop-profile-") as tmp:
+        root = Path(tmp)
+        eml, passwd = _fixture(root, users, messages, octets)
+        port = free_port()
+        conf = root / "pypop.toml"
+        conf.write_text(
+            f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
+            "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
+            f'[auth]\npasswd_file = "{passwd}"\nallow_plaintext = true\n'
+            f'[backend]\nname = "memory"\nseed = "{eml}"\n'
+        )
+        log = root / "server.log"
+        with log.open("wb") as out:
+            server = subprocess.Popen(
+                [*pin_prefix(0), sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            wait_port(port, server, 120, log)
+            sampler = None
+            raw = root / "profile.txt"
+            if not args.no_spy:
+                assert spy is not None
+                sampler = subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "-o",
+                        str(raw),
+                        "-f",
+                        "raw",
+                        "-r",
+                        "500",
+                        "-d",
+                        str(int(args.duration + 1)),
+                        "-p",
+                        str(server.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)
+            result = loadgen.run(
+                binary,
+                [
+                    "--port",
+                    str(port),
+                    "--scenario",
+                    lg_scenario,
+                    "--concurrency",
+                    str(clients),
+                    "--user-count",
+                    str(users),
+                    "--duration",
+                    str(args.duration),
+                    "--server-pid",
+                    str(server.pid),
+                ],
+                timeout=args.duration + 120,
+            )
+            if sampler is not None:
+                sampler.wait(timeout=60)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        d = result.data
+        print(
+            json.dumps(
+                {
+                    k: d.get(k)
+                    for k in (
+                        "sessions",
+                        "messages",
+                        "errors",
+                        "ops_per_s",
+                        "messages_per_s",
+                        "mb_per_s",
+                        "server_cpu_util",
+                    )
+                }
+            )
+        )
+        if not result.ok:
+            print(f"load generator failed: {d.get('error_samples')}", file=sys.stderr)
+            return 1
+        if sampler is not None and raw.exists():
+            print(summarize(raw, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
