@@ -1010,3 +1010,21 @@ def test_agree_unstuff_stuffed(
         return trace
 
     _run_both(rust, twin, drive)
+
+
+def test_nothing_after_finish(wire: ModuleType) -> None:
+    """docs/wire.md: a finished DotStuffer or SizeCounter refuses more work."""
+    stuffer = wire.DotStuffer()
+    stuffer.feed(b"a\r\n")
+    assert stuffer.finish() == b".\r\n"
+    with pytest.raises(ValueError, match=r"finish"):
+        stuffer.feed(b"b")
+    with pytest.raises(ValueError, match=r"finish"):
+        stuffer.finish()
+    counter = wire.SizeCounter()
+    counter.feed(b"a\n")
+    assert counter.finish() == 3
+    with pytest.raises(ValueError, match=r"finish"):
+        counter.feed(b"b")
+    with pytest.raises(ValueError, match=r"finish"):
+        counter.finish()
