@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from pypop.backend import (
     AuthFailed,
     Backend,
@@ -17,6 +20,7 @@ from pypop.backend import (
 from pypop.wire import stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirMailbox
+from pypop_maildir._backend import READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
 from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
@@ -400,3 +404,51 @@ def test_fast_uid_check_equals_contract() -> None:
         c = chr(n)
         for uid in (c, "a" + c, c * 70, c * 71, ""):
             assert valid_uid(uid) == is_valid_uid(uid), repr(uid)
+
+
+async def _fetch(box: MaildirMailbox, index: int) -> bytes:
+    return b"".join([b async for b in box.retrieve(index)])
+
+
+async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    bodies = [f"Subject: {n}\n\n{'x' * (100 + n)}\n".encode() for n in range(40)]
+    bodies.insert(20, b"Subject: big\n\n" + b"y" * (BLOCK_SIZE + 10) + b"\n")
+    for n, body in enumerate(bodies):
+        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
+    backend = backend_factory()
+    box = await backend.open_mailbox("alice")
+    assert isinstance(box, MaildirMailbox)
+    hops = 0
+    real_run = backend.run
+
+    async def counting_run(fn: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real_run(fn)
+
+    backend.run = counting_run  # type: ignore[method-assign]  # instrumentation only
+    got = [await _fetch(box, i) for i in range(len(bodies))]
+    assert got == bodies
+    # 0..19 in one hop, the big one alone (two blocks), then 21..40 in one hop.
+    assert hops == 4
+    await box.aclose()
+
+
+async def test_read_ahead_expires(
+    alice: Path, backend_factory: BackendMaker, autojump_clock: trio.testing.MockClock
+) -> None:
+    for n in range(3):
+        deliver(alice, f"{1700000000 + n}.M{n}P1.host", b"Subject: %d\n\nbody\n" % n)
+    box = await backend_factory().open_mailbox("alice")
+    assert isinstance(box, MaildirMailbox)
+    assert await _fetch(box, 0) == b"Subject: 0\n\nbody\n"
+    path = next((alice / "cur").glob("1700000001.*"))
+    path.write_bytes(b"Subject: 1\n\nBODY\n")  # same size, rewritten from outside
+    assert await _fetch(box, 1) == b"Subject: 1\n\nbody\n"  # read ahead, within the TTL
+    path = next((alice / "cur").glob("1700000002.*"))
+    path.write_bytes(b"Subject: 2\n\nBODY\n")
+    await trio.sleep(READ_AHEAD_TTL + 1)
+    assert await _fetch(box, 2) == b"Subject: 2\n\nBODY\n"  # expired: read again
+    await box.aclose()

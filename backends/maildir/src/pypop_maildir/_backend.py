@@ -26,6 +26,12 @@ from pypop_maildir._lock import HeldLock, LockBusy, acquire
 __all__ = ["BLOCK_SIZE", "MaildirBackend", "MaildirMailbox"]
 
 BLOCK_SIZE = 64 * 1024
+# Read-ahead: the thread hop that reads a small message also reads the small messages
+# after it (clients RETR in order), up to this many octets per session; they are served
+# from memory if asked for within READ_AHEAD_TTL seconds.
+READ_AHEAD_OCTETS = 256 * 1024
+READ_AHEAD_MESSAGES = 64
+READ_AHEAD_TTL = 2.0
 T = TypeVar("T")
 
 
@@ -109,6 +115,8 @@ class MaildirMailbox:
         self._entries = entries
         self._lock: HeldLock | None = lock
         self._messages = tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries)
+        self._ahead: dict[int, bytes] = {}
+        self._ahead_until = 0.0
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -131,6 +139,30 @@ class MaildirMailbox:
             f.close()
             return None, block
         return f, block
+
+    def _read_with_ahead(self, index: int) -> tuple[BinaryIO | None, bytes, dict[int, bytes]]:
+        """Message ``index`` as :meth:`_open_and_read` gives it, and, if it was small,
+        the whole of the small messages after it (within the read-ahead budget)."""
+        f, block = self._open_and_read(self._entries[index])
+        ahead: dict[int, bytes] = {}
+        if f is not None:
+            return f, block, ahead
+        budget = READ_AHEAD_OCTETS - len(block)
+        for j in range(index + 1, min(len(self._entries), index + 1 + READ_AHEAD_MESSAGES)):
+            entry = self._entries[j]
+            # The POP3 size is never below the file size (line ends only grow).
+            if entry.size >= BLOCK_SIZE or entry.size > budget:
+                break
+            try:
+                g, data = self._open_and_read(entry)
+            except (OSError, NoSuchMessage):
+                break
+            if g is not None:  # grew since the snapshot
+                g.close()
+                break
+            ahead[j] = data
+            budget -= len(data)
+        return None, block, ahead
 
     def _open_file(self, entry: _store.Entry) -> BinaryIO:
         lock = self._lock
@@ -157,12 +189,22 @@ class MaildirMailbox:
         LF line ends, which never stops earlier than the server's TOP cut).
         """
         entry = self._entry(index)
-        try:
-            # One thread hop opens and reads the first block; a message that fits in
-            # one block (most mail) costs no other hop.
-            f, block = await self._backend.run(lambda: self._open_and_read(entry))
-        except OSError as exc:
-            raise TemporaryFailure("cannot open message") from exc
+        now = trio.current_time()
+        data = self._ahead.pop(index, None) if now < self._ahead_until else None
+        if data is not None:
+            f: BinaryIO | None = None
+            block = data
+        else:
+            try:
+                # One thread hop opens and reads the first block (a message that fits
+                # in one block costs no other hop), and reads ahead.
+                f, block, ahead = await self._backend.run(
+                    functools.partial(self._read_with_ahead, index)
+                )
+            except OSError as exc:
+                raise TemporaryFailure("cannot open message") from exc
+            self._ahead = ahead
+            self._ahead_until = now + READ_AHEAD_TTL
         cutter = _TopCut(top_lines) if top_lines is not None else None
         complete = False
         try:
