@@ -88,6 +88,20 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 return data
             await wait_readable(sock)
 
+    async def receive_after_reply(self, max_bytes: int = RECV_SIZE) -> bytes:
+        """receive_some for a peer that is most likely still reading our reply: wait
+        for readiness first instead of paying for a recv that fails with EAGAIN."""
+        await checkpoint_if_cancelled()
+        sock = self.socket
+        while True:
+            await wait_readable(sock)
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _error(sock, exc) from exc
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await checkpoint_if_cancelled()
         sock = self.socket

@@ -131,7 +131,12 @@ class Session:
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
         self._idle = trio.CancelScope()
-        self._send_many = stream.send_many if isinstance(stream, SocketStream) else None
+        # Plain TCP gets the gathered write and the wait-first read; TLS does not.
+        self._send_many: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self._recv_after_reply: Callable[[int], Awaitable[bytes]] | None = None
+        if isinstance(stream, SocketStream):
+            self._send_many = stream.send_many
+            self._recv_after_reply = stream.receive_after_reply
         self._wire: Callable[[int, int | None], bytes | None] | None = None
         self._update_mechanisms()
 
@@ -191,10 +196,11 @@ class Session:
         if deadline > scope.deadline:
             scope.deadline = deadline + 1.0
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Send what is queued; False if there was nothing."""
         conn = self.conn
         if not conn.pending_output:
-            return
+            return False
         self._touch()
         try:
             if self._send_many is not None:
@@ -204,12 +210,18 @@ class Session:
                 await self.stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _SessionEnd("send failed") from exc
+        return True
 
-    async def _receive(self) -> bytes:
-        """Bytes from the peer, b"" at EOF."""
+    async def _receive(self, replied: bool) -> bytes:
+        """Bytes from the peer, b"" at EOF. ``replied``: we just sent a reply, so the
+        next command is most likely not there yet."""
         self._touch()
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(RECV_SIZE)
+            if replied and self._recv_after_reply is not None:
+                data = await self._recv_after_reply(RECV_SIZE)
+            else:
+                data = await self.stream.receive_some(RECV_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
         return data if isinstance(data, bytes) else bytes(data)
@@ -254,8 +266,8 @@ class Session:
         while True:
             event: Event = conn.next_event()
             if event is NEED_DATA:
-                await self._flush()
-                conn.receive_data(await self._receive())
+                replied = await self._flush()
+                conn.receive_data(await self._receive(replied))
                 continue
             if isinstance(event, ConnectionClosed):
                 self.end = "disconnected"
@@ -417,6 +429,7 @@ class Session:
             raise _SessionEnd("TLS handshake failed") from exc
         self.stream = tls_stream
         self._send_many = None
+        self._recv_after_reply = None
         self.tls = True
         self.conn.plaintext_allowed = self._plaintext_allowed(True)
         self._update_mechanisms()
