@@ -93,6 +93,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
         for readiness first instead of paying for a recv that fails with EAGAIN."""
         await checkpoint_if_cancelled()
         sock = self.socket
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("socket was closed")
         while True:
             await wait_readable(sock)
             try:

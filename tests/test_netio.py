@@ -128,3 +128,20 @@ async def test_listener_port_zero_and_accept() -> None:
     await client.aclose()
     await stream.aclose()
     await listeners[0].aclose()
+
+
+async def test_receive_after_reply_waits_then_reads() -> None:
+    stream, peer = await _pair()
+
+    async def later() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        peer.send(b"NOOP\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        assert await stream.receive_after_reply() == b"NOOP\r\n"
+    peer.close()
+    assert await stream.receive_after_reply() == b""
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_after_reply()
