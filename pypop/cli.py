@@ -31,7 +31,7 @@ DEMO_PASSWORD = "password"  # noqa: S105 (documented demo credential)
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the POP3 server")
-    p.add_argument("-c", "--config", type=Path, help="TOML config file (see docs/config.md)")
+    p.add_argument("-c", "--config", type=Path, help="TOML config file (docs/config.md)")
     p.add_argument(
         "--demo", action="store_true", help=f"sample users and mail on 127.0.0.1:{DEMO_PORT}"
     )
@@ -163,15 +163,26 @@ def _serve(args: argparse.Namespace) -> int:
             _apply_flags(args, cfg)
             cfg.validate()
             trio.run(_run, cfg, args.demo)
-    except (ConfigError, BackendLoadError, ValueError) as exc:
-        print(f"pypop: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"pypop: cannot start: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        # Errors from inside trio's nurseries arrive wrapped in exception groups;
+        # the admin gets one line, never a traceback, for the expected ones.
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, ConfigError | BackendLoadError | ValueError):
+            print(f"pypop: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, OSError):
+            print(f"pypop: cannot start: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        raise
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import poplib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -633,3 +634,40 @@ async def test_many_pipelined_replies_in_one_flush(start_server: ServerStarter) 
     )
     assert out.count(b"+OK\r\n") == 3001  # USER and 3000 NOOPs
     assert out.endswith(b"+OK\r\n+OK Logging out\r\n")
+
+
+def test_docs_config_example_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "pypop.toml"
+    path.write_text(example)
+    cfg = load_config(path)
+    cfg.validate()
+    assert cfg.listen == [("127.0.0.1", 110)]
+    assert cfg.listen_tls == [("127.0.0.1", 995)]
+
+
+def test_cli_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pypop",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--passwd-file",
+                "/dev/null",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "pypop: cannot start:" in result.stderr
+    assert "Traceback" not in result.stderr
