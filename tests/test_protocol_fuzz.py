@@ -1,0 +1,94 @@
+"""Random input never breaks the engine (hypothesis): no exception, only well-formed
+replies, never longer first lines than RFC 2449 allows, the session state stays sane."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pypop.protocol import ProtocolConfig, ServerConnection, State
+
+from .test_protocol import Driver
+
+EXAMPLES = 300 * int(os.environ.get("PYPOP_WIRE_EXAMPLES", "1"))
+
+WORDS = [
+    b"USER bob",
+    b"PASS secret",
+    b"PASS wrong",
+    b"STAT",
+    b"LIST",
+    b"LIST 2",
+    b"LIST 0",
+    b"RETR 1",
+    b"RETR 9",
+    b"DELE 1",
+    b"DELE 1",
+    b"RSET",
+    b"NOOP",
+    b"TOP 1 0",
+    b"TOP 2 x",
+    b"UIDL",
+    b"UIDL 3",
+    b"CAPA",
+    b"AUTH",
+    b"AUTH PLAIN",
+    b"AUTH PLAIN AGJvYgBzZWNyZXQ=",
+    b"*",
+    b"=",
+    b"STLS",
+    b"APOP bob " + b"0" * 32,
+    b"QUIT",
+    b"",
+    b".",
+    b"\x00",
+    b"\xff\xfe",
+    b"X" * 300,
+    b"USER " + "jösé".encode(),
+    b"list -1",
+    b"retr 99999999999999999999",
+]
+
+# Lines built from POP3 words and junk, joined by every kind of line end.
+lines = st.lists(
+    st.one_of(
+        st.sampled_from(WORDS),
+        st.lists(st.integers(0, 255), max_size=40).map(bytes),
+    ),
+    max_size=30,
+)
+ends = st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\r\n"])
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines, st.lists(ends, min_size=1), st.integers(1, 64))
+def test_random_sessions_never_break_the_engine(
+    parts: list[bytes], line_ends: list[bytes], chunk: int
+) -> None:
+    data = b"".join(p + line_ends[i % len(line_ends)] for i, p in enumerate(parts))
+    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",), stls_available=True, max_bad_commands=50)
+    conn = ServerConnection(cfg, apop_timestamp=b"<1.2@host>")
+    conn.greeting()
+    driver = Driver(conn)
+    out = bytearray(conn.data_to_send())
+    for i in range(0, len(data), chunk):
+        conn.receive_data(data[i : i + chunk])
+        driver.run()
+        out += conn.data_to_send()
+        if driver.closed is not None:
+            break
+    text = bytes(out)
+    assert text.endswith(b"\r\n")
+    lines_out = text.split(b"\r\n")[:-1]
+    for line in lines_out:
+        assert b"\r" not in line
+        assert b"\n" not in line
+        assert b"Traceback" not in line
+        assert b"Error" not in line
+    # Every status line is upper-case +OK / -ERR (RFC 1939 §3), or a SASL "+ " challenge.
+    statuses = [ln for ln in lines_out if ln.startswith((b"+OK", b"-ERR", b"+ "))]
+    assert statuses[0] == b"+OK POP3 server ready <1.2@host>"
+    assert all(len(ln) + 2 <= 512 for ln in statuses)
+    assert conn.state in set(State)
