@@ -169,10 +169,15 @@ class SocketStream(trio.abc.HalfCloseableStream):
             raise _error(self.socket, exc) from exc
 
     async def aclose(self) -> None:
-        if self.socket.fileno() != -1:
-            notify_closing(self.socket)
-            self.socket.close()
-        await checkpoint()
+        await _close_socket(self.socket)
+
+
+async def _close_socket(sock: socket.socket) -> None:
+    # Wake any task waiting on the descriptor before it can be reused.
+    if sock.fileno() != -1:
+        notify_closing(sock)
+        sock.close()
+    await checkpoint()
 
 
 def _error(
@@ -220,10 +225,7 @@ class Listener(trio.abc.AsyncResource):
             return stream, str(addr[0])
 
     async def aclose(self) -> None:
-        if self.socket.fileno() != -1:
-            notify_closing(self.socket)
-            self.socket.close()
-        await checkpoint()
+        await _close_socket(self.socket)
 
 
 def is_transient(exc: OSError) -> bool:

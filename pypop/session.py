@@ -444,10 +444,7 @@ class Session:
             if wire is not None:
                 conn.message_header()
                 conn.send_raw(wire)
-                conn.message_done()
-                if event.top_lines is None:
-                    self.retrieved += 1
-                    self.retrieved_octets += event.size
+                self._message_sent(event)
                 return
         stuffer = DotStuffer(event.top_lines)
         blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)
@@ -484,14 +481,17 @@ class Session:
                 await self._flush()
                 raise _SessionEnd("backend failure mid-message") from None
             conn.send_raw(stuffer.finish())
-            conn.message_done()
-            if event.top_lines is None:
-                self.retrieved += 1
-                self.retrieved_octets += event.size
+            self._message_sent(event)
         finally:
             aclose = getattr(blocks, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _message_sent(self, event: Retrieve) -> None:
+        self.conn.message_done()
+        if event.top_lines is None:  # TOP is not a retrieval in the session summary
+            self.retrieved += 1
+            self.retrieved_octets += event.size
 
     # -- UPDATE (RFC 1939 §6) --
 

@@ -47,6 +47,16 @@ async def talk(port: int, data: bytes, *, until_close: bool = True) -> bytes:
         return bytes(out)
 
 
+async def read_lines(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    """Read until ``n`` CRLF-terminated lines have arrived (greeting included)."""
+    got = b""
+    while got.count(b"\r\n") < n:
+        chunk = await stream.receive_some(4096)
+        assert chunk, got
+        got += chunk
+    return got
+
+
 def port_of(server: object) -> int:
     addresses: list[tuple[str, int]] = getattr(server, "addresses")  # noqa: B009
     return addresses[0][1]
@@ -185,9 +195,7 @@ async def test_in_use(start_server: ServerStarter) -> None:
     first = await trio.open_tcp_stream("127.0.0.1", port_of(server))
     async with first:
         await first.send_all(b"USER alice\r\nPASS wonderland\r\n")
-        got = b""
-        while got.count(b"\r\n") < 3:
-            got += await first.receive_some(4096)
+        await read_lines(first, 3)
         out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nQUIT\r\n")
         assert b"-ERR [IN-USE] Mailbox is locked by another session\r\n" in out
 
@@ -322,9 +330,7 @@ async def test_graceful_shutdown_never_commits_unfinished_sessions(
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nDELE 2\r\n")
-        got = b""
-        while got.count(b"\r\n") < 5:
-            got += await stream.receive_some(4096)
+        await read_lines(stream, 5)
         server.shutdown()
         with trio.fail_after(5):
             while await stream.receive_some(4096):
@@ -343,9 +349,7 @@ async def test_session_finishing_during_shutdown_commits(
     stream = await trio.open_tcp_stream("127.0.0.1", port_of(server))
     async with stream:
         await stream.send_all(b"USER alice\r\nPASS wonderland\r\n")
-        got = b""
-        while got.count(b"\r\n") < 3:
-            got += await stream.receive_some(4096)
+        await read_lines(stream, 3)
         server.shutdown()
         await stream.send_all(b"DELE 1\r\nQUIT\r\n")
         rest = b""
