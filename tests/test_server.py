@@ -23,7 +23,8 @@ from pypop.backends.memory import MemoryBackend, sample_message
 from pypop.config import ConfigError, ServerConfig, load_config
 from pypop.protocol import ProtocolConfig
 from pypop.registry import BackendLoadError, create_backend
-from pypop.session import Session, SessionContext
+from pypop.server.listeners import Peer
+from pypop.server.session import Session, SessionContext
 from pypop.wire import stuff
 
 from .conftest import PASSWORDS, ServerStarter
@@ -408,7 +409,7 @@ async def test_idle_autologout_without_update(
     autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend
 ) -> None:
     server_side, client = trio.testing.memory_stream_pair()
-    session = Session(_context(memory_backend), server_side, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), server_side, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\n")
@@ -429,7 +430,7 @@ async def test_any_command_resets_the_timer(
     autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend
 ) -> None:
     server_side, client = trio.testing.memory_stream_pair()
-    session = Session(_context(memory_backend), server_side, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), server_side, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"USER alice\r\nPASS wonderland\r\n")
@@ -446,7 +447,7 @@ async def test_any_command_resets_the_timer(
 async def test_pipelined_batch_is_one_write(memory_backend: MemoryBackend) -> None:
     server_side, client = trio.testing.memory_stream_pair()
     counting = CountingStream(server_side)
-    session = Session(_context(memory_backend), counting, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), counting, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"CAPA\r\n")

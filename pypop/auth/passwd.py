@@ -1,4 +1,4 @@
-"""The Dovecot-compatible passwd-file store and the ``pypop passwd`` command.
+"""The Dovecot-compatible passwd-file store.
 
 File format (Dovecot's ``passwd-file``), one user a line::
 
@@ -22,11 +22,8 @@ is retried on the next check.
 
 from __future__ import annotations
 
-import argparse
-import getpass
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +34,7 @@ import trio
 from pypop.auth import schemes
 from pypop.auth.store import StoredCredential, _make_dummy, _VerifyingStore
 
-__all__ = ["PasswdFileStore", "parse_passwd_file", "passwd_main"]
+__all__ = ["PasswdFileStore", "parse_passwd_file"]
 
 log = logging.getLogger("pypop.auth")
 
@@ -176,80 +173,3 @@ class PasswdFileStore(_VerifyingStore):
             return
         self._last_check = now  # set before awaiting: concurrent callers skip the check
         await trio.to_thread.run_sync(self.reload_if_changed)
-
-
-# --------------------------------------------------------------------------- pypop passwd
-
-
-def passwd_main(argv: list[str]) -> int:
-    """``pypop passwd``: print a ``{SCHEME}hash`` line for a passwd-file (like doveadm pw)."""
-    parser = argparse.ArgumentParser(
-        prog="pypop passwd",
-        description="Hash a password for a Dovecot-style passwd-file.",
-    )
-    parser.add_argument(
-        "-s",
-        "--scheme",
-        default=schemes.DEFAULT_HASH_SCHEME,
-        help=f"password scheme (default {schemes.DEFAULT_HASH_SCHEME}; -l lists them)",
-    )
-    parser.add_argument(
-        "-p",
-        "--password",
-        help="the password (visible to other local users in the process list; "
-        "without -p it is asked for twice)",
-    )
-    parser.add_argument("-l", "--list", action="store_true", help="list the schemes and exit")
-    parser.add_argument(
-        "-t",
-        "--test",
-        metavar="HASH",
-        help="check the password against HASH instead; exit status 0 if it matches",
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-
-    if args.list:
-        print(" ".join([*schemes.SCHEMES, "CLEARTEXT"]))
-        return 0
-
-    password: str | None = args.password
-    if password is None:
-        try:
-            password = getpass.getpass("Enter new password: ")
-            if args.test is None and getpass.getpass("Retype new password: ") != password:
-                print("pypop passwd: passwords don't match", file=sys.stderr)
-                return 1
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 1
-    if not password:
-        print("pypop passwd: empty passwords are not allowed", file=sys.stderr)
-        return 1
-
-    if args.test is not None:
-        try:
-            scheme, value = schemes.parse_stored(args.test, "CRYPT")
-            ok = schemes.verify_scheme(scheme, value, password)
-        except ValueError as exc:
-            print(f"pypop passwd: {exc}", file=sys.stderr)
-            return 2
-        print(f"{{{scheme}}} ({'verified' if ok else 'NOT verified'})")
-        return 0 if ok else 1
-
-    try:
-        hashed = schemes.hash_password(args.scheme, password)
-    except schemes.UnknownSchemeError:
-        print(f"pypop passwd: unknown scheme {args.scheme!r} (-l lists them)", file=sys.stderr)
-        return 2
-    if any(c in hashed for c in ":\r\n"):
-        print(
-            "pypop passwd: this password cannot be stored in a passwd-file with this "
-            "scheme (it contains ':' or a line break)",
-            file=sys.stderr,
-        )
-        return 1
-    print(hashed)
-    return 0

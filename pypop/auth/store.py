@@ -9,7 +9,7 @@ A store answers two questions:
   SCRAM-SHA-256). ``None`` for unknown users, disabled users, and stores that cannot
   reveal secrets (an IMAP passthrough authenticates upstream instead).
 
-A store may raise :class:`pypop.backend.TemporaryFailure` when it cannot answer now
+A store may raise :class:`pypop.errors.TemporaryFailure` when it cannot answer now
 (the session replies ``-ERR [SYS/TEMP]``). A store that can never reveal secrets may
 set ``reveals_secrets = False``: :func:`pypop.auth.sasl.available_mechanisms` then
 leaves out CRAM-MD5 and SCRAM.

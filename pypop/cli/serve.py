@@ -1,4 +1,4 @@
-"""``pypop serve | passwd``; ``python -m pypop`` is the same."""
+"""``pypop serve``: run the server from a TOML file and/or flags (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from pypop.registry import BackendLoadError
 if TYPE_CHECKING:
     from pypop.server import Server
 
-__all__ = ["main"]
+__all__ = ["add_parser", "run"]
 
 log = logging.getLogger("pypop")
 
@@ -29,7 +28,7 @@ DEMO_USERS = ("user1", "user2", "user3")
 DEMO_PASSWORD = "password"  # noqa: S105 (documented demo credential)
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the POP3 server")
     p.add_argument("-c", "--config", type=Path, help="TOML config file (docs/config.md)")
     p.add_argument(
@@ -69,6 +68,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-connections-per-ip", type=int)
     p.add_argument("--shutdown-timeout", type=float)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run)
 
 
 def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
@@ -151,7 +151,7 @@ async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
             server.shutdown()
 
 
-def _serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -183,26 +183,3 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pypop", description="POP3 server framework")
-    parser.add_argument("--version", action="version", version=f"pypop {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    pw = sub.add_parser(
-        "passwd", help="hash a password for a passwd-file (like doveadm pw)", add_help=False
-    )
-    pw.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "passwd":
-        from pypop.auth import passwd_main
-
-        return passwd_main(list(args.rest))
-    parser.error("unknown command")  # argparse exits
-
-
-if __name__ == "__main__":
-    sys.exit(main())
