@@ -477,8 +477,15 @@ def test_unknown_backend_names_installed_and_hint() -> None:
 
 
 def test_memory_backend_options_validated() -> None:
-    with pytest.raises(BackendLoadError, match="unknown memory backend options: colour"):
-        create_backend("memory", {"colour": "blue"})
+    with pytest.raises(BackendLoadError) as info:
+        create_backend("memory", {"colour": "blue", "sample_user": 3})
+    assert str(info.value) == (
+        "the pypop backend 'memory' rejected its options: memory backend: unknown options "
+        "'colour', 'sample_user' (did you mean 'sample_users'?); "
+        "known: sample_messages, sample_size, sample_users, seed"
+    )
+    with pytest.raises(BackendLoadError, match="option 'sample_users' must be an integer"):
+        create_backend("memory", {"sample_users": "two"})
     backend = create_backend("memory", {"sample_users": "2", "sample_messages": 4})
     assert isinstance(backend, MemoryBackend)
     assert backend.users() == ["user1", "user2"]
