@@ -159,7 +159,11 @@ async def test_io_timeout_is_wall_clock_under_autojump(
 ) -> None:
     # The virtual clock jumps while a thread runs; the timeout must not fire.
     pool = IOThreads(1, timeout=1.0)
-    assert await pool.run(lambda: time.sleep(0.1) or "done") == "done"
+    def slow() -> str:
+        time.sleep(0.1)
+        return "done"
+
+    assert await pool.run(slow) == "done"
 
 
 # ---- TOP cut and blocks ---------------------------------------------------------------
