@@ -13,7 +13,7 @@ from typing import cast
 
 from pypop.backend import Backend, BackendFactory
 
-__all__ = ["GROUP", "BackendLoadError", "available", "create_backend", "load_factory"]
+__all__ = ["GROUP", "BackendLoadError", "create_backend", "load_factory"]
 
 GROUP = "pypop.backends"
 
@@ -24,11 +24,6 @@ class BackendLoadError(Exception):
 
 def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
-
-
-def available() -> list[str]:
-    """Names of the installed backends."""
-    return sorted(_entry_points())
 
 
 def load_factory(name: str) -> BackendFactory:
