@@ -159,6 +159,7 @@ async def test_io_timeout_is_wall_clock_under_autojump(
 ) -> None:
     # The virtual clock jumps while a thread runs; the timeout must not fire.
     pool = IOThreads(1, timeout=1.0)
+
     def slow() -> str:
         time.sleep(0.1)
         return "done"

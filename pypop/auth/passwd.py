@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,9 @@ import trio
 
 from pypop.auth import schemes
 from pypop.auth.store import StoredCredential, _make_dummy, _VerifyingStore
+from pypop.backend_kit import Options
 
-__all__ = ["PasswdFileStore", "parse_passwd_file"]
+__all__ = ["PasswdFileStore", "create", "parse_passwd_file"]
 
 log = logging.getLogger("pypop.auth")
 
@@ -119,20 +120,22 @@ class PasswdFileStore(_VerifyingStore):
         self._clock = clock
         self._signature: tuple[int, int, int, int] | None = None
         self._last_check = clock()
-        if not self._load():
-            raise OSError(f"cannot load passwd-file {self.path}")
+        self._load(initial=True)
 
-    @property
-    def signature(self) -> tuple[int, int, int, int] | None:
-        return self._signature
+    def _load(self, *, initial: bool = False) -> bool:
+        """Read and swap in the file; False (old table kept) if that fails.
 
-    def _load(self) -> bool:
-        """Read and swap in the file; False (old table kept) if that fails."""
+        At start-up (``initial``) an unreadable file raises ``OSError`` naming it."""
         try:
             with self.path.open("rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
         except OSError as exc:
+            if initial:
+                raise OSError(
+                    exc.errno,
+                    f"cannot read passwd-file {self.path}: {exc.strerror or type(exc).__name__}",
+                ) from None
             log.error(
                 "passwd-file %s: cannot read (%s); keeping the previous users",
                 self.path,
@@ -149,7 +152,14 @@ class PasswdFileStore(_VerifyingStore):
             return False
         self._entries, self._dummy = result.entries, _make_dummy(result.entries)
         self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-        log.info("passwd-file %s: %d users loaded", self.path, len(result.entries))
+        if result.entries:
+            log.info("passwd-file %s: %s loaded", self.path, _plural(len(result.entries), "user"))
+        else:
+            log.warning(
+                "passwd-file %s has NO valid users (%s): every login will fail",
+                self.path,
+                _plural(result.errors, "malformed line") if result.errors else "the file is empty",
+            )
         return True
 
     def reload_if_changed(self) -> bool:
@@ -173,3 +183,20 @@ class PasswdFileStore(_VerifyingStore):
             return
         self._last_check = now  # set before awaiting: concurrent callers skip the check
         await trio.to_thread.run_sync(self.reload_if_changed)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def create(options: Mapping[str, object]) -> PasswdFileStore:
+    """Entry point ``passwd-file`` in ``pypop.credentials``: options ``path`` and
+    ``default_scheme`` (``CRYPT``, as Dovecot)."""
+    opts = Options("passwd-file", options)
+    path = opts.path("path", required=True)
+    default_scheme = opts.text("default_scheme", "CRYPT")
+    opts.finish()
+    try:
+        return PasswdFileStore(path, default_scheme=default_scheme)
+    except schemes.UnknownSchemeError:
+        raise opts.error(f"option 'default_scheme': unknown scheme {default_scheme!r}") from None

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -33,6 +33,7 @@ from pypop.auth.schemes import ScramKeys
 
 __all__ = [
     "CredentialStore",
+    "CredentialStoreFactory",
     "MemoryCredentialStore",
     "StoredCredential",
     "default_hash_limiter",
@@ -50,6 +51,10 @@ class CredentialStore(Protocol):
     async def lookup(self, user: str) -> StoredCredential | None:
         """The stored secret of ``user``, or None (unknown, disabled, or not revealable)."""
         ...
+
+
+CredentialStoreFactory = Callable[[Mapping[str, object]], CredentialStore]
+"""What an entry point in ``pypop.credentials`` names: options -> store."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="backend option (repeatable)",
     )
     p.add_argument("--passwd-file", type=Path, help="Dovecot-style passwd-file")
+    p.add_argument(
+        "--credentials",
+        metavar="NAME",
+        help="credential store from the pypop.credentials entry points (instead of a passwd-file)",
+    )
+    p.add_argument(
+        "-C",
+        "--credentials-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="credential store option (repeatable)",
+    )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--hostname", help="host name used in APOP/CRAM-MD5 challenges")
@@ -73,18 +86,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
     if args.listen:
-        cfg.listen = [parse_address(a) for a in args.listen]
+        cfg.set_listen([parse_address(a) for a in args.listen])
     if args.listen_tls:
-        cfg.listen_tls = [parse_address(a, 995) for a in args.listen_tls]
+        cfg.set_listen_tls([parse_address(a, 995) for a in args.listen_tls])
     if args.backend:
         cfg.backend = args.backend
         if args.backend != "memory" and not args.config:
             cfg.backend_options = {}
     for item in args.backend_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--backend-option wants KEY=VALUE, got {item!r}")
+        key, value = _key_value("--backend-option", item)
         cfg.backend_options[key] = value
+    if args.credentials:
+        if args.credentials != cfg.credentials:
+            cfg.credentials_options = {}
+        cfg.credentials = args.credentials
+    for item in args.credentials_option:
+        if cfg.credentials is None:
+            raise ConfigError("--credentials-option needs --credentials NAME")
+        key, value = _key_value("--credentials-option", item)
+        cfg.credentials_options[key] = value
     simple = {
         "passwd_file": args.passwd_file,
         "tls_cert": args.tls_cert,
@@ -102,24 +122,33 @@ def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
             setattr(cfg, name, value)
 
 
+def _key_value(flag: str, item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{flag} wants KEY=VALUE, got {item!r}")
+    return key, value
+
+
 def _demo_config(cfg: ServerConfig, workdir: Path) -> None:
     passwd = workdir / "passwd"
     passwd.write_text(
         "".join(f"{u}:{{PLAIN}}{DEMO_PASSWORD}\n" for u in DEMO_USERS), encoding="utf-8"
     )
-    cfg.listen = [("127.0.0.1", DEMO_PORT)]
+    cfg.set_listen([("127.0.0.1", DEMO_PORT)])
     cfg.passwd_file = passwd
     cfg.backend = "memory"
     cfg.backend_options = {"sample_users": len(DEMO_USERS), "sample_messages": 5}
     cfg.apop = True
 
 
-async def _run(cfg: ServerConfig, demo: bool) -> None:
+async def _run(cfg: ServerConfig, demo: bool) -> int:
+    """Serve until a signal; 0 after a graceful stop, 1 after a forced one."""
     from pypop.server import Server
 
     server = Server(cfg)
+    forced = trio.Event()
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, server, outer.cancel_scope)
+        outer.start_soon(_watch_signals, server, outer.cancel_scope, forced)
         async with trio.open_nursery() as inner:
             await inner.start(server.run)
             if demo:
@@ -131,9 +160,10 @@ async def _run(cfg: ServerConfig, demo: bool) -> None:
                 )
                 print(f"  curl pop3://{DEMO_USERS[0]}:{DEMO_PASSWORD}@{host}:{port}/1", flush=True)
         outer.cancel_scope.cancel()
+    return 1 if forced.is_set() else 0
 
 
-async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
+async def _watch_signals(server: Server, scope: trio.CancelScope, forced: trio.Event) -> None:
     """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now. SIGHUP: read
     the TLS certificate and key again (a broken pair keeps the old one)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -144,7 +174,8 @@ async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
                 server.reload_tls()
                 continue
             if server.shutting_down:
-                log.warning("second %s: stopping now", name)
+                log.warning("second %s: stopping now, open sessions are cut", name)
+                forced.set()
                 scope.cancel()
                 return
             log.info("%s: graceful shutdown", name)
@@ -162,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
                 _demo_config(cfg, Path(tmp))
             _apply_flags(args, cfg)
             cfg.validate()
-            trio.run(_run, cfg, args.demo)
+            status = trio.run(_run, cfg, args.demo)
     except BaseException as exc:
         # Errors from inside trio's nurseries arrive wrapped in exception groups;
         # the admin gets one line, never a traceback, for the expected ones.
@@ -171,12 +202,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"pypop: {leaf}", file=sys.stderr)
             return 2
         if isinstance(leaf, OSError):
-            print(f"pypop: cannot start: {leaf}", file=sys.stderr)
+            print(f"pypop: cannot start: {_os_error(leaf)}", file=sys.stderr)
             return 1
         if isinstance(leaf, KeyboardInterrupt):
             return 130
         raise
-    return 0
+    return status
+
+
+def _os_error(exc: OSError) -> str:
+    """The message without "[Errno N]", with the file name when there is one."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

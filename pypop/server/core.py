@@ -21,7 +21,6 @@ from pypop.auth import (
     AuthPenalty,
     CredentialStore,
     LoginDelay,
-    PasswdFileStore,
     PerClientLimiter,
     StaticTokenVerifier,
     TokenVerifier,
@@ -30,23 +29,43 @@ from pypop.backend import Backend
 from pypop.config import ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.protocol.replies import Text, encode_status
-from pypop.registry import create_backend
+from pypop.registry import create_backend, create_credential_store
 from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
 from pypop.server.session import Session, SessionContext
 
-__all__ = ["Server", "make_ssl_context", "serve"]
+__all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
 
 log = logging.getLogger("pypop.server")
 
 TOO_MANY: bytes = encode_status(False, Text.TOO_MANY_CONNECTIONS.value, "SYS/TEMP")
 
 
+class TLSConfigError(ValueError):
+    """The certificate or key cannot be used; the message names the files."""
+
+
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2 or later (RFC 8314 §4.1)."""
+    """TLS 1.2 or later (RFC 8314 §4.1). Raises :class:`TLSConfigError` naming the
+    file and the problem (``load_cert_chain`` alone says "[SSL] PEM lib")."""
+    for what, path in (("tls.cert", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(65536)
+        except OSError as exc:
+            raise TLSConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in head:
+            raise TLSConfigError(f"{what} {path}: not a PEM file")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(
+            f"cannot use tls.cert {cert} with tls.key {key}: the key does not match the "
+            f"certificate, or the files are swapped or not a certificate and a key "
+            f"({exc.reason or exc})"
+        ) from None
     return ctx
 
 
@@ -129,7 +148,7 @@ class Server:
             return False
         try:
             ctx = make_ssl_context(str(cert), str(key))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        except (OSError, ValueError) as exc:
             log.error("TLS reload failed, keeping the current certificate: %s", exc)
             return False
         self.ssl_context = ctx
@@ -290,10 +309,14 @@ async def _close(stream: trio.abc.Stream) -> None:
 
 
 def _default_store(config: ServerConfig) -> CredentialStore:
-
+    """The configured credential store: a [credentials] plugin, or the passwd-file."""
+    if config.credentials is not None:
+        return create_credential_store(config.credentials, config.credentials_options)
     if config.passwd_file is None:
-        raise ValueError("no credential store: set auth.passwd_file (or --passwd-file)")
-    return PasswdFileStore(config.passwd_file)
+        raise ValueError(
+            "no credential store: set auth.passwd_file (or --passwd-file), or a [credentials] store"
+        )
+    return create_credential_store("passwd-file", {"path": str(config.passwd_file)})
 
 
 async def serve(

@@ -240,6 +240,12 @@ class Session:
                 self.end = "autologout"
         except _SessionEnd as exc:
             self.end = str(exc)
+        except trio.Cancelled:
+            self.end = "shutdown"  # the server is stopping at once
+            raise
+        except BaseException:
+            self.end = "error"
+            raise
         finally:
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
