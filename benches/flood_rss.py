@@ -110,7 +110,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, server: subprocess.Popen[bytes], port: int, users: list[str]) -> int:
+def run(
+    args: argparse.Namespace, server: subprocess.Popen[bytes], port: int, users: list[str]
+) -> int:
     deadline = time.monotonic() + 30
     while True:
         try:

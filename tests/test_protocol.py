@@ -16,6 +16,7 @@ import pytest
 
 from pypop.protocol import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
@@ -65,6 +66,13 @@ class Driver:
         self.password = password
         self.events: list[Event] = []
         self.closed: str | None = None
+        self.sent = bytearray()  # output drained at SEND_DATA (backpressure)
+
+    def take(self) -> bytes:
+        """Everything sent so far and still queued."""
+        out = bytes(self.sent) + self.conn.data_to_send()
+        self.sent.clear()
+        return out
 
     def run(self) -> None:
         conn = self.conn
@@ -72,6 +80,9 @@ class Driver:
             ev = conn.next_event()
             if ev is NEED_DATA:
                 return
+            if ev is SEND_DATA:
+                self.sent += conn.data_to_send()
+                continue
             self.events.append(ev)
             match ev:
                 case PasswordLogin(user=user, password=pw):
@@ -101,8 +112,9 @@ class Driver:
                         conn.login_succeeded("bob", SIZES, UIDS)
                     else:
                         conn.login_failed()
-                case SaslAborted():
-                    pass
+                case SaslAborted(text=text):
+                    if (c := conn.login_failed(None, text)) is not None:
+                        self.closed = c.reason
                 case Closing(reason=reason):
                     self.closed = reason
                 case ConnectionClosed():
@@ -131,7 +143,7 @@ def converse(
         for chunk in chunks:
             conn.receive_data(chunk)
             d.run()
-        outputs.append(conn.data_to_send())
+        outputs.append(d.take())
     assert outputs[0] == outputs[1] == outputs[2], outputs
     return outputs[0]
 
