@@ -8,12 +8,12 @@ I/O, completes the event with one of the completion methods, and asks again. Rep
 therefore leave in command order whatever the pipelining (RFC 2449 §6.6).
 :meth:`data_to_send` drains the output.
 
-Memory stays bounded whatever the peer pipelines: once ``output_limit`` octets wait
-to be sent, :meth:`next_event` answers no further command and returns
-:data:`SEND_DATA` (send, then ask again, do not read); LIST and UIDL listings are
-produced in slices as the output drains; input is framed a window at a time, so the
-queue of framed lines is small, and the caller reads again only after
-:data:`NEED_DATA`.
+Memory and time stay bounded whatever the peer pipelines: once ``output_limit``
+octets wait to be sent, or after ``COMMAND_SLICE`` commands, :meth:`next_event`
+answers no further command and returns :data:`SEND_DATA` (send, let others run, ask
+again, do not read); LIST and UIDL listings are produced in slices as the output
+drains; input is framed a window at a time, so the queue of framed lines is small,
+and the caller reads again only after :data:`NEED_DATA`.
 
 Nothing here imports trio, socket or ssl; a test proves it.
 """
@@ -82,6 +82,10 @@ FRAME_WINDOW = 4096
 # LIST/UIDL listings are formatted this many messages at a time, between checks of
 # the output bound: a huge maildrop never means one long synchronous loop.
 LISTING_SLICE = 512
+# At most this many pipelined commands are answered per next_event call before it
+# returns SEND_DATA, so that the caller can let other connections run (64 KiB of
+# one-line commands is ~10,000 of them, tens of milliseconds of work).
+COMMAND_SLICE = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +291,7 @@ class ServerConnection:
         if self.state is State.CLOSED:
             return Closing("closed")
         limit = self.config.output_limit
+        budget = COMMAND_SLICE
         while True:
             if self._out_len >= limit:
                 return SEND_DATA
@@ -297,6 +302,9 @@ class ServerConnection:
                 self._frame()
                 if not self._lines:
                     break
+            if budget == 0:
+                return SEND_DATA
+            budget -= 1
             line = self._lines.popleft()
             self.commands += 1
             event = self._handle_line(line)

@@ -311,8 +311,11 @@ class Session:
                 continue
             if event is SEND_DATA:
                 # Backpressure: nothing more is read or answered until the peer has
-                # taken these replies.
+                # taken these replies. Then let the other sessions run: a send that
+                # completes at once does not yield, and a peer that pipelines
+                # without end would otherwise hold the event loop.
                 await self._flush()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 continue
             if isinstance(event, ConnectionClosed):
                 self.end = "disconnected"
