@@ -38,7 +38,7 @@ BAND = (0.5, 2.0)
 
 async def medians(probes: dict[str, Callable[[], Awaitable[object]]], n: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in probes}
-    for name, probe in probes.items():  # warm-up
+    for probe in probes.values():  # warm-up
         await probe()
     order = list(probes)
     rng = random.Random(15)
