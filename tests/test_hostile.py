@@ -234,6 +234,21 @@ async def test_slow_but_complete_lines_are_fine(start_server: ServerStarter) -> 
     await c.aclose()
 
 
+async def test_a_partial_line_then_eof_is_a_disconnection(
+    start_server: ServerStarter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+    server = await start_server(line_timeout=5.0)
+    c = await Client.connect(port_of(server))
+    await c.line()
+    await c.send(b"CA")
+    await c.aclose()
+    with trio.fail_after(5):
+        while "end=" not in caplog.text:
+            await trio.sleep(0.01)
+    assert "end=disconnected" in caplog.text
+
+
 def test_per_client_limit_counts_an_ipv6_64() -> None:
     """Issue 15 item 3: one host cannot multiply its share by walking its /64."""
     limits = ConnectionLimits(100, 2)

@@ -156,7 +156,9 @@ class SaslMechanism(abc.ABC):
             result = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY, exc)
         except Exception as exc:
             log.exception("SASL %s: internal error", self.name)
-            result = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY, exc)
+            error = TemporaryFailure(f"SASL {self.name}: internal error {type(exc).__name__}")
+            error.__cause__ = exc
+            result = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY, error)
         if not isinstance(result, SaslChallenge):
             self._finished = True
         return result

@@ -239,9 +239,9 @@ class Session:
                 else:
                     data = await self.stream.receive_some(RECV_SIZE)
             else:
-                with trio.move_on_at(self._line_deadline):
+                with trio.move_on_at(self._line_deadline) as cs:
                     data = await self.stream.receive_some(RECV_SIZE)
-                if not data:
+                if cs.cancelled_caught:
                     # Like the §3 autologout: no UPDATE, no response.
                     raise _SessionEnd("line timeout")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -429,7 +429,9 @@ class Session:
 
     async def _sasl_event(self, event: SaslStart | SaslResponse | SaslAborted) -> Closing | None:
         mech = self._sasl
-        method = event.mechanism if isinstance(event, SaslStart) else (mech.name if mech else "")
+        method = (
+            event.mechanism if isinstance(event, SaslStart) else (mech.name if mech else "SASL")
+        )
         if isinstance(event, SaslAborted):
             # "*", bad base64, an overlong line: a failed attempt like any other (it
             # must cost what a wrong password costs, or SCRAM salts are free to probe).
