@@ -1045,3 +1045,25 @@ def test_nothing_after_finish(wire: ModuleType) -> None:
         counter.feed(b"b")
     with pytest.raises(ValueError, match=r"finish"):
         counter.finish()
+
+
+# --------------------------------------------------------------------------------------
+# the conformance kit's size table agrees with the rule, in both codecs
+# --------------------------------------------------------------------------------------
+
+
+def test_conformance_kit_sizes(wire: ModuleType) -> None:
+    from pypop.testing import HARD_MESSAGES, HARD_SIZES, expected_retr, expected_size
+
+    assert HARD_SIZES.keys() == HARD_MESSAGES.keys()
+    for name, message in HARD_MESSAGES.items():
+        size = HARD_SIZES[name]
+        assert (name, wire.wire_size(message)) == (name, size)
+        assert (name, expected_size(message)) == (name, size)
+        assert (name, model_size(message)) == (name, size)
+        retr = wire.unstuff(wire.stuff(message))[0]
+        assert (name, retr) == (name, expected_retr(message))
+    # before the rule changed, these two were listed 2 octets larger (31 and 44)
+    assert HARD_SIZES["no-final-newline"] == len(HARD_MESSAGES["no-final-newline"]) == 29
+    assert HARD_SIZES["lf-no-final-newline"] == 42
+    assert len(expected_retr(HARD_MESSAGES["lf-no-final-newline"])) == 44
