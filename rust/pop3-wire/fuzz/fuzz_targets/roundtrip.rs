@@ -9,7 +9,7 @@ use pop3_wire::{stuff, unstuff, wire_size, DotStuffer, SizeCounter, Unstuffer};
 
 /// The first octet picks chunk sizes for the stuffer and the unstuffer; the rest is the
 /// message.
-fn split<'a>(data: &'a [u8], seed: u8) -> Vec<&'a [u8]> {
+fn split(data: &[u8], seed: u8) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut rest = data;
     let mut s = seed as usize | 1;
