@@ -31,6 +31,29 @@ def available() -> list[str]:
     return sorted(_entry_points())
 
 
+FIRST_PARTY_DISTRIBUTIONS: Mapping[str, str] = {
+    "imap": "pypop3-imap",
+    "maildir": "pypop3-maildir",
+    "sql": "pypop3-sql",
+}
+"""The backends this project publishes, and their distributions on PyPI.
+
+The install hint names only these: a name built from user input (``pypop-<name>``)
+would send users to whatever anyone registered under it.
+"""
+
+
+def _install_hint(name: str) -> str:
+    dist = FIRST_PARTY_DISTRIBUTIONS.get(name)
+    if dist is not None:
+        return f"the pypop project publishes it as {dist}: pip install {dist}"
+    ours = ", ".join(f"{n} ({d})" for n, d in sorted(FIRST_PARTY_DISTRIBUTIONS.items()))
+    return (
+        f"no first-party backend has that name (the pypop project publishes {ours}); "
+        "install the distribution that provides it"
+    )
+
+
 def load_factory(name: str) -> BackendFactory:
     eps = _entry_points()
     ep = eps.get(name)
@@ -38,7 +61,7 @@ def load_factory(name: str) -> BackendFactory:
         installed = ", ".join(sorted(eps)) or "none"
         raise BackendLoadError(
             f"no pypop backend named {name!r} is installed (installed: {installed}); "
-            f"try: pip install pypop-{name}"
+            + _install_hint(name)
         )
     try:
         factory = ep.load()
