@@ -20,8 +20,9 @@ Rules every backend follows (``pypop.testing`` checks them):
   removes exactly the listed messages and releases the lock. ``Mailbox.aclose``
   releases the lock without removing anything; it is called on every other way out
   (dropped connection, timeout, shutdown) and after ``commit``; it is idempotent.
-- Each failure has one exception type, below. Anything else a backend raises is a bug:
-  the server ends that session with ``-ERR [SYS/TEMP]`` and logs it.
+- Each failure has one exception type, from :mod:`pypop.errors` (re-exported here).
+  Anything else a backend raises is a bug: the server ends that session with
+  ``-ERR [SYS/TEMP]`` and logs it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from pypop.errors import (
+    AuthFailed,
+    BackendError,
+    MailboxLocked,
+    NoSuchMessage,
+    PermanentFailure,
+    TemporaryFailure,
+    UpdateFailed,
+)
 
 __all__ = [
     "AuthFailed",
@@ -60,37 +71,6 @@ class MessageInfo:
 def is_valid_uid(uid: str) -> bool:
     """True if ``uid`` is a legal UIDL unique-id (RFC 1939 §7)."""
     return 1 <= len(uid) <= 70 and all("\x21" <= c <= "\x7e" for c in uid)
-
-
-class BackendError(Exception):
-    """Base class of every error a backend may raise."""
-
-
-class NoSuchMessage(BackendError):
-    """The message is gone (e.g. removed from outside during the session)."""
-
-
-class MailboxLocked(BackendError):
-    """Another session holds the maildrop lock: ``-ERR [IN-USE]``."""
-
-
-class AuthFailed(BackendError):
-    """A backend that authenticates itself (e.g. upstream IMAP) refused: ``[AUTH]``."""
-
-
-class TemporaryFailure(BackendError):
-    """Try again later: ``-ERR [SYS/TEMP]``."""
-
-
-class PermanentFailure(BackendError):
-    """The account cannot be served (disabled, corrupt): ``-ERR [SYS/PERM]``."""
-
-
-class UpdateFailed(BackendError):
-    """UPDATE could not remove some marked messages (RFC 1939 §6).
-
-    It must never have removed a message that was not marked.
-    """
 
 
 @runtime_checkable

@@ -37,12 +37,18 @@ Example ``pypop.toml`` (every key optional)::
     name = "maildir"
     root = "/var/mail"                  # every other key goes to the backend
 
+    # Instead of auth.passwd_file, any credential store plugin (pypop.credentials):
+    # [credentials]
+    # name = "passwd-file"
+    # path = "/etc/pypop/passwd"        # every other key goes to the store
+
     [policy]
     expire = "NEVER"                    # CAPA EXPIRE; "" hides it
 """
 
 from __future__ import annotations
 
+import difflib
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -82,10 +88,16 @@ def parse_address(text: str, default_port: int = 110) -> tuple[str, int]:
     return host, port
 
 
+DEFAULT_LISTEN = ("127.0.0.1", 110)
+
+
 @dataclass
 class ServerConfig:
-    listen: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 110)])
+    # The plain listener defaults to 127.0.0.1:110, unless only TLS listeners are
+    # configured: then only TLS is served (set_listen_tls).
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [DEFAULT_LISTEN])
     listen_tls: list[tuple[str, int]] = field(default_factory=list)
+    listen_explicit: bool = field(default=False, repr=False)
     hostname: str = field(default_factory=socket.gethostname)
     implementation: str = "pypop"
     greeting: str = "POP3 server ready"
@@ -114,6 +126,20 @@ class ServerConfig:
 
     backend: str = "memory"
     backend_options: dict[str, object] = field(default_factory=dict)
+    # A credential store plugin (entry point group pypop.credentials); None = the
+    # passwd-file of auth.passwd_file.
+    credentials: str | None = None
+    credentials_options: dict[str, object] = field(default_factory=dict)
+
+    def set_listen(self, addresses: list[tuple[str, int]]) -> None:
+        self.listen = addresses
+        self.listen_explicit = True
+
+    def set_listen_tls(self, addresses: list[tuple[str, int]]) -> None:
+        """Implicit-TLS listeners; without an explicit plain listener, only TLS."""
+        self.listen_tls = addresses
+        if addresses and not self.listen_explicit:
+            self.listen = []
 
     def validate(self) -> None:
         if self.idle_timeout < 600:
@@ -147,6 +173,12 @@ class ServerConfig:
             raise ConfigError("auth.login_delay must not be negative")
 
 
+# Keys handled by hand in _apply, beside those of _SECTIONS.
+_SPECIAL: dict[str, tuple[str, ...]] = {
+    "server": ("listen", "listen_tls"),
+    "auth": ("passwd_file", "tokens_file", "mechanisms"),
+}
+
 _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "server": {
         "hostname": ("hostname", str),
@@ -174,12 +206,28 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
 }
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list"}  # fmt: skip
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        return "a number"
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
 def _check(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where} has the wrong type")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where} has the wrong type")
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        got = type(value).__name__
+        raise ConfigError(f"{where} must be {_type_name(kind)}, got {got} {value!r}")
     return value
+
+
+def _unknown(what: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown {what} {name}{hint}")
 
 
 def _path(base: Path, value: Any, where: str) -> Path:
@@ -188,26 +236,44 @@ def _path(base: Path, value: Any, where: str) -> Path:
 
 
 def load_config(path: Path, config: ServerConfig | None = None) -> ServerConfig:
-    """Read a TOML file into ``config`` (a new default one if None)."""
+    """Read a TOML file into ``config`` (a new default one if None). A
+    :class:`ConfigError` names the file and the setting."""
     cfg = config if config is not None else ServerConfig()
     try:
         data = tomllib.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    base = path.parent
-    known = set(_SECTIONS) | {"tls", "backend"}
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        _apply(data, cfg, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
+
+
+_OTHER_SECTIONS: dict[str, list[str]] = {"tls": ["cert", "key"], "backend": [], "credentials": []}
+
+
+def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
+    known = [*_SECTIONS, *_OTHER_SECTIONS]
     for section in data:
         if section not in known:
-            raise ConfigError(f"{path}: unknown section [{section}]")
+            raise _unknown("section", f"[{section}]", [f"[{k}]" for k in known])
+        _check(data[section], dict, f"[{section}]")
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
+        names = [*keys, *_SPECIAL.get(section, ())]
         for key, value in table.items():
             where = f"{section}.{key}"
-            if section == "server" and key in ("listen", "listen_tls"):
+            if section == "server" and key == "listen":
                 addrs = _check(value, list, where)
-                setattr(cfg, key, [parse_address(_check(a, str, where)) for a in addrs])
+                cfg.set_listen([parse_address(_check(a, str, where)) for a in addrs])
+            elif section == "server" and key == "listen_tls":
+                addrs = _check(value, list, where)
+                cfg.set_listen_tls([parse_address(_check(a, str, where), 995) for a in addrs])
             elif section == "auth" and key == "passwd_file":
                 cfg.passwd_file = _path(base, value, where)
             elif section == "auth" and key == "tokens_file":
@@ -219,18 +285,25 @@ def load_config(path: Path, config: ServerConfig | None = None) -> ServerConfig:
                 attr, kind = keys[key]
                 setattr(cfg, attr, _check(value, kind, where))
             else:
-                raise ConfigError(f"{path}: unknown setting {where}")
-    tls = data.get("tls", {})
-    for key, value in tls.items():
+                raise _unknown("setting", where, [f"{section}.{k}" for k in names])
+    for key, value in data.get("tls", {}).items():
         if key == "cert":
             cfg.tls_cert = _path(base, value, "tls.cert")
         elif key == "key":
             cfg.tls_key = _path(base, value, "tls.key")
         else:
-            raise ConfigError(f"{path}: unknown setting tls.{key}")
+            raise _unknown("setting", f"tls.{key}", ["tls.cert", "tls.key"])
     backend = dict(data.get("backend", {}))
     if "name" in backend:
         cfg.backend = str(_check(backend.pop("name"), str, "backend.name"))
     if backend:
         cfg.backend_options = backend
-    return cfg
+    credentials = dict(data.get("credentials", {}))
+    if credentials:
+        if "name" not in credentials:
+            raise ConfigError('[credentials] needs a name (e.g. name = "passwd-file")')
+        cfg.credentials = str(_check(credentials.pop("name"), str, "credentials.name"))
+        for key in ("path", "file"):
+            if isinstance(credentials.get(key), str):
+                credentials[key] = str(_path(base, credentials[key], f"credentials.{key}"))
+        cfg.credentials_options = credentials

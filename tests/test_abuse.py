@@ -22,7 +22,8 @@ from pypop.auth import MemoryCredentialStore, StoredCredential
 from pypop.backends.memory import MemoryBackend, sample_message
 from pypop.config import ServerConfig
 from pypop.server import Server
-from pypop.session import Session, SessionContext
+from pypop.server.listeners import Peer
+from pypop.server.session import Session, SessionContext
 
 from .conftest import PASSWORDS
 from .test_server import run_and_close
@@ -48,7 +49,7 @@ def context(backend: MemoryBackend, **settings: Any) -> SessionContext:
 async def session(ctx: SessionContext, peer: str) -> AsyncIterator[tuple[Client, Session]]:
     """A session with ``peer`` over a memory stream; yields (client, session)."""
     server_side, client_side = trio.testing.memory_stream_pair()
-    s = Session(ctx, server_side, peer)
+    s = Session(ctx, server_side, Peer(peer))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, s)
         c = Client(client_side)

@@ -1,4 +1,4 @@
-"""Password schemes against real Dovecot hashes, and `pypop passwd`."""
+"""Password schemes against real Dovecot hashes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pypop.auth import hash_password, passwd_main
+from pypop.auth import hash_password
 from pypop.auth.schemes import (
     SCHEMES,
     ScramKeys,
@@ -183,40 +183,6 @@ def test_scheme_list_covers_the_issue() -> None:
         "SCRAM-SHA-256",
     ]:
         assert name in SCHEMES
-
-
-# --------------------------------------------------------------------------- pypop passwd
-
-
-def test_passwd_main_hashes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert passwd_main(["-s", "SHA512-CRYPT", "-p", "secret"]) == 0
-    line = capsys.readouterr().out.strip()
-    scheme, value = parse_stored(line)
-    assert scheme == "SHA512-CRYPT"
-    assert verify_scheme(scheme, value, "secret")
-
-
-def test_passwd_main_list_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert passwd_main(["-l"]) == 0
-    assert "ARGON2ID" in capsys.readouterr().out
-    assert passwd_main(["-s", "ROT13", "-p", "x"]) == 2
-    assert passwd_main(["-s", "PLAIN", "-p", "a:b"]) == 1
-    assert passwd_main(["--bogus"]) == 2
-    capsys.readouterr()
-
-
-def test_passwd_main_prompts_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    answers = iter(["one", "two"])
-    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
-    assert passwd_main(["-s", "PLAIN"]) == 1
-    answers = iter(["same", "same"])
-    assert passwd_main(["-s", "PLAIN"]) == 0
-
-
-def test_passwd_main_test_mode(capsys: pytest.CaptureFixture[str]) -> None:
-    assert passwd_main(["-t", DOVECOT_SECRET[3], "-p", "secret"]) == 0
-    assert passwd_main(["-t", DOVECOT_SECRET[3], "-p", "wrong"]) == 1
-    capsys.readouterr()
 
 
 DOVEADM = shutil.which("doveadm")

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from pypop.netio import IOV_MAX, SocketStream, open_listeners
+from pypop.server.listeners import IOV_MAX, SocketStream, open_listeners
 
 
 async def _pair() -> tuple[SocketStream, socket.socket]:
@@ -121,7 +121,9 @@ async def test_listener_port_zero_and_accept() -> None:
     assert port > 0
     client = await trio.open_tcp_stream(host, port)
     stream, peer = await listeners[0].accept()
-    assert peer == "127.0.0.1"
+    assert peer.host == "127.0.0.1"
+    assert peer.port == client.socket.getsockname()[1]
+    assert peer.loopback
     assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     await client.send_all(b"ping")
     assert await stream.receive_some() == b"ping"

@@ -10,19 +10,19 @@ import base64
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from pypop.backend import MessageInfo
 from pypop.protocol import (
     NEED_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     PasswordLogin,
     ProtocolConfig,
-    ProtocolError,
     Retrieve,
     SaslAborted,
     SaslResponse,
@@ -30,12 +30,30 @@ from pypop.protocol import (
     ServerConnection,
     StartTLS,
     State,
+    Text,
     Update,
     parse_command,
 )
 from pypop.protocol.commands import Dele, List, ParseError, Pass, Top, Uidl, User
 
-MAILDROP = [MessageInfo(120, "uid-one"), MessageInfo(200, "uid-two"), MessageInfo(300, "u3")]
+SIZES = [120, 200, 300]
+UIDS = ["uid-one", "uid-two", "u3"]
+PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
+
+
+def server(
+    cfg: ProtocolConfig | None = None, mechanisms: tuple[str, ...] = (), **kw: Any
+) -> ServerConnection:
+    """A connection offering ``mechanisms`` as the session would (plaintext ones only
+    where plaintext is allowed)."""
+    conn = ServerConnection(cfg, **kw)
+    conn.sasl_usable = [
+        m for m in mechanisms if conn.plaintext_allowed or m not in PLAINTEXT_MECHANISMS
+    ]
+    conn.sasl_refused_plaintext = [m for m in mechanisms if m not in conn.sasl_usable]
+    return conn
+
+
 BODY = b"Subject: x\r\n\r\nbody\r\n.\r\n"
 
 
@@ -58,7 +76,7 @@ class Driver:
             match ev:
                 case PasswordLogin(user=user, password=pw):
                     if pw == self.password:
-                        conn.login_succeeded(user, MAILDROP)
+                        conn.login_succeeded(user, SIZES, UIDS)
                     elif (c := conn.login_failed()) is not None:
                         self.closed = c.reason
                 case ApopLogin():
@@ -75,12 +93,12 @@ class Driver:
                     if initial is None:
                         conn.sasl_challenge(b"")
                     elif initial == b"\0bob\0secret":
-                        conn.login_succeeded("bob", MAILDROP)
+                        conn.login_succeeded("bob", SIZES, UIDS)
                     else:
                         conn.login_failed()
                 case SaslResponse(data=data):
                     if data == b"\0bob\0secret":
-                        conn.login_succeeded("bob", MAILDROP)
+                        conn.login_succeeded("bob", SIZES, UIDS)
                     else:
                         conn.login_failed()
                 case SaslAborted():
@@ -167,17 +185,17 @@ def test_grammar_accepts(line: bytes, expected: object) -> None:
 def test_grammar_rejects_arguments(line: bytes) -> None:
     result = parse_command(line)
     assert isinstance(result, ParseError)
-    assert result.text == "Invalid arguments"
+    assert result.text is Text.BAD_ARGUMENTS
 
 
 @pytest.mark.parametrize("line", [b"", b"XY", b"HELLO", b"FOO1", b"R\xe9TR 1", b" STAT"])
 def test_grammar_unknown(line: bytes) -> None:
-    assert parse_command(line) == ParseError("Unknown command")
+    assert parse_command(line) == ParseError(Text.UNKNOWN_COMMAND)
 
 
 @pytest.mark.parametrize("line", [b"STAT\r", b"US\rER x", b"USER a\0b", b"NOOP\0"])
 def test_grammar_rejects_cr_and_nul(line: bytes) -> None:
-    assert parse_command(line) == ParseError("Invalid characters in command")
+    assert parse_command(line) == ParseError(Text.BAD_CHARACTERS)
 
 
 def test_user_rejects_bad_utf8_and_controls() -> None:
@@ -305,7 +323,7 @@ def test_update_failure_reports_sys_temp() -> None:
     while not isinstance(ev := conn.next_event(), Update):
         d.events.append(ev)
         if isinstance(ev, PasswordLogin):
-            conn.login_succeeded("bob", MAILDROP)
+            conn.login_succeeded("bob", SIZES, UIDS)
     conn.data_to_send()
     conn.update_finished(True)
     assert conn.data_to_send() == b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n"
@@ -375,7 +393,7 @@ def test_response_codes_are_checked() -> None:
     conn = ServerConnection()
     conn.receive_data(b"USER a\r\nPASS b\r\n")
     assert isinstance(conn.next_event(), PasswordLogin)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         conn.login_failed("NOT-A-CODE")
 
 
@@ -383,7 +401,7 @@ def test_caller_must_complete_events() -> None:
     conn = ServerConnection()
     conn.receive_data(b"USER a\r\nPASS b\r\n")
     conn.next_event()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         conn.next_event()
 
 
@@ -391,17 +409,18 @@ def test_caller_must_complete_events() -> None:
 
 
 def test_capa_by_state_and_policy() -> None:
-    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN", "CRAM-MD5"), stls_available=True, login_delay=30)
-    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg))
+    cfg = ProtocolConfig(stls_available=True, login_delay=30)
+    mechs = ("PLAIN", "CRAM-MD5")
+    out = converse(b"CAPA\r\n", lambda: server(cfg, mechs))
     assert out == (
         b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
         b"AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN CRAM-MD5\r\nSTLS\r\n"
         b"EXPIRE NEVER\r\nLOGIN-DELAY 30\r\nIMPLEMENTATION pypop\r\n.\r\n"
     )
-    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg, plaintext_allowed=False))
+    out = converse(b"CAPA\r\n", lambda: server(cfg, mechs, plaintext_allowed=False))
     assert b"USER\r\n" not in out
     assert b"SASL CRAM-MD5\r\n" in out
-    out = converse(b"CAPA\r\n", lambda: ServerConnection(cfg), login=True)
+    out = converse(b"CAPA\r\n", lambda: server(cfg, mechs), login=True)
     assert b"STLS" not in out
     assert b"USER\r\n" in out  # RFC 2449 §5: AUTHORIZATION capabilities in both states
     hidden = ProtocolConfig(implementation=None, expire=None)
@@ -411,10 +430,9 @@ def test_capa_by_state_and_policy() -> None:
 
 
 def test_plaintext_refused_without_tls() -> None:
-    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",))
     out = converse(
         b"USER bob\r\nPASS secret\r\nAUTH PLAIN\r\nAUTH\r\n",
-        lambda: ServerConnection(cfg, plaintext_allowed=False),
+        lambda: server(None, ("PLAIN",), plaintext_allowed=False),
     )
     refused = (
         b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
@@ -442,8 +460,7 @@ def test_stls_discards_pipelined_plaintext() -> None:
 
 
 def test_sasl_exchange() -> None:
-    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",))
-    make = lambda: ServerConnection(cfg)  # noqa: E731
+    make = lambda: server(None, ("PLAIN",))  # noqa: E731
     good = base64.b64encode(b"\0bob\0secret")
     assert converse(b"AUTH plain " + good + b"\r\n", make) == (
         b"+OK maildrop has 3 messages (620 octets)\r\n"
@@ -462,8 +479,7 @@ def test_sasl_exchange() -> None:
 
 
 def test_sasl_continuation_may_exceed_command_limit() -> None:
-    cfg = ProtocolConfig(sasl_mechanisms=("XOAUTH2",))
-    conn = ServerConnection(cfg)
+    conn = server(None, ("XOAUTH2",))
     conn.receive_data(b"AUTH XOAUTH2\r\n")
     assert conn.next_event() == SaslStart("XOAUTH2", None)
     conn.sasl_challenge(b"")

@@ -68,8 +68,9 @@ def test_random_sessions_never_break_the_engine(
     parts: list[bytes], line_ends: list[bytes], chunk: int
 ) -> None:
     data = b"".join(p + line_ends[i % len(line_ends)] for i, p in enumerate(parts))
-    cfg = ProtocolConfig(sasl_mechanisms=("PLAIN",), stls_available=True, max_bad_commands=50)
+    cfg = ProtocolConfig(stls_available=True, max_bad_commands=50)
     conn = ServerConnection(cfg, apop_timestamp=b"<1.2@host>")
+    conn.sasl_usable = ["PLAIN"]
     conn.greeting()
     driver = Driver(conn)
     out = bytearray(conn.data_to_send())

@@ -9,20 +9,26 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from pypop.registry import FIRST_PARTY_DISTRIBUTIONS, BackendLoadError, create_backend
+from pypop.registry import (
+    BACKENDS,
+    CREDENTIALS,
+    FIRST_PARTY_DISTRIBUTIONS,
+    BackendLoadError,
+    create_backend,
+    create_credential_store,
+)
 
 OURS = "imap (pypop3-imap), maildir (pypop3-maildir), sql (pypop3-sql)"
 
 
-def installed() -> str:
-    return ", ".join(sorted(ep.name for ep in entry_points(group="pypop.backends")))
+def installed(group: str = BACKENDS) -> str:
+    return ", ".join(sorted(ep.name for ep in entry_points(group=group)))
 
 
 def test_the_table_is_the_published_names() -> None:
-    assert dict(FIRST_PARTY_DISTRIBUTIONS) == {
-        "imap": "pypop3-imap",
-        "maildir": "pypop3-maildir",
-        "sql": "pypop3-sql",
+    assert {g: dict(t) for g, t in FIRST_PARTY_DISTRIBUTIONS.items()} == {
+        BACKENDS: {"imap": "pypop3-imap", "maildir": "pypop3-maildir", "sql": "pypop3-sql"},
+        CREDENTIALS: {},
     }
 
 
@@ -46,6 +52,17 @@ def test_other_names_get_no_distribution_to_install(name: str) -> None:
         "install the distribution that provides it"
     )
     assert "pip install" not in str(info.value)
+
+
+def test_credential_stores_get_no_distribution_to_install() -> None:
+    with pytest.raises(BackendLoadError) as info:
+        create_credential_store("sql", {})
+    assert str(info.value) == (
+        f"no pypop credential store named 'sql' is installed "
+        f"(installed: {installed(CREDENTIALS)}); no first-party credential store has that "
+        "name (the pypop project publishes no credential store outside pypop3); "
+        "install the distribution that provides it"
+    )
 
 
 def test_cli_prints_the_hint_without_traceback() -> None:

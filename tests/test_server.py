@@ -23,7 +23,9 @@ from pypop.backends.memory import MemoryBackend, sample_message
 from pypop.config import ConfigError, ServerConfig, load_config
 from pypop.protocol import ProtocolConfig
 from pypop.registry import BackendLoadError, create_backend
-from pypop.session import Session, SessionContext
+from pypop.server import Server
+from pypop.server.listeners import Peer
+from pypop.server.session import Session, SessionContext
 from pypop.wire import stuff
 
 from .conftest import PASSWORDS, ServerStarter
@@ -408,7 +410,7 @@ async def test_idle_autologout_without_update(
     autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend
 ) -> None:
     server_side, client = trio.testing.memory_stream_pair()
-    session = Session(_context(memory_backend), server_side, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), server_side, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\n")
@@ -429,7 +431,7 @@ async def test_any_command_resets_the_timer(
     autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend
 ) -> None:
     server_side, client = trio.testing.memory_stream_pair()
-    session = Session(_context(memory_backend), server_side, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), server_side, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"USER alice\r\nPASS wonderland\r\n")
@@ -446,7 +448,7 @@ async def test_any_command_resets_the_timer(
 async def test_pipelined_batch_is_one_write(memory_backend: MemoryBackend) -> None:
     server_side, client = trio.testing.memory_stream_pair()
     counting = CountingStream(server_side)
-    session = Session(_context(memory_backend), counting, "127.0.0.1", loopback=True)
+    session = Session(_context(memory_backend), counting, Peer("127.0.0.1"), loopback=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_and_close, session)
         await client.send_all(b"CAPA\r\n")
@@ -476,8 +478,15 @@ def test_unknown_backend_names_installed_and_hint() -> None:
 
 
 def test_memory_backend_options_validated() -> None:
-    with pytest.raises(BackendLoadError, match="unknown memory backend options: colour"):
-        create_backend("memory", {"colour": "blue"})
+    with pytest.raises(BackendLoadError) as info:
+        create_backend("memory", {"colour": "blue", "sample_user": 3})
+    assert str(info.value) == (
+        "the pypop backend 'memory' cannot start: memory backend: unknown options "
+        "'colour', 'sample_user' (did you mean 'sample_users'?); "
+        "known: sample_messages, sample_size, sample_users, seed"
+    )
+    with pytest.raises(BackendLoadError, match="option 'sample_users' must be an integer"):
+        create_backend("memory", {"sample_users": "two"})
     backend = create_backend("memory", {"sample_users": "2", "sample_messages": 4})
     assert isinstance(backend, MemoryBackend)
     assert backend.users() == ["user1", "user2"]
@@ -506,18 +515,62 @@ def test_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[limits]\nidle_timeout = 60\n", "at least 600"),
-        ("[limits]\nmax_connections = 'x'\n", "wrong type"),
-        ("[nosuch]\n", "unknown section"),
+        ("[limits]\nidle_timeout = 60\n", "limits.idle_timeout must be at least 600 seconds"),
+        (
+            "[limits]\nmax_connections = 'x'\n",
+            "{path}: limits.max_connections must be an integer, got str 'x'",
+        ),
+        (
+            "[server]\nlisten = '127.0.0.1:110'\n",
+            "{path}: server.listen must be a list, got str '127.0.0.1:110'",
+        ),
+        ("[limits]\nidle_timeout = true\n", "limits.idle_timeout must be a number, got bool"),
+        ("[nosuch]\n", "{path}: unknown section [nosuch]"),
+        ("[limit]\n", "{path}: unknown section [limit] (did you mean [limits]?)"),
+        (
+            "[server]\nlisten_tsl = []\n",
+            "{path}: unknown setting server.listen_tsl (did you mean server.listen_tls?)",
+        ),
+        ("[auth]\npasswdfile = 'p'\n", "(did you mean auth.passwd_file?)"),
+        ("[tls]\ncrt = 'a'\n", "{path}: unknown setting tls.crt (did you mean tls.cert?)"),
         ("[server]\nlisten = ['host:port']\n", "bad port"),
         ("[tls]\ncert = 'a.pem'\n", "go together"),
+        ("[credentials]\npath = 'p'\n", "[credentials] needs a name"),
+        ("[server\n", "{path}: Expected ']'"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as info:
         load_config(path).validate()
+    assert message.format(path=path) in str(info.value)
+
+
+def test_tls_only_listeners(tmp_path: Path) -> None:
+    path = tmp_path / "tls.toml"
+    path.write_text('[server]\nlisten_tls = ["127.0.0.1", "[::1]:1995"]\n')
+    cfg = load_config(path)
+    assert cfg.listen_tls == [("127.0.0.1", 995), ("::1", 1995)]  # 995 by default
+    assert cfg.listen == []  # only TLS listeners given: only TLS
+    path.write_text('[server]\nlisten_tls = ["127.0.0.1"]\nlisten = ["127.0.0.1:1110"]\n')
+    cfg = load_config(path)
+    assert (cfg.listen, cfg.listen_tls) == ([("127.0.0.1", 1110)], [("127.0.0.1", 995)])
+    assert ServerConfig().listen == [("127.0.0.1", 110)]
+
+
+def test_credentials_section(tmp_path: Path) -> None:
+    path = tmp_path / "pypop.toml"
+    path.write_text('[credentials]\nname = "passwd-file"\npath = "users"\n')
+    cfg = load_config(path)
+    assert cfg.credentials == "passwd-file"
+    assert cfg.credentials_options == {"path": str(tmp_path / "users")}
+    with pytest.raises(BackendLoadError) as info:
+        Server(cfg)
+    assert str(info.value) == (
+        "the pypop credential store 'passwd-file' cannot start: [Errno 2] cannot read "
+        f"passwd-file {tmp_path / 'users'}: No such file or directory"
+    )
 
 
 def test_idle_timeout_default_is_rfc_minimum() -> None:

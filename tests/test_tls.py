@@ -565,8 +565,7 @@ async def test_cli_sighup_reloads_certificate(
 
     try:
         m = await wait_for(
-            rb"listening on \[\('127\.0\.0\.1', (\d+)\)\] \(plain\) "
-            rb"\[\('127\.0\.0\.1', (\d+)\)\] \(implicit TLS\)"
+            rb"listening on 127\.0\.0\.1:(\d+) \(plain\), 127\.0\.0\.1:(\d+) \(implicit TLS\)"
         )
         plain, implicit = int(m.group(1)), int(m.group(2))
         assert await peer_cert(implicit, ca) == first

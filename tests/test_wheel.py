@@ -130,6 +130,30 @@ def test_the_wheel_metadata_readme_has_only_absolute_links(venv: Path) -> None:
     assert relative_links(readme) == []
 
 
+def test_passwd_without_the_hashes_extra(venv: Path, tmp_path: Path) -> None:
+    def passwd(scheme: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [venv / "bin/pypop", "passwd", "-s", scheme, "-p", "a long secret"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for scheme in ("SCRAM-SHA-256", "SSHA512"):
+        ok = passwd(scheme)
+        assert (ok.returncode, ok.stderr) == (0, "")
+        assert ok.stdout.startswith("{" + scheme + "}")
+    for scheme, library in (("SHA512-CRYPT", "libpass"), ("BLF-CRYPT", "bcrypt")):
+        refused = passwd(scheme)
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert refused.stderr == (
+            f"pypop passwd: {{{scheme}}} passwords need the {library} library, which is not "
+            "installed: pip install 'pypop3[hashes]'\n"
+        )
+
+
 @pytest.fixture
 def demo(venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``pypop serve --demo`` from the fresh venv's own console script, on a free port."""

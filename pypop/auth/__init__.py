@@ -2,12 +2,14 @@
 
 See :mod:`pypop.auth.store` (the store interface), :mod:`pypop.auth.passwd` (the
 Dovecot passwd-file), :mod:`pypop.auth.sasl` (mechanisms), :mod:`pypop.auth.apop`,
-:mod:`pypop.auth.throttle` (penalties, LOGIN-DELAY) and :mod:`pypop.auth.limits`.
+:mod:`pypop.auth.penalty` (failure penalties, LOGIN-DELAY) and
+:mod:`pypop.auth.concurrency` (the per-client cap on concurrent authentications).
 """
 
 from pypop.auth.apop import verify_apop
-from pypop.auth.limits import PerClientLimiter
-from pypop.auth.passwd import PasswdFileStore, passwd_main
+from pypop.auth.concurrency import PerClientLimiter
+from pypop.auth.passwd import PasswdFileStore
+from pypop.auth.penalty import AuthPenalty, LoginDelay, client_key
 from pypop.auth.sasl import (
     DEFAULT_MECHANISMS,
     SaslChallenge,
@@ -21,7 +23,6 @@ from pypop.auth.sasl import (
 )
 from pypop.auth.schemes import ScramKeys, UnknownSchemeError, hash_password
 from pypop.auth.store import CredentialStore, MemoryCredentialStore, StoredCredential
-from pypop.auth.throttle import AuthPenalty, LoginDelay, client_key
 from pypop.auth.tokens import StaticTokenVerifier, TokenVerifier
 
 __all__ = [
@@ -47,6 +48,5 @@ __all__ = [
     "client_key",
     "create_mechanism",
     "hash_password",
-    "passwd_main",
     "verify_apop",
 ]

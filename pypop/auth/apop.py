@@ -21,7 +21,7 @@ async def verify_apop(store: CredentialStore, user: str, timestamp: bytes, diges
     """True if ``digest`` is MD5(timestamp + password) for ``user`` (hex, either case).
 
     ``timestamp`` is the ``<...>`` msg-id sent in the greeting, brackets included. The
-    store's :class:`pypop.backend.TemporaryFailure` propagates (``-ERR [SYS/TEMP]``).
+    store's :class:`pypop.errors.TemporaryFailure` propagates (``-ERR [SYS/TEMP]``).
     """
     cred = await store.lookup(user)
     password = cred.plaintext() if cred is not None else None

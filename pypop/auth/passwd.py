@@ -1,4 +1,4 @@
-"""The Dovecot-compatible passwd-file store and the ``pypop passwd`` command.
+"""The Dovecot-compatible passwd-file store.
 
 File format (Dovecot's ``passwd-file``), one user a line::
 
@@ -22,13 +22,10 @@ is retried on the next check.
 
 from __future__ import annotations
 
-import argparse
-import getpass
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +33,9 @@ import trio
 
 from pypop.auth import schemes
 from pypop.auth.store import StoredCredential, _make_dummy, _VerifyingStore
+from pypop.backend_kit import Options
 
-__all__ = ["PasswdFileStore", "parse_passwd_file", "passwd_main"]
+__all__ = ["PasswdFileStore", "create", "parse_passwd_file"]
 
 log = logging.getLogger("pypop.auth")
 
@@ -122,20 +120,22 @@ class PasswdFileStore(_VerifyingStore):
         self._clock = clock
         self._signature: tuple[int, int, int, int] | None = None
         self._last_check = clock()
-        if not self._load():
-            raise OSError(f"cannot load passwd-file {self.path}")
+        self._load(initial=True)
 
-    @property
-    def signature(self) -> tuple[int, int, int, int] | None:
-        return self._signature
+    def _load(self, *, initial: bool = False) -> bool:
+        """Read and swap in the file; False (old table kept) if that fails.
 
-    def _load(self) -> bool:
-        """Read and swap in the file; False (old table kept) if that fails."""
+        At start-up (``initial``) an unreadable file raises ``OSError`` naming it."""
         try:
             with self.path.open("rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
         except OSError as exc:
+            if initial:
+                raise OSError(
+                    exc.errno,
+                    f"cannot read passwd-file {self.path}: {exc.strerror or type(exc).__name__}",
+                ) from None
             log.error(
                 "passwd-file %s: cannot read (%s); keeping the previous users",
                 self.path,
@@ -152,7 +152,14 @@ class PasswdFileStore(_VerifyingStore):
             return False
         self._entries, self._dummy = result.entries, _make_dummy(result.entries)
         self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-        log.info("passwd-file %s: %d users loaded", self.path, len(result.entries))
+        if result.entries:
+            log.info("passwd-file %s: %s loaded", self.path, _plural(len(result.entries), "user"))
+        else:
+            log.warning(
+                "passwd-file %s has NO valid users (%s): every login will fail",
+                self.path,
+                _plural(result.errors, "malformed line") if result.errors else "the file is empty",
+            )
         return True
 
     def reload_if_changed(self) -> bool:
@@ -178,78 +185,18 @@ class PasswdFileStore(_VerifyingStore):
         await trio.to_thread.run_sync(self.reload_if_changed)
 
 
-# --------------------------------------------------------------------------- pypop passwd
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def passwd_main(argv: list[str]) -> int:
-    """``pypop passwd``: print a ``{SCHEME}hash`` line for a passwd-file (like doveadm pw)."""
-    parser = argparse.ArgumentParser(
-        prog="pypop passwd",
-        description="Hash a password for a Dovecot-style passwd-file.",
-    )
-    parser.add_argument(
-        "-s",
-        "--scheme",
-        default=schemes.DEFAULT_HASH_SCHEME,
-        help=f"password scheme (default {schemes.DEFAULT_HASH_SCHEME}; -l lists them)",
-    )
-    parser.add_argument(
-        "-p",
-        "--password",
-        help="the password (visible to other local users in the process list; "
-        "without -p it is asked for twice)",
-    )
-    parser.add_argument("-l", "--list", action="store_true", help="list the schemes and exit")
-    parser.add_argument(
-        "-t",
-        "--test",
-        metavar="HASH",
-        help="check the password against HASH instead; exit status 0 if it matches",
-    )
+def create(options: Mapping[str, object]) -> PasswdFileStore:
+    """Entry point ``passwd-file`` in ``pypop.credentials``: options ``path`` and
+    ``default_scheme`` (``CRYPT``, as Dovecot)."""
+    opts = Options("passwd-file", options)
+    path = opts.path("path", required=True)
+    default_scheme = opts.text("default_scheme", "CRYPT")
+    opts.finish()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-
-    if args.list:
-        print(" ".join([*schemes.SCHEMES, "CLEARTEXT"]))
-        return 0
-
-    password: str | None = args.password
-    if password is None:
-        try:
-            password = getpass.getpass("Enter new password: ")
-            if args.test is None and getpass.getpass("Retype new password: ") != password:
-                print("pypop passwd: passwords don't match", file=sys.stderr)
-                return 1
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 1
-    if not password:
-        print("pypop passwd: empty passwords are not allowed", file=sys.stderr)
-        return 1
-
-    if args.test is not None:
-        try:
-            scheme, value = schemes.parse_stored(args.test, "CRYPT")
-            ok = schemes.verify_scheme(scheme, value, password)
-        except ValueError as exc:
-            print(f"pypop passwd: {exc}", file=sys.stderr)
-            return 2
-        print(f"{{{scheme}}} ({'verified' if ok else 'NOT verified'})")
-        return 0 if ok else 1
-
-    try:
-        hashed = schemes.hash_password(args.scheme, password)
+        return PasswdFileStore(path, default_scheme=default_scheme)
     except schemes.UnknownSchemeError:
-        print(f"pypop passwd: unknown scheme {args.scheme!r} (-l lists them)", file=sys.stderr)
-        return 2
-    if any(c in hashed for c in ":\r\n"):
-        print(
-            "pypop passwd: this password cannot be stored in a passwd-file with this "
-            "scheme (it contains ':' or a line break)",
-            file=sys.stderr,
-        )
-        return 1
-    print(hashed)
-    return 0
+        raise opts.error(f"option 'default_scheme': unknown scheme {default_scheme!r}") from None

@@ -42,7 +42,8 @@ from pypop import wire
 from pypop.auth.schemes import SCRAM_ITERATIONS, ScramKeys, scram_keys_from_password
 from pypop.auth.store import CredentialStore
 from pypop.auth.tokens import TokenVerifier
-from pypop.backend import TemporaryFailure
+from pypop.errors import TemporaryFailure
+from pypop.protocol.replies import Text
 
 __all__ = [
     "ALL_MECHANISMS",
@@ -91,12 +92,12 @@ class SaslSuccess:
 class SaslFailure:
     code: str = "AUTH"
     """RFC 3206 response code: ``AUTH`` (credentials) or ``SYS/TEMP`` (try later)."""
-    text: str = "Authentication failed"
+    text: Text = Text.AUTH_FAILED
 
 
 SaslResult = SaslChallenge | SaslSuccess | SaslFailure
 
-_TEMP_FAILURE = SaslFailure("SYS/TEMP", "Temporary authentication failure")
+_TEMP_FAILURE = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ class SaslMechanism(abc.ABC):
         """The user this exchange tried to authenticate (for logs and penalties)."""
         self.attempted_secret: bytes | None = None
         """The password/token, where the mechanism sees it: for
-        :meth:`pypop.auth.throttle.AuthPenalty.record_failure`; else None."""
+        :meth:`pypop.auth.penalty.AuthPenalty.record_failure`; else None."""
 
     @property
     def finished(self) -> bool:

@@ -9,7 +9,7 @@ A store answers two questions:
   SCRAM-SHA-256). ``None`` for unknown users, disabled users, and stores that cannot
   reveal secrets (an IMAP passthrough authenticates upstream instead).
 
-A store may raise :class:`pypop.backend.TemporaryFailure` when it cannot answer now
+A store may raise :class:`pypop.errors.TemporaryFailure` when it cannot answer now
 (the session replies ``-ERR [SYS/TEMP]``). A store that can never reveal secrets may
 set ``reveals_secrets = False``: :func:`pypop.auth.sasl.available_mechanisms` then
 leaves out CRAM-MD5 and SCRAM.
@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -33,6 +33,7 @@ from pypop.auth.schemes import ScramKeys
 
 __all__ = [
     "CredentialStore",
+    "CredentialStoreFactory",
     "MemoryCredentialStore",
     "StoredCredential",
     "default_hash_limiter",
@@ -50,6 +51,10 @@ class CredentialStore(Protocol):
     async def lookup(self, user: str) -> StoredCredential | None:
         """The stored secret of ``user``, or None (unknown, disabled, or not revealable)."""
         ...
+
+
+CredentialStoreFactory = Callable[[Mapping[str, object]], CredentialStore]
+"""What an entry point in ``pypop.credentials`` names: options -> store."""
 
 
 @dataclass(frozen=True, slots=True)

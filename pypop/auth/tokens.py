@@ -20,7 +20,7 @@ class TokenVerifier(Protocol):
     async def verify(self, user: str, token: str) -> bool:
         """True if ``token`` is a valid bearer token for ``user`` right now.
 
-        May raise :class:`pypop.backend.TemporaryFailure` (e.g. the token endpoint is
+        May raise :class:`pypop.errors.TemporaryFailure` (e.g. the token endpoint is
         down): the client then gets ``-ERR [SYS/TEMP]``.
         """
         ...

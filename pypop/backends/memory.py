@@ -22,17 +22,13 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
-from pypop.backend import (
-    Mailbox,
-    MailboxLocked,
-    MessageInfo,
-    is_valid_uid,
-)
+from pypop.backend import Mailbox, MessageInfo, is_valid_uid
+from pypop.backend_kit import LockSet, Options, SnapshotMailbox, blocks
+from pypop.errors import MailboxLocked
 from pypop.wire import stuff, wire_size
 
 __all__ = ["MemoryBackend", "MemoryMailbox", "create", "sample_message"]
 
-BLOCK = 65536
 _UID_CHARS = re.compile(r"[^\x21-\x7e]")
 
 
@@ -74,7 +70,7 @@ def sample_message(user: str, n: int, *, body_octets: int = 400) -> bytes:
     return (text + line * -(-missing // len(line))).encode()
 
 
-class MemoryMailbox:
+class MemoryMailbox(SnapshotMailbox):
     def __init__(
         self,
         backend: MemoryBackend,
@@ -82,15 +78,10 @@ class MemoryMailbox:
         snapshot: Sequence[_Stored],
         messages: Sequence[MessageInfo],
     ) -> None:
+        super().__init__(messages)
         self._backend = backend
         self._user = user
         self._snapshot = snapshot
-        self._messages = messages
-        self._closed = False
-
-    @property
-    def messages(self) -> Sequence[MessageInfo]:
-        return self._messages
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes:
         """pypop.backend.WireCache: a RETR is one cached buffer (memory for speed)."""
@@ -105,28 +96,19 @@ class MemoryMailbox:
     async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
         # Only this session's commit removes mail from a locked maildrop, so a
         # snapshot entry cannot vanish here.
-        data = self._snapshot[index].data
-        if len(data) <= BLOCK:
-            yield data
+        for block in blocks(self._snapshot[index].data):
+            yield block
+
+    async def update(self, deleted: Sequence[int]) -> None:
+        if not deleted:
             return
-        view = memoryview(data)
-        for start in range(0, len(data), BLOCK):
-            yield bytes(view[start : start + BLOCK])
+        gone = {id(self._snapshot[i]) for i in deleted}
+        box = self._backend._mail.get(self._user, [])
+        box[:] = [m for m in box if id(m) not in gone]
+        self._backend._views.pop(self._user, None)
 
-    async def commit(self, deleted: Sequence[int]) -> None:
-        try:
-            if deleted:
-                gone = {id(self._snapshot[i]) for i in deleted}
-                box = self._backend._mail.get(self._user, [])
-                box[:] = [m for m in box if id(m) not in gone]
-                self._backend._views.pop(self._user, None)
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._backend._locked.discard(self._user)
+    async def release(self) -> None:
+        self._backend._locks.release(self._user)
 
 
 class MemoryBackend:
@@ -137,7 +119,7 @@ class MemoryBackend:
         # Immutable snapshots per user, rebuilt only after the maildrop changes, so
         # an open costs no per-message work.
         self._views: dict[str, tuple[tuple[_Stored, ...], tuple[MessageInfo, ...]]] = {}
-        self._locked: set[str] = set()
+        self._locks = LockSet()
         self._seq = itertools.count(1)
 
     def deliver(self, user: str, data: bytes, *, uid: str | None = None) -> str:
@@ -161,9 +143,8 @@ class MemoryBackend:
         return sorted(self._mail)
 
     async def open_mailbox(self, user: str) -> Mailbox:
-        if user in self._locked:
+        if not self._locks.acquire(user):
             raise MailboxLocked(user)
-        self._locked.add(user)
         view = self._views.get(user)
         if view is None:
             stored = tuple(self._mail.get(user, ()))
@@ -172,34 +153,20 @@ class MemoryBackend:
         return MemoryMailbox(self, user, *view)
 
     async def aclose(self) -> None:
-        self._locked.clear()
-
-
-def _int_option(options: Mapping[str, object], name: str, default: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"backend option {name!r} must be an integer")
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"backend option {name!r} must be an integer") from None
-    if n < 0:
-        raise ValueError(f"backend option {name!r} must not be negative")
-    return n
+        self._locks.clear()
 
 
 def create(options: Mapping[str, object]) -> MemoryBackend:
     """Entry point ``memory`` in ``pypop.backends``."""
-    unknown = set(options) - {"seed", "sample_users", "sample_messages", "sample_size"}
-    if unknown:
-        raise ValueError(f"unknown memory backend options: {', '.join(sorted(unknown))}")
+    opts = Options("memory", options)
+    seed = opts.optional_text("seed")
+    users = opts.integer("sample_users", 0, minimum=0)
+    count = opts.integer("sample_messages", 3, minimum=0)
+    size = opts.integer("sample_size", 400, minimum=0)
+    opts.finish()
     backend = MemoryBackend()
-    seed = options.get("seed")
     if seed is not None:
-        backend.seed_folder(Path(str(seed)))
-    users = _int_option(options, "sample_users", 0)
-    count = _int_option(options, "sample_messages", 3)
-    size = _int_option(options, "sample_size", 400)
+        backend.seed_folder(Path(seed))
     for u in range(1, users + 1):
         for n in range(1, count + 1):
             backend.deliver(f"user{u}", sample_message(f"user{u}", n, body_octets=size))

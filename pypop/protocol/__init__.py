@@ -1,24 +1,24 @@
-"""Sans-I/O POP3: grammar, state table, events, responses. No trio, socket or ssl."""
+"""Sans-I/O POP3: grammar, state table, events, replies. No trio, socket or ssl."""
 
-from pypop.protocol.commands import Command, ParseError, parse_command
-from pypop.protocol.connection import (
+from pypop.protocol.commands import Command, ParseError, encode_command, parse_command
+from pypop.protocol.events import (
     NEED_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     NeedData,
     PasswordLogin,
-    ProtocolConfig,
-    ProtocolError,
     Retrieve,
     SaslAborted,
     SaslResponse,
     SaslStart,
-    ServerConnection,
     StartTLS,
     Update,
 )
+from pypop.protocol.replies import StatusLine, Text, parse_status
+from pypop.protocol.server import ProtocolConfig, ServerConnection
 from pypop.protocol.state import ALLOWED, State
 
 __all__ = [
@@ -29,11 +29,11 @@ __all__ = [
     "Command",
     "ConnectionClosed",
     "Event",
+    "LocalProtocolError",
     "NeedData",
     "ParseError",
     "PasswordLogin",
     "ProtocolConfig",
-    "ProtocolError",
     "Retrieve",
     "SaslAborted",
     "SaslResponse",
@@ -41,6 +41,10 @@ __all__ = [
     "ServerConnection",
     "StartTLS",
     "State",
+    "StatusLine",
+    "Text",
     "Update",
+    "encode_command",
     "parse_command",
+    "parse_status",
 ]

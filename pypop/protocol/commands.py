@@ -7,9 +7,12 @@ RFC 1939 unless said otherwise.
 
 from __future__ import annotations
 
+import base64
 import binascii
 from dataclasses import dataclass
 from typing import Final
+
+from pypop.protocol.replies import Text
 
 __all__ = [
     "Apop",
@@ -30,6 +33,7 @@ __all__ = [
     "Uidl",
     "User",
     "decode_base64",
+    "encode_command",
     "parse_command",
 ]
 
@@ -151,32 +155,30 @@ Command = (
 
 @dataclass(frozen=True, slots=True)
 class ParseError:
-    """A line that is not a valid command. ``known`` is the keyword when it was one."""
+    """A line that is not a valid command, and the reply text saying why."""
 
-    text: str
-    known: str | None = None
+    text: Text
 
 
-UNKNOWN: Final = "Unknown command"
-SYNTAX: Final = "Invalid arguments"
-BAD_CHARS: Final = "Invalid characters in command"
-BAD_BASE64: Final = "Invalid base64 data"
+UNKNOWN: Final = ParseError(Text.UNKNOWN_COMMAND)
+SYNTAX: Final = ParseError(Text.BAD_ARGUMENTS)
+BAD_CHARS: Final = ParseError(Text.BAD_CHARACTERS)
+BAD_BASE64: Final = ParseError(Text.BAD_BASE64)
 
-# A TOP line count beyond this is the same as "the whole message".
+# A TOP line count beyond this is the same as "the whole message" (§7).
 MAX_TOP_LINES: Final = 1 << 32
 
 
 def _number(arg: bytes) -> int | None:
-    """§3 message numbers and counts: 1*DIGIT, nothing else (no sign, no spaces)."""
-    if not arg or len(arg) > 20 or not arg.isdigit():
+    """§3 message numbers and counts: 1*DIGIT, nothing else (no sign, no spaces).
+
+    The value counts, not the length: "0000000000000000000001" is 1. The 255-octet
+    line limit bounds the digits. "0" is a number but never a message, and the
+    connection answers "No such message" for out-of-range values.
+    """
+    if not arg or not arg.isdigit():
         return None
     return int(arg)
-
-
-def _msg(arg: bytes) -> int | None:
-    # "0" is a number but never a message; the connection answers "No such message"
-    # for every other out-of-range value.
-    return _number(arg)
 
 
 def decode_base64(data: bytes) -> bytes | None:
@@ -204,90 +206,127 @@ def _split(rest: bytes) -> list[bytes]:
     return rest.rstrip(b" ").split(b" ") if rest.strip(b" ") else []
 
 
-def _no_args(cmd: Command, args: list[bytes], keyword: str) -> Command | ParseError:
-    return cmd if not args else ParseError(SYNTAX, keyword)
+def _no_args(cmd: Command, args: list[bytes]) -> Command | ParseError:
+    return cmd if not args else SYNTAX
 
 
-def _optional_msg(keyword: str, args: list[bytes]) -> int | ParseError | None:
+def _optional_msg(args: list[bytes]) -> int | ParseError | None:
     if not args:
         return None
     if len(args) != 1:
-        return ParseError(SYNTAX, keyword)
-    n = _msg(args[0])
-    return ParseError(SYNTAX, keyword) if n is None else n
+        return SYNTAX
+    n = _number(args[0])
+    return SYNTAX if n is None else n
 
 
 def parse_command(line: bytes) -> Command | ParseError:
     """Parse one command line (without its line end)."""
     if b"\r" in line or b"\0" in line:
-        return ParseError(BAD_CHARS)
+        return BAD_CHARS
     keyword_b, sep, rest = line.partition(b" ")
     if not 3 <= len(keyword_b) <= 4 or not keyword_b.isalnum() or not keyword_b.isascii():
-        return ParseError(UNKNOWN)
+        return UNKNOWN
     keyword = keyword_b.decode("ascii").upper()
 
     if keyword == "PASS":
         # §7: the password may contain spaces; the whole rest of the line is it.
         pw = _text(rest) if sep else None
-        return Pass(pw) if pw else ParseError(SYNTAX, keyword)
+        return Pass(pw) if pw else SYNTAX
 
     args = _split(rest)
     if b"" in args:
-        return ParseError(SYNTAX, keyword)
+        return SYNTAX
 
     match keyword:
         case "USER":
             name = _text(args[0]) if len(args) == 1 else None
-            return User(name) if name else ParseError(SYNTAX, keyword)
+            return User(name) if name else SYNTAX
         case "APOP":
             if len(args) != 2:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             name = _text(args[0])
             if not name or len(args[1]) != 32:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             return Apop(name, args[1])
         case "AUTH":
             if not args:
                 return Auth(None, None)
             if len(args) > 2:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             mech = args[0].decode("ascii", "replace").upper()
             if not all(c.isalnum() or c in "-_" for c in mech) or len(mech) > 20:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             if len(args) == 1:
                 return Auth(mech, None)
             if args[1] == b"=":
                 return Auth(mech, b"")
             initial = decode_base64(args[1])
-            return Auth(mech, initial) if initial is not None else ParseError(BAD_BASE64, keyword)
+            return Auth(mech, initial) if initial is not None else BAD_BASE64
         case "STLS":
-            return _no_args(Stls(), args, keyword)
+            return _no_args(Stls(), args)
         case "CAPA":
-            return _no_args(Capa(), args, keyword)
+            return _no_args(Capa(), args)
         case "QUIT":
-            return _no_args(Quit(), args, keyword)
+            return _no_args(Quit(), args)
         case "NOOP":
-            return _no_args(Noop(), args, keyword)
+            return _no_args(Noop(), args)
         case "STAT":
-            return _no_args(Stat(), args, keyword)
+            return _no_args(Stat(), args)
         case "RSET":
-            return _no_args(Rset(), args, keyword)
+            return _no_args(Rset(), args)
         case "LIST" | "UIDL":
-            n = _optional_msg(keyword, args)
+            n = _optional_msg(args)
             if isinstance(n, ParseError):
                 return n
             return List(n) if keyword == "LIST" else Uidl(n)
         case "RETR" | "DELE":
-            m = _msg(args[0]) if len(args) == 1 else None
+            m = _number(args[0]) if len(args) == 1 else None
             if m is None:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             return Retr(m) if keyword == "RETR" else Dele(m)
         case "TOP":
             if len(args) != 2:
-                return ParseError(SYNTAX, keyword)
-            m, n = _msg(args[0]), _number(args[1])
+                return SYNTAX
+            m, n = _number(args[0]), _number(args[1])
             if m is None or n is None:
-                return ParseError(SYNTAX, keyword)
+                return SYNTAX
             return Top(m, min(n, MAX_TOP_LINES))
         case _:
-            return ParseError(UNKNOWN)
+            return UNKNOWN
+
+
+def encode_command(cmd: Command) -> bytes:
+    """The command line a client sends, with CRLF (the inverse of :func:`parse_command`).
+
+    Raises ``ValueError`` for what the grammar would refuse: CR, LF or NUL in an
+    argument, or a line over 255 octets (RFC 2449 §4).
+    """
+    line: str
+    match cmd:
+        case User(name=name):
+            line = f"USER {name}"
+        case Pass(password=password):
+            line = f"PASS {password}"
+        case Apop(name=name, digest=digest):
+            line = f"APOP {name} {digest.decode('ascii')}"
+        case Auth(mechanism=None):
+            line = "AUTH"
+        case Auth(mechanism=str(mech), initial=None):
+            line = f"AUTH {mech}"
+        case Auth(mechanism=str(mech), initial=bytes(initial)):
+            b64 = base64.b64encode(initial).decode("ascii") if initial else "="
+            line = f"AUTH {mech} {b64}"
+        case List(msg=int(msg)) | Uidl(msg=int(msg)):
+            line = f"{type(cmd).__name__.upper()} {msg}"
+        case Retr(msg=msg) | Dele(msg=msg):
+            line = f"{type(cmd).__name__.upper()} {msg}"
+        case Top(msg=msg, lines=lines):
+            line = f"TOP {msg} {lines}"
+        case _:
+            line = type(cmd).__name__.upper()
+    encoded = line.encode("utf-8")
+    if any(c in b"\r\n\0" for c in encoded):
+        raise ValueError("CR, LF and NUL cannot be sent in a command")
+    if len(encoded) + 2 > 255:
+        raise ValueError("command line over 255 octets (RFC 2449 §4)")
+    return encoded + b"\r\n"

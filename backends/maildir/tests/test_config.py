@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pypop_maildir import ConfigError, MaildirConfig, create
+from pypop_maildir import MaildirConfig, OptionError, create
 
 
 def test_defaults(root: Path) -> None:
@@ -46,14 +46,17 @@ def test_values_are_parsed(root: Path) -> None:
         ({"save_uidl": "maybe"}, "option 'save_uidl' must be a boolean"),
         ({"lock_stale_timeout": 0}, "option 'lock_stale_timeout' must be >= 1"),
         ({"io_threads": 2.5}, "option 'io_threads' must be an integer"),
-        ({"colour": "blue"}, "unknown option(s) colour"),
+        ({"colour": "blue"}, "unknown option 'colour'; known: "),
+        ({"rooot": "x"}, "unknown option 'rooot' (did you mean 'root'?)"),
+        ({"lock": "flock"}, "option 'lock' must be one of 'auto', 'dotlock', 'fcntl'"),
+        ({"io_timeout": "nan"}, "must be a finite number"),
     ],
 )
 def test_errors(root: Path, options: dict[str, object], message: str) -> None:
     opts: dict[str, object] = {"root": str(root), **options}
     if not options:
         opts = {}
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(OptionError) as info:
         create(opts)
     assert message in str(info.value)
     assert str(info.value).startswith("maildir backend: ")

@@ -421,14 +421,14 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     box = await backend.open_mailbox("alice")
     assert isinstance(box, MaildirMailbox)
     hops = 0
-    real_run = backend.run
+    real_run = backend.threads._run
 
-    async def counting_run(fn: Any) -> Any:
+    async def counting_run(*args: Any) -> Any:
         nonlocal hops
         hops += 1
-        return await real_run(fn)
+        return await real_run(*args)
 
-    backend.run = counting_run  # type: ignore[method-assign]  # instrumentation only
+    backend.threads._run = counting_run  # type: ignore[method-assign,assignment]  # instrumentation only
     got = [await _fetch(box, i) for i in range(len(bodies))]
     assert got == bodies
     # 0..19 in one hop, the big one alone (two blocks), then 21..40 in one hop.

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pypop.backend_kit import OptionError
+
 from pypop_maildir._backend import BLOCK_SIZE, MaildirBackend, MaildirMailbox
-from pypop_maildir._config import ConfigError, MaildirConfig, parse_options
+from pypop_maildir._config import MaildirConfig
 
 __all__ = [
     "BLOCK_SIZE",
-    "ConfigError",
     "MaildirBackend",
     "MaildirConfig",
     "MaildirMailbox",
+    "OptionError",
     "create",
 ]
 
@@ -25,7 +27,7 @@ __all__ = [
 def create(options: Mapping[str, object]) -> MaildirBackend:
     """The entry point (``pypop.backend.BackendFactory``).
 
-    Raises :class:`ConfigError` (a ``ValueError``) with a readable message if an
-    option is missing or invalid, so the server stops at start-up.
+    Raises :class:`~pypop.backend_kit.OptionError` (a ``ValueError``) with a readable
+    message if an option is missing or invalid, so the server stops at start-up.
     """
-    return MaildirBackend(parse_options(options))
+    return MaildirBackend.from_options(options)

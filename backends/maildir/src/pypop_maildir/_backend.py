@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import BinaryIO, TypeVar
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import BinaryIO, Self
 
 import trio
-from pypop.backend import (
+from pypop.backend import MessageInfo
+from pypop.backend_kit import (
+    BLOCK_SIZE,
+    IOThreads,
+    LockSet,
+    SessionThreads,
+    SnapshotMailbox,
+    TopCut,
+)
+from pypop.errors import (
     AuthFailed,
     MailboxLocked,
-    MessageInfo,
     NoSuchMessage,
     PermanentFailure,
     TemporaryFailure,
@@ -20,54 +27,79 @@ from pypop.backend import (
 )
 
 from pypop_maildir import _store
-from pypop_maildir._config import MaildirConfig, UnsafeUser, expand_template
+from pypop_maildir._config import MaildirConfig, UnsafeUser, expand_template, parse_options
 from pypop_maildir._lock import HeldLock, LockBusy, acquire
 
 __all__ = ["BLOCK_SIZE", "MaildirBackend", "MaildirMailbox"]
 
-BLOCK_SIZE = 64 * 1024
 # Read-ahead: the thread hop that reads a small message also reads the small messages
 # after it (clients RETR in order), up to this many octets per session; they are served
 # from memory if asked for within READ_AHEAD_TTL seconds.
 READ_AHEAD_OCTETS = 256 * 1024
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_TTL = 2.0
-T = TypeVar("T")
 
 
 class MaildirBackend:
-    """Maildrops as Maildir folders under ``config.root`` (see the package docs)."""
+    """Maildrops as Maildir folders under ``config.root`` (see the package docs).
+
+    Subclass it to change how users map to folders or which files are served; the
+    documented hooks are :meth:`maildir_path` and :meth:`keep_message`, and
+    :meth:`from_options` builds a subclass from the ``[backend]`` options::
+
+        class Hashed(MaildirBackend):
+            def maildir_path(self, user: str) -> str:
+                ...
+
+        def create(options):            # your entry point in pypop.backends
+            return Hashed.from_options(options)
+    """
 
     def __init__(self, config: MaildirConfig) -> None:
         self.config = config
-        self._limiter: trio.CapacityLimiter | None = None
+        self.threads = IOThreads(config.io_threads, timeout=config.io_timeout)
+        # This process's sessions: checked before the on-disk lock, which other
+        # processes (and Dovecot) see.
+        self.locks = LockSet()
 
-    @property
-    def limiter(self) -> trio.CapacityLimiter:
-        """Bounds the worker threads doing file I/O for all sessions."""
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(self.config.io_threads)
-        return self._limiter
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        result: T = await trio.to_thread.run_sync(fn, limiter=self.limiter)
-        return result
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> Self:
+        """Validate ``options`` (an :class:`~pypop.backend_kit.OptionError` names the
+        problem) and build the backend."""
+        return cls(parse_options(options))
 
     def maildir_path(self, user: str) -> str:
-        """The maildir of ``user``; raises :class:`AuthFailed` for an unsafe name."""
+        """Hook: the maildir of ``user``. Raise :class:`~pypop.errors.AuthFailed` for a
+        name that must not be served (the default refuses names that would leave the
+        root: ``..``, ``/``, NUL, control characters)."""
         try:
             rel = expand_template(self.config.template, user)
         except UnsafeUser:
             raise AuthFailed("user name cannot be mapped to a maildir") from None
         return os.path.join(self.config.root, rel)
 
+    def keep_message(self, user: str, subdir: str, name: str) -> bool:
+        """Hook: serve this file of ``user``'s maildir? ``subdir`` is ``new`` or ``cur``.
+
+        Runs in a worker thread for every message at every login, so keep it cheap.
+        A file left out is invisible to POP3: never listed, never deleted.
+        """
+        return True
+
     async def open_mailbox(self, user: str) -> MaildirMailbox:
         maildir = self.maildir_path(user)
-        # One thread call that either returns a locked snapshot or releases the lock:
-        # nothing awaits between taking the lock and handing the mailbox over.
-        return await self.run(lambda: self._open_sync(maildir))
+        if not self.locks.acquire(maildir):
+            raise MailboxLocked("maildrop is locked by another session of this process")
+        try:
+            # One thread call that either returns a locked snapshot or releases the
+            # lock: nothing awaits between taking the lock and handing it over.
+            threads = self.threads.session()
+            return await threads.run(self._open_sync, user, maildir, threads)
+        except BaseException:
+            self.locks.release(maildir)
+            raise
 
-    def _open_sync(self, maildir: str) -> MaildirMailbox:
+    def _open_sync(self, user: str, maildir: str, threads: SessionThreads) -> MaildirMailbox:
         cfg = self.config
         if not all(os.path.isdir(os.path.join(maildir, d)) for d in ("cur", "new", "tmp")):
             if not cfg.autocreate:
@@ -84,7 +116,8 @@ class MaildirBackend:
         except OSError as exc:
             raise TemporaryFailure("cannot lock maildir") from exc
         try:
-            entries = _store.list_messages(maildir)
+            keep = self.keep_message
+            entries = [e for e in _store.list_messages(maildir) if keep(user, e.subdir, e.name)]
             if cfg.flag_updates:
                 _store.move_new_to_cur(maildir, entries)
             _store.fill_sizes(
@@ -98,29 +131,31 @@ class MaildirBackend:
             if isinstance(exc, OSError):
                 raise TemporaryFailure("cannot read maildir") from exc
             raise
-        return MaildirMailbox(self, maildir, entries, lock)
+        return MaildirMailbox(self, maildir, entries, lock, threads)
 
     async def aclose(self) -> None:
         """Nothing to release: every mailbox releases its own lock."""
 
 
-class MaildirMailbox:
+class MaildirMailbox(SnapshotMailbox):
     """One locked maildir snapshot (pypop.backend.Mailbox)."""
 
     def __init__(
-        self, backend: MaildirBackend, maildir: str, entries: list[_store.Entry], lock: HeldLock
+        self,
+        backend: MaildirBackend,
+        maildir: str,
+        entries: list[_store.Entry],
+        lock: HeldLock,
+        threads: SessionThreads,
     ) -> None:
+        super().__init__(tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries))
         self._backend = backend
         self.maildir = maildir
         self._entries = entries
         self._lock: HeldLock | None = lock
-        self._messages = tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries)
+        self._threads = threads
         self._ahead: dict[int, bytes] = {}
         self._ahead_until = 0.0
-
-    @property
-    def messages(self) -> Sequence[MessageInfo]:
-        return self._messages
 
     def _entry(self, index: int) -> _store.Entry:
         if not 0 <= index < len(self._entries):
@@ -198,14 +233,12 @@ class MaildirMailbox:
             try:
                 # One thread hop opens and reads the first block (a message that fits
                 # in one block costs no other hop), and reads ahead.
-                f, block, ahead = await self._backend.run(
-                    functools.partial(self._read_with_ahead, index)
-                )
+                f, block, ahead = await self._threads.run(self._read_with_ahead, index)
             except OSError as exc:
                 raise TemporaryFailure("cannot open message") from exc
             self._ahead = ahead
             self._ahead_until = now + READ_AHEAD_TTL
-        cutter = _TopCut(top_lines) if top_lines is not None else None
+        cutter = TopCut(top_lines) if top_lines is not None else None
         complete = False
         try:
             while True:
@@ -223,7 +256,7 @@ class MaildirMailbox:
                     break
                 assert f is not None
                 try:
-                    block = await self._backend.run(functools.partial(f.read, BLOCK_SIZE))
+                    block = await self._threads.run(f.read, BLOCK_SIZE)
                 except OSError as exc:
                     raise TemporaryFailure("cannot read message") from exc
         finally:
@@ -235,17 +268,11 @@ class MaildirMailbox:
         if lock is not None:
             lock.refresh()
 
-    async def commit(self, deleted: Sequence[int]) -> None:
-        """UPDATE: unlink exactly the marked files, fsync the folders, release the lock."""
-        try:
-            if self._lock is None:
-                raise UpdateFailed("mailbox is already closed")
-            marked = sorted({i for i in deleted if 0 <= i < len(self._entries)})
-            await self._backend.run(lambda: self._commit_sync(marked))
-        finally:
-            await self.aclose()
+    async def update(self, deleted: Sequence[int]) -> None:
+        """UPDATE: unlink exactly the marked files, set Seen flags, fsync the folders."""
+        await self._threads.run(self._commit_sync, deleted)
 
-    def _commit_sync(self, marked: list[int]) -> None:
+    def _commit_sync(self, marked: Sequence[int]) -> None:
         cfg = self._backend.config
         failed = 0
         removed: set[str] = set()
@@ -297,50 +324,10 @@ class MaildirMailbox:
         if not synced:
             raise UpdateFailed("removals could not be made durable (fsync failed)")
 
-    async def aclose(self) -> None:
-        """Release the lock without removing anything. Idempotent."""
+    async def release(self) -> None:
         lock, self._lock = self._lock, None
-        if lock is not None:
-            with trio.CancelScope(shield=True):
-                await self._backend.run(lock.release)
-
-
-class _TopCut:
-    """Finds where a TOP reply can stop: the first empty line, then ``n`` more lines.
-
-    Only LF is taken as a line end here. The wire rules (docs/wire.md) also end lines
-    at a bare CR, so they count at least as many lines: stopping after ``n`` LF-lines
-    never stops before the server's own cut.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.remaining = n
-        self.in_header = True
-        self.line = b""  # the current header line so far, only while it is 0-1 octets
-
-    def feed(self, block: bytes) -> tuple[bytes, bool]:
-        pos = 0
-        if self.in_header:
-            while True:
-                lf = block.find(b"\n", pos)
-                if lf < 0:
-                    tail = block[pos:]
-                    self.line = (self.line + tail)[:2]
-                    return block, False
-                line = self.line + block[pos:lf]
-                self.line = b""
-                pos = lf + 1
-                if line in (b"", b"\r"):
-                    self.in_header = False
-                    break
-        # Body: count LF line ends.
-        if self.remaining == 0:
-            return block[:pos], True
-        count = block.count(b"\n", pos)
-        if count < self.remaining:
-            self.remaining -= count
-            return block, False
-        for _ in range(self.remaining):
-            pos = block.index(b"\n", pos) + 1
-        self.remaining = 0
-        return block[:pos], True
+        try:
+            if lock is not None:
+                await self._threads.run(lock.release)
+        finally:
+            self._backend.locks.release(self.maildir)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
-__all__ = ["ConfigError", "MaildirConfig", "UnsafeUser", "expand_template", "parse_options"]
+from pypop.backend_kit import OptionError, Options
+
+__all__ = ["MaildirConfig", "OptionError", "UnsafeUser", "expand_template", "parse_options"]
 
 LockMethod = Literal["auto", "dotlock", "fcntl"]
-
-
-class ConfigError(ValueError):
-    """A ``[backend]`` option of the maildir backend is missing or invalid."""
 
 
 class UnsafeUser(ValueError):
@@ -33,49 +31,22 @@ class MaildirConfig:
     size_cache: bool = True
     fsync: bool = True
     io_threads: int = 16
+    io_timeout: float = 30.0
 
 
-_BOOL_WORDS = {
-    "1": True, "yes": True, "true": True, "on": True,
-    "0": False, "no": False, "false": False, "off": False,
-}  # fmt: skip
-
-
-def _bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
-    raise ConfigError(f"maildir backend: option {name!r} must be a boolean, got {value!r}")
-
-
-def _number(name: str, value: object, *, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"maildir backend: option {name!r} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(
-            f"maildir backend: option {name!r} must be a number, got {value!r}"
-        ) from None
-    if not number >= minimum:  # also rejects NaN
-        raise ConfigError(f"maildir backend: option {name!r} must be >= {minimum}, got {value!r}")
-    return number
-
-
-def _check_template(template: str) -> None:
+def _check_template(opts: Options, template: str) -> None:
     if not template:
-        raise ConfigError("maildir backend: option 'template' must not be empty")
+        raise opts.error("option 'template' must not be empty")
     if template.startswith("/"):
-        raise ConfigError("maildir backend: option 'template' must be relative to 'root'")
+        raise opts.error("option 'template' must be relative to 'root'")
     i = 0
     seen_var = False
     while i < len(template):
         if template[i] == "%":
             code = template[i + 1 : i + 2]
             if code not in ("u", "n", "d", "%"):
-                raise ConfigError(
-                    f"maildir backend: option 'template' has an unknown variable "
+                raise opts.error(
+                    f"option 'template' has an unknown variable "
                     f"'%{code}' (supported: %u user, %n local part, %d domain, %% percent)"
                 )
             seen_var = seen_var or code != "%"
@@ -83,67 +54,41 @@ def _check_template(template: str) -> None:
         else:
             i += 1
     if not seen_var:
-        raise ConfigError(
-            "maildir backend: option 'template' must contain %u, %n or %d "
+        raise opts.error(
+            "option 'template' must contain %u, %n or %d "
             "(otherwise every user would share one maildir)"
         )
     for part in template.split("/"):
         if part in ("", ".", ".."):
-            raise ConfigError(
-                f"maildir backend: option 'template' has an empty, '.' or '..' component: "
-                f"{template!r}"
-            )
-
-
-_KNOWN = {
-    "root", "template", "save_uidl", "lock", "lock_stale_timeout", "flag_updates",
-    "autocreate", "filename_sizes", "size_cache", "fsync", "io_threads",
-}  # fmt: skip
+            raise opts.error(f"option 'template' has an empty, '.' or '..' component: {template!r}")
 
 
 def parse_options(options: Mapping[str, object]) -> MaildirConfig:
-    """Validate the options; raises :class:`ConfigError` with a readable message."""
-    unknown = sorted(set(options) - _KNOWN)
-    if unknown:
-        raise ConfigError(
-            f"maildir backend: unknown option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(_KNOWN))})"
-        )
-    root = options.get("root")
-    if not isinstance(root, str | os.PathLike) or not os.fspath(root):
-        raise ConfigError("maildir backend: option 'root' (directory of all maildirs) is required")
-    root_s = os.path.abspath(os.fspath(root))
-    if not isinstance(root_s, str):  # a bytes path-like
-        raise ConfigError("maildir backend: option 'root' must be a text path")
-    if not os.path.isdir(root_s):
-        raise ConfigError(f"maildir backend: root {root_s!r} is not a directory")
-    template = options.get("template", "%u")
-    if not isinstance(template, str):
-        raise ConfigError(f"maildir backend: option 'template' must be a string, got {template!r}")
-    _check_template(template)
-    lock = options.get("lock", "auto")
-    if lock not in ("auto", "dotlock", "fcntl"):
-        raise ConfigError(
-            f"maildir backend: option 'lock' must be 'auto', 'dotlock' or 'fcntl', got {lock!r}"
-        )
-    io_threads = _number("io_threads", options.get("io_threads", 16), minimum=1)
-    if io_threads != int(io_threads):
-        raise ConfigError(f"maildir backend: option 'io_threads' must be an integer: {io_threads}")
-    return MaildirConfig(
-        root=root_s,
+    """Validate the options; raises :class:`OptionError` with a readable message."""
+    opts = Options("maildir", options)
+    if not opts.has("root"):
+        raise opts.error("option 'root' (directory of all maildirs) is required")
+    root = opts.path("root", required=True)
+    if not os.path.isdir(root):
+        raise opts.error(f"root {root!r} is not a directory")
+    template = opts.text("template", "%u")
+    _check_template(opts, template)
+    config = MaildirConfig(
+        root=root,
         template=template,
-        save_uidl=_bool("save_uidl", options.get("save_uidl", False)),
-        lock=lock,
-        lock_stale_timeout=_number(
-            "lock_stale_timeout", options.get("lock_stale_timeout", 1800), minimum=1
-        ),
-        flag_updates=_bool("flag_updates", options.get("flag_updates", True)),
-        autocreate=_bool("autocreate", options.get("autocreate", True)),
-        filename_sizes=_bool("filename_sizes", options.get("filename_sizes", True)),
-        size_cache=_bool("size_cache", options.get("size_cache", True)),
-        fsync=_bool("fsync", options.get("fsync", True)),
-        io_threads=int(io_threads),
+        save_uidl=opts.flag("save_uidl", False),
+        lock=cast(LockMethod, opts.choice("lock", "auto", ("auto", "dotlock", "fcntl"))),
+        lock_stale_timeout=opts.number("lock_stale_timeout", 1800.0, minimum=1),
+        flag_updates=opts.flag("flag_updates", True),
+        autocreate=opts.flag("autocreate", True),
+        filename_sizes=opts.flag("filename_sizes", True),
+        size_cache=opts.flag("size_cache", True),
+        fsync=opts.flag("fsync", True),
+        io_threads=opts.integer("io_threads", 16, minimum=1),
+        io_timeout=opts.number("io_timeout", 30.0, minimum=0.1),
     )
+    opts.finish()
+    return config
 
 
 def _unsafe_char(value: str) -> bool:

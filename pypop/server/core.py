@@ -12,11 +12,8 @@ so nothing it marked is removed; a session already in UPDATE finishes it (shield
 from __future__ import annotations
 
 import contextlib
-import functools
-import ipaddress
 import logging
 import ssl
-from collections import Counter
 
 import trio
 
@@ -24,41 +21,52 @@ from pypop.auth import (
     AuthPenalty,
     CredentialStore,
     LoginDelay,
-    PasswdFileStore,
     PerClientLimiter,
     StaticTokenVerifier,
     TokenVerifier,
 )
 from pypop.backend import Backend
 from pypop.config import ServerConfig
-from pypop.netio import Listener, SocketStream, is_transient, open_listeners
 from pypop.protocol import ProtocolConfig
-from pypop.registry import create_backend
-from pypop.session import Session, SessionContext
+from pypop.protocol.replies import Text, encode_status
+from pypop.registry import create_backend, create_credential_store
+from pypop.server.limits import ConnectionLimits
+from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
+from pypop.server.session import Session, SessionContext
 
-__all__ = ["Server", "make_ssl_context", "serve"]
+__all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
 
 log = logging.getLogger("pypop.server")
 
-TOO_MANY: bytes = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
-# Errors from accept() that mean "this one connection failed", not "the listener died"
-# (the same list trio.serve_listeners uses).
+TOO_MANY: bytes = encode_status(False, Text.TOO_MANY_CONNECTIONS.value, "SYS/TEMP")
+
+
+class TLSConfigError(ValueError):
+    """The certificate or key cannot be used; the message names the files."""
 
 
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2 or later (RFC 8314 §4.1)."""
+    """TLS 1.2 or later (RFC 8314 §4.1). Raises :class:`TLSConfigError` naming the
+    file and the problem (``load_cert_chain`` alone says "[SSL] PEM lib")."""
+    for what, path in (("tls.cert", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(65536)
+        except OSError as exc:
+            raise TLSConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in head:
+            raise TLSConfigError(f"{what} {path}: not a PEM file")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(
+            f"cannot use tls.cert {cert} with tls.key {key}: the key does not match the "
+            f"certificate, or the files are swapped or not a certificate and a key "
+            f"({exc.reason or exc})"
+        ) from None
+    return ctx
 
 
 class Server:
@@ -120,8 +128,7 @@ class Server:
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
-        self.active = 0
-        self.per_ip: Counter[str] = Counter()
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.total_sessions = 0
         self._shutdown = trio.Event()
         self._idle = trio.Event()
@@ -141,7 +148,7 @@ class Server:
             return False
         try:
             ctx = make_ssl_context(str(cert), str(key))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        except (OSError, ValueError) as exc:
             log.error("TLS reload failed, keeping the current certificate: %s", exc)
             return False
         self.ssl_context = ctx
@@ -157,11 +164,16 @@ class Server:
         """Begin a graceful shutdown (safe to call more than once)."""
         self._shutdown.set()
 
-    async def _open(self, addrs: list[tuple[str, int]]) -> list[Listener]:
+    @property
+    def active(self) -> int:
+        """Sessions open now."""
+        return self.limits.active
+
+    async def _open(self, addrs: list[tuple[str, int]], implicit_tls: bool) -> list[Listener]:
         listeners: list[Listener] = []
         try:
             for host, port in addrs:
-                listeners.extend(await open_listeners(host, port))
+                listeners.extend(await open_listeners(host, port, implicit_tls=implicit_tls))
         except BaseException:
             for lst in listeners:
                 await trio.aclose_forcefully(lst)
@@ -169,30 +181,24 @@ class Server:
         return listeners
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-        plain = await self._open(self.config.listen)
-        tls = await self._open(self.config.listen_tls)
+        plain = await self._open(self.config.listen, False)
+        tls = await self._open(self.config.listen_tls, True)
         self.addresses = [lst.address for lst in plain]
         self.tls_addresses = [lst.address for lst in tls]
         try:
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as acceptors:
-                    for lst in plain:
-                        acceptors.start_soon(self._accept_loop, lst, sessions, False)
-                    for lst in tls:
-                        acceptors.start_soon(self._accept_loop, lst, sessions, True)
-                    log.info(
-                        "listening on %s (plain) %s (implicit TLS)",
-                        self.addresses,
-                        self.tls_addresses,
-                    )
+                    for lst in plain + tls:
+                        acceptors.start_soon(self._accept_loop, lst, sessions)
+                    log.info("listening on %s", _describe_listeners(plain, tls))
                     task_status.started(self)
                     await self._shutdown.wait()
                     acceptors.cancel_scope.cancel()
                 for lst in plain + tls:
                     await lst.aclose()
                 log.info(
-                    "shutting down: %d sessions open, waiting up to %ss",
-                    self.active,
+                    "shutting down: %s open, waiting up to %gs",
+                    _plural(self.active, "session"),
                     self.config.shutdown_timeout,
                 )
                 with trio.move_on_after(self.config.shutdown_timeout):
@@ -206,11 +212,9 @@ class Server:
                     await self.backend.aclose()
                 except Exception:
                     log.exception("backend failed to close")
-            log.info("stopped after %d sessions", self.total_sessions)
+            log.info("stopped after %s", _plural(self.total_sessions, "session"))
 
-    async def _accept_loop(
-        self, listener: Listener, nursery: trio.Nursery, implicit_tls: bool
-    ) -> None:
+    async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
         while True:
             try:
                 stream, peer = await listener.accept()
@@ -220,33 +224,27 @@ class Server:
                     await trio.sleep(0.1)
                     continue
                 raise
-            nursery.start_soon(self._connection, stream, peer, implicit_tls)
+            nursery.start_soon(self._connection, stream, peer, listener.implicit_tls)
 
-    async def _connection(self, stream: SocketStream, peer: str, implicit_tls: bool) -> None:
-        if self.active >= self.config.max_connections or (
-            self.per_ip[peer] >= self.config.max_connections_per_ip
-        ):
+    async def _connection(self, stream: SocketStream, peer: Peer, implicit_tls: bool) -> None:
+        limits = self.limits
+        if not limits.try_open(peer):
             log.warning("refused %s: connection limit", peer)
             await self._refuse(stream, implicit_tls)
             return
-        self.active += 1
-        self.per_ip[peer] += 1
         self.total_sessions += 1
-        self._idle = trio.Event() if self.active == 1 else self._idle
+        self._idle = trio.Event() if limits.active == 1 else self._idle
         try:
             await self._session(stream, peer, implicit_tls)
         except Exception:
             # One session's bug never ends the server (DESIGN rule 5).
             log.exception("session with %s crashed", peer)
         finally:
-            self.active -= 1
-            self.per_ip[peer] -= 1
-            if not self.per_ip[peer]:
-                del self.per_ip[peer]
-            if self.active == 0:
+            limits.close(peer)
+            if limits.active == 0:
                 self._idle.set()
 
-    async def _session(self, stream: SocketStream, peer: str, implicit_tls: bool) -> None:
+    async def _session(self, stream: SocketStream, peer: Peer, implicit_tls: bool) -> None:
         s: trio.abc.Stream = stream
         try:
             if implicit_tls:
@@ -260,7 +258,7 @@ class Server:
                 if cs.cancelled_caught:
                     return
             # auth.loopback_is_secure: a loopback peer may use cleartext logins.
-            secure_loopback = self.config.loopback_is_secure and _is_loopback(peer)
+            secure_loopback = self.config.loopback_is_secure and peer.loopback
             session = Session(self.context, s, peer, tls=implicit_tls, loopback=secure_loopback)
             try:
                 await session.run()
@@ -279,6 +277,22 @@ class Server:
         await trio.aclose_forcefully(stream)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _describe_listeners(plain: list[Listener], tls: list[Listener]) -> str:
+    """``127.0.0.1:110 (plain), [::1]:995 (implicit TLS)`` for the log."""
+
+    def where(lst: Listener) -> str:
+        host, port = lst.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    parts = [f"{where(lst)} (plain)" for lst in plain]
+    parts += [f"{where(lst)} (implicit TLS)" for lst in tls]
+    return ", ".join(parts)
+
+
 async def _close(stream: trio.abc.Stream) -> None:
     if isinstance(stream, SocketStream):
         await stream.aclose()  # plain TCP: closing cannot block
@@ -295,10 +309,14 @@ async def _close(stream: trio.abc.Stream) -> None:
 
 
 def _default_store(config: ServerConfig) -> CredentialStore:
-
+    """The configured credential store: a [credentials] plugin, or the passwd-file."""
+    if config.credentials is not None:
+        return create_credential_store(config.credentials, config.credentials_options)
     if config.passwd_file is None:
-        raise ValueError("no credential store: set auth.passwd_file (or --passwd-file)")
-    return PasswdFileStore(config.passwd_file)
+        raise ValueError(
+            "no credential store: set auth.passwd_file (or --passwd-file), or a [credentials] store"
+        )
+    return create_credential_store("passwd-file", {"path": str(config.passwd_file)})
 
 
 async def serve(

@@ -17,7 +17,7 @@ How the session uses :class:`AuthPenalty` (Dovecot's anvil ``auth_penalty``)::
 
 The delay is applied *before* verification, so a client that opens many connections
 and does not wait for the ``-ERR`` still cannot learn a result sooner. Combine it with
-:class:`pypop.auth.limits.PerClientLimiter`, which caps how many authentications one
+:class:`pypop.auth.concurrency.PerClientLimiter`, which caps how many authentications one
 client runs at once.
 """
 

@@ -31,17 +31,15 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
-from pypop.backend import (
+from pypop.backend import Backend, Mailbox
+from pypop.errors import (
     AuthFailed,
-    Backend,
-    Mailbox,
     MailboxLocked,
     NoSuchMessage,
     PermanentFailure,
     TemporaryFailure,
     UpdateFailed,
 )
-from pypop.netio import SocketStream
 from pypop.protocol import (
     NEED_DATA,
     ApopLogin,
@@ -55,8 +53,10 @@ from pypop.protocol import (
     SaslStart,
     ServerConnection,
     StartTLS,
+    Text,
     Update,
 )
+from pypop.server.listeners import Peer, SocketStream
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class SessionContext:
     store: CredentialStore
     protocol: ProtocolConfig
     hostname: str
-    greeting: str = "POP3 server ready"
+    greeting: str | None = None
     idle_timeout: float = 600.0
     apop: bool = False
     allow_plaintext: bool = False
@@ -105,7 +105,7 @@ class Session:
         self,
         ctx: SessionContext,
         stream: trio.abc.Stream,
-        peer: str,
+        peer: Peer,
         *,
         tls: bool = False,
         loopback: bool = False,
@@ -240,6 +240,12 @@ class Session:
                 self.end = "autologout"
         except _SessionEnd as exc:
             self.end = str(exc)
+        except trio.Cancelled:
+            self.end = "shutdown"  # the server is stopping at once
+            raise
+        except BaseException:
+            self.end = "error"
+            raise
         finally:
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
@@ -313,50 +319,51 @@ class Session:
     ) -> Closing | None:
         """USER/PASS and APOP: penalty, verification, then the maildrop."""
         penalty = self.ctx.penalty
-        async with self.ctx.per_client.slot(self.peer):
+        async with self.ctx.per_client.slot(self.peer.host):
             # The penalty is served before verifying, so parallel connections from
             # one client learn nothing sooner (Dovecot's anvil does the same).
-            await trio.sleep(penalty.delay(self.peer))
+            await trio.sleep(penalty.delay(self.peer.host))
             try:
                 ok = await verify()
             except Exception as exc:
                 if not isinstance(exc, TemporaryFailure):
                     log.exception("credential check failed")
-                return self.conn.login_failed("SYS/TEMP", "Temporary authentication failure")
+                return self.conn.login_failed("SYS/TEMP", Text.AUTH_TEMPORARY)
         if not ok:
             return await self._auth_failed(user, secret)
-        penalty.record_success(self.peer)
+        penalty.record_success(self.peer.host)
         return await self._open(user)
 
     async def _auth_failed(self, user: str | None, secret: str | bytes | None) -> Closing | None:
-        await trio.sleep(self.ctx.penalty.record_failure(self.peer, user, secret))
-        return self.conn.login_failed("AUTH", "Authentication failed")
+        await trio.sleep(self.ctx.penalty.record_failure(self.peer.host, user, secret))
+        return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
 
     async def _open(self, user: str) -> Closing | None:
         """§4: lock and snapshot the maildrop, then TRANSACTION."""
         conn = self.conn
         if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
             # RFC 2449 §8.1.1
-            return conn.login_failed("LOGIN-DELAY", "Minimum time between logins not reached")
+            return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
             mailbox = await self.ctx.backend.open_mailbox(user)
         except MailboxLocked:
-            return conn.login_failed("IN-USE", "Mailbox is locked by another session")
+            return conn.login_failed("IN-USE", Text.IN_USE)
         except AuthFailed:
             return await self._auth_failed(user, None)
         except PermanentFailure:
-            return conn.login_failed("SYS/PERM", "Mailbox cannot be opened")
+            return conn.login_failed("SYS/PERM", Text.MAILBOX_PERMANENT)
         except Exception as exc:
             if not isinstance(exc, TemporaryFailure):
                 log.exception("backend failed to open %s's maildrop", user)
-            return conn.login_failed("SYS/TEMP", "Mailbox temporarily unavailable")
+            return conn.login_failed("SYS/TEMP", Text.MAILBOX_TEMPORARY)
         self.mailbox, self.user = mailbox, user
         # getattr, not isinstance: a runtime Protocol check costs more than the login.
         wire: Callable[[int, int | None], bytes | None] | None = getattr(
             mailbox, "wire_message", None
         )
         self._wire = wire
-        conn.login_succeeded(user, mailbox.messages)
+        messages = mailbox.messages
+        conn.login_succeeded(user, [m.size for m in messages], [m.uid for m in messages])
         return None
 
     # -- SASL (RFC 5034) --
@@ -375,7 +382,7 @@ class Session:
             user, self._sasl_user, self._sasl = self._sasl_user, None, None
             if not isinstance(event, SaslResponse) or event.data:
                 return await self._auth_failed(user, None)
-            self.ctx.penalty.record_success(self.peer)
+            self.ctx.penalty.record_success(self.peer.host)
             return await self._open(user)
         if isinstance(event, SaslStart):
             mech = create_mechanism(
@@ -385,16 +392,16 @@ class Session:
                 allow_plaintext=self.conn.plaintext_allowed,
             )
             if mech is None:
-                return self.conn.login_failed("AUTH", "Authentication failed")
+                return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
             self._sasl = mech
-            async with self.ctx.per_client.slot(self.peer):
-                await trio.sleep(self.ctx.penalty.delay(self.peer))
+            async with self.ctx.per_client.slot(self.peer.host):
+                await trio.sleep(self.ctx.penalty.delay(self.peer.host))
                 result = await mech.step(event.initial)
         else:
             if self._sasl is None:
-                return self.conn.login_failed("AUTH", "Authentication failed")
+                return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
             mech = self._sasl
-            async with self.ctx.per_client.slot(self.peer):
+            async with self.ctx.per_client.slot(self.peer.host):
                 result = await mech.step(event.data)
         if isinstance(result, SaslChallenge):
             self.conn.sasl_challenge(result.data)
@@ -405,7 +412,7 @@ class Session:
                 self.conn.sasl_challenge(result.data)
                 return None
             self._sasl = None
-            self.ctx.penalty.record_success(self.peer)
+            self.ctx.penalty.record_success(self.peer.host)
             return await self._open(result.user)
         self._sasl = None
         if result.code == "AUTH":
@@ -417,7 +424,7 @@ class Session:
     async def _start_tls(self) -> None:
         ctx = self.ctx.ssl_context
         if ctx is None:  # the grammar only lets STLS through when it is configured
-            self.conn.reply_err("STLS not available")
+            self.conn.reply_err(Text.STLS_UNAVAILABLE)
             return
         self.conn.start_tls()
         await self._flush()
@@ -454,11 +461,11 @@ class Session:
             try:
                 block: bytes | None = await anext(blocks, None)
             except NoSuchMessage:
-                conn.reply_err("No such message")
+                conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
             except Exception:
                 log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
-                conn.reply_err("Message temporarily unavailable", "SYS/TEMP")
+                conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None
             conn.message_header()

@@ -3,7 +3,7 @@
 The hash thread pool is bounded per store (a ``trio.CapacityLimiter``). On its own
 that still lets one client fill every slot with parallel connections. A
 :class:`PerClientLimiter` caps how many authentications one client (IPv4 address or
-IPv6 /64, see :func:`pypop.auth.throttle.client_key`) runs at once; the others queue
+IPv6 /64, see :func:`pypop.auth.penalty.client_key`) runs at once; the others queue
 in their own connection tasks and never touch the thread pool::
 
     async with per_client.slot(peer_ip):
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import trio
 
-from pypop.auth.throttle import client_key
+from pypop.auth.penalty import client_key
 
 __all__ = ["PerClientLimiter"]
 

@@ -1,4 +1,8 @@
-"""Lean TCP listeners and streams on trio's low-level I/O.
+"""Listeners, connected streams and the :class:`Peer` on the other end.
+
+Everything between ``accept()`` and a session lives here: the listening sockets
+(plain or implicit TLS), the client's address as a :class:`Peer`, and lean TCP
+streams on trio's low-level I/O.
 
 ``trio.SocketStream`` pays for generality on every call: a conflict detector, a
 memoryview per send, and a schedule point after every successful ``send``/``recv``.
@@ -20,7 +24,10 @@ Errors follow trio's stream contract: ``BrokenResourceError`` for a failed socke
 from __future__ import annotations
 
 import errno
+import functools
+import ipaddress
 import socket
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -33,7 +40,9 @@ from trio.lowlevel import (
     wait_writable,
 )
 
-__all__ = ["Listener", "SocketStream", "is_transient", "open_listeners"]
+from pypop.auth.penalty import client_key
+
+__all__ = ["Listener", "Peer", "SocketStream", "is_transient", "open_listeners"]
 
 RECV_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
@@ -52,6 +61,35 @@ _ACCEPT_TRANSIENT: Final = frozenset(
         errno.EPERM,
     }
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client of a connection: its address and port as the socket reports them."""
+
+    host: str
+    port: int = 0
+
+    @property
+    def key(self) -> str:
+        """The unit of per-client limits and penalties: the IPv4 address, or the /64
+        of an IPv6 address (:func:`pypop.auth.penalty.client_key`)."""
+        return client_key(self.host)
+
+    @property
+    def loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+    def __str__(self) -> str:
+        return self.host
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -189,20 +227,22 @@ def _error(
 
 
 class Listener(trio.abc.AsyncResource):
-    """A listening socket; ``accept`` returns (stream, peer address)."""
+    """A listening socket; ``accept`` returns (stream, peer). ``implicit_tls``: the
+    connections start with a TLS handshake (RFC 8314 §3.3)."""
 
-    __slots__ = ("socket",)
+    __slots__ = ("implicit_tls", "socket")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, implicit_tls: bool = False) -> None:
         sock.setblocking(False)
         self.socket = sock
+        self.implicit_tls = implicit_tls
 
     @property
     def address(self) -> tuple[str, int]:
         name = self.socket.getsockname()
         return str(name[0]), int(name[1])
 
-    async def accept(self) -> tuple[SocketStream, str]:
+    async def accept(self) -> tuple[SocketStream, Peer]:
         """The next connection, with TCP_NODELAY set (each reply is one write)."""
         await checkpoint_if_cancelled()
         sock = self.socket
@@ -221,8 +261,7 @@ class Listener(trio.abc.AsyncResource):
             except OSError:
                 conn.close()
                 continue
-            stream = SocketStream(conn)
-            return stream, str(addr[0])
+            return SocketStream(conn), Peer(str(addr[0]), int(addr[1]))
 
     async def aclose(self) -> None:
         await _close_socket(self.socket)
@@ -232,12 +271,19 @@ def is_transient(exc: OSError) -> bool:
     return exc.errno in _ACCEPT_TRANSIENT
 
 
-async def open_listeners(host: str, port: int) -> list[Listener]:
+async def open_listeners(host: str, port: int, *, implicit_tls: bool = False) -> list[Listener]:
     """Bind every address ``host`` resolves to (both families for a name), like
-    ``trio.open_tcp_listeners``; IPv6 sockets are v6-only so both can share a port."""
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    ``trio.open_tcp_listeners``; IPv6 sockets are v6-only so both can share a port.
+
+    An ``OSError`` names the address: "cannot listen on 127.0.0.1:110: ...".
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot resolve {where}: {exc.strerror or exc}") from None
     listeners: list[Listener] = []
     try:
         for family, type_, proto, _, sockaddr in infos:
@@ -250,10 +296,12 @@ async def open_listeners(host: str, port: int) -> list[Listener]:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(sockaddr)
                 sock.listen(BACKLOG)
-            except OSError:
+            except OSError as exc:
                 sock.close()
-                raise
-            listeners.append(Listener(sock))
+                raise OSError(
+                    exc.errno, f"cannot listen on {where}: {exc.strerror or exc}"
+                ) from None
+            listeners.append(Listener(sock, implicit_tls=implicit_tls))
             if port == 0:
                 # An ephemeral port: bind the other families to the same one.
                 port = listeners[0].address[1]

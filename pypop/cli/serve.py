@@ -1,4 +1,4 @@
-"""``pypop serve | passwd``; ``python -m pypop`` is the same."""
+"""``pypop serve``: run the server from a TOML file and/or flags (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from pypop.registry import BackendLoadError
 if TYPE_CHECKING:
     from pypop.server import Server
 
-__all__ = ["main"]
+__all__ = ["add_parser", "run"]
 
 log = logging.getLogger("pypop")
 
@@ -29,7 +28,7 @@ DEMO_USERS = ("user1", "user2", "user3")
 DEMO_PASSWORD = "password"  # noqa: S105 (documented demo credential)
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the POP3 server")
     p.add_argument("-c", "--config", type=Path, help="TOML config file (docs/config.md)")
     p.add_argument(
@@ -54,6 +53,19 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="backend option (repeatable)",
     )
     p.add_argument("--passwd-file", type=Path, help="Dovecot-style passwd-file")
+    p.add_argument(
+        "--credentials",
+        metavar="NAME",
+        help="credential store from the pypop.credentials entry points (instead of a passwd-file)",
+    )
+    p.add_argument(
+        "-C",
+        "--credentials-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="credential store option (repeatable)",
+    )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--hostname", help="host name used in APOP/CRAM-MD5 challenges")
@@ -69,22 +81,30 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-connections-per-ip", type=int)
     p.add_argument("--shutdown-timeout", type=float)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run)
 
 
 def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
     if args.listen:
-        cfg.listen = [parse_address(a) for a in args.listen]
+        cfg.set_listen([parse_address(a) for a in args.listen])
     if args.listen_tls:
-        cfg.listen_tls = [parse_address(a, 995) for a in args.listen_tls]
+        cfg.set_listen_tls([parse_address(a, 995) for a in args.listen_tls])
     if args.backend:
         cfg.backend = args.backend
         if args.backend != "memory" and not args.config:
             cfg.backend_options = {}
     for item in args.backend_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--backend-option wants KEY=VALUE, got {item!r}")
+        key, value = _key_value("--backend-option", item)
         cfg.backend_options[key] = value
+    if args.credentials:
+        if args.credentials != cfg.credentials:
+            cfg.credentials_options = {}
+        cfg.credentials = args.credentials
+    for item in args.credentials_option:
+        if cfg.credentials is None:
+            raise ConfigError("--credentials-option needs --credentials NAME")
+        key, value = _key_value("--credentials-option", item)
+        cfg.credentials_options[key] = value
     simple = {
         "passwd_file": args.passwd_file,
         "tls_cert": args.tls_cert,
@@ -102,24 +122,33 @@ def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
             setattr(cfg, name, value)
 
 
+def _key_value(flag: str, item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{flag} wants KEY=VALUE, got {item!r}")
+    return key, value
+
+
 def _demo_config(cfg: ServerConfig, workdir: Path) -> None:
     passwd = workdir / "passwd"
     passwd.write_text(
         "".join(f"{u}:{{PLAIN}}{DEMO_PASSWORD}\n" for u in DEMO_USERS), encoding="utf-8"
     )
-    cfg.listen = [("127.0.0.1", DEMO_PORT)]
+    cfg.set_listen([("127.0.0.1", DEMO_PORT)])
     cfg.passwd_file = passwd
     cfg.backend = "memory"
     cfg.backend_options = {"sample_users": len(DEMO_USERS), "sample_messages": 5}
     cfg.apop = True
 
 
-async def _run(cfg: ServerConfig, demo: bool) -> None:
+async def _run(cfg: ServerConfig, demo: bool) -> int:
+    """Serve until a signal; 0 after a graceful stop, 1 after a forced one."""
     from pypop.server import Server
 
     server = Server(cfg)
+    forced = trio.Event()
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, server, outer.cancel_scope)
+        outer.start_soon(_watch_signals, server, outer.cancel_scope, forced)
         async with trio.open_nursery() as inner:
             await inner.start(server.run)
             if demo:
@@ -131,9 +160,10 @@ async def _run(cfg: ServerConfig, demo: bool) -> None:
                 )
                 print(f"  curl pop3://{DEMO_USERS[0]}:{DEMO_PASSWORD}@{host}:{port}/1", flush=True)
         outer.cancel_scope.cancel()
+    return 1 if forced.is_set() else 0
 
 
-async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
+async def _watch_signals(server: Server, scope: trio.CancelScope, forced: trio.Event) -> None:
     """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now. SIGHUP: read
     the TLS certificate and key again (a broken pair keeps the old one)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -144,14 +174,15 @@ async def _watch_signals(server: Server, scope: trio.CancelScope) -> None:
                 server.reload_tls()
                 continue
             if server.shutting_down:
-                log.warning("second %s: stopping now", name)
+                log.warning("second %s: stopping now, open sessions are cut", name)
+                forced.set()
                 scope.cancel()
                 return
             log.info("%s: graceful shutdown", name)
             server.shutdown()
 
 
-def _serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -162,7 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
                 _demo_config(cfg, Path(tmp))
             _apply_flags(args, cfg)
             cfg.validate()
-            trio.run(_run, cfg, args.demo)
+            status = trio.run(_run, cfg, args.demo)
     except BaseException as exc:
         # Errors from inside trio's nurseries arrive wrapped in exception groups;
         # the admin gets one line, never a traceback, for the expected ones.
@@ -171,38 +202,21 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"pypop: {leaf}", file=sys.stderr)
             return 2
         if isinstance(leaf, OSError):
-            print(f"pypop: cannot start: {leaf}", file=sys.stderr)
+            print(f"pypop: cannot start: {_os_error(leaf)}", file=sys.stderr)
             return 1
         if isinstance(leaf, KeyboardInterrupt):
             return 130
         raise
-    return 0
+    return status
+
+
+def _os_error(exc: OSError) -> str:
+    """The message without "[Errno N]", with the file name when there is one."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pypop", description="POP3 server framework")
-    parser.add_argument("--version", action="version", version=f"pypop {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    pw = sub.add_parser(
-        "passwd", help="hash a password for a passwd-file (like doveadm pw)", add_help=False
-    )
-    pw.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "passwd":
-        from pypop.auth import passwd_main
-
-        return passwd_main(list(args.rest))
-    parser.error("unknown command")  # argparse exits
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,479 @@
+"""What every backend needs, written once: options, locks, threads, the TOP cut.
+
+A backend implements the :mod:`pypop.backend` contract; this kit saves it the parts
+every backend would otherwise write again:
+
+- :class:`Options`: typed access to the ``[backend]`` options. Values arrive as
+  strings from ``pypop serve -o key=value`` and typed from a TOML file; both are
+  accepted. A key nobody asked for is an error with a "did you mean".
+- :class:`LockSet`: the RFC 1939 §4 exclusive lock, per process (what a backend
+  without a shared store needs; a shared store adds its own lock on top).
+- :class:`IOThreads`: blocking I/O in worker threads, bounded for the backend and for
+  each session, with a timeout that frees the session even if the thread is stuck.
+- :class:`TopCut`: where a TOP reply can stop reading the stored message.
+- :class:`SnapshotMailbox`: a base class holding the snapshot, with idempotent
+  ``aclose`` and ``commit`` built on two hooks (``remove`` and ``release``).
+
+Where backend code runs: every ``async`` method runs on the server's Trio event loop,
+so it must not block. Blocking calls (files, a database driver) go through
+:meth:`IOThreads.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import itertools
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Final, TypeVar
+
+import trio
+
+from pypop.backend import MessageInfo
+from pypop.errors import TemporaryFailure, UpdateFailed
+
+__all__ = [
+    "BLOCK_SIZE",
+    "IOThreads",
+    "LockSet",
+    "OptionError",
+    "Options",
+    "SessionThreads",
+    "SnapshotMailbox",
+    "TopCut",
+    "blocks",
+]
+
+T = TypeVar("T")
+
+BLOCK_SIZE: Final = 64 * 1024
+"""The block size the server streams messages in."""
+
+
+# ---------------------------------------------------------------------------- options
+
+
+class OptionError(ValueError):
+    """A backend option is missing or invalid; the message names the backend and key.
+
+    A ``ValueError``: the registry turns it into a start-up error, exit status 2.
+    """
+
+
+_BOOL_WORDS: Final = {
+    "1": True, "yes": True, "true": True, "on": True,
+    "0": False, "no": False, "false": False, "off": False,
+}  # fmt: skip
+
+
+class Options:
+    """Typed, checked access to one backend's options.
+
+    ::
+
+        opts = Options("maildir", options)
+        root = opts.path("root", required=True)
+        threads = opts.integer("io_threads", 16, minimum=1)
+        opts.finish()          # any key not asked for: OptionError, with a suggestion
+    """
+
+    def __init__(self, backend: str, options: Mapping[str, object]) -> None:
+        self.backend = backend
+        self._options = dict(options)
+        self._asked: set[str] = set()
+
+    def error(self, message: str) -> OptionError:
+        return OptionError(f"{self.backend} backend: {message}")
+
+    def _get(self, name: str) -> object | None:
+        self._asked.add(name)
+        return self._options.get(name)
+
+    def has(self, name: str) -> bool:
+        self._asked.add(name)
+        return name in self._options
+
+    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._get(name)
+        if value is None:
+            if required or default is None:
+                raise self.error(f"option {name!r} is required")
+            return default
+        if not isinstance(value, str):
+            raise self.error(f"option {name!r} must be a string, got {value!r}")
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(f"option {name!r} must be a string, got {value!r}")
+        return value
+
+    def path(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        """An absolute path (relative ones are taken from the working directory)."""
+        value = self._get(name)
+        if value is None:
+            if required or default is None:
+                raise self.error(f"option {name!r} is required")
+            value = default
+        if not isinstance(value, str | os.PathLike):
+            raise self.error(f"option {name!r} must be a path, got {value!r}")
+        text = os.fspath(value)
+        if not isinstance(text, str) or not text:
+            raise self.error(f"option {name!r} must be a non-empty text path")
+        return os.path.abspath(text)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise self.error(f"option {name!r} must be a boolean, got {value!r}")
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise self.error(f"option {name!r} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise self.error(f"option {name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise self.error(f"option {name!r} must be a finite number, got {value!r}")
+        if minimum is not None and number < minimum:
+            raise self.error(f"option {name!r} must be >= {minimum:g}, got {value!r}")
+        if maximum is not None and number > maximum:
+            raise self.error(f"option {name!r} must be <= {maximum:g}, got {value!r}")
+        return number
+
+    def integer(
+        self,
+        name: str,
+        default: int,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise self.error(f"option {name!r} must be an integer, got {value!r}")
+        if minimum is not None and number < minimum:
+            raise self.error(f"option {name!r} must be >= {minimum}, got {value!r}")
+        if maximum is not None and number > maximum:
+            raise self.error(f"option {name!r} must be <= {maximum}, got {value!r}")
+        return number
+
+    def choice(self, name: str, default: str, choices: Collection[str]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            listed = ", ".join(repr(c) for c in choices)
+            raise self.error(f"option {name!r} must be one of {listed}, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        """Refuse every option that was not asked for (a misspelt key is an error)."""
+        unknown = sorted(k for k in self._options if k not in self._asked)
+        if not unknown:
+            return
+        known = sorted(self._asked)
+        parts = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        noun = "option" if len(unknown) == 1 else "options"
+        raise self.error(f"unknown {noun} {', '.join(parts)}; known: {', '.join(known)}")
+
+
+# ------------------------------------------------------------------------------ locks
+
+
+class LockSet:
+    """Keys locked by this process: the RFC 1939 §4 maildrop lock for one process.
+
+    ``acquire`` never waits: a held key is ``False`` at once (the server answers
+    ``[IN-USE]``, and may retry briefly on its own).
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+
+    def acquire(self, key: str) -> bool:
+        if key in self._held:
+            return False
+        self._held.add(key)
+        return True
+
+    def release(self, key: str) -> None:
+        self._held.discard(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+class _Watchdog:
+    """Cancels thread calls that overrun, measured on the wall clock.
+
+    A Trio deadline would do, but Trio's clock is virtual under a test's
+    ``autojump_clock``, where waiting for any thread jumps to the deadline at once.
+    One daemon thread per :class:`IOThreads` wakes every ``tick`` seconds while calls
+    are in flight and cancels the overdue ones through their Trio token.
+    """
+
+    def __init__(self, tick: float) -> None:
+        self._tick = tick
+        self._calls: dict[int, tuple[float, trio.lowlevel.TrioToken, trio.CancelScope]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+
+    def add(self, deadline: float, scope: trio.CancelScope) -> int:
+        call = next(self._ids)
+        token = trio.lowlevel.current_trio_token()
+        with self._lock:
+            self._calls[call] = (deadline, token, scope)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="pypop-io-watchdog", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+        return call
+
+    def remove(self, call: int) -> None:
+        with self._lock:
+            self._calls.pop(call, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [c for c, (deadline, _, _) in self._calls.items() if deadline <= now]
+                entries = [self._calls.pop(c) for c in overdue]
+                if not self._calls:
+                    self._wake.clear()
+            for _, token, scope in entries:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(scope.cancel)
+
+
+class IOThreads:
+    """Blocking calls in worker threads, bounded three ways.
+
+    - At most ``threads`` calls run at once for the whole backend.
+    - At most ``per_session`` of them for one session (:meth:`session`), so one user
+      whose storage hangs cannot take every thread.
+    - Each call gives up after ``timeout`` seconds (wall clock): the caller gets
+      :class:`~pypop.errors.TemporaryFailure` and its session can end and release
+      its lock. The stuck thread is abandoned; it keeps its slot until the call
+      returns, which is why the per-session bound matters.
+    """
+
+    def __init__(
+        self, threads: int = 16, *, per_session: int = 2, timeout: float | None = 30.0
+    ) -> None:
+        if threads < 1 or per_session < 1:
+            raise ValueError("thread limits must be at least 1")
+        if timeout is not None and not timeout > 0:
+            raise ValueError("the I/O timeout must be positive")
+        self.threads = threads
+        self.per_session = per_session
+        self.timeout = timeout
+        self._limiter: trio.CapacityLimiter | None = None
+        self._watchdog = None if timeout is None else _Watchdog(min(1.0, timeout / 4))
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        # Made on first use: a CapacityLimiter belongs to the running Trio loop.
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.threads)
+        return self._limiter
+
+    def session(self) -> SessionThreads:
+        """A handle for one session's calls (its own per-session bound)."""
+        return SessionThreads(self)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a worker thread, outside any session bound."""
+        return await self._run(fn, args, None)
+
+    async def _run(
+        self, fn: Callable[..., T], args: tuple[object, ...], own: trio.CapacityLimiter | None
+    ) -> T:
+        call = functools.partial(fn, *args)
+        watchdog = self._watchdog
+        with trio.CancelScope() as scope:
+            ticket = None
+            if watchdog is not None and self.timeout is not None:
+                ticket = watchdog.add(time.monotonic() + self.timeout, scope)
+            try:
+                if own is None:
+                    return await trio.to_thread.run_sync(
+                        call, limiter=self.limiter, abandon_on_cancel=True
+                    )
+                async with own:
+                    return await trio.to_thread.run_sync(
+                        call, limiter=self.limiter, abandon_on_cancel=True
+                    )
+            finally:
+                if ticket is not None and watchdog is not None:
+                    watchdog.remove(ticket)
+        raise TemporaryFailure(f"blocking I/O did not finish within {self.timeout:g} s")
+
+
+class SessionThreads:
+    """One session's share of :class:`IOThreads`."""
+
+    __slots__ = ("_own", "_pool")
+
+    def __init__(self, pool: IOThreads) -> None:
+        self._pool = pool
+        self._own = trio.CapacityLimiter(pool.per_session)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        return await self._pool._run(fn, args, self._own)
+
+
+# ---------------------------------------------------------------------------- TOP cut
+
+
+class TopCut:
+    """Finds where a TOP reply can stop: the first empty line, then ``n`` more lines.
+
+    Only LF is taken as a line end here. The wire rules (docs/wire.md) also end lines
+    at a bare CR, so they count at least as many lines: stopping after ``n`` LF-lines
+    never stops before the server's own cut, which is exact. Feed blocks in order;
+    each call returns the part to pass on and whether to stop reading.
+    """
+
+    __slots__ = ("in_header", "line", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.remaining = n
+        self.in_header = True
+        self.line = b""  # the current header line so far, only while it is 0-1 octets
+
+    def feed(self, block: bytes) -> tuple[bytes, bool]:
+        pos = 0
+        if self.in_header:
+            while True:
+                lf = block.find(b"\n", pos)
+                if lf < 0:
+                    tail = block[pos:]
+                    self.line = (self.line + tail)[:2]
+                    return block, False
+                line = self.line + block[pos:lf]
+                self.line = b""
+                pos = lf + 1
+                if line in (b"", b"\r"):
+                    self.in_header = False
+                    break
+        # Body: count LF line ends.
+        if self.remaining == 0:
+            return block[:pos], True
+        count = block.count(b"\n", pos)
+        if count < self.remaining:
+            self.remaining -= count
+            return block, False
+        for _ in range(self.remaining):
+            pos = block.index(b"\n", pos) + 1
+        self.remaining = 0
+        return block[:pos], True
+
+
+def blocks(data: bytes, size: int = BLOCK_SIZE) -> Iterator[bytes]:
+    """``data`` in blocks of at most ``size`` octets (one block, uncopied, if it fits)."""
+    if len(data) <= size:
+        yield data
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start : start + size])
+
+
+# -------------------------------------------------------------------------- mailboxes
+
+
+class SnapshotMailbox:
+    """A base :class:`~pypop.backend.Mailbox`: the snapshot, ``commit`` and ``aclose``.
+
+    Subclasses implement :meth:`retrieve`, :meth:`update` (the UPDATE state: delete
+    exactly the given messages, which may be none; raise
+    :class:`~pypop.errors.UpdateFailed` if some could not be removed) and, if they
+    hold a lock, :meth:`release`. The base class guarantees that ``update`` runs at
+    most once, only from ``commit``, and that ``release`` runs exactly once, whatever
+    happens.
+    """
+
+    def __init__(self, messages: Sequence[MessageInfo]) -> None:
+        self._messages = messages
+        self._closed = False
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self._messages
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    async def update(self, deleted: Sequence[int]) -> None:
+        """RFC 1939 §6 UPDATE: delete the messages at ``deleted`` (sorted, distinct,
+        in range, possibly empty), then return; the lock is released afterwards."""
+        raise NotImplementedError
+
+    async def release(self) -> None:
+        """Give up the maildrop lock (called once)."""
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        try:
+            if self._closed:
+                raise UpdateFailed("mailbox is already closed")
+            await self.update(sorted({i for i in deleted if 0 <= i < len(self._messages)}))
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                await self.release()
