@@ -80,10 +80,24 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def venv(tmp_path_factory: pytest.TempPathFactory, wheels: tuple[Path, Path]) -> Path:
-    """A fresh venv (no system site-packages) with both wheels and their dependencies."""
+    """A fresh venv (no system site-packages): pypop3[testing] and pypop3-maildir from
+    the wheels, with their dependencies, as a backend author would install them."""
     root = tmp_path_factory.mktemp("fresh") / "venv"
-    _run(sys.executable, "-m", "venv", root)
-    _run(root / "bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check", *wheels)
+    core, maildir = wheels
+    # No pip of its own (ensurepip costs seconds): this venv's pip installs into it.
+    _run(sys.executable, "-m", "venv", "--without-pip", root)
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        root / "bin/python",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        f"pypop3[testing] @ {core.as_uri()}",
+        maildir,
+    )
     return root
 
 
@@ -119,7 +133,7 @@ def test_the_venv_holds_the_wheel_not_this_checkout(venv: Path, tmp_path: Path) 
     assert maildir_file.startswith(site), maildir_file
     assert json.loads(backends) == ["maildir", "memory"]
     installed = set(json.loads(dists))
-    assert {"pypop3", "pypop3-maildir", "trio"} <= installed
+    assert {"pypop3", "pypop3-maildir", "trio", "pytest", "pytest-trio"} <= installed
     assert not installed & HASH_LIBRARIES  # the server runs without the hashes extra
 
 
@@ -128,6 +142,45 @@ def test_the_wheel_metadata_readme_has_only_absolute_links(venv: Path) -> None:
     readme = _run(venv / "bin/python", "-c", code)
     assert "pip install pypop3" in readme
     assert relative_links(readme) == []
+
+
+CONFORMANCE = """
+import pytest
+
+from pypop.backends.memory import MemoryBackend
+from pypop.testing import BackendConformance
+
+
+class Harness:
+    def make_backend(self):
+        return MemoryBackend()
+
+    async def deliver(self, backend, user, message):
+        backend.deliver(user, message)
+
+
+class TestMine(BackendConformance):
+    @pytest.fixture
+    def harness(self):
+        return Harness()
+"""
+
+
+def test_the_testing_extra_runs_the_conformance_kit(venv: Path, tmp_path: Path) -> None:
+    """What a backend author does: pip install 'pypop3[testing]', subclass the kit, run
+    pytest with pytest-trio's trio_mode."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
+    (tmp_path / "test_mine.py").write_text(CONFORMANCE)
+    done = subprocess.run(
+        [venv / "bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^\d+ passed in ", done.stdout.splitlines()[-1]), done.stdout
 
 
 def test_passwd_without_the_hashes_extra(venv: Path, tmp_path: Path) -> None:
