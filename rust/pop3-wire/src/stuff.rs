@@ -309,12 +309,6 @@ impl DotStuffer {
         self.state.finished
     }
 
-    /// An upper bound on the octets one `feed` of `input_len` octets can write
-    /// (every octet may double, plus a held-back CR's CRLF).
-    pub fn max_output_len(input_len: usize) -> usize {
-        input_len.saturating_mul(2).saturating_add(2)
-    }
-
     /// Appends the stuffed form of `data` to `out`.
     /// Fails with [`WireError::Finished`] after [`DotStuffer::finish`].
     pub fn feed_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
