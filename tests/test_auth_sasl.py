@@ -493,7 +493,7 @@ def test_available_mechanisms_policy() -> None:
     assert available_mechanisms(upstream, ["CRAM-MD5", "SCRAM-SHA-256", "PLAIN"]) == ["PLAIN"]
 
 
-def test_mechanisms_only_when_every_entry_can_serve_them() -> None:
+def test_mechanisms_only_when_the_store_can_serve_them() -> None:
     """Issue 9 (admin 3): SCRAM needs PLAIN or SCRAM-SHA-256 entries, CRAM-MD5 needs
     PLAIN or CRAM-MD5 entries; the decision is the store's, never the user's."""
     everything = ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN"]
@@ -503,10 +503,10 @@ def test_mechanisms_only_when_every_entry_can_serve_them() -> None:
 
     sha512 = {"a": USERS["hashed"], "b": hash_password("SHA512-CRYPT", "x")}
     assert offered(sha512) == ["PLAIN"]
-    assert offered(USERS) == ["PLAIN"]  # one SHA512-CRYPT user: no SCRAM for anyone
+    assert offered(USERS) == everything  # a mix: each user logs in the way it can
     assert offered({"user": USERS["user"]}) == everything
-    assert offered({"scram": USERS["scram"]}) == ["SCRAM-SHA-256", "PLAIN"]
-    assert offered({"cram": USERS["cram"]}) == ["CRAM-MD5", "PLAIN"]
+    assert offered({"scram": USERS["scram"], **sha512}) == ["SCRAM-SHA-256", "PLAIN"]
+    assert offered({"cram": USERS["cram"], **sha512}) == ["CRAM-MD5", "PLAIN"]
     assert offered({}) == ["PLAIN"]
 
 

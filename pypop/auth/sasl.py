@@ -678,19 +678,19 @@ def available_mechanisms(
       peers, or the admin's explicit consent; RFC 2595 §3);
     - OAUTHBEARER/XOAUTH2 only with ``ctx.token_verifier``;
     - SCRAM-SHA-256-PLUS only with ``ctx.channel_binding``;
-    - CRAM-MD5 and SCRAM only if the store can serve them to every user: a store with
+    - CRAM-MD5 and SCRAM only if the store can serve them: a store with
       ``reveals_secrets = False`` cannot; a store that says which password schemes it
-      holds (``stored_schemes``, a frozenset) serves SCRAM-SHA-256 only when every
-      entry is PLAIN or SCRAM-SHA-256, and CRAM-MD5 only when every entry is PLAIN or
-      CRAM-MD5. The decision is the store's as a whole, so it tells nothing about
+      holds (``stored_schemes``, a frozenset) serves SCRAM-SHA-256 only if it holds
+      PLAIN or SCRAM-SHA-256 entries, and CRAM-MD5 only if it holds PLAIN or CRAM-MD5
+      entries. The decision is the store's as a whole, so it tells nothing about
       which users exist (a store of SHA512-CRYPT entries never offers SCRAM, whose
       exchange would fail for every user).
     """
     names = DEFAULT_MECHANISMS if enabled is None else enabled
     reveals = bool(getattr(ctx.store, "reveals_secrets", True))
     held: frozenset[str] | None = getattr(ctx.store, "stored_schemes", None)
-    scram_ok = reveals and (held is None or (bool(held) and held <= _SCRAM_SCHEMES))
-    cram_ok = reveals and (held is None or (bool(held) and held <= _CRAM_SCHEMES))
+    scram_ok = reveals and (held is None or bool(held & _SCRAM_SCHEMES))
+    cram_ok = reveals and (held is None or bool(held & _CRAM_SCHEMES))
     result: list[str] = []
     for raw in names:
         name = raw.upper()

@@ -16,7 +16,7 @@ False``: :func:`pypop.auth.sasl.available_mechanisms` then leaves out CRAM-MD5 a
 SCRAM. Two more optional attributes help it decide and hide users better:
 
 - ``stored_schemes``: a frozenset of the schemes the entries use (SCRAM is offered
-  only if every entry can serve it, CRAM-MD5 likewise);
+  only if some entries can serve it, CRAM-MD5 likewise);
 - ``scram_profile()``: (iterations, salt length) of the typical SCRAM entry, which
   fake salts of unknown users copy.
 
