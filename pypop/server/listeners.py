@@ -73,10 +73,13 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The client of a connection: its address and port as the socket reports them."""
+    """The client of a connection: its address and port as the socket reports them,
+    or as a trusted proxy's PROXY header names them (``proxy`` is then the proxy)."""
 
     host: str
     port: int = 0
+    # The trusted proxy that named this client in a PROXY header (None: direct).
+    proxy: str | None = None
 
     @property
     def key(self) -> str:

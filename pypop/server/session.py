@@ -59,6 +59,9 @@ from pypop.protocol import (
     Text,
     Update,
 )
+from pypop.server import metrics
+from pypop.server.anvil import Limits, LocalLimits
+from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import MaildropHolders, describe, log_failed_login
 from pypop.wire import DotStuffer, make_challenge
@@ -107,6 +110,22 @@ class SessionContext:
     mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
+    # Connection caps, penalty and auth slots as the whole server sees them: the
+    # anvil's (pypop.server.anvil) with several workers; else ``penalty`` and
+    # ``per_client`` above, with ``connections``.
+    limits: Limits | None = None
+    connections: ConnectionLimits | None = None
+
+    def __post_init__(self) -> None:
+        if self.connections is None:
+            self.connections = ConnectionLimits(1000, 50)
+        if self.limits is None:
+            self.limits = LocalLimits(self.connections, self.penalty, self.per_client)
+
+    @property
+    def guard(self) -> Limits:
+        assert self.limits is not None
+        return self.limits
 
 
 class Session:
@@ -140,6 +159,7 @@ class Session:
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
         self._released: trio.Event | None = None  # set when our maildrop lock is gone
+        self._login_started: float | None = None  # for the login latency histogram
         self._idle = trio.CancelScope()
         self._line_deadline = math.inf  # for the partial command line, if any
         self._line_mark = -1
@@ -287,6 +307,8 @@ class Session:
                     except Exception:
                         log.exception("backend failed to release %s's maildrop", self.user)
             self._let_go()
+            conn = self.conn
+            metrics.session_done(conn.verbs, conn.commands, conn.sent_octets)
             log.info(
                 "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
                 "duration=%.3f end=%s",
@@ -358,19 +380,31 @@ class Session:
         self, method: str, user: str, verify: Callable[[], Awaitable[bool]], secret: str | bytes
     ) -> Closing | None:
         """USER/PASS and APOP: penalty, verification, then the maildrop."""
-        penalty = self.ctx.penalty
-        async with self.ctx.per_client.slot(self.peer.host):
+        self._login_started = time.monotonic()
+        async with self.ctx.guard.auth(self.peer.host) as wait:
             # The penalty is served before verifying, so parallel connections from
             # one client learn nothing sooner (Dovecot's anvil does the same).
-            await trio.sleep(penalty.delay(self.peer.host))
+            await self._penalty(wait)
             try:
                 ok = await verify()
             except Exception as exc:
                 return self._server_failure(method, user, exc, "SYS/TEMP", Text.AUTH_TEMPORARY)
         if not ok:
             return await self._auth_failed(method, user, secret)
-        penalty.record_success(self.peer.host)
+        self.ctx.guard.success(self.peer.host)
         return await self._open(method, user)
+
+    async def _penalty(self, wait: float) -> None:
+        if wait > 0:
+            metrics.PENALTIES.inc()
+            metrics.PENALTY_SECONDS.inc(wait)
+            await trio.sleep(wait)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _login_done(self, method: str, result: str) -> None:
+        started, self._login_started = self._login_started, None
+        metrics.login(method, result, None if started is None else time.monotonic() - started)
 
     async def _auth_failed(
         self,
@@ -382,7 +416,8 @@ class Session:
     ) -> Closing | None:
         """A failure the client caused: logged, penalised per client, counted."""
         log_failed_login(user, method, self.peer.host, reason)
-        await trio.sleep(self.ctx.penalty.record_failure(self.peer.host, user, secret))
+        self._login_done(method, reason)
+        await trio.sleep(await self.ctx.guard.failure(self.peer.host, user, secret))
         return self.conn.login_failed("AUTH" if reason == "credentials" else None, text)
 
     def _server_failure(
@@ -394,6 +429,8 @@ class Session:
             log.error("unexpected %s (a bug)", type(exc).__name__, exc_info=exc)
         reason = "permanent" if code == "SYS/PERM" else "temporary"
         log_failed_login(user, method, self.peer.host, reason, describe(exc))
+        metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
+        self._login_done(method, reason)
         return self.conn.login_failed(code, text)
 
     async def _open(self, method: str, user: str) -> Closing | None:
@@ -402,11 +439,13 @@ class Session:
         if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
             # RFC 2449 §8.1.1
             log_failed_login(user, method, self.peer.host, "login-delay")
+            self._login_done(method, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
             mailbox = await self.ctx.maildrops.open(self.ctx.backend, user)
         except MailboxLocked:
             log_failed_login(user, method, self.peer.host, "in-use")
+            self._login_done(method, "in-use")
             return conn.login_failed("IN-USE", Text.IN_USE)
         except AuthFailed:
             return await self._auth_failed(method, user, None)
@@ -423,6 +462,7 @@ class Session:
         self._wire = wire
         messages = mailbox.messages
         conn.login_succeeded(user, [m.size for m in messages], [m.uid for m in messages])
+        self._login_done(method, "ok")
         return None
 
     # -- SASL (RFC 5034) --
@@ -449,9 +489,10 @@ class Session:
             user, self._sasl_user, self._sasl = self._sasl_user, None, None
             if not isinstance(event, SaslResponse) or event.data:
                 return await self._auth_failed(method, user, None)
-            self.ctx.penalty.record_success(self.peer.host)
+            self.ctx.guard.success(self.peer.host)
             return await self._open(method, user)
         if isinstance(event, SaslStart):
+            self._login_started = time.monotonic()
             mech = create_mechanism(
                 event.mechanism,
                 self._sasl_context(),
@@ -461,13 +502,13 @@ class Session:
             if mech is None:
                 return await self._auth_failed(method, None, None)
             self._sasl = mech
-            async with self.ctx.per_client.slot(self.peer.host):
-                await trio.sleep(self.ctx.penalty.delay(self.peer.host))
+            async with self.ctx.guard.auth(self.peer.host) as wait:
+                await self._penalty(wait)
                 result = await mech.step(event.initial)
         else:
             if mech is None:
                 return await self._auth_failed(method, None, None)
-            async with self.ctx.per_client.slot(self.peer.host):
+            async with self.ctx.guard.auth(self.peer.host, delay=False):
                 result = await mech.step(event.data)
         if isinstance(result, SaslChallenge):
             return await self._challenge(mech, result.data)
@@ -476,7 +517,7 @@ class Session:
                 self._sasl_user = result.user
                 return await self._challenge(mech, result.data)
             self._sasl = None
-            self.ctx.penalty.record_success(self.peer.host)
+            self.ctx.guard.success(self.peer.host)
             return await self._open(method, result.user)
         self._sasl = None
         if result.code == "AUTH":
@@ -509,6 +550,7 @@ class Session:
             with trio.fail_after(60):
                 await tls_stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            metrics.TLS_FAILURES.labels("stls").inc()
             raise _SessionEnd("TLS handshake failed") from exc
         self.stream = tls_stream
         self._send_many = None
@@ -520,6 +562,14 @@ class Session:
     # -- RETR / TOP --
 
     async def _retrieve(self, event: Retrieve) -> None:
+        started = time.monotonic()
+        try:
+            await self._retrieve_message(event)
+        finally:
+            if event.top_lines is None:
+                metrics.RETR_SECONDS.observe(time.monotonic() - started)
+
+    async def _retrieve_message(self, event: Retrieve) -> None:
         assert self.mailbox is not None
         conn = self.conn
         if self._wire is not None:
@@ -539,7 +589,8 @@ class Session:
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
-            except Exception:
+            except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
@@ -555,7 +606,8 @@ class Session:
                     block = await anext(blocks, None)
             except _SessionEnd:
                 raise
-            except Exception:
+            except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 log.exception(
                     "backend failed while streaming message %d of %s", event.index + 1, self.user
                 )
@@ -589,8 +641,10 @@ class Session:
                     await mailbox.commit(deleted)
                 self.deleted = len(deleted)
             except UpdateFailed:
+                metrics.BACKEND_ERRORS.labels("UpdateFailed").inc()
                 failed = True
-            except Exception:
+            except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 log.exception("backend failed in UPDATE for %s", self.user)
                 failed = True
             finally:
