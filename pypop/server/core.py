@@ -183,6 +183,16 @@ class Server:
         log.info("TLS certificate and key reloaded from %s and %s", cert, key)
         return True
 
+    async def reload(self) -> None:
+        """SIGHUP: the TLS certificate and key (if configured) and the credential
+        store (a passwd-file is read again if it changed)."""
+        if self.config.tls_cert is not None:
+            self.reload_tls()
+        refresh = getattr(self.store, "reload_if_changed", None)
+        if refresh is not None:
+            changed = await trio.to_thread.run_sync(refresh)
+            log.info("passwd-file %s", "reloaded" if changed else "unchanged")
+
     @property
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()

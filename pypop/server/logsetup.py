@@ -65,7 +65,8 @@ def configure(target: str, fmt: str, level: str, *, with_pid: bool = False) -> N
         handler.setFormatter(JsonFormatter())
     elif target == "syslog":
         # syslog adds the date; the tag carries the pid.
-        handler.setFormatter(logging.Formatter("pypop[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+        tagged = "pypop[%(process)d]: %(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(tagged))
     else:
         pid = "[%(process)d]" if with_pid else ""
         handler.setFormatter(

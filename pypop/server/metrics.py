@@ -14,7 +14,6 @@ names is ``other``), results are the login log's reasons, verbs are POP3's.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -36,8 +35,6 @@ __all__ = ["MetricsServer", "multiprocess_registry"]
 
 log = logging.getLogger("pypop.metrics")
 
-_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
 SESSIONS_OPEN: Final = Gauge(
     "pypop_sessions_open", "POP3 sessions open now", multiprocess_mode="livesum"
 )
@@ -45,7 +42,9 @@ SESSIONS: Final = Counter("pypop_sessions", "POP3 sessions accepted (past the li
 LOGINS: Final = Counter(
     "pypop_logins", "Login attempts by mechanism and result", ["mechanism", "result"]
 )
-COMMANDS: Final = Counter("pypop_commands", "Commands by verb (other: invalid, SASL lines)", ["verb"])
+COMMANDS: Final = Counter(
+    "pypop_commands", "Commands by verb (other: invalid ones, SASL lines)", ["verb"]
+)
 SENT: Final = Counter("pypop_sent_bytes", "POP3 octets sent (before TLS)")
 RETR_SECONDS: Final = Histogram(
     "pypop_retr_duration_seconds",
@@ -108,7 +107,7 @@ def multiprocess_registry(path: str) -> CollectorRegistry:
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return registry
 
 
@@ -175,7 +174,9 @@ class MetricsServer:
 _STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def _reply(code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", *, head: bool = False) -> bytes:
+def _reply(
+    code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", *, head: bool = False
+) -> bytes:
     return (
         f"HTTP/1.0 {code} {_STATUS[code]}\r\nContent-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

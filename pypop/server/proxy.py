@@ -91,10 +91,11 @@ def _address(raw: bytes) -> str | None:
 
 
 async def read_header(
-    sock: socket.socket, *, timeout: float = HEADER_TIMEOUT, max_len: int = PROXY_HEADER_MAX
+    sock: socket.socket, *, within: float = HEADER_TIMEOUT, max_len: int = PROXY_HEADER_MAX
 ) -> ProxyHeader:
-    """Read the header at the start of ``sock``'s stream, and exactly that."""
-    with trio.move_on_after(timeout):
+    """Read the header at the start of ``sock``'s stream, and exactly that, within
+    ``within`` seconds."""
+    with trio.move_on_after(within):
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -120,4 +121,4 @@ async def read_header(
                 raise ProxyHeaderError("closed", "PROXY header cut short")
             host = None if local else _address(source)
             return ProxyHeader(version, host, sport if host else 0, ssl)
-    raise ProxyHeaderError("timeout", f"no PROXY header within {timeout:g}s")
+    raise ProxyHeaderError("timeout", f"no PROXY header within {within:g}s")
