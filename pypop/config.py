@@ -21,6 +21,7 @@ Example ``pypop.toml`` (every key optional)::
     shutdown_timeout = 30
     auth_failure_delay = 2.0            # before every -ERR [AUTH]
     auth_penalty_max = 15.0             # per-IP delay grows 2, 4, 8 .. this; 0 = off
+    auth_penalty_initial = 2.0          # the first step of that (then doubled)
     max_auth_per_client = 2             # authentications one IP runs at once
     lock_wait = 1.0                     # seconds a login waits for a locked maildrop
 
@@ -126,6 +127,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 2.0
     auth_penalty_max: float = 15.0
+    auth_penalty_initial: float = 2.0
     max_auth_per_client: int = 2
     lock_wait: float = 1.0
 
@@ -182,6 +184,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be at least 1")
+        if self.auth_penalty_initial <= 0:
+            raise ConfigError("limits.auth_penalty_initial must be above 0")
         if min(self.shutdown_timeout, self.auth_failure_delay, self.auth_penalty_max) < 0:
             raise ConfigError("timeouts and delays must not be negative")
         if not 0 < self.line_timeout <= self.idle_timeout:
@@ -259,6 +263,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "shutdown_timeout": ("shutdown_timeout", (int, float)),
         "auth_failure_delay": ("auth_failure_delay", (int, float)),
         "auth_penalty_max": ("auth_penalty_max", (int, float)),
+        "auth_penalty_initial": ("auth_penalty_initial", (int, float)),
         "max_auth_per_client": ("max_auth_per_client", int),
         "lock_wait": ("lock_wait", (int, float)),
     },

@@ -207,12 +207,16 @@ class AnvilClient:
 
     async def run(self, on_lost: Callable[[], None]) -> None:
         """Read answers until the anvil goes away; then call ``on_lost``."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._chan.writer)
-            async for lines in self._chan.lines():
-                for line in lines:
-                    self._answer(line)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._chan.writer)
+                async for lines in self._chan.lines():
+                    for line in lines:
+                        self._answer(line)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._chan.broken = True
+            self._chan.sock.close()
         self.lost.set()
         for pending in self._pending.values():
             pending.event.set()
@@ -259,6 +263,8 @@ class AnvilClient:
         return None if answer == "ok" else answer
 
     def close(self, peer: Peer) -> None:
+        # One-way, like success() and a slot's release: ordered after this worker's
+        # earlier requests, not after another worker's later ones.
         self._send("o", _key(peer.host))
 
     @contextlib.asynccontextmanager

@@ -139,7 +139,7 @@ class Server:
             mechanisms=tuple(m.upper() for m in config.mechanisms),
             token_verifier=token_verifier,
             penalty=AuthPenalty(
-                initial_delay=min(2.0, penalty_max),
+                initial_delay=min(config.auth_penalty_initial, penalty_max),
                 max_delay=penalty_max,
                 failure_delay=config.auth_failure_delay,
                 clock=trio.current_time,

@@ -101,7 +101,7 @@ class Supervisor:
         self.anvil = AnvilServer(
             ConnectionLimits(config.max_connections, config.max_connections_per_ip),
             AuthPenalty(
-                initial_delay=min(2.0, penalty_max),
+                initial_delay=min(config.auth_penalty_initial, penalty_max),
                 max_delay=penalty_max,
                 failure_delay=config.auth_failure_delay,
                 key=self._key,
