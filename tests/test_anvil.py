@@ -9,7 +9,7 @@ and a worker that dies gives back what it held.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -21,6 +21,14 @@ from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer
 
 KEY = b"k" * 32
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not met in 5 s")
 
 
 class Cluster:
@@ -90,22 +98,26 @@ async def test_auth_slots_are_shared_and_granted_in_order(cluster: Cluster) -> N
     a, _ = cluster.worker()
     b, _ = cluster.worker()
     order: list[str] = []
-    release = trio.Event()
+    release = [trio.Event() for _ in range(4)]
 
-    async def attempt(client: AnvilClient, name: str) -> None:
+    async def attempt(client: AnvilClient, n: int) -> None:
         async with client.auth("192.0.2.7") as wait:
             assert wait == 0.0
-            order.append(name)
-            await release.wait()
+            order.append(f"{n}")
+            await release[n].wait()
 
     async with trio.open_nursery() as nursery:
         for n, client in enumerate([a, b, a, b]):
-            nursery.start_soon(attempt, client, f"{n}")
+            nursery.start_soon(attempt, client, n)
             await trio.testing.wait_all_tasks_blocked()
         assert order == ["0", "1"]  # max_auth_per_client = 2, whichever worker asks
         assert (await a.status("192.0.2.7"))["auth"] == 2
-        release.set()
-    assert order == ["0", "1", "2", "3"]
+        release[1].set()  # b's slot goes to the first in line: a's third attempt
+        await until(lambda: len(order) >= 3)
+        assert order == ["0", "1", "2"]
+        for event in release:
+            event.set()
+    assert sorted(order) == ["0", "1", "2", "3"]
     await b.status("192.0.2.7")  # b's one-way releases are in before this answer
     assert (await a.status("192.0.2.7"))["auth"] == 0
 
@@ -136,9 +148,7 @@ async def test_a_dead_worker_gives_back_what_it_held(cluster: Cluster) -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert granted == []
         a_sock.close()  # the worker dies
-        with trio.fail_after(5):
-            while not granted:
-                await trio.sleep(0.01)
+        await until(lambda: bool(granted))
         nursery.cancel_scope.cancel()
     assert await b.open(ip) is None  # a's two connections were released
     assert await b.open(ip) is None
@@ -151,9 +161,11 @@ async def test_a_cancelled_wait_returns_its_slot(cluster: Cluster) -> None:
         with trio.move_on_after(0.05):
             async with a.auth("192.0.2.7"):
                 pytest.fail("a third slot")
-    with trio.fail_after(5):
-        while (await a.status("192.0.2.7"))["auth"]:
-            await trio.sleep(0.01)
+    for _ in range(500):
+        if not (await a.status("192.0.2.7"))["auth"]:
+            break
+        await trio.sleep(0.01)
+    assert not (await a.status("192.0.2.7"))["auth"]
 
 
 async def test_without_the_anvil_a_worker_refuses_and_assumes_the_worst(

@@ -34,7 +34,8 @@ def v2(
     length: int | None = None,
 ) -> bytes:
     body = addresses + tlvs
-    return SIG + bytes([cmd, fam]) + struct.pack(">H", len(body) if length is None else length) + body
+    size = struct.pack(">H", len(body) if length is None else length)
+    return SIG + bytes([cmd, fam]) + size + body
 
 
 def tcp4(src: str, dst: str, sport: int, dport: int) -> bytes:
@@ -229,7 +230,8 @@ def headers(draw: st.DrawFn) -> bytes:
             for t, v in draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=20))))
         )
         cmd = 0x20 if kind == "v2-local" else 0x21
-        data = v2(cmd=cmd, fam=fam, addresses=draw(st.binary(min_size=size, max_size=size)), tlvs=tlvs)
+        addresses = draw(st.binary(min_size=size, max_size=size))
+        data = v2(cmd=cmd, fam=fam, addresses=addresses, tlvs=tlvs)
     if draw(st.booleans()):
         pos = draw(st.integers(0, len(data) - 1))
         data = data[:pos] + bytes([draw(st.integers(0, 255))]) + data[pos + 1 :]

@@ -223,11 +223,18 @@ async def _run(cfg: ServerConfig, demo: bool) -> int:
     return 1 if forced.is_set() else 0
 
 
-async def watch_signals(server: Server, scope: trio.CancelScope, forced: trio.Event) -> None:
+async def watch_signals(
+    server: Server,
+    scope: trio.CancelScope,
+    forced: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now. SIGHUP: read
     the TLS certificate and key again (a broken pair keeps the old one), and the
-    passwd-file if it changed."""
+    passwd-file if it changed. Started (``nursery.start``) once the handlers are in."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:

@@ -287,6 +287,10 @@ class AnvilClient:
     def success(self, ip: str) -> None:
         self._send("S", _key(ip))
 
+    def ready(self) -> None:
+        """Tell the supervisor that this worker serves and takes signals."""
+        self._send("R", "-")
+
     async def status(self, ip: str) -> dict[str, int]:
         """The anvil's view of one client: penalty level, connections, auth slots."""
         answer = await self._ask("L", _key(ip)) or ""
@@ -320,7 +324,8 @@ class AnvilServer:
         self._slots: dict[str, _Slots] = {}
         self.requests = 0
 
-    async def serve(self, sock: socket.socket) -> None:
+    async def serve(self, sock: socket.socket, ready: Callable[[], None] = lambda: None) -> None:
+        """Answer one worker; ``ready`` is called when it says it serves."""
         chan = _Channel(sock)
         held = _Held()
         try:
@@ -328,6 +333,9 @@ class AnvilServer:
                 nursery.start_soon(chan.writer)
                 async for lines in chan.lines():
                     for line in lines:
+                        if line == b"R 0 -":
+                            ready()
+                            continue
                         self._handle(chan, held, line)
                 nursery.cancel_scope.cancel()
         finally:

@@ -78,6 +78,7 @@ _HANDSHAKE: Final = struct.Struct(">I")
 class _Slot:
     index: int
     process: trio.Process | None = None
+    ready: bool = False  # its signal handlers are in: signals may be passed on
     started: float = 0.0
     backoff: float = BACKOFF_FIRST
     restarts: int = 0
@@ -213,12 +214,12 @@ class Supervisor:
                 continue
             finally:
                 theirs.close()
-            slot.process, slot.started = process, time.monotonic()
+            slot.process, slot.started, slot.ready = process, time.monotonic(), False
             slot.pids.append(process.pid)
             ours.sendall(_HANDSHAKE.pack(len(handshake)) + handshake)
             log.info("worker %d started (pid %d)", slot.index, process.pid)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.anvil.serve, ours)
+                nursery.start_soon(self.anvil.serve, ours, lambda: self._ready(slot))
                 status = await process.wait()
                 nursery.cancel_scope.cancel()
             self._dead(process.pid)
@@ -252,12 +253,25 @@ class Supervisor:
 
             multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
 
+    def _ready(self, slot: _Slot) -> None:
+        slot.ready = True
+        if self.stopping and slot.process is not None:
+            # Started while the server began to stop: it stops too.
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGTERM)
+
     def _send(self, signum: int) -> None:
+        """Pass a signal on to every worker that can take it. One still starting
+        reads its files fresh anyway (SIGHUP), and has no session to finish (SIGTERM,
+        SIGINT: it is told when ready); SIGKILL goes to all."""
         for slot in self.slots:
             proc = slot.process
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signum)
+            if proc is None or proc.returncode is not None:
+                continue
+            if not slot.ready and signum != signal.SIGKILL:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -343,10 +357,13 @@ async def _worker(config: ServerConfig, sock: socket.socket, hello: dict[str, An
             server.shutdown()
 
     async with trio.open_nursery() as outer:
-        outer.start_soon(watch_signals, server, outer.cancel_scope, forced)
+        await outer.start(watch_signals, server, outer.cancel_scope, forced)
         outer.start_soon(client.run, lost)
         async with trio.open_nursery() as inner:
             await inner.start(server.run)
+            # Until now a signal would have found the default action (SIGHUP kills):
+            # the supervisor sends none before this.
+            client.ready()
         outer.cancel_scope.cancel()
     return 1 if forced.is_set() else 0
 
