@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install what the benchmark suite needs: Dovecot's POP3 service (to compare
-# against) and the Python packages in benches/requirements.txt.
+# against), HAProxy (in front of two pypop hosts) and the Python packages in
+# benches/requirements.txt.
 # Run as root (CI and developer machines here are root). Safe to run twice.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,6 +19,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             dovecot-core dovecot-pop3d
+        if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    fi
+    if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+        # The load balancer of tests/test_haproxy.py and benches/workers_bench.py; its
+        # own service stays down (the tests run their own instances).
+        created_policy=
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod 755 /usr/sbin/policy-rc.d
+            created_policy=1
+        fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy
         if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
 else

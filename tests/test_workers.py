@@ -50,6 +50,7 @@ class Serving:
     port: int
     metrics: int
     root: Path
+    host: str = "127.0.0.1"
 
     def text(self) -> str:
         return self.log.read_text()
@@ -67,7 +68,7 @@ class Serving:
     def metric(self, name: str) -> float:
         """A sample from /metrics: ``name{labels}`` exactly, or every series of a
         bare ``name`` added up."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics}/metrics", timeout=10) as r:
             body = r.read().decode()
         found = []
         for line in body.splitlines():
@@ -90,9 +91,9 @@ def ready(server: Serving, count: int) -> None:
         time.sleep(0.05)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -106,28 +107,39 @@ def maildir(root: Path, user: str, messages: int) -> None:
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, workers: int, *extra: str) -> Iterator[Serving]:
-    root = tmp_path / "mail"
-    maildir(root, "alice", 3)
-    maildir(root, "bob", 1)
-    (tmp_path / "passwd").write_text("alice:{PLAIN}wonderland\nbob:{PLAIN}builder\n")
-    (tmp_path / "pypop.toml").write_text(CONFIG)
-    log = tmp_path / f"pypop-{workers}.log"
+def serve(
+    directory: Path,
+    workers: int,
+    *extra: str,
+    host: str = "127.0.0.1",
+    root: Path | None = None,
+    config: str = CONFIG,
+) -> Iterator[Serving]:
+    """``pypop serve`` on ``host`` (a maildir backend: ``root``, or a new one with
+    alice's 3 messages and bob's 1), metrics on ``host`` too, logging to a file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if root is None:
+        root = directory / "mail"
+        maildir(root, "alice", 3)
+        maildir(root, "bob", 1)
+    (directory / "passwd").write_text("alice:{PLAIN}wonderland\nbob:{PLAIN}builder\n")
+    (directory / "pypop.toml").write_text(config)
+    log = directory / f"pypop-{workers}.log"
     log.write_text("")
-    metrics = free_port()
+    metrics = free_port(host)
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "pypop", "serve", "-c", str(tmp_path / "pypop.toml"),
+            sys.executable, "-m", "pypop", "serve", "-c", str(directory / "pypop.toml"),
             "--backend", "maildir", "-o", f"root={root}",
-            "--passwd-file", str(tmp_path / "passwd"), "--allow-plaintext",
-            "--listen", "127.0.0.1:0", "--workers", str(workers),
-            "--metrics-listen", f"127.0.0.1:{metrics}", "--log-target", str(log), *extra,
+            "--passwd-file", str(directory / "passwd"), "--allow-plaintext",
+            "--listen", f"{host}:0", "--workers", str(workers),
+            "--metrics-listen", f"{host}:{metrics}", "--log-target", str(log), *extra,
         ],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    served = Serving(proc, log, 0, metrics, root)
+    served = Serving(proc, log, 0, metrics, root, host)
     try:
-        m = served.wait_log(r"listening on 127\.0\.0\.1:(\d+)")
+        m = served.wait_log(rf"listening on {re.escape(host)}:(\d+)")
         served.port = int(m.group(1))
         if workers > 1:
             for n in range(workers):
