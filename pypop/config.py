@@ -55,7 +55,7 @@ Example ``pypop.toml`` (every key optional)::
     listen = "127.0.0.1:9110"           # Prometheus /metrics and /healthz; off if unset
 
     [log]
-    target = "stderr"                   # "stderr", "syslog", or a file path
+    target = "stderr"                   # "stderr", "syslog[:/dev/log]", or a file path
     format = "text"                     # "text" or "json" (one object a line)
     level = "INFO"
 """
@@ -368,7 +368,7 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
             cfg.tls_key = _path(base, value, "tls.key")
         else:
             raise _unknown("setting", f"tls.{key}", ["tls.cert", "tls.key"])
-    if "target" in data.get("log", {}) and cfg.log_target not in ("stderr", "syslog"):
+    if "target" in data.get("log", {}) and not cfg.log_target.startswith(("stderr", "syslog")):
         cfg.log_target = str(_path(base, cfg.log_target, "log.target"))
     backend = dict(data.get("backend", {}))
     if "name" in backend:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from .test_login_log import banned_hosts
+
 pytest.importorskip("pypop_maildir")
 
 CLIENT = "127.0.0.9"  # the attacker's own loopback address
@@ -217,6 +219,8 @@ def test_fifty_wrong_passwords_meet_one_penalty_over_four_workers(tmp_path: Path
             results[workers] = fifty_wrong_passwords(server.port)
             pids = Counter(re.findall(r"pypop\.login(?:\[(\d+)\])?: login failed", server.text()))
             assert sum(pids.values()) == 50
+            # docs/fail2ban.conf matches every line, with or without the worker's pid.
+            assert banned_hosts(server.text().splitlines()) == [CLIENT] * 50
             if workers == 4:
                 # Spread over the workers (the kernel hands each new connection to
                 # whichever is free): at least 3 of the 4 took part.

@@ -1,7 +1,8 @@
 """Where the log goes (``[log] target``) and in which shape (``[log] format``).
 
 - ``stderr`` (default; under systemd the journal takes it);
-- ``syslog``: ``/dev/log``, facility mail, tagged ``pypop[pid]``;
+- ``syslog`` (``/dev/log``) or ``syslog:/path/to/socket``: facility mail, tagged
+  ``pypop[pid]``;
 - a file path: appended to, and reopened when logrotate moves it away
   (``WatchedFileHandler``: no ``copytruncate`` needed). Every worker appends its own
   lines to the same file (``O_APPEND``: whole lines, never interleaved mid-line).
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import os
 import sys
 import time
 
@@ -51,11 +51,14 @@ def configure(target: str, fmt: str, level: str, *, with_pid: bool = False) -> N
     handler: logging.Handler
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
-    elif target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(
-            address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
+    elif target == "syslog" or target.startswith("syslog:"):
+        where = target.partition(":")[2] or "/dev/log"
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address=where, facility=logging.handlers.SysLogHandler.LOG_MAIL
+            )
+        except OSError as exc:
+            raise ConfigError(f"log.target {target}: {exc.strerror or exc}") from None
     else:
         try:
             handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
@@ -63,7 +66,7 @@ def configure(target: str, fmt: str, level: str, *, with_pid: bool = False) -> N
             raise ConfigError(f"log.target {target}: {exc.strerror or exc}") from None
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
-    elif target == "syslog":
+    elif target.startswith("syslog"):
         # syslog adds the date; the tag carries the pid.
         tagged = "pypop[%(process)d]: %(levelname)s %(name)s: %(message)s"
         handler.setFormatter(logging.Formatter(tagged))
