@@ -127,16 +127,15 @@ def test_syslog(tmp_path: Path) -> None:
         syslog.settimeout(30)
         with serve(tmp_path, "--log-target", f"syslog:{address}") as (port, _):
             sessions(port)
-            got = []
+            got: list[bytes] = []
             while not any(b"session peer=127.0.0.1 user=alice commands=3" in g for g in got):
                 got.append(syslog.recv(65536))
     text = b"\n".join(got).decode()
     # <22>: facility mail (2), priority info (6); <20>: warning.
+    assert "<20>pypop[" in text
     assert (
-        "<20>pypop[" in text
-        and "]: WARNING pypop.login: login failed: user=<alice> method=USER "
-        "rip=127.0.0.1 reason=credentials"
-        in text
+        "]: WARNING pypop.login: login failed: user=<alice> method=USER "
+        "rip=127.0.0.1 reason=credentials" in text
     )
     assert "<22>pypop[" in text
     no_secrets(text)
@@ -145,12 +144,11 @@ def test_syslog(tmp_path: Path) -> None:
 def test_metrics_and_healthz_of_one_process(tmp_path: Path) -> None:
     with serve(tmp_path) as (port, metrics):
         sessions(port)
-        base = f"http://127.0.0.1:{metrics}"
-        with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=10) as r:
             assert (r.status, r.read()) == (200, b"ok\n")
         deadline = time.monotonic() + 10
         while True:
-            with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
                 body = r.read().decode()
                 assert r.headers["Content-Type"].startswith("text/plain; version=")
             if "pypop_sessions_open 0.0" in body or time.monotonic() > deadline:
@@ -171,7 +169,7 @@ def test_metrics_and_healthz_of_one_process(tmp_path: Path) -> None:
         ]:
             assert sample + "\n" in body, sample
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(base + "/nothing", timeout=10)
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/nothing", timeout=10)
         assert err.value.code == 404
         err.value.close()
         # A request head is bounded (8 KiB): a client that never ends it is cut off.
