@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import email.header
 import email.utils
 import mimetypes
 from dataclasses import dataclass, field
@@ -102,20 +103,34 @@ def _raw_header(msg: Message, name: str) -> str | None:
     return None
 
 
-def _header(msg: Message, name: str, defects: list[str]) -> str:
-    """A decoded header (encoded words and all), or its raw text on any failure."""
+def _unstructured(raw: str) -> str:
+    """Encoded words decoded without address parsing (for headers that do not parse)."""
+    text = " ".join(raw.split())
     try:
-        values = msg.get_all(name)
-    except Exception as exc:  # the header parser has had crash bugs on hostile input
-        defects.append(f"{name}: {type(exc).__name__}")
-        return (_raw_header(msg, name) or "").strip()
-    if not values:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except Exception:
+        return text
+
+
+def _header(msg: Message, name: str, defects: list[str]) -> str:
+    """A decoded header (encoded words and all). When the parser cannot make sense of
+    it, the raw text with its encoded words decoded, and the defect noted."""
+    raw = _raw_header(msg, name)
+    if raw is None:
         return ""
     try:
-        return ", ".join(str(v) for v in values).strip()
-    except Exception as exc:
+        values = msg.get_all(name) or []
+        found = [type(d).__name__ for v in values for d in getattr(v, "defects", ())]
+        text = ", ".join(str(v) for v in values).strip()
+    except Exception as exc:  # the header parser has had crash bugs on hostile input
         defects.append(f"{name}: {type(exc).__name__}")
-        return (_raw_header(msg, name) or "").strip()
+        return _unstructured(raw)
+    defects.extend(f"{name}: {d}" for d in dict.fromkeys(found))
+    if "InvalidHeaderDefect" in found or (raw.strip() and not text.strip("<> ")):
+        return _unstructured(raw)
+    if "\ufffd" in text and "\ufffd" not in raw:
+        defects.append(f"{name}: undecodable characters")
+    return text
 
 
 def _date(msg: Message, defects: list[str]) -> tuple[dt.datetime | None, str | None]:
@@ -135,19 +150,26 @@ def _date(msg: Message, defects: list[str]) -> tuple[dt.datetime | None, str | N
 
 
 def _text_of(part: Message, defects: list[str]) -> str:
-    """A text part's content: its charset, or a fallback that never fails."""
-    try:
-        content = part.get_content()  # type: ignore[attr-defined]
-        if isinstance(content, str):
-            return content
-    except (LookupError, UnicodeError, ValueError, AssertionError, KeyError) as exc:
-        defects.append(f"charset {part.get_content_charset()!r}: {type(exc).__name__}")
+    """A text part's content in its charset. An unknown charset, or one the octets do
+    not fit (8-bit data labelled us-ascii), falls back to UTF-8, then Latin-1 (which
+    never fails), and the defect is noted."""
     payload = part.get_payload(decode=True)
     data = payload if isinstance(payload, bytes) else b""
+    charset = part.get_content_charset() or "us-ascii"
     try:
-        return data.decode("utf-8")
+        text = data.decode(charset)
+    except LookupError:
+        defects.append(f"unknown charset {charset!r}")
+        text = None
     except UnicodeDecodeError:
-        return data.decode("latin-1")
+        defects.append(f"text is not {charset}")
+        text = None
+    if text is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    return text.replace("\r\n", "\n")
 
 
 def _filename(part: Message, defects: list[str]) -> str | None:
