@@ -130,7 +130,9 @@ class Options:
     window: int
 
 
-def error_for(status: StatusLine, what: str, *, login: bool = False) -> ClientError:
+def error_for(
+    status: StatusLine, what: str, *, login: bool = False, message: bool = False
+) -> ClientError:
     """The one exception type for a ``-ERR`` reply, by its response code."""
     kind: type[ClientError]
     match status.code:
@@ -142,8 +144,12 @@ def error_for(status: StatusLine, what: str, *, login: bool = False) -> ClientEr
             kind = LoginDelayError
         case "SYS/TEMP":
             kind = ServerTemporaryError
+        case _ if login:
+            kind = AuthError
+        case _ if message:
+            kind = NoSuchMessageError
         case _:
-            kind = AuthError if login else CommandError
+            kind = CommandError
     return kind(what, reply=status.text, code=status.code)
 
 
@@ -200,7 +206,11 @@ class Session:
         self.conn.send(cmd)
         reply: Reply = yield from self._reply()
         if not reply.status.ok:
-            raise error_for(reply.status, what or f"{type(cmd).__name__.upper()} failed")
+            about_message = isinstance(cmd, Retr | Top | Dele) or (
+                isinstance(cmd, List | Uidl) and cmd.msg is not None
+            )
+            what = what or f"{type(cmd).__name__.upper()} failed"
+            raise error_for(reply.status, what, message=about_message)
         return reply
 
     def pipeline(self, cmds: Sequence[Command]) -> Op:
