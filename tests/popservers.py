@@ -61,7 +61,7 @@ class Certs:
         cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
         key.write_bytes(leaf.private_key_pem.bytes())
         os.chmod(key, 0o644)
-        os.chmod(directory, 0o755)
+        os.chmod(directory, 0o755)  # noqa: S103 - Dovecot's users read the certificates
         return cls(ca, ca_file, cert, key)
 
 
@@ -204,7 +204,7 @@ def dovecot_server(
     """Dovecot 2.3 POP3, PLAIN passwords, maildir per user; STLS + implicit TLS."""
     binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
     workdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(workdir, 0o755)
+    os.chmod(workdir, 0o755)  # noqa: S103 - Dovecot's unprivileged users read it
     internal, _, _ = _account("dovecot", "nobody")
     login, _, _ = _account("dovenull", "nobody")
     _, uid, gid = _account("nobody")
