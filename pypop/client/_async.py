@@ -226,6 +226,13 @@ class AsyncClient:
     async def dele(self, msg: int) -> None:
         await self._run(self.session.dele(msg))
 
+    async def dele_many(self, numbers: Sequence[int]) -> list[int]:
+        """DELE each number, pipelined; the numbers the server refused."""
+        from pypop.protocol.commands import Dele
+
+        replies = await self._run(self.session.pipeline([Dele(n) for n in numbers]))
+        return [n for n, r in zip(numbers, replies, strict=True) if not r.status.ok]
+
     async def noop(self) -> None:
         await self._run(self.session.noop())
 

@@ -232,6 +232,13 @@ class Client:
     def dele(self, msg: int) -> None:
         self._run(self.session.dele(msg))
 
+    def dele_many(self, numbers: Sequence[int]) -> list[int]:
+        """DELE each number, pipelined; the numbers the server refused."""
+        from pypop.protocol.commands import Dele
+
+        replies = self._run(self.session.pipeline([Dele(n) for n in numbers]))
+        return [n for n, r in zip(numbers, replies, strict=True) if not r.status.ok]
+
     def noop(self) -> None:
         self._run(self.session.noop())
 
