@@ -393,7 +393,7 @@ def _deliver_session(
     deleted: list[int] = []
     if not args.keep:
         to_delete = sorted(done_before + delivered)
-        refused = set(pop.dele_many(to_delete)) if to_delete else set()
+        refused: set[int] = set(pop.dele_many(to_delete)) if to_delete else set()
         deleted = [n for n in to_delete if n not in refused]
     pop.quit()  # UpdateError (exit 7) if the server did not remove them
     on_server = set(uidl.values()) - {uidl[n] for n in deleted if n in uidl}

@@ -3,6 +3,7 @@ under asyncio or Trio."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -226,7 +227,7 @@ class AsyncClient:
     async def dele(self, msg: int) -> None:
         await self._run(self.session.dele(msg))
 
-    async def dele_many(self, numbers: Sequence[int]) -> list[int]:
+    async def dele_many(self, numbers: Sequence[int]) -> builtins.list[int]:
         """DELE each number, pipelined; the numbers the server refused."""
         from pypop.protocol.commands import Dele
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
@@ -232,7 +233,7 @@ class Client:
     def dele(self, msg: int) -> None:
         self._run(self.session.dele(msg))
 
-    def dele_many(self, numbers: Sequence[int]) -> list[int]:
+    def dele_many(self, numbers: Sequence[int]) -> builtins.list[int]:
         """DELE each number, pipelined; the numbers the server refused."""
         from pypop.protocol.commands import Dele
 

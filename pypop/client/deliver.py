@@ -94,7 +94,7 @@ class Maildir:
         )
 
     def deliver(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write each to tmp/, fsync them (in parallel: one journal commit), rename into
+        """Write each (with LF line ends, as MUAs expect) to tmp/, fsync them (in parallel: one journal commit), rename into
         new/, fsync new/."""
         tmp, new = self.path / "tmp", self.path / "new"
         names: list[str] = []
@@ -107,7 +107,7 @@ class Maildir:
                 )
                 fds.append(fd)
                 names.append(name)
-                view = memoryview(data)
+                view = memoryview(data.replace(b"\r\n", b"\n"))  # local line ends
                 while view:
                     view = view[os.write(fd, view) :]
             list(self._pool.map(os.fsync, fds))
