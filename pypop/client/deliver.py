@@ -94,8 +94,8 @@ class Maildir:
         )
 
     def deliver(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write each (with LF line ends, as MUAs expect) to tmp/, fsync them (in parallel: one journal commit), rename into
-        new/, fsync new/."""
+        """Write each (LF line ends, as MUAs expect) to tmp/, fsync them in parallel
+        (one journal commit), rename into new/, fsync new/."""
         tmp, new = self.path / "tmp", self.path / "new"
         names: list[str] = []
         fds: list[int] = []
