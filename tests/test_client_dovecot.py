@@ -52,7 +52,8 @@ def test_login_methods(dovecot: PopServer, auth: str, implicit: bool) -> None:
 def test_auto_and_cleartext_refused(dovecot: PopServer) -> None:
     with Client(dovecot.url(), password=PASSWORD, cafile=dovecot.certs.ca_file) as pop:
         assert pop.mechanism == "SCRAM-SHA-256"
-        assert pop.capabilities is not None and "PIPELINING" in pop.capabilities
+        assert pop.capabilities is not None
+        assert "PIPELINING" in pop.capabilities
 
 
 def test_cfpop_rows_on_the_corpus(dovecot: PopServer, tmp_path: Path) -> None:
@@ -65,7 +66,7 @@ def test_cfpop_rows_on_the_corpus(dovecot: PopServer, tmp_path: Path) -> None:
         assert heads[0].subject == "Große Grüße aus München 🌳 und mehr"
         rows = pop.get_all(uids=[uids[3], uids[11], "none"], attachment_path=tmp_path)
         assert rows.unknown_uids == ["none"]
-        hostile, charsets = rows
+        _hostile, charsets = rows
         assert sorted(p.name for p in tmp_path.iterdir()) == ["_CON.txt", "_bashrc", "passwd"]
         assert "unknown charset 'x-no-such-charset'" in charsets.defects
         assert pop.retr(10) == CORPUS[9]

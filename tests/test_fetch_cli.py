@@ -140,7 +140,7 @@ def test_deliver_mbox(server: PopServer, certs: Certs, tmp_path: Path) -> None:
     try:
         assert len(mbox) == len(corpus())
         dots = next(m for m in mbox if m["Subject"] == "lines that start with dots")
-        assert dots.get_payload().startswith(".\n..\n.leading dot\n")
+        assert str(dots.get_payload()).startswith(".\n..\n.leading dot\n")
     finally:
         mbox.close()
 

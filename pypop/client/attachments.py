@@ -79,6 +79,7 @@ def save(directory: str | Path, name: str, data: bytes, *, unique: bool = False)
     there (a planted symlink is replaced, not followed).
     """
     final = safe_filename(name)
+    os.makedirs(directory, exist_ok=True)
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
     dir_fd = os.open(directory, flags)
     try:
