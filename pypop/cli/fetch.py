@@ -24,6 +24,8 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -362,24 +364,51 @@ def _deliver_session(
     started = time.monotonic()
     batch: list[tuple[int, str, bytes]] = []
 
-    def commit() -> None:
+    # Maildir batches are written by a worker thread while the next ones arrive (its
+    # tagged names make that safe); mbox stays strictly one message at a time.
+    writer = ThreadPoolExecutor(max_workers=1) if deliverer.batch_safe else None
+    pending: deque[tuple[Future[None], list[tuple[int, str, bytes]]]] = deque()
+
+    def finish(future: Future[None], items: list[tuple[int, str, bytes]]) -> None:
         try:
-            deliverer.deliver([(uid, data) for _, uid, data in batch])
+            future.result()
         except OSError as exc:
             raise _DeliveryFailed(str(exc)) from exc
-        state.record(uid for _, uid, _ in batch)
-        delivered.extend(n for n, _, _ in batch)
+        state.record(uid for _, uid, _ in items)
+        delivered.extend(n for n, _, _ in items)
+
+    def commit() -> None:
+        items = batch.copy()
         batch.clear()
+        job = [(uid, data) for _, uid, data in items]
+        if writer is None:
+            done: Future[None] = Future()
+            try:
+                deliverer.deliver(job)
+                done.set_result(None)
+            except OSError as exc:
+                done.set_exception(exc)
+            finish(done, items)
+            return
+        pending.append((writer.submit(deliverer.deliver, job), items))
+        while len(pending) > 2:
+            finish(*pending.popleft())
 
     try:
-        for number, data in pop.retrieve(todo):
-            uid = uidl.get(number) or f"#{number}"
-            batch.append((number, uid, data))
-            progress.update(len(data))
-            if len(batch) >= batch_size:
+        try:
+            for number, data in pop.retrieve(todo):
+                uid = uidl.get(number) or f"#{number}"
+                batch.append((number, uid, data))
+                progress.update(len(data))
+                if len(batch) >= batch_size:
+                    commit()
+            if batch:
                 commit()
-        if batch:
-            commit()
+            while pending:
+                finish(*pending.popleft())
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
     except _DeliveryFailed as exc:
         progress.close()
         client.close()  # no QUIT: nothing is deleted

@@ -66,6 +66,9 @@ class Maildir:
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._n = 0
         self._pool = ThreadPoolExecutor(max_workers=8)
+        directory = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+        self._tmp_fd = os.open(path / "tmp", directory)
+        self._new_fd = os.open(path / "new", directory)
         self._clean_tmp()
 
     def _clean_tmp(self) -> None:
@@ -96,15 +99,13 @@ class Maildir:
     def deliver(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Write each (LF line ends, as MUAs expect) to tmp/, fsync them in parallel
         (one journal commit), rename into new/, fsync new/."""
-        tmp, new = self.path / "tmp", self.path / "new"
         names: list[str] = []
         fds: list[int] = []
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
             for uid, data in items:
                 name = self._name(uid)
-                fd = os.open(
-                    tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-                )
+                fd = os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
                 fds.append(fd)
                 names.append(name)
                 view = memoryview(data.replace(b"\r\n", b"\n"))  # local line ends
@@ -115,11 +116,13 @@ class Maildir:
             for fd in fds:
                 os.close(fd)
         for name in names:
-            os.rename(tmp / name, new / name)
-        _fsync_dir(new)
+            os.rename(name, name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd)
+        os.fsync(self._new_fd)
 
     def close(self) -> None:
         self._pool.shutdown()
+        os.close(self._tmp_fd)
+        os.close(self._new_fd)
 
 
 class Mbox:

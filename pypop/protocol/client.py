@@ -64,6 +64,9 @@ DEFAULT_MAX_BODY = 256 * 1024 * 1024
 MAX_CHALLENGE = 16384
 """Longest ``+ base64`` SASL challenge line (RFC 5034 does not bound it by 512)."""
 
+_MIN_STEP = 4096
+_MAX_STEP = 256 * 1024
+
 _TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
 
 
@@ -128,7 +131,11 @@ class ClientConnection:
         self.pipelining = pipelining
         self.window = window
         self.max_body = max_body
+        # Unread input is self._buf[self._pos:]; an offset instead of slicing keeps a
+        # chunk holding many pipelined replies from being copied once per reply.
         self._buf = b""
+        self._pos = 0
+        self._step = _MIN_STEP
         self._eof = False
         self._out: list[bytes] = []
         self._queue: deque[Command] = deque()
@@ -204,7 +211,11 @@ class ClientConnection:
             return
         if self._stls_ok:
             self._fail("data after the STLS +OK, before the TLS handshake (injection)")
-        self._buf = self._buf + data if self._buf else data
+        if self._pos < len(self._buf):
+            self._buf = self._buf[self._pos :] + data
+        else:
+            self._buf = data
+        self._pos = 0
 
     def tls_started(self) -> None:
         """The TLS handshake after STLS is done: read the server through it now."""
@@ -231,7 +242,7 @@ class ClientConnection:
         if self._body is not None:
             return self._read_body()
         if not self._in_flight:
-            if self._buf:
+            if self._pending():
                 self._fail("data from the server that answers no command")
             return ConnectionClosed() if self._eof else NEED_DATA
         head = self._in_flight[0]
@@ -239,7 +250,7 @@ class ClientConnection:
         line = self._line(MAX_CHALLENGE if is_auth else MAX_STATUS_LINE)
         if line is None:
             if self._eof:
-                if self._buf:
+                if self._pending():
                     self._fail("connection closed in the middle of a reply line")
                 return ConnectionClosed()
             return NEED_DATA
@@ -260,7 +271,7 @@ class ClientConnection:
             match = _TIMESTAMP.search(line)
             return Greeting(status, match.group(0) if match else None)
         if isinstance(head, Stls) and status.ok:
-            if self._buf:
+            if self._pending():
                 self._fail("data after the STLS +OK, before the TLS handshake (injection)")
             self._stls_ok = True
         if status.ok and is_multiline(head):
@@ -268,46 +279,57 @@ class ClientConnection:
             self._body_parts = []
             self._body_len = 0
             self._body_status = status
+            self._step = _MIN_STEP
             self._in_flight.appendleft(head)  # still answering until the "." line
             return self._read_body()
         return Reply(head, status)
 
+    def _pending(self) -> int:
+        return len(self._buf) - self._pos
+
     def _line(self, limit: int) -> bytes | None:
         """The next CRLF line (without it), strictly framed."""
-        buf = self._buf
-        end = buf.find(b"\n", 0, limit)
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n", pos, pos + limit)
         if end < 0:
-            if len(buf) >= limit:
+            rest = len(buf) - pos
+            if rest >= limit:
                 self._fail(f"reply line over {limit} octets")
-            if b"\r" in buf[:-1] or (self._eof and buf.endswith(b"\r")):
+            cr = buf.find(b"\r", pos)
+            if 0 <= cr < len(buf) - 1 or (self._eof and rest and buf.endswith(b"\r")):
                 self._fail("bare CR in a reply line")
             return None
-        if end == 0 or buf[end - 1] != 0x0D:
+        if end == pos or buf[end - 1] != 0x0D:
             self._fail("bare LF in a reply line (CRLF required)")
-        line = buf[: end - 1]
+        line = buf[pos : end - 1]
         if b"\r" in line:
             self._fail("bare CR in a reply line")
-        self._buf = buf[end + 1 :]
+        self._pos = end + 1
         return line
 
     def _read_body(self) -> ClientEvent:
         body = self._body
         assert body is not None
-        if self._buf:
-            payload, rest = body.feed(self._buf)
-            self._buf = b""
+        while self._pos < len(self._buf):
+            # Feed in growing steps: a small message costs a small copy of what
+            # follows it, a big one few calls.
+            piece = self._buf[self._pos : self._pos + self._step]
+            self._pos += len(piece)
+            self._step = min(self._step * 2, _MAX_STEP)
+            payload, rest = body.feed(piece)
             if payload:
                 self._body_len += len(payload)
                 if self._body_len > self.max_body:
                     self._fail(f"multi-line reply over {self.max_body} octets")
                 self._body_parts.append(payload)
             if rest is not None:
-                self._buf = rest
+                self._pos -= len(rest)
                 status = self._body_status
                 assert status is not None
                 head = self._in_flight.popleft()
                 assert not isinstance(head, _Greeting)
-                data = b"".join(self._body_parts)
+                parts = self._body_parts
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
                 self._body, self._body_parts, self._body_status = None, [], None
                 return Reply(head, status, data)
         if self._eof:
