@@ -85,6 +85,18 @@ def test_rows_table_json_csv(server: PopServer, certs: Certs) -> None:
     assert "Rechnung für März 2026.pdf" in csv_run.stdout
 
 
+def test_new_without_deliver_lists_each_message_once(
+    server: PopServer, certs: Certs, tmp_path: Path
+) -> None:
+    args = [server.url(), "--cafile", str(certs.ca_file), "--new", "--json"]
+    args += ["--state", str(tmp_path / "st")]
+    first = fetch(*args, "--max-rows", "3")
+    assert [r["MessageNumber"] for r in json.loads(first.stdout)["rows"]] == [1, 2, 3]
+    second = fetch(*args)
+    assert [r["MessageNumber"] for r in json.loads(second.stdout)["rows"]] == list(range(4, 13))
+    assert fetch(*args).returncode == 1
+
+
 def test_exit_codes(server: PopServer, certs: Certs, tmp_path: Path) -> None:
     ca = ["--cafile", str(certs.ca_file)]
     assert fetch(server.url(), *ca, password="wrong").returncode == 3

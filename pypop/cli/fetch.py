@@ -70,7 +70,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--unique-names", action="store_true", help="never overwrite attachments")
     p.add_argument("--deliver", metavar="maildir:DIR|mbox:FILE", help="store messages locally")
     p.add_argument("--keep", action="store_true", help="leave delivered mail on the server")
-    p.add_argument("--new", action="store_true", help="only messages not fetched before")
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="only messages not fetched or listed before (with --deliver a message is "
+        "never delivered twice anyway)",
+    )
     p.add_argument("--state", metavar="FILE", help="UIDL state file (default: per account)")
     p.add_argument("--auth", default="auto", help="USER, +APOP, a SASL name, or auto")
     p.add_argument("--tls", choices=["implicit", "require", "auto", "off"])
@@ -210,7 +215,27 @@ def _rows(client: Client, args: argparse.Namespace) -> int:
     messages = _ints(args.msg) if args.msg else None
     uids = [u for u in args.uid.split(",") if u] if args.uid else None
     action = args.action or "headers"
+    state: StateFile | None = None
     with client as pop:
+        if args.new and action != "delete":
+            # Only UIDs not reported before; they are recorded once shown.
+            try:
+                state = StateFile(
+                    Path(args.state).expanduser() if args.state else _default_state(client)
+                )
+            except BlockingIOError:
+                print("pypop fetch: another fetch is running for this account", file=sys.stderr)
+                return EXIT_EXCLUDED
+            uidl = pop.uidl()
+            chosen = set(messages) if messages is not None else None
+            asked = set(uids) if uids is not None else None
+            uids = [
+                u
+                for n, u in sorted(uidl.items())
+                if u not in state.uids
+                and (chosen is None or n in chosen)
+                and (asked is None or u in asked)
+            ]
         if action == "delete":
             if messages is None and uids is None:
                 print("pypop fetch: --delete needs --msg or --uid", file=sys.stderr)
@@ -232,6 +257,9 @@ def _rows(client: Client, args: argparse.Namespace) -> int:
                 messages, uids, start_row=args.start_row, max_rows=args.max_rows
             )
     _print(result, args.format, sys.stdout, action)
+    if state is not None:
+        state.record(r.uid for r in result.rows if r.uid)
+        state.close()
     if result.unknown_messages or result.unknown_uids:
         unknown = [str(n) for n in result.unknown_messages] + result.unknown_uids
         print(f"pypop fetch: not on the server: {', '.join(unknown)}", file=sys.stderr)
