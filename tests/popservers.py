@@ -23,6 +23,11 @@ PASSWORD = "s3cret pass"
 TOKEN = "tok-alice-123"
 
 
+def long_token(user: str) -> str:
+    """A JWT-sized token: too long for an initial response on the 255-octet AUTH line."""
+    return f"tok-{user}-" + "x" * 600
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +114,9 @@ def pypop_server(
         for n, data in enumerate(messages, 1):
             (seed / user / f"{n:04d}.eml").write_bytes(data)
     (workdir / "passwd").write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in mail))
-    (workdir / "tokens").write_text("".join(f"{u}:tok-{u}-123\n" for u in mail))
+    (workdir / "tokens").write_text(
+        "".join(f"{u}:tok-{u}-123\n{u}:{long_token(u)}\n" for u in mail)
+    )
     port, tls_port = free_port(), free_port()
     tls_conf = f'[tls]\ncert = "{certs.cert}"\nkey = "{certs.key}"\n' if tls else ""
     listen = f'listen = ["127.0.0.1:{port}"]\n' if plain_listener else ""

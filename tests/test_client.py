@@ -30,7 +30,7 @@ from pypop.errors import (
 from pypop.wire import wire_size
 
 from .fakeserver import FakeServer
-from .popservers import PASSWORD, Certs, PopServer, corpus, pypop_server
+from .popservers import PASSWORD, Certs, PopServer, corpus, long_token, pypop_server
 
 CORPUS = corpus()
 SIZES = [wire_size(m) for m in CORPUS]  # RFC 1939 §11: the final CRLF counts
@@ -84,6 +84,9 @@ def test_every_password_method_over_stls_and_implicit_tls(
 def test_bearer_tokens(server: PopServer, certs: Certs, auth: str) -> None:
     with Client(server.url(), token="tok-alice-123", auth=auth, cafile=certs.ca_file) as pop:
         assert pop.mechanism == auth
+        assert pop.stat()[0] == len(CORPUS)
+    # A long token cannot go on the AUTH line: it goes after an empty challenge.
+    with Client(server.url(), token=long_token("alice"), auth=auth, cafile=certs.ca_file) as pop:
         assert pop.stat()[0] == len(CORPUS)
     with pytest.raises(AuthError, match="token refused") as info:
         Client(server.url(), token="wrong", auth=auth, cafile=certs.ca_file).connect()
@@ -400,3 +403,23 @@ def test_refused_connection_is_a_network_error() -> None:
         port = s.getsockname()[1]
     with pytest.raises(NetworkError, match="cannot connect"):
         Client(f"pop://u@127.0.0.1:{port}", password="x").connect()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_timeout_and_typed_errors(backend: str) -> None:
+    silent = FakeServer({"CAPA": b""})
+    hostile = FakeServer({"CAPA": b"+OK\r\nUSER\n.\r\n"})
+
+    async def main() -> None:
+        with pytest.raises(OperationTimeout):
+            await AsyncClient(
+                f"pop://u@127.0.0.1:{silent.port}", password="pw", timeout=0.5
+            ).connect()
+        with pytest.raises(ProtocolError, match="bare LF"):
+            await AsyncClient(f"pop://u@127.0.0.1:{hostile.port}", password="pw").connect()
+
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        silent.close()
+        hostile.close()
