@@ -408,7 +408,7 @@ def test_refused_connection_is_a_network_error() -> None:
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_async_timeout_and_typed_errors(backend: str) -> None:
     silent = FakeServer({"CAPA": b""})
-    hostile = FakeServer({"CAPA": b"+OK\r\nUSER\n.\r\n"})
+    hostile = FakeServer({"CAPA": b"+OK caps\n"})
 
     async def main() -> None:
         with pytest.raises(OperationTimeout):
