@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(exc, EXIT_PROTOCOL)
     except ClientError as exc:
         return _fail(exc, EXIT_SERVER)
+    except OSError as exc:  # the state file, attachments or mailbox on this side
+        return _fail(exc, EXIT_DELIVERY)
 
 
 def _fail(exc: Exception, status: int) -> int:
