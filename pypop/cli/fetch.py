@@ -45,6 +45,9 @@ __all__ = ["add_parser", "run"]
 EXIT_MAIL, EXIT_NOMAIL, EXIT_NETWORK, EXIT_AUTH, EXIT_PROTOCOL, EXIT_USAGE = 0, 1, 2, 3, 4, 5
 EXIT_SERVER, EXIT_EXCLUDED, EXIT_LOCKED, EXIT_DELIVERY, EXIT_TLS = 7, 8, 9, 10, 12
 
+BATCH_OCTETS = 8 * 1024 * 1024
+"""A Maildir batch is committed (fsync, rename) at 256 messages or this many octets."""
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -83,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--token-env", metavar="VAR", help="read an OAuth token from this variable")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--no-pipelining", action="store_true")
-    p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -424,13 +427,16 @@ def _deliver_session(
         while len(pending) > 2:
             finish(*pending.popleft())
 
+    batch_octets = 0
     try:
         try:
             for number, data in pop.retrieve(todo):
                 uid = uidl.get(number) or f"#{number}"
                 batch.append((number, uid, data))
                 progress.update(len(data))
-                if len(batch) >= batch_size:
+                batch_octets += len(data)
+                if len(batch) >= batch_size or batch_octets >= BATCH_OCTETS:
+                    batch_octets = 0
                     commit()
             if batch:
                 commit()

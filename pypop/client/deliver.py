@@ -65,7 +65,7 @@ class Maildir:
             (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._n = 0
-        self._pool = ThreadPoolExecutor(max_workers=8)
+        self._pool = ThreadPoolExecutor(max_workers=16)
         directory = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
         self._tmp_fd = os.open(path / "tmp", directory)
         self._new_fd = os.open(path / "new", directory)
@@ -99,25 +99,24 @@ class Maildir:
     def deliver(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Write each (LF line ends, as MUAs expect) to tmp/, fsync them in parallel
         (one journal commit), rename into new/, fsync new/."""
-        names: list[str] = []
-        fds: list[int] = []
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        try:
-            for uid, data in items:
-                name = self._name(uid)
-                fd = os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
-                fds.append(fd)
-                names.append(name)
-                view = memoryview(data.replace(b"\r\n", b"\n"))  # local line ends
-                while view:
-                    view = view[os.write(fd, view) :]
-            list(self._pool.map(os.fsync, fds))
-        finally:
-            for fd in fds:
-                os.close(fd)
+        names = [self._name(uid) for uid, _ in items]
+        # Creating, writing and fsyncing run in parallel threads: each is mostly a wait
+        # on the file system, and concurrent fsyncs share journal commits.
+        list(self._pool.map(self._write, names, (data for _, data in items)))
         for name in names:
             os.rename(name, name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd)
         os.fsync(self._new_fd)
+
+    def _write(self, name: str, data: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(name, flags, 0o600, dir_fd=self._tmp_fd)
+        try:
+            view = memoryview(data.replace(b"\r\n", b"\n"))  # local line ends
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._pool.shutdown()
