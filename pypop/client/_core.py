@@ -445,6 +445,8 @@ class Session:
         self.conn.send(Quit())
         try:
             reply = yield from self._reply()
+        except NetworkError as exc:
+            raise UpdateError(f"no reply to QUIT ({exc}): deletions are not confirmed") from None
         finally:
             self.closed = True
         if not reply.status.ok:
