@@ -53,22 +53,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "fetch",
         help="fetch mail from a POP3 server (CFPOP actions, or delivery to maildir/mbox)",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("url", help="pop://user[;AUTH=mech]@host[:port] or pops://...")
     act = p.add_mutually_exclusive_group()
-    act.add_argument("--headers-only", dest="action", action="store_const", const="headers")
-    act.add_argument("--all", dest="action", action="store_const", const="all")
-    act.add_argument("--delete", dest="action", action="store_const", const="delete")
+    act.add_argument(
+        "--headers-only",
+        dest="action",
+        action="store_const",
+        const="headers",
+        help="rows with the header columns (the default), by pipelined TOP n 0",
+    )
+    act.add_argument(
+        "--all", dest="action", action="store_const", const="all", help="whole messages"
+    )
+    act.add_argument(
+        "--delete",
+        dest="action",
+        action="store_const",
+        const="delete",
+        help="delete the messages chosen with --msg or --uid",
+    )
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--msg", metavar="N,N", help="message numbers, comma-separated")
-    sel.add_argument("--uid", metavar="U,U", help="unique ids, comma-separated (win over --msg)")
+    sel.add_argument("--uid", metavar="U,U", help="unique ids (UIDL), comma-separated")
     p.add_argument("--start-row", type=int, default=1, metavar="N")
     p.add_argument("--max-rows", type=int, metavar="N")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", dest="format", action="store_const", const="json")
-    out.add_argument("--csv", dest="format", action="store_const", const="csv")
+    out.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="rows as JSON"
+    )
+    out.add_argument("--csv", dest="format", action="store_const", const="csv", help="rows as CSV")
     p.add_argument("--attachments", metavar="DIR", help="save attachments here (with --all)")
     p.add_argument("--unique-names", action="store_true", help="never overwrite attachments")
     p.add_argument("--deliver", metavar="maildir:DIR|mbox:FILE", help="store messages locally")
