@@ -186,9 +186,7 @@ def test_quit_without_ok_raises_update_error_and_timeouts() -> None:
         assert info.value.code == "SYS/TEMP"
     finally:
         fake.close()
-    mute = FakeServer(
-        {"CAPA": b"-ERR\r\n", "USER": b"+OK\r\n", "PASS": b"+OK\r\n", "QUIT": b""}
-    )
+    mute = FakeServer({"CAPA": b"-ERR\r\n", "USER": b"+OK\r\n", "PASS": b"+OK\r\n", "QUIT": b""})
     try:
         pop = Client(f"pop://u@127.0.0.1:{mute.port}", password="pw").connect()
         with pytest.raises(UpdateError, match="no reply to QUIT"):
