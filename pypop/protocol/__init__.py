@@ -4,6 +4,7 @@ from pypop.protocol.client import Challenge, ClientConnection, Greeting, Reply
 from pypop.protocol.commands import Command, ParseError, encode_command, parse_command
 from pypop.protocol.events import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
@@ -15,6 +16,7 @@ from pypop.protocol.events import (
     SaslAborted,
     SaslResponse,
     SaslStart,
+    SendData,
     StartTLS,
     Update,
 )
@@ -25,6 +27,7 @@ from pypop.protocol.state import ALLOWED, State
 __all__ = [
     "ALLOWED",
     "NEED_DATA",
+    "SEND_DATA",
     "ApopLogin",
     "Challenge",
     "ClientConnection",
@@ -43,6 +46,7 @@ __all__ = [
     "SaslAborted",
     "SaslResponse",
     "SaslStart",
+    "SendData",
     "ServerConnection",
     "StartTLS",
     "State",
