@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -270,10 +271,12 @@ class AsyncClient:
         targets, result = await self._run(
             _core.select(self.session, messages, uids, start_row, max_rows)
         )
-        out: Result = await self._run(
-            _core.fetch(
-                self.session,
-                targets,
+        fetched = await self._run(_core.fetch(self.session, targets, headers_only=True))
+        # MIME parsing and attachment files are blocking work: not on the event loop.
+        out: Result = await anyio.to_thread.run_sync(
+            functools.partial(
+                _core.make_rows,
+                fetched,
                 result,
                 headers_only=True,
                 attachment_path=None,
@@ -295,10 +298,12 @@ class AsyncClient:
         targets, result = await self._run(
             _core.select(self.session, messages, uids, start_row, max_rows)
         )
-        out: Result = await self._run(
-            _core.fetch(
-                self.session,
-                targets,
+        fetched = await self._run(_core.fetch(self.session, targets, headers_only=False))
+        # MIME parsing and attachment files are blocking work: not on the event loop.
+        out: Result = await anyio.to_thread.run_sync(
+            functools.partial(
+                _core.make_rows,
+                fetched,
                 result,
                 headers_only=False,
                 attachment_path=attachment_path,

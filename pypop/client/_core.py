@@ -556,17 +556,10 @@ def select(
     return targets, result
 
 
-def fetch(
-    session: Session,
-    targets: Sequence[Target],
-    result: Result,
-    *,
-    headers_only: bool,
-    attachment_path: str | Path | None,
-    unique_filenames: bool,
-) -> Op:
-    """Rows for ``targets``: pipelined ``TOP n 0`` (RETR when there is no TOP), or RETR."""
-    from pypop.client.rows import build_row, header_block
+def fetch(session: Session, targets: Sequence[Target], *, headers_only: bool) -> Op:
+    """The messages of ``targets``: pipelined ``TOP n 0`` (RETR when there is no TOP),
+    or RETR. Returns ``[(target, octets or None for -ERR)]``; headers only when asked."""
+    from pypop.client.rows import header_block
 
     use_top = headers_only and session.has_top()
     cmds: list[Command] = [Top(t.number, 0) if use_top else Retr(t.number) for t in targets]
@@ -574,13 +567,31 @@ def fetch(
     if use_top and session.capabilities is None and replies and not replies[0].status.ok:
         replies = yield from session.pipeline([Retr(t.number) for t in targets])
         use_top = False
+    fetched: list[tuple[Target, bytes | None]] = []
     for target, reply in zip(targets, replies, strict=True):
-        if not reply.status.ok:
+        raw = reply.body or b"" if reply.status.ok else None
+        if raw is not None and headers_only and not use_top:
+            raw = header_block(raw)
+        fetched.append((target, raw))
+    return fetched
+
+
+def make_rows(
+    fetched: Sequence[tuple[Target, bytes | None]],
+    result: Result,
+    *,
+    headers_only: bool,
+    attachment_path: str | Path | None,
+    unique_filenames: bool,
+) -> Result:
+    """Parse fetched messages into CFPOP rows, saving attachments. CPU and file work,
+    no network: the async client runs it in a worker thread."""
+    from pypop.client.rows import build_row
+
+    for target, raw in fetched:
+        if raw is None:
             result.unknown_messages.append(target.number)
             continue
-        raw = reply.body or b""
-        if headers_only and not use_top:
-            raw = header_block(raw)
         result.rows.append(
             build_row(
                 target.number,

@@ -284,17 +284,14 @@ class Client:
     ) -> Result:
         """Rows with the header columns, by pipelined ``TOP n 0``."""
         targets, result = self._run(_core.select(self.session, messages, uids, start_row, max_rows))
-        out: Result = self._run(
-            _core.fetch(
-                self.session,
-                targets,
-                result,
-                headers_only=True,
-                attachment_path=None,
-                unique_filenames=False,
-            )
+        fetched = self._run(_core.fetch(self.session, targets, headers_only=True))
+        return _core.make_rows(
+            fetched,
+            result,
+            headers_only=True,
+            attachment_path=None,
+            unique_filenames=False,
         )
-        return out
 
     def get_all(
         self,
@@ -308,17 +305,14 @@ class Client:
     ) -> Result:
         """Whole rows (bodies, attachments saved under ``attachment_path``)."""
         targets, result = self._run(_core.select(self.session, messages, uids, start_row, max_rows))
-        out: Result = self._run(
-            _core.fetch(
-                self.session,
-                targets,
-                result,
-                headers_only=False,
-                attachment_path=attachment_path,
-                unique_filenames=generate_unique_filenames,
-            )
+        fetched = self._run(_core.fetch(self.session, targets, headers_only=False))
+        return _core.make_rows(
+            fetched,
+            result,
+            headers_only=False,
+            attachment_path=attachment_path,
+            unique_filenames=generate_unique_filenames,
         )
-        return out
 
     def delete(
         self,
