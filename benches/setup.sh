@@ -1,15 +1,17 @@
 #!/bin/sh
 # Install what the benchmark suite needs: Dovecot's POP3 service (to compare
-# against), HAProxy (in front of two pypop hosts) and the Python packages in
+# against), mpop (the client benchmark's reference), HAProxy (in front of two pypop
+# hosts: tests/test_haproxy.py, benches/workers_bench.py) and the Python packages in
 # benches/requirements.txt.
 # Run as root (CI and developer machines here are root). Safe to run twice.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    if [ ! -x /usr/lib/dovecot/pop3 ]; then
-        # Keep the package's init script from starting a system-wide Dovecot
-        # (it would listen on every interface); the suite runs its own instances.
+    if [ ! -x /usr/lib/dovecot/pop3 ] || ! command -v mpop >/dev/null 2>&1 ||
+        [ ! -x /usr/sbin/haproxy ]; then
+        # Keep the packages' init scripts from starting a system-wide Dovecot or
+        # HAProxy; the suite runs its own instances.
         created_policy=
         if [ ! -e /usr/sbin/policy-rc.d ]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -18,20 +20,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            dovecot-core dovecot-pop3d
-        if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
-    fi
-    if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
-        # The load balancer of tests/test_haproxy.py and benches/workers_bench.py; its
-        # own service stays down (the tests run their own instances).
-        created_policy=
-        if [ ! -e /usr/sbin/policy-rc.d ]; then
-            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-            chmod 755 /usr/sbin/policy-rc.d
-            created_policy=1
-        fi
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy
+            dovecot-core dovecot-pop3d mpop haproxy
         if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
 else
