@@ -311,3 +311,26 @@ def test_a_second_sigterm_stops_at_once(tmp_path: Path) -> None:
         assert c.file.readline() == b""  # cut, without UPDATE
         c.close()
     assert messages(server.root / "bob") == 1  # nothing deleted
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its new parent counts)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: its workers see the anvil's socket close, refuse
+    new connections, let their sessions finish and exit."""
+    with serve(tmp_path, 2) as server:
+        workers = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", server.text())]
+        assert len(workers) == 2
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while not all(gone(pid) for pid in workers):
+            assert time.monotonic() < deadline, server.text()
+            time.sleep(0.05)
+        assert server.text().count("the supervisor is gone: shutting down") == 2
