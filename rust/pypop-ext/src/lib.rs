@@ -406,7 +406,7 @@ fn make_challenge(host: &str) -> PyResult<String> {
 /// A PROXY header (v1 or v2) at the start of `data`: None while incomplete, else
 /// (length, version, local, source, source_port, destination, destination_port, ssl).
 #[pyfunction]
-#[pyo3(signature = (data, max_len = DEFAULT_PROXY_MAX))]
+#[pyo3(signature = (data, max_len = DEFAULT_PROXY_MAX), text_signature = "(data, max_len=1024)")]
 #[allow(clippy::type_complexity)]
 fn parse_proxy_header<'py>(
     py: Python<'py>,
