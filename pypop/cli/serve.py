@@ -193,6 +193,10 @@ async def _run(cfg: ServerConfig, demo: bool) -> int:
         # Checked (and the server secret created) before any worker starts.
         _default_store(cfg)
         _server_secret(cfg)
+        from pypop.server.logsetup import configure
+
+        # Several processes now write the log: each line says which.
+        configure(cfg.log_target, cfg.log_format, cfg.log_level, with_pid=True)
         return await Supervisor(cfg, count).run()
 
     server = Server(cfg, backend=backend)
@@ -263,9 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 _demo_config(cfg, Path(tmp))
             _apply_flags(args, cfg)
             cfg.validate()
-            configure(
-                cfg.log_target, cfg.log_format, cfg.log_level, with_pid=cfg.worker_count() > 1
-            )
+            configure(cfg.log_target, cfg.log_format, cfg.log_level)
             status = trio.run(_run, cfg, args.demo)
     except BaseException as exc:
         # Errors from inside trio's nurseries arrive wrapped in exception groups;
