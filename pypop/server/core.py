@@ -287,6 +287,8 @@ class Server:
                 # once a minute, not once per attempt.
                 failures += 1
                 refused = self._refuse_with_spare(listener)
+                if refused:
+                    metrics.REFUSED.labels("open_files").inc()
                 now = trio.current_time()
                 if now - last_logged >= ACCEPT_LOG_EVERY:
                     last_logged = now

@@ -18,9 +18,10 @@ Why inherited sockets and not ``SO_REUSEPORT``:
   and only the supervisor needs ``CAP_NET_BIND_SERVICE``; a restarted worker finds
   the sockets as they were, and systemd socket activation would hand over the same.
 
-The cost: every idle worker is woken for each new connection and all but one find
-the queue empty (a "thundering herd" of N cheap ``accept`` calls). At POP3 rates,
-with N = cores, that is noise.
+The classic cost of one shared queue, every idle worker woken for each new connection
+(a "thundering herd"), is avoided: each worker waits for its listeners through a
+private epoll registered with ``EPOLLEXCLUSIVE`` (pypop.server.listeners.Listener,
+``shared=True``), so the kernel wakes one waiting worker per connection.
 
 The supervisor also runs the anvil (pypop.server.anvil: the limits of the whole
 server) and the metrics endpoint, and it:
@@ -340,7 +341,8 @@ async def _worker(config: ServerConfig, sock: socket.socket, hello: dict[str, An
     from pypop.server import Server
 
     listeners = [
-        Listener(socket.socket(fileno=fd), implicit_tls=tls) for fd, tls in hello["listeners"]
+        Listener(socket.socket(fileno=fd), implicit_tls=tls, shared=True)
+        for fd, tls in hello["listeners"]
     ]
     client = AnvilClient(
         sock,
