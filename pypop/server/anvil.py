@@ -131,15 +131,22 @@ class _Channel:
             self._backlog += data[sent:]
             self._wake.set()
 
+    def write_soon(self, data: bytes) -> None:
+        """``write`` for what nobody waits for: sent by the writer task once this
+        tick is over, together with whatever else the worker's sessions said."""
+        if not self.broken:
+            self._backlog += data
+            self._wake.set()
+
     async def writer(self) -> None:
         while not self.broken:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._backlog and not self.broken:
-                await trio.lowlevel.wait_writable(self.sock)
                 try:
                     sent = self.sock.send(self._backlog)
                 except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
                     continue
                 except OSError:
                     self.broken = True
@@ -235,7 +242,8 @@ class AnvilClient:
         pending.event.set()
 
     def _send(self, op: str, key: str, arg: str = "") -> None:
-        self._chan.write(f"{op} 0 {key}{' ' if arg else ''}{arg}\n".encode())
+        # One-way: batched with the other sessions' (one write, one anvil wake-up).
+        self._chan.write_soon(f"{op} 0 {key}{' ' if arg else ''}{arg}\n".encode())
 
     async def _ask(self, op: str, key: str, arg: str = "") -> str | None:
         """The answer, or None if the anvil is gone."""
