@@ -31,7 +31,7 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
-from pypop.backend import Backend, Mailbox
+from pypop.backend import Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
     AuthFailed,
     MailboxLocked,
@@ -57,6 +57,7 @@ from pypop.protocol import (
     Update,
 )
 from pypop.server.listeners import Peer, SocketStream
+from pypop.server.passthrough import Passthrough
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class SessionContext:
     mechanism_cache: dict[tuple[bool, bool, bool], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
+    # The backend itself when it checks credentials (pypop.server.passthrough).
+    passthrough: SelfAuthenticating | None = None
 
 
 class Session:
@@ -138,6 +141,10 @@ class Session:
             self._send_many = stream.send_many
             self._recv_after_reply = stream.receive_after_reply
         self._wire: Callable[[int, int | None], bytes | None] | None = None
+        # A self-authenticating backend checks logins (pypop.server.passthrough).
+        self._passthrough: Passthrough | None = None
+        if ctx.passthrough is not None:
+            self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -156,11 +163,16 @@ class Session:
             # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
             # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
             binding = self.stream.get_channel_binding("tls-unique")
+        store: CredentialStore = self.ctx.store
+        verifier = self.ctx.token_verifier
+        if self._passthrough is not None:
+            store = self._passthrough
+            verifier = self._passthrough if self._passthrough.bearer else None
         return SaslContext(
-            store=self.ctx.store,
+            store=store,
             hostname=self.ctx.hostname,
             tls_active=self.tls,
-            token_verifier=self.ctx.token_verifier,
+            token_verifier=verifier,
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
         )
@@ -247,6 +259,8 @@ class Session:
             self.end = "error"
             raise
         finally:
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -295,7 +309,7 @@ class Session:
             case Retrieve():
                 await self._retrieve(event)
             case PasswordLogin(user=user, password=password):
-                store = self.ctx.store
+                store = self.ctx.store if self._passthrough is None else self._passthrough
                 return await self._login(
                     user, lambda: store.verify_password(user, password), password
                 )
@@ -343,9 +357,14 @@ class Session:
         conn = self.conn
         if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
             # RFC 2449 §8.1.1
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
-            mailbox = await self.ctx.backend.open_mailbox(user)
+            if self._passthrough is not None:
+                mailbox = await self._passthrough.take(user)  # opened by the check
+            else:
+                mailbox = await self.ctx.backend.open_mailbox(user)
         except MailboxLocked:
             return conn.login_failed("IN-USE", Text.IN_USE)
         except AuthFailed:
@@ -385,6 +404,8 @@ class Session:
             self.ctx.penalty.record_success(self.peer.host)
             return await self._open(user)
         if isinstance(event, SaslStart):
+            if self._passthrough is not None:
+                self._passthrough.mechanism = event.mechanism
             mech = create_mechanism(
                 event.mechanism,
                 self._sasl_context(),
