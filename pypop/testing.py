@@ -1,4 +1,5 @@
-"""A conformance kit any backend runs under pytest (with pytest-trio installed).
+"""A conformance kit any backend runs under pytest (``pip install 'pypop3[testing]'``:
+pytest and pytest-trio).
 
 Subclass :class:`BackendConformance` in a test module and give it a ``harness``
 fixture that returns a :class:`Harness` for your backend::
@@ -20,7 +21,8 @@ The kit checks the contract in ``pypop.backend`` directly and through a real pyp
 server on 127.0.0.1 with the standard library's ``poplib`` as the client: UIDLs stable
 across sessions, LIST sizes equal to what RETR delivers, RSET, a dropped connection
 deleting nothing, QUIT deleting exactly the marked messages, the exclusive lock
-([IN-USE]), snapshots, and concurrent sessions of different users.
+([IN-USE]), snapshots, concurrent sessions of different users, and user names that
+try to reach another maildrop (``../bob``, ``a/b``, NUL, very long).
 
 A backend that authenticates itself (:class:`pypop.backend.SelfAuthenticating`, e.g.
 a passthrough to another server) runs the same tests, opened with
@@ -36,6 +38,7 @@ that would need the stored secret (APOP, CRAM-MD5, SCRAM). Its harness may give:
 from __future__ import annotations
 
 import base64
+import importlib.util
 import poplib
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +47,14 @@ from typing import Protocol, TypeVar
 
 import pytest
 import trio
+
+# Without pytest-trio every kit test would fail with pytest's advice to install some
+# other async plugin; say what is missing instead.
+if importlib.util.find_spec("pytest_trio") is None:  # pragma: no cover
+    raise ImportError(
+        "pypop.testing runs its tests with pytest-trio, which is not installed: "
+        "pip install 'pypop3[testing]' (or pytest-trio)"
+    )
 
 from pypop.auth import MemoryCredentialStore
 from pypop.backend import (
@@ -56,10 +67,18 @@ from pypop.backend import (
     is_valid_uid,
 )
 from pypop.config import ServerConfig
+from pypop.errors import PermanentFailure, TemporaryFailure
 from pypop.server import Server, serve
 from pypop.wire import wire_size
 
-__all__ = ["HARD_MESSAGES", "PASSWORD", "BackendConformance", "Harness", "expected_retr"]
+__all__ = [
+    "HARD_MESSAGES",
+    "HOSTILE_USERS",
+    "PASSWORD",
+    "BackendConformance",
+    "Harness",
+    "expected_retr",
+]
 
 T = TypeVar("T")
 
@@ -94,6 +113,32 @@ HARD_MESSAGES: dict[str, bytes] = {
     + b"\r\n"
     + b".dot\r\n",
 }
+
+
+# User names that try to reach another user's maildrop or the file system. The
+# protocol refuses control characters in USER, but SASL and a backend's own callers
+# can pass anything, so the backend must hold on its own.
+HOSTILE_USERS: tuple[str, ...] = (
+    "../bob",
+    "../../bob",
+    "bob/..",
+    "./bob",
+    "a/../bob",
+    "/bob",
+    "bob/",
+    "a/b",
+    "a\\..\\bob",
+    ".",
+    "..",
+    "",
+    "bob\0",
+    "bob\x00../x",
+    "bob\n",
+    "bob\r",
+    "%2e%2e/bob",
+    "\u2025/bob",  # a one-character ".." look-alike
+    "x" * 10_000,
+)
 
 
 def expected_retr(message: bytes) -> bytes:
@@ -252,6 +297,33 @@ class BackendConformance:
         box = await self._open(backend, self.alice)
         assert len(box.messages) == 2
         await box.aclose()
+        await backend.aclose()
+
+    async def test_hostile_user_names_never_reach_another_maildrop(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        secret = b"Subject: for bob only\r\n\r\nsecret\r\n"
+        await harness.deliver(backend, self.bob, secret)
+        for name in HOSTILE_USERS:
+            try:
+                if isinstance(backend, SelfAuthenticating):
+                    # With bob's password, as an attacker who knows it would try.
+                    credentials = Credentials(name, self._passwords[self.bob])
+                    box = await backend.authenticate(credentials)
+                else:
+                    box = await backend.open_mailbox(name)
+            except (AuthFailed, PermanentFailure, TemporaryFailure):
+                continue  # refused: the server answers -ERR, and that is all
+            try:
+                for i in range(len(box.messages)):
+                    data = b"".join([b async for b in box.retrieve(i)])
+                    assert data != secret, f"user name {name[:40]!r} reached bob's maildrop"
+            finally:
+                await box.commit([])
+        box = await self._open(backend, self.bob)  # bob's maildrop is whole and unlocked
+        try:
+            assert len(box.messages) == 1
+        finally:
+            await box.aclose()
         await backend.aclose()
 
     # -- through a real server --
