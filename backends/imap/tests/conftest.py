@@ -94,13 +94,20 @@ def dovecot(
 ) -> Dovecot:
     """The Dovecot most tests share (each test makes its own users)."""
     _need_dovecot()
-    d = Dovecot(_workdir(), masters=dict([MASTER]), cert=(certs["cert"], certs["key"]))
+    d = Dovecot(
+        _workdir(), users=pool_users(), masters=dict([MASTER]), cert=(certs["cert"], certs["key"])
+    )
     _dovecots.append(d)
     d.start()
     return d
 
 
 _names = itertools.count(1)
+POOL = 600  # users made in advance: Dovecot may not notice a passwd-file changed in the same second
+
+
+def pool_users() -> dict[str, str]:
+    return {f"user{n}": f"pw-{n} with spaces" for n in range(1, POOL + 1)}
 
 
 @pytest.fixture
@@ -108,10 +115,8 @@ def new_user(dovecot: Dovecot) -> Callable[[], tuple[str, str]]:
     """A user of the shared Dovecot that no other test touches: (name, password)."""
 
     def make() -> tuple[str, str]:
-        n = next(_names)
-        user, password = f"user{n}-{os.getpid()}", f"pw-{n} with spaces"
-        dovecot.add_user(user, password)
-        return user, password
+        user = f"user{next(_names)}"
+        return user, dovecot.users[user]
 
     return make
 

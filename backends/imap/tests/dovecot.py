@@ -68,6 +68,7 @@ class Dovecot:
         capabilities: str | None = None,
         oauth_url: str | None = None,
         cert: tuple[Path, Path] | None = None,
+        pop3_uidl_format: str | None = None,
     ) -> None:
         self.dir = workdir
         self.users = dict(users or {})
@@ -75,6 +76,7 @@ class Dovecot:
         self.capabilities = capabilities
         self.oauth_url = oauth_url
         self.cert = cert
+        self.pop3_uidl_format = pop3_uidl_format
         self.imap_port = 0
         self.imaps_port = 0
         self.pop3_port = 0
@@ -122,6 +124,8 @@ class Dovecot:
 }}
 """
         caps = f"imap_capability = {self.capabilities}\n" if self.capabilities else ""
+        if self.pop3_uidl_format:
+            caps += f"pop3_uidl_format = {self.pop3_uidl_format}\n"
         return f"""# Throwaway Dovecot config written by the pypop3-imap tests.
 base_dir = {d}/run
 state_dir = {d}/state
@@ -137,6 +141,9 @@ mail_gid = {self.gid}
 first_valid_uid = 1
 first_valid_gid = 1
 disable_plaintext_auth = no
+# pypop connects from 127.0.0.1 for every user: trusted, Dovecot takes the client's
+# address from ID x-originating-ip and applies its login penalty to that, not to us.
+login_trusted_networks = 127.0.0.0/8
 auth_mechanisms = {mechanisms}
 auth_master_user_separator = *
 auth_failure_delay = 0
@@ -158,6 +165,13 @@ passdb {{
 {oauth}userdb {{
   driver = static
   args = uid={self.uid} gid={self.gid} home={d}/mail/%u
+}}
+# Every test logs in from 127.0.0.1; failures in one must not slow the next down
+# (pypop applies its own penalty per real client).
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service imap-login {{
   inet_listener imap {{

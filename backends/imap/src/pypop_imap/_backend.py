@@ -63,6 +63,9 @@ client within this window is not seen, as if it came after the RETR)."""
 TOP_FIRST: Final = 4096
 TOP_MAX_STEP: Final = 1024 * 1024
 
+MAX_NAME: Final = 255
+MAX_SECRET: Final = 16384
+
 # Response codes of a refused login that mean "try later" (RFC 5530).
 _TEMPORARY_CODES: Final = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"LIMIT", b"INUSE"})
 
@@ -195,6 +198,10 @@ class ImapBackend:
             raise PermanentFailure("the imap backend needs master_user to open a maildrop")
         master, password = settings.master_user, settings.master_password
         separator = settings.master_separator
+        try:
+            self._check(user, None)
+        except AuthFailed:
+            raise PermanentFailure("a user name the upstream cannot take") from None
 
         async def login(conn: ImapConnection) -> None:
             if separator:
@@ -209,6 +216,21 @@ class ImapBackend:
         await self._pool.aclose()
 
     # -- opening --
+
+    def _check(self, user: str, secret: str | None) -> None:
+        """Refuse what cannot be passed on safely: a NUL would split a SASL PLAIN
+        message differently upstream; control characters, huge names."""
+        if (
+            not user
+            or len(user.encode("utf-8", "surrogatepass")) > MAX_NAME
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user)
+            or (self.settings.master_separator and self.settings.master_separator in user)
+        ):
+            raise AuthFailed("unusable user name")
+        if secret is not None and (
+            not secret or len(secret) > MAX_SECRET or any(c in secret for c in "\0\r\n")
+        ):
+            raise AuthFailed("unusable secret")
 
     def lock_key(self, user: str) -> str:
         """The maildrop lock's key: upstream, mailbox and user (case-folded: servers
@@ -361,6 +383,7 @@ class ImapPassthroughBackend(ImapBackend):
 
     async def authenticate(self, credentials: Credentials) -> ImapMailbox:
         user, secret = credentials.user, credentials.secret
+        self._check(user, secret)
         if credentials.kind == "bearer":
             mechanism = "OAUTHBEARER" if credentials.mechanism == "OAUTHBEARER" else "XOAUTH2"
 
