@@ -484,8 +484,8 @@ class Session:
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
-            except Exception:
-                log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
+            except Exception as exc:
+                _backend_failed(exc, "backend failed to read message %d of %s", event, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None
@@ -500,9 +500,9 @@ class Session:
                     block = await anext(blocks, None)
             except _SessionEnd:
                 raise
-            except Exception:
-                log.exception(
-                    "backend failed while streaming message %d of %s", event.index + 1, self.user
+            except Exception as exc:
+                _backend_failed(
+                    exc, "backend failed while streaming message %d of %s", event, self.user
                 )
                 # Earlier replies still go out; the cut message has no terminator, so the
                 # client sees a broken transfer, never a short message.
@@ -544,3 +544,12 @@ class Session:
                 except Exception:
                     log.exception("backend failed to release %s's maildrop", self.user)
         return self.conn.update_finished(failed)
+
+
+def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
+    """A TemporaryFailure is the backend's own report (an upstream is down): one line.
+    Anything else is a bug: with its traceback."""
+    if isinstance(exc, TemporaryFailure):
+        log.warning(what + ": %s", event.index + 1, user, exc)
+    else:
+        log.exception(what, event.index + 1, user)

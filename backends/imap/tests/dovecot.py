@@ -318,12 +318,12 @@ service pop3-login {{
             raise RuntimeError(f"doveadm save failed: {done.stderr.decode(errors='replace')}")
 
     @contextlib.contextmanager
-    def imap(self, user: str) -> Iterator[imaplib.IMAP4]:
+    def imap(self, user: str, *, readonly: bool = False) -> Iterator[imaplib.IMAP4]:
         """Another IMAP client (stdlib imaplib), logged in and with INBOX selected."""
         client = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=30)
         try:
             client.login(user, self.users[user])
-            client.select("INBOX")
+            client.select("INBOX", readonly=readonly)
             yield client
         finally:
             with contextlib.suppress(Exception):
@@ -336,12 +336,13 @@ service pop3-login {{
             client.expunge()
 
     def uids(self, user: str) -> list[int]:
-        with self.imap(user) as client:
+        with self.imap(user, readonly=True) as client:
             _, data = client.uid("SEARCH", "ALL")
         return [int(x) for x in data[0].split()]
 
     def flags(self, user: str) -> dict[int, str]:
-        with self.imap(user) as client:
+        """UID -> flags (without \\Recent, a session flag), read-only."""
+        with self.imap(user, readonly=True) as client:
             _, data = client.uid("FETCH", "1:*", "(FLAGS)")
         out: dict[int, str] = {}
         for item in data:
@@ -349,5 +350,6 @@ service pop3-login {{
                 continue
             text = item.decode()
             uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
-            out[uid] = text.split("FLAGS (")[1].split(")")[0]
+            flags = text.split("FLAGS (")[1].split(")")[0].split()
+            out[uid] = " ".join(f for f in flags if f != "\\Recent")
         return out
