@@ -33,8 +33,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benches.fixtures import Fixture, UserSet  # noqa: E402
-from benches.servers import DovecotServer, ServerError, dovecot_available, make_cert  # noqa: E402
+from benches.fixtures import Fixture, UserSet
+from benches.servers import DovecotServer, ServerError, dovecot_available, make_cert
 
 Session = Callable[[int, str, str], Awaitable[int]]
 

@@ -140,13 +140,13 @@ BackendMaker = Callable[..., ImapBackend]
 
 
 @pytest.fixture
-def make_backend(
-    dovecot: Dovecot, certs: dict[str, Path], tmp_path: Path
-) -> BackendMaker:
+def make_backend(dovecot: Dovecot, certs: dict[str, Path], tmp_path: Path) -> BackendMaker:
     """``make_backend(**options)``: an imap backend in front of the shared Dovecot;
     ``master=True`` adds the master user (a password file in tmp_path)."""
 
-    def make(*, target: Dovecot | None = None, master: bool = False, **overrides: object) -> ImapBackend:
+    def make(
+        *, target: Dovecot | None = None, master: bool = False, **overrides: object
+    ) -> ImapBackend:
         d = target or dovecot
         if master:
             path = tmp_path / "master-password"

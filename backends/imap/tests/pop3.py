@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-
 from pypop.backend import Backend
 from pypop.config import ServerConfig
 from pypop.server import Server, serve
@@ -104,7 +103,9 @@ class Transcript:
     top: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
 
-def transcript(port: int, user: str, password: str, tops: tuple[int, ...] = (0, 1, 3)) -> Transcript:
+def transcript(
+    port: int, user: str, password: str, tops: tuple[int, ...] = (0, 1, 3)
+) -> Transcript:
     """STAT, LIST, UIDL, then RETR and TOP of every message, then QUIT (nothing marked)."""
     c = Raw(port)
     try:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import pytest
 import trio
-
 from pypop.backend import Backend
 from pypop.testing import BackendConformance
 from pypop.wire import wire_size

@@ -11,13 +11,11 @@ import os
 import poplib
 import shutil
 import ssl
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-
 from pypop.auth import MemoryCredentialStore
 from pypop.backend import AuthFailed, Credentials
 from pypop.config import ServerConfig
@@ -25,7 +23,6 @@ from pypop.server import Server, serve
 from pypop.wire import apop_digest
 
 from pypop_imap import ImapPassthroughBackend, create
-
 from tests.conftest import BackendMaker, backend_options, pool_users
 from tests.dovecot import Dovecot
 from tests.pop3 import Raw, pypop
@@ -312,16 +309,16 @@ async def test_uidvalidity_change_is_logged_and_changes_uidls(
 ) -> None:
     user, password = new_user()
     doveadm = ["doveadm", "-c", str(dovecot.conf)]
-    subprocess.run([*doveadm, "mailbox", "create", "-u", user, "Work"], check=True)
+    await trio.run_process([*doveadm, "mailbox", "create", "-u", user, "Work"])
     dovecot.deliver(user, b"Subject: w\r\n\r\nw\r\n", mailbox="Work")
     backend = make_backend(mailbox="Work", reuse_idle=0)
     assert isinstance(backend, ImapPassthroughBackend)
     box = await backend.authenticate(Credentials(user, password))
     before = [m.uid for m in box.messages]
     await box.aclose()
-    subprocess.run([*doveadm, "mailbox", "delete", "-u", user, "Work"], check=True)
+    await trio.run_process([*doveadm, "mailbox", "delete", "-u", user, "Work"])
     await trio.sleep(1.1)  # UIDVALIDITY is a time stamp in Dovecot
-    subprocess.run([*doveadm, "mailbox", "create", "-u", user, "Work"], check=True)
+    await trio.run_process([*doveadm, "mailbox", "create", "-u", user, "Work"])
     dovecot.deliver(user, b"Subject: w\r\n\r\nw\r\n", mailbox="Work")
     with caplog.at_level(logging.WARNING, logger="pypop.imap"):
         box = await backend.authenticate(Credentials(user, password))

@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from pypop_imap import create
-
 from tests.conftest import BackendMaker, backend_options, pool_users
 from tests.dovecot import Dovecot
 from tests.pop3 import Raw, pypop
@@ -68,7 +67,8 @@ async def test_upstream_killed_mid_retr(
                 return status, got + rest
 
         status, data = await trio.to_thread.run_sync(retr_then_kill)
-    assert status.startswith(b"+OK ") and status.endswith(b" octets\r\n")
+    assert status.startswith(b"+OK ")
+    assert status.endswith(b" octets\r\n")
     # The session ended; the cut message has no terminator (never a short message).
     assert not data.endswith(b"\r\n.\r\n")
     assert len(data) < size
@@ -165,7 +165,7 @@ async def test_wrong_password_upstream_is_auth_with_the_penalty(
     new_user: NewUser,
     make_backend: BackendMaker,
 ) -> None:
-    user, password = new_user()
+    user, _password = new_user()
     backend = make_backend()
     async with pypop(backend, auth_failure_delay=0.3, auth_penalty_max=4.0) as server:
         port = server.addresses[0][1]
