@@ -325,16 +325,15 @@ class ImapBackend:
     async def _snapshot(
         self, conn: ImapConnection, user: str
     ) -> tuple[list[MessageInfo], list[int], int]:
-        selected = await conn.select(
-            self.settings.mailbox_arg, read_only=not self.settings.mark_seen
+        guid = self.settings.uidl.needs_guid
+        selected, rows, expunged = await conn.open_snapshot(
+            self.settings.mailbox_arg, read_only=not self.settings.mark_seen, guid=guid
         )
         self._note_validity(user, selected.uidvalidity)
-        rows: list[tuple[int, int, str]] = []
-        if selected.exists:
-            for _ in range(3):
-                rows, expunged = await conn.sizes(guid=self.settings.uidl.needs_guid)
-                if not expunged:
-                    break
+        for _ in range(3):
+            if not expunged:
+                break
+            rows, expunged = await conn.sizes(guid=guid)  # changed meanwhile: again
         uidl, validity = self.settings.uidl, selected.uidvalidity
         try:
             messages = [MessageInfo(size, uidl(uid, validity, guid)) for uid, size, guid in rows]

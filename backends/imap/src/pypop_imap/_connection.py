@@ -382,6 +382,32 @@ class ImapConnection:
         """EXAMINE (read-only: nothing changes upstream) or SELECT."""
         verb = b"EXAMINE " if read_only else b"SELECT "
         _, got = await self._run(verb + mailbox, verb.decode().strip())
+        return self._selected(got, read_only)
+
+    async def open_snapshot(
+        self, mailbox: bytes, *, read_only: bool, guid: bool = False
+    ) -> tuple[Selected, list[tuple[int, int, str]], int]:
+        """EXAMINE/SELECT and the sizes, both commands in one write (one round trip)."""
+        if self.broken:
+            raise UpstreamError("the connection is broken")
+        verb = b"EXAMINE " if read_only else b"SELECT "
+        select_tag, fetch_tag = self._next_tag(), self._next_tag()
+        await self._send(
+            select_tag + b" " + verb + mailbox + b"\r\n" + fetch_tag + b" " + _sizes(guid) + b"\r\n"
+        )
+        try:
+            _, got = await self._until_tagged(select_tag, verb.decode().strip())
+        except CommandFailed:
+            # The FETCH fails too (no mailbox selected): read its reply, then report.
+            with contextlib.suppress(CommandFailed):
+                await self._until_tagged(fetch_tag, "UID FETCH")
+            raise
+        selected = self._selected(got, read_only)
+        _, fetched = await self._until_tagged(fetch_tag, "UID FETCH")
+        rows = self._rows(fetched, guid)
+        return selected, rows, fetched.expunged
+
+    def _selected(self, got: _Collected, read_only: bool) -> Selected:
         if got.uidvalidity is None:
             raise UpstreamError(f"{_where(self.endpoint)} gave no UIDVALIDITY")
         selected = Selected(got.uidvalidity, got.exists or 0, read_only)
@@ -394,8 +420,10 @@ class ImapConnection:
         """``(uid, RFC822.SIZE, guid)`` of every message in mailbox order (``guid`` is
         Dovecot's ``X-GUID`` if asked for, else ""), and the number of EXPUNGE
         responses seen meanwhile (the caller asks again if it is not 0)."""
-        items = b"(UID RFC822.SIZE X-GUID)" if guid else b"(UID RFC822.SIZE)"
-        _, got = await self._run(b"UID FETCH 1:* " + items, "UID FETCH")
+        _, got = await self._run(_sizes(guid), "UID FETCH")
+        return self._rows(got, guid), got.expunged
+
+    def _rows(self, got: _Collected, guid: bool) -> list[tuple[int, int, str]]:
         out: list[tuple[int, int, str]] = []
         for f in got.fetches:
             uid, size = f.items.get(b"UID"), f.items.get(b"RFC822.SIZE")
@@ -407,7 +435,7 @@ class ImapConnection:
             elif b"RFC822.SIZE" in f.items or (uid is not None and not isinstance(uid, int)):
                 raise UpstreamError(f"{_where(self.endpoint)} sent a malformed FETCH")
         out.sort()  # UIDs ascend with sequence numbers (RFC 3501 §2.3.1.1)
-        return out, got.expunged
+        return out
 
     async def bodies(self, uids: Sequence[int], section: bytes) -> dict[int, bytes]:
         """Small messages' ``section`` (e.g. ``BODY.PEEK[]``) in one command."""
@@ -542,6 +570,10 @@ async def _tls(tcp: trio.SocketStream, endpoint: Endpoint) -> trio.SSLStream[tri
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
         raise UpstreamError(f"TLS with {_where(endpoint)} failed: {_why(cause)}") from None
     return stream
+
+
+def _sizes(guid: bool) -> bytes:
+    return b"UID FETCH 1:* (UID RFC822.SIZE X-GUID)" if guid else b"UID FETCH 1:* (UID RFC822.SIZE)"
 
 
 def _response_name(section: bytes) -> bytes:

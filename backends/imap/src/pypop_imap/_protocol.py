@@ -173,19 +173,34 @@ class ResponseParser:
         self._literal_parts: list[bytes] = []
         self._literal_size = 0
         self._started: LiteralStart | None = None
+        # Streaming a large literal, data that arrives while nothing else is buffered
+        # is handed out as it is (no copy into the buffer and out again).
+        self._direct: bytes | None = None
 
     # -- input --
 
     def feed(self, data: bytes | bytearray) -> None:
-        if data:
-            if self._pos > 65536 and self._pos * 2 > len(self._buf):
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
+        if not data:
+            return
+        if self._direct is not None:
+            self._buf += self._direct
+            self._direct = None
+        if (
+            self._literal_stream
+            and self._started is None
+            and self._pos == len(self._buf)
+            and isinstance(data, bytes)
+        ):
+            self._direct = data
+            return
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + (len(self._direct) if self._direct else 0)
 
     def next_event(self) -> Event:
         if self._broken is not None:
@@ -241,6 +256,19 @@ class ResponseParser:
             if self._started is not None:
                 started, self._started = self._started, None
                 return started
+            direct = self._direct
+            if direct is not None:
+                self._direct = None
+                if len(direct) <= self._literal_left:
+                    self._literal_left -= len(direct)
+                    return LiteralChunk(direct)
+                # The literal ends inside: the rest is the next line.
+                chunk, rest = direct[: self._literal_left], direct[self._literal_left :]
+                self._literal_left = 0
+                del self._buf[: self._pos]
+                self._pos = 0
+                self._buf += rest
+                return LiteralChunk(chunk)
             if take == 0 and self._literal_left > 0:
                 return NEED_DATA
             if take:
