@@ -33,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benches import loadgen  # noqa: E402
-from benches.fixtures import Fixture, UserSet  # noqa: E402
-from benches.servers import (  # noqa: E402
+from benches import loadgen
+from benches.fixtures import Fixture, UserSet
+from benches.servers import (
     REPO,
     DovecotServer,
     PypopServer,

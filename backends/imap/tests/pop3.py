@@ -49,8 +49,11 @@ async def pypop(
 class Raw:
     """A blocking POP3 client that keeps every octet of each reply."""
 
-    def __init__(self, port: int, *, tls: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    def __init__(
+        self, port: int, *, tls: ssl.SSLContext | None = None, source: str | None = None
+    ) -> None:
+        where = (source, 0) if source else None
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=where)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock

@@ -388,3 +388,27 @@ async def test_lock_is_per_upstream_user_whatever_the_case(
         await backend.authenticate(Credentials(user.upper(), password))
     await box.aclose()
     await backend.aclose()
+
+
+async def test_client_address_goes_upstream_in_id(
+    dovecot: Dovecot, new_user: NewUser, make_backend: BackendMaker
+) -> None:
+    # Dovecot (login_trusted_networks) logs, and penalises, the real client.
+    user, password = new_user()
+    backend = make_backend(reuse_idle=0)
+    async with pypop(backend) as server:
+
+        def login_from(source: str) -> bytes:
+            c = Raw(server.addresses[0][1], source=source)
+            try:
+                return c.login(user, password)
+            finally:
+                c.close()
+
+        assert (await trio.to_thread.run_sync(login_from, "127.0.0.2")).startswith(b"+OK")
+    for _ in range(50):
+        if f"user=<{user}>, method=PLAIN, rip=127.0.0.2" in dovecot.log:
+            break
+        await trio.sleep(0.05)
+    assert f"user=<{user}>, method=PLAIN, rip=127.0.0.2" in dovecot.log
+    await backend.aclose()

@@ -381,12 +381,14 @@ class ImapPassthroughBackend(ImapBackend):
         raise PermanentFailure("the imap backend without master_user needs the user's password")
 
     async def authenticate(self, credentials: Credentials) -> ImapMailbox:
-        user, secret = credentials.user, credentials.secret
+        user, secret, client = credentials.user, credentials.secret, credentials.client
         self._check(user, secret)
         if credentials.kind == "bearer":
             mechanism = "OAUTHBEARER" if credentials.mechanism == "OAUTHBEARER" else "XOAUTH2"
 
             async def login(conn: ImapConnection) -> None:
+                if client and self.settings.forward_client:
+                    await conn.send_id(client)
                 offered = [
                     m
                     for m in ("XOAUTH2", "OAUTHBEARER")
@@ -403,6 +405,8 @@ class ImapPassthroughBackend(ImapBackend):
         else:
 
             async def login(conn: ImapConnection) -> None:
+                if client and self.settings.forward_client:
+                    await conn.send_id(client)
                 await conn.authenticate_plain(user, secret)
 
         return await self._open(user, login, self._digest(credentials))

@@ -30,6 +30,7 @@ class ImapSettings:
     master_password: str | None
     master_separator: str
     mark_seen: bool
+    forward_client: bool
     reuse_idle: float
     reuse_max_age: float
     reuse_max: int
@@ -123,6 +124,7 @@ def parse_options(options: Mapping[str, object]) -> ImapSettings:
             f"auth_master_user_separator, e.g. '*'), got {separator!r}"
         )
     mark_seen = opts.flag("mark_seen", False)
+    forward_client = opts.flag("forward_client", True)
     reuse_idle = opts.number("reuse_idle", 30.0, minimum=0, maximum=1800)
     reuse_max_age = opts.number("reuse_max_age", 300.0, minimum=0, maximum=86400)
     reuse_max = opts.integer("reuse_max", 256, minimum=0, maximum=100000)
@@ -152,6 +154,7 @@ def parse_options(options: Mapping[str, object]) -> ImapSettings:
         master_password=master_password,
         master_separator=separator,
         mark_seen=mark_seen,
+        forward_client=forward_client,
         reuse_idle=reuse_idle,
         reuse_max_age=reuse_max_age,
         reuse_max=reuse_max,

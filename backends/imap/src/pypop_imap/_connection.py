@@ -34,6 +34,7 @@ from pypop_imap._protocol import (
     ResponseParser,
     Status,
     encode_astring,
+    quote,
 )
 
 __all__ = [
@@ -296,6 +297,16 @@ class ImapConnection:
             )
 
     # -- authentication --
+
+    async def send_id(self, client: str) -> None:
+        """RFC 2971 ID with the client's address (Dovecot takes ``x-originating-ip``
+        from hosts in its login_trusted_networks: its logs and login penalty then see
+        the real client). Not waited for: the next command follows in the same flight,
+        and its reply is read with the next command's."""
+        address = quote(client.encode("ascii", "replace"))
+        if b"ID" not in self.capabilities or address is None or self.broken:
+            return
+        await self._send(self._next_tag() + b' ID ("x-originating-ip" ' + address + b")\r\n")
 
     async def authenticate_plain(self, authcid: str, password: str, authzid: str = "") -> None:
         """Log in with SASL PLAIN (RFC 4616), or LOGIN where PLAIN is not offered.
