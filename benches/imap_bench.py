@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             for srv in servers:
                 if srv is not dovecot:
                     srv.start()
+                    # Through IMAP once too: Dovecot adds the fields IMAP asks for to
+                    # its cache files on first use, which must not fall into a run.
+                    warm_up(binary, srv, fx)
                 try:
                     for key_, scenario, user_set, clients, metric, _ in SCENARIOS:
                         for _k in range(repeats):
