@@ -19,7 +19,8 @@ fixture that returns a :class:`Harness` for your backend::
 
 The kit checks the contract in ``pypop.backend`` directly and through a real pypop
 server on 127.0.0.1 with the standard library's ``poplib`` as the client: UIDLs stable
-across sessions, LIST sizes equal to what RETR delivers, RSET, a dropped connection
+across sessions, exact LIST and STAT sizes (:data:`HARD_SIZES`; RETR delivers them, plus
+the CRLF added to a last line that has none), RSET, a dropped connection
 deleting nothing, QUIT deleting exactly the marked messages, the exclusive lock
 ([IN-USE]), snapshots, concurrent sessions of different users, and user names that
 try to reach another maildrop (``../bob``, ``a/b``, NUL, very long).
@@ -73,11 +74,13 @@ from pypop.wire import wire_size
 
 __all__ = [
     "HARD_MESSAGES",
+    "HARD_SIZES",
     "HOSTILE_USERS",
     "PASSWORD",
     "BackendConformance",
     "Harness",
     "expected_retr",
+    "expected_size",
 ]
 
 T = TypeVar("T")
@@ -104,6 +107,7 @@ HARD_MESSAGES: dict[str, bytes] = {
     "leading-dots": b"Subject: dots\r\n\r\n.one dot\r\n..two dots\r\n.\r\nafter\r\n",
     "just-dot": b".",
     "no-final-newline": b"Subject: nofinal\r\n\r\nlast line",
+    "lf-no-final-newline": b"Subject: lf nofinal\n\nline one\nlast line",
     "eight-bit": "Subject: caf\u00e9\r\n\r\nna\u00efve \u00fcber\r\n".encode(),
     "folded-header": b"Subject: a\r\n folded\r\n\tsubject\r\nTo: x\r\n\r\nbody\r\n",
     # A "." line that starts exactly at the 64 KiB block boundary.
@@ -113,6 +117,26 @@ HARD_MESSAGES: dict[str, bytes] = {
     + b"\r\n"
     + b".dot\r\n",
 }
+
+
+# Their POP3 sizes (LIST, STAT), written out: line ends counted as CRLF, and nothing for
+# the CRLF the server adds before the terminator to a message without a final line end
+# (as Dovecot and IMAP's RFC822.SIZE count). RETR then delivers 2 octets more.
+HARD_SIZES: dict[str, int] = {
+    "lf-only": 35,
+    "leading-dots": 49,
+    "just-dot": 1,
+    "no-final-newline": 29,
+    "lf-no-final-newline": 42,
+    "eight-bit": 32,
+    "folded-header": 46,
+    "dot-at-64k": 65542,
+}
+
+
+def expected_size(message: bytes) -> int:
+    """The POP3 size of a stored message: line ends made CRLF, no final CRLF added."""
+    return len(message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"))
 
 
 # User names that try to reach another user's maildrop or the file system. The
@@ -266,9 +290,11 @@ class BackendConformance:
             await harness.deliver(backend, self.alice, msg)
         box = await self._open(backend, self.alice)
         try:
-            for i, info in enumerate(box.messages):
+            assert len(box.messages) == len(HARD_MESSAGES)
+            for i, (name, info) in enumerate(zip(HARD_MESSAGES, box.messages, strict=True)):
                 data = b"".join([b async for b in box.retrieve(i)])
-                assert wire_size(data) == info.size
+                assert (name, info.size) == (name, HARD_SIZES[name])
+                assert (name, wire_size(data)) == (name, info.size)
         finally:
             await box.aclose()
         await backend.aclose()
@@ -333,16 +359,21 @@ class BackendConformance:
         for msg in HARD_MESSAGES.values():
             await harness.deliver(backend, self.alice, msg)
 
-        def fetch(pop: poplib.POP3) -> list[tuple[int, bytes]]:
+        def fetch(pop: poplib.POP3) -> tuple[tuple[int, int], list[tuple[int, bytes]]]:
             sizes = [int(x.split()[1]) for x in pop.list()[1]]
-            return [(s, _retr_bytes(pop.retr(i + 1)[1])) for i, s in enumerate(sizes)]
+            listed = [(s, _retr_bytes(pop.retr(i + 1)[1])) for i, s in enumerate(sizes)]
+            return pop.stat(), listed
 
         async with self._server(backend) as server:
-            got = await self._client(server, self.alice, fetch)
+            stat, got = await self._client(server, self.alice, fetch)
+        assert stat == (len(HARD_MESSAGES), sum(HARD_SIZES.values()))
         assert len(got) == len(HARD_MESSAGES)
-        for (size, data), msg in zip(got, HARD_MESSAGES.values(), strict=True):
-            assert data == expected_retr(msg)
-            assert size == len(data)
+        for (size, data), (name, msg) in zip(got, HARD_MESSAGES.items(), strict=True):
+            assert (name, data) == (name, expected_retr(msg))
+            assert (name, size) == (name, HARD_SIZES[name])
+            # RETR gives the listed size, plus the CRLF added to a last line without one.
+            closing = 0 if msg.endswith((b"\n", b"\r")) or not msg else 2
+            assert (name, len(data)) == (name, size + closing)
 
     async def test_top_returns_headers_and_n_lines(self, harness: Harness) -> None:
         backend = harness.make_backend()

@@ -36,6 +36,7 @@ class Passthrough:
         self._backend = backend
         self._client = client
         self._pending: tuple[str, Mailbox | MailboxLocked | PermanentFailure] | None = None
+        self._credentials: Credentials | None = None  # to open again while a lock is held
         self.mechanism = "USER"
         """Set by the session before each check: how the credentials came (for logs)."""
 
@@ -62,6 +63,7 @@ class Passthrough:
             mailbox = await self._backend.authenticate(credentials)
         except AuthFailed:
             return False
+        self._credentials = credentials
         except (MailboxLocked, PermanentFailure) as exc:
             # The credentials were right; the maildrop cannot be had. The session
             # gives the matching reply when it takes it.
@@ -70,6 +72,22 @@ class Passthrough:
         # TemporaryFailure goes up: the session replies [SYS/TEMP].
         self._pending = (user, mailbox)
         return True
+
+    # The session opens the maildrop through pypop.server.logins.MaildropHolders, which
+    # retries while another session of this server holds the lock: the first try
+    # takes what the check opened, later ones check the same credentials again.
+    async def open_mailbox(self, user: str) -> Mailbox:
+        if self._pending is not None:
+            return await self.take(user)
+        credentials = self._credentials
+        if credentials is None or credentials.user != user:
+            raise AuthFailed("no passthrough login for this user")
+        mailbox = await self._backend.authenticate(credentials)
+        self._credentials = None
+        return mailbox
+
+    async def aclose(self) -> None:
+        self._credentials = None
 
     async def take(self, user: str) -> Mailbox:
         """The mailbox the last successful check opened for ``user`` (or its failure)."""
@@ -81,12 +99,14 @@ class Passthrough:
         result = pending[1]
         if isinstance(result, MailboxLocked | PermanentFailure):
             raise result
+        self._credentials = None
         return result
 
     async def discard(self) -> None:
         """Close a mailbox that was opened but not taken (a refused login, a dropped
         session); nothing is removed."""
         pending, self._pending = self._pending, None
+        self._credentials = None
         if pending is not None and not isinstance(pending[1], BaseException):
             await _close(pending[1])
 
