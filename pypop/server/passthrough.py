@@ -63,14 +63,15 @@ class Passthrough:
             mailbox = await self._backend.authenticate(credentials)
         except AuthFailed:
             return False
-        self._credentials = credentials
         except (MailboxLocked, PermanentFailure) as exc:
             # The credentials were right; the maildrop cannot be had. The session
-            # gives the matching reply when it takes it.
+            # gives the matching reply when it takes it (after waiting for a lock).
             self._pending = (user, exc)
+            self._credentials = credentials
             return True
         # TemporaryFailure goes up: the session replies [SYS/TEMP].
         self._pending = (user, mailbox)
+        self._credentials = credentials
         return True
 
     # The session opens the maildrop through pypop.server.logins.MaildropHolders, which
