@@ -1,5 +1,5 @@
-"""pypop with the imap backend in front of a real Dovecot: stdlib poplib and curl over
-STLS and implicit TLS, every upstream TLS mode, master-user logins with any mechanism,
+"""pypop with the imap backend in front of a real Dovecot: stdlib poplib, curl and
+pypop.client over STLS and implicit TLS, every upstream TLS mode, master-user logins with any mechanism,
 DELE only at UPDATE, no flag changes, a server without UIDPLUS, UIDVALIDITY changes,
 connection reuse."""
 
@@ -411,4 +411,41 @@ async def test_client_address_goes_upstream_in_id(
             break
         await trio.sleep(0.05)
     assert f"user=<{user}>, method=PLAIN, rip=127.0.0.2" in dovecot.log
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("tls", ["implicit", "require"])
+async def test_pypop_client_through_the_imap_backend(
+    tls: str,
+    dovecot: Dovecot,
+    new_user: NewUser,
+    make_backend: BackendMaker,
+    certs: dict[str, Path],
+) -> None:
+    # pypop's own client library (pypop.client), pipelined RETRs, over implicit TLS
+    # and STLS ("require").
+    from pypop.client import Client
+
+    user, password = new_user()
+    messages = [f"Subject: {n}\r\n\r\n.line {n}\r\n".encode() for n in range(1, 6)]
+    for m in messages:
+        dovecot.deliver(user, m)
+    backend = make_backend()
+    async with pypop(backend, certs) as server:
+        port = server.tls_addresses[0][1] if tls == "implicit" else server.addresses[0][1]
+
+        def fetch() -> tuple[dict[int, str], list[bytes], tuple[int, int]]:
+            with Client("127.0.0.1", port, user, password, tls=tls, cafile=certs["ca"]) as pop:
+                uidls = pop.uidl()
+                got = [data for _, data in pop.retrieve([1, 2, 3, 4, 5])]
+                pop.dele(2)
+                stat = pop.stat()
+                pop.quit()
+            return uidls, got, stat
+
+        uidls, got, stat = await trio.to_thread.run_sync(fetch)
+    assert got == messages
+    assert uidls[1] == "00000001" + uidls[1][8:]
+    assert stat == (4, sum(map(len, messages)) - len(messages[1]))
+    assert dovecot.uids(user) == [1, 3, 4, 5]
     await backend.aclose()
