@@ -1,7 +1,7 @@
 """pypop with the imap backend in front of a real Dovecot: stdlib poplib, curl and
-pypop.client over STLS and implicit TLS, every upstream TLS mode, master-user logins with any mechanism,
-DELE only at UPDATE, no flag changes, a server without UIDPLUS, UIDVALIDITY changes,
-connection reuse."""
+pypop.client over STLS and implicit TLS, every upstream TLS mode, master-user logins
+with any mechanism, DELE only at UPDATE, no flag changes, a server without UIDPLUS,
+UIDVALIDITY changes, connection reuse."""
 
 from __future__ import annotations
 
