@@ -70,6 +70,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.profile")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--backend", choices=("memory", "maildir"), default="memory")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="backend option"
+    )
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-spy", action="store_true", help="throughput only")
@@ -88,6 +91,9 @@ def main() -> int:
             backend = f'name = "memory"\nseed = "{fx.eml}"\n'
         else:
             backend = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
+        for opt in args.option:
+            key, _, value = opt.partition("=")
+            backend += f"{key} = {json.dumps(value)}\n"
         port = free_port()
         conf = root / "pypop.toml"
         conf.write_text(

@@ -432,7 +432,8 @@ async def test_autocreate(root: Path, backend_factory: BackendMaker) -> None:
     mb = await backend_factory().open_mailbox("carol")
     assert list(mb.messages) == []
     await mb.aclose()
-    assert sorted(os.listdir(root / "carol")) == ["cur", "new", "tmp"]
+    # The fcntl lock's file stays (auto and fcntl modes); the dotlock is gone.
+    assert sorted(os.listdir(root / "carol")) == ["cur", "new", "pypop-pop3.flock", "tmp"]
 
 
 def test_fast_uid_check_equals_contract() -> None:
