@@ -45,17 +45,29 @@ def _fixture(root: Path, users: int, messages: int, octets: int) -> Fixture:
     return fx
 
 
+# Where idle worker threads wait (py-spy counts some of these waits as busy).
+_IDLE = {"IOThreads._work", "IOThreads._watch", "WorkerThread._work", "Condition.wait"}
+
+
 def summarize(raw: Path, top: int) -> str:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    n = 0
+    workers: Counter[str] = Counter()
+    n = nw = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or "Thread._bootstrap" in stack:
+        if not stack:
             continue
         k = int(count)
-        n += k
         frames = stack.split(";")
+        if "Thread._bootstrap" in stack:
+            # A worker thread; waiting for work is not work.
+            if frames[-1].split(" (")[0] in _IDLE:
+                continue
+            nw += k
+            workers[frames[-1]] += k
+            continue
+        n += k
         own[frames[-1]] += k
         for f in set(frames):
             total[f] += k
@@ -63,6 +75,8 @@ def summarize(raw: Path, top: int) -> str:
     out += [f"{100 * c / n:5.1f}%  {f}" for f, c in own.most_common(top)]
     out.append("--- total")
     out += [f"{100 * c / n:5.1f}%  {f}" for f, c in total.most_common(top)]
+    out.append(f"--- worker threads: {nw} samples ({100 * nw / max(1, n):.1f}% of the loop's)")
+    out += [f"{100 * c / max(1, nw):5.1f}%  {f}" for f, c in workers.most_common(top // 2)]
     return "\n".join(out)
 
 

@@ -20,7 +20,7 @@ from pypop.backend import (
 from pypop.wire import stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirMailbox
-from pypop_maildir._backend import READ_AHEAD_TTL
+from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
 from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
@@ -67,7 +67,9 @@ async def test_hard_cases_sizes_and_bytes(alice: Path, backend_factory: BackendM
     assert sizes["empty"] == 0
 
 
-async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: BackendMaker) -> None:
+async def test_five_mib_streams_in_bounded_blocks(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
     line = b"0123456789" * 7 + b"\n"  # LF-only lines: size differs from the file size
     body = line * (5 * 1024 * 1024 // len(line) + 1)
     data = b"Subject: big\n\n" + body
@@ -76,8 +78,10 @@ async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: Back
     try:
         assert mb.messages[0].size == wire_size(data) == len(data) + data.count(b"\n")
         blocks = await read_all(mb, 0)
-        assert max(len(b) for b in blocks) <= BLOCK_SIZE
-        assert len(blocks) >= len(data) // BLOCK_SIZE
+        # Never read whole: the first block, then LARGE_BLOCK at a time.
+        assert len(blocks[0]) == BLOCK_SIZE
+        assert max(len(b) for b in blocks) == LARGE_BLOCK
+        assert len(blocks) == 1 + -(-(len(data) - BLOCK_SIZE) // LARGE_BLOCK)
         assert b"".join(blocks) == data
         # TOP hint: stops early, but the server's cut of what we send is the same.
         for n in (0, 1, 3):

@@ -84,7 +84,7 @@ def _lockf_nb(fd: int) -> bool:
 class HeldLock:
     """A held lock; :meth:`release` is idempotent."""
 
-    __slots__ = ("_content", "_fd", "_key", "_last_refresh", "_released", "method", "path")
+    __slots__ = ("_fd", "_ino", "_key", "_last_refresh", "_released", "method", "path")
 
     def __init__(
         self,
@@ -92,19 +92,23 @@ class HeldLock:
         method: Literal["auto", "dotlock", "fcntl"],
         path: str,
         fd: int | None,
-        content: str | None,
+        ino: tuple[int, int] | None,
     ) -> None:
         self._key = key
         self.method = method
         self.path = path  # the dotlock (unused in fcntl mode)
         self._fd = fd  # holds the fcntl lock, if any
-        self._content = content  # what our dotlock says; None: no dotlock
+        self._ino = ino  # our dotlock's (st_dev, st_ino); None: no dotlock
         self._last_refresh = time.monotonic()
         self._released = False
 
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def refresh(self, *, force: bool = False) -> None:
         """Touch a dotlock so other hosts do not take it for stale."""
-        if self._released or self._content is None:
+        if self._released or self._ino is None:
             return
         now = time.monotonic()
         if not force and now - self._last_refresh < _REFRESH_EVERY:
@@ -118,17 +122,28 @@ class HeldLock:
             return
         self._released = True
         try:
-            content = None if self._content is None else _read_dotlock(self.path)
-            if content is not None and content.rstrip("\n") == self._content:
-                # Still ours (our pid and host): nobody judged it stale and replaced it.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+            if self._ino is not None:
+                try:
+                    st = os.lstat(self.path)
+                    if (st.st_dev, st.st_ino) == self._ino:
+                        # Still ours: nobody judged it stale and replaced it.
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
         finally:
             if self._fd is not None:
                 os.close(self._fd)  # drops the fcntl lock, after the unlink
                 self._fd = None
             with _registry_guard:
                 _held.discard(self._key)
+
+    def forget(self) -> None:
+        """Give up this process's claim without touching the file system (a release
+        that could not finish): the maildir can be locked here again, and the dotlock
+        left behind, naming this process, then reads as stale. A release still
+        running in some thread removes only its own dotlock (same inode)."""
+        with _registry_guard:
+            _held.discard(self._key)
 
 
 def acquire(
@@ -164,8 +179,8 @@ def acquire(
             return HeldLock(key, method, "", fd, None)
         content = f"{os.getpid()}:{_hostname()}" + (":fcntl" if fd is not None else "")
         path = os.path.join(maildir, DOTLOCK_NAME)
-        _make_dotlock(maildir, path, content, stale_timeout, fcntl_held=fd is not None)
-        return HeldLock(key, method, path, fd, content)
+        ino = _make_dotlock(maildir, path, content, stale_timeout, fcntl_held=fd is not None)
+        return HeldLock(key, method, path, fd, ino)
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -199,11 +214,13 @@ def _create(path: str, content: str) -> None:
 
 def _make_dotlock(
     maildir: str, path: str, content: str, stale_timeout: float, *, fcntl_held: bool
-) -> None:
+) -> tuple[int, int]:
+    """Create the dotlock; returns its (st_dev, st_ino)."""
     for _attempt in range(2):
         try:
             _create(path, content)
-            return
+            mine = os.lstat(path)
+            return mine.st_dev, mine.st_ino
         except FileExistsError:
             stale, st = _is_stale(maildir, path, stale_timeout, fcntl_held=fcntl_held)
             if not stale:
