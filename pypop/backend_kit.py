@@ -332,9 +332,7 @@ class IOThreads:
             self._wake_watchdog()
         self._admit(call)
         # Rescheduled with the call's outcome, which the await unwraps.
-        result: T = await trio.lowlevel.wait_task_rescheduled(
-            functools.partial(self._abort, call)
-        )
+        result: T = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._abort, call))
         return result
 
     # -- on the event loop --

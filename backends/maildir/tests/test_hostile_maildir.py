@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,6 +145,36 @@ async def test_message_swapped_for_a_fifo_is_refused_at_once(
         await other.aclose()
 
 
+CHILD_OPEN = """
+import sys, trio
+from pypop.backend import MailboxLocked
+from pypop_maildir import create
+
+async def main() -> None:
+    try:
+        mb = await create({"root": sys.argv[1], "lock": sys.argv[2]}).open_mailbox("alice")
+    except MailboxLocked:
+        print("locked")
+        return
+    await mb.aclose()
+    print("free")
+
+trio.run(main)
+"""
+
+
+def lock_state_elsewhere(root: Path, lock: str) -> str:
+    """What another process sees: "locked" or "free"."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_OPEN, str(root), lock],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
 class _Blocker:
     """Fault injection: message opens block on a FIFO nobody writes to (a hung NFS
     server, a stuck disk) until :meth:`release`."""
@@ -169,8 +201,9 @@ class _Blocker:
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("lock", ["auto", "dotlock"])
 async def test_stuck_io_frees_the_session_and_its_lock(
-    alice: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    alice: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str
 ) -> None:
     """io_timeout frees the session and its lock, and one user's stuck I/O leaves the
     other users' logins alone, even with every thread of that session stuck."""
@@ -178,7 +211,7 @@ async def test_stuck_io_frees_the_session_and_its_lock(
         deliver(alice, f"170000000{i}.M{i}P1.h:2,", b"x" * 70_000 + b"\n", sub="cur")
     make_maildir(root / "bob")
     deliver(root / "bob", "1700000009.M9P1.h", HELLO)
-    backend = create({"root": str(root), "io_threads": 4, "io_timeout": 0.5})
+    backend = create({"root": str(root), "io_threads": 4, "io_timeout": 0.5, "lock": lock})
     blocker = _Blocker(tmp_path)
     mb = await backend.open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)
@@ -189,9 +222,11 @@ async def test_stuck_io_frees_the_session_and_its_lock(
             for i in range(3):
                 with pytest.raises(TemporaryFailure):
                     await fetch(mb, i)
-            assert (alice / DOTLOCK_NAME).is_symlink()
+            assert (alice / DOTLOCK_NAME).is_symlink() is (lock == "dotlock")
+            assert await trio.to_thread.run_sync(lock_state_elsewhere, root, lock) == "locked"
             await mb.aclose()  # frees the lock although the session's threads are stuck
         assert not (alice / DOTLOCK_NAME).is_symlink()
+        assert await trio.to_thread.run_sync(lock_state_elsewhere, root, lock) == "free"
         monkeypatch.undo()
         with wall(5):
             again = await backend.open_mailbox("alice")  # the same user, at once

@@ -156,7 +156,7 @@ def test_lock_of_killed_process_is_recovered(alice: Path, root: Path, method: st
     assert not try_open(root, method)
     proc.send_signal(signal.SIGKILL)
     close_holder(proc)
-    if method != "fcntl":
+    if method == "dotlock":
         assert os.path.lexists(alice / DOTLOCK_NAME)  # left behind ...
     assert try_open(root, method)  # ... and recovered at once
     assert not os.path.lexists(alice / DOTLOCK_NAME)
@@ -164,16 +164,19 @@ def test_lock_of_killed_process_is_recovered(alice: Path, root: Path, method: st
 
 def test_dotlock_content_is_pid_and_host(alice: Path, root: Path) -> None:
     async def main() -> None:
-        for method, extra in (("dotlock", ""), ("auto", ":fcntl")):
-            mb = await create({"root": str(root), "lock": method}).open_mailbox("alice")
-            # A symbolic link that only carries text: no data block to write and free.
-            assert (alice / DOTLOCK_NAME).is_symlink()
-            text = os.readlink(alice / DOTLOCK_NAME)
-            assert text == f"{os.getpid()}:{socket.gethostname()}{extra}"
-            await mb.aclose()
-        mb = await create({"root": str(root), "lock": "fcntl"}).open_mailbox("alice")
-        assert (alice / FLOCK_NAME).exists()
+        mb = await create({"root": str(root), "lock": "dotlock"}).open_mailbox("alice")
+        # A symbolic link that only carries text: no data block to write and free. The
+        # fcntl lock (which this file system has) is held too, and it says so.
+        assert (alice / DOTLOCK_NAME).is_symlink()
+        text = os.readlink(alice / DOTLOCK_NAME)
+        assert text == f"{os.getpid()}:{socket.gethostname()}:fcntl"
         await mb.aclose()
+        for method in ("auto", "fcntl"):
+            # The fcntl lock alone where the file system has them: nothing is created.
+            mb = await create({"root": str(root), "lock": method}).open_mailbox("alice")
+            assert not (alice / DOTLOCK_NAME).is_symlink()
+            assert (alice / FLOCK_NAME).exists()
+            await mb.aclose()
 
     trio.run(main)
     assert sorted(p.name for p in alice.iterdir() if "lock" in p.name) == [FLOCK_NAME]
@@ -210,13 +213,16 @@ def test_dead_local_pid_is_stale_at_once(alice: Path, root: Path) -> None:
     assert try_open(root, "dotlock")
 
 
-def test_live_local_pid_is_respected(alice: Path, root: Path) -> None:
+@pytest.mark.parametrize("method", ["auto", "dotlock"])
+def test_live_local_pid_is_respected(alice: Path, root: Path, method: str) -> None:
+    """A dotlock of a holder without fcntl locks: auto, holding the fcntl lock, still
+    respects it."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (alice / DOTLOCK_NAME).write_text(f"{proc.pid}:{socket.gethostname()}\n")
         old = time.time() - 10_000
         os.utime(alice / DOTLOCK_NAME, (old, old))
-        assert not try_open(root, "dotlock")  # alive: the age does not matter
+        assert not try_open(root, method)  # alive: the age does not matter
     finally:
         proc.kill()
         proc.wait()

@@ -8,7 +8,9 @@ Methods
     A POSIX record lock (``lockf``) on ``<maildir>/pypop-pop3.flock``; that file is
     never removed. The kernel (or the NFS lock manager) drops the lock when the holder
     dies, so a killed process never leaves a stale lock. Needs working ``fcntl`` locks
-    on the file system (NFSv4, or NFSv3 with lockd).
+    on the file system (local ones, NFSv4, or NFSv3 with lockd). Taking and dropping
+    it creates nothing: about 9 µs here, where a dotlock costs about 70 µs of kernel
+    time (a directory entry made and removed, through the journal).
 ``dotlock``
     ``<maildir>/pypop-pop3.lock``, a symbolic link whose target is ``<pid>:<host>``
     (never followed: it only carries that text). ``symlink()`` creates it atomically,
@@ -20,15 +22,19 @@ Methods
     pid is not a running process, or, when that cannot be checked (other host,
     unreadable content), when its mtime is older than ``lock_stale_timeout``. The
     holder refreshes the mtime while it works (at most once a minute), so choose a
-    timeout above the server's idle timeout.
+    timeout above the server's idle timeout. Where the file system has ``fcntl``
+    locks, the holder takes the ``fcntl`` lock too (first) and says so
+    (``<pid>:<host>:fcntl``): a dotlock that says so while that lock is free was left
+    by a dead holder and is recovered at once.
 ``auto`` (default)
-    Both: the holder first takes the ``fcntl`` lock of ``fcntl`` mode, then makes the
-    dotlock, and says so in it (``<pid>:<host>:fcntl``). A live holder is found by its
-    ``fcntl`` lock at once; a dotlock that says ``fcntl`` while that lock is free was
-    left by a dead holder and is recovered at once, from any host that shares working
-    ``fcntl`` locks; if ``fcntl`` is not supported, the pid/host/age rules of
-    ``dotlock`` apply. All three methods interoperate: ``auto`` and ``fcntl`` share the
-    ``fcntl`` lock, ``auto`` and ``dotlock`` the dotlock.
+    The ``fcntl`` lock where the file system has them, as Dovecot's default
+    ``lock_method = fcntl``; a dotlock found in place (a ``dotlock`` holder on a host
+    without ``fcntl`` locks) is respected, or removed if stale. Where ``fcntl`` locks
+    are not supported, the dotlock. NFS mounted with ``nolock`` or ``local_lock``
+    keeps ``fcntl`` locks on one host: use ``dotlock`` there on every server.
+
+All three interoperate: every method takes the ``fcntl`` lock where it works, and
+``auto`` respects dotlocks.
 
 Dotlocks of earlier versions (a regular file ``<pid>:<host>\\n`` with an optional second
 line ``fcntl``, the ``fcntl`` lock then held on that file itself) are still understood.
@@ -160,25 +166,32 @@ def acquire(
         _held.add(key)
     fd: int | None = None
     try:
-        if method != "dotlock":
-            fd = os.open(
-                os.path.join(maildir, FLOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                taken = _lockf_nb(fd)
-            except OSError:
-                if method == "fcntl":
-                    raise
-                taken = None  # no fcntl locks here: auto is a plain dotlock
-            if taken is False:
-                raise LockBusy(maildir)
-            if taken is None:
-                os.close(fd)
-                fd = None
-        if method == "fcntl":
-            return HeldLock(key, method, "", fd, None)
-        content = f"{os.getpid()}:{_hostname()}" + (":fcntl" if fd is not None else "")
+        # Every method takes the fcntl lock where the file system has them: a live
+        # holder of any method is found there at once, and nothing is created.
+        fd = os.open(
+            os.path.join(maildir, FLOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            taken = _lockf_nb(fd)
+        except OSError:
+            if method == "fcntl":
+                raise
+            taken = None  # no fcntl locks here
+        if taken is False:
+            raise LockBusy(maildir)
+        if taken is None:
+            os.close(fd)
+            fd = None
         path = os.path.join(maildir, DOTLOCK_NAME)
+        if method == "fcntl":
+            return HeldLock(key, method, path, fd, None)
+        if method == "auto" and fd is not None:
+            # The fcntl lock is enough; a dotlock left by a holder that could not take
+            # it (a host without fcntl locks) is still respected.
+            if _dotlock_in_force(maildir, path, stale_timeout):
+                raise LockBusy(maildir)
+            return HeldLock(key, method, path, fd, None)
+        content = f"{os.getpid()}:{_hostname()}" + (":fcntl" if fd is not None else "")
         ino = _make_dotlock(maildir, path, content, stale_timeout, fcntl_held=fd is not None)
         return HeldLock(key, method, path, fd, ino)
     except BaseException:
@@ -187,6 +200,26 @@ def acquire(
         with _registry_guard:
             _held.discard(key)
         raise
+
+
+def _dotlock_in_force(maildir: str, path: str, stale_timeout: float) -> bool:
+    """Is there a dotlock whose holder may be alive? A stale one is removed."""
+    if not os.path.lexists(path):
+        return False
+    for _attempt in range(2):
+        stale, st = _is_stale(maildir, path, stale_timeout, fcntl_held=True)
+        if not stale:
+            return True
+        if st is None:
+            return False
+        try:
+            now = os.lstat(path)
+            if (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
+                os.unlink(path)
+                return False
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _hostname() -> str:
