@@ -40,6 +40,7 @@ __all__ = [
     "ScramKeys",
     "UnknownSchemeError",
     "canonical_scheme",
+    "cost_class",
     "hash_password",
     "is_heavy",
     "parse_stored",
@@ -473,6 +474,32 @@ def validate_value(scheme: str, value: str) -> None:
             raise ValueError(f"{name}: wrong prefix")
     elif name in ("ARGON2ID", "ARGON2I") and not value.startswith(f"${name.lower()}$"):
         raise ValueError(f"{name}: wrong prefix")
+
+
+def cost_class(scheme: str, value: str) -> tuple[str, str]:
+    """What a verification of this entry costs: (the algorithm that runs, its cost
+    parameters). Entries with equal classes take the same time to verify, so the
+    dummy verification for unknown users copies the most common class.
+
+    ``CRYPT`` is classed by the crypt(3) format it holds (``$2y$10$`` bcrypt is
+    BLF-CRYPT at cost 10 whichever prefix names it)."""
+    name = canonical_scheme(scheme)
+    if name == "CRYPT":
+        try:
+            name = _crypt_target(value)
+        except ValueError:
+            return name, ""
+    if name == "BLF-CRYPT":
+        return name, value[4:7]  # "$2y$10$..." -> "10$"
+    if name in ("SHA256-CRYPT", "SHA512-CRYPT"):
+        rounds = value.split("$")[2] if value.count("$") >= 3 else ""
+        return name, rounds if rounds.startswith("rounds=") else ""
+    if name in ("ARGON2ID", "ARGON2I"):
+        fields = value.split("$")
+        return name, "$".join(fields[2:4]) if len(fields) > 4 else ""
+    if name == "SCRAM-SHA-256":
+        return name, value.split(",", 1)[0]
+    return name, ""
 
 
 def verify_scheme(scheme: str, value: str, password: str) -> bool:

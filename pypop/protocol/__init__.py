@@ -3,6 +3,7 @@
 from pypop.protocol.commands import Command, ParseError, encode_command, parse_command
 from pypop.protocol.events import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
@@ -14,6 +15,7 @@ from pypop.protocol.events import (
     SaslAborted,
     SaslResponse,
     SaslStart,
+    SendData,
     StartTLS,
     Update,
 )
@@ -24,6 +26,7 @@ from pypop.protocol.state import ALLOWED, State
 __all__ = [
     "ALLOWED",
     "NEED_DATA",
+    "SEND_DATA",
     "ApopLogin",
     "Closing",
     "Command",
@@ -38,6 +41,7 @@ __all__ = [
     "SaslAborted",
     "SaslResponse",
     "SaslStart",
+    "SendData",
     "ServerConnection",
     "StartTLS",
     "State",
