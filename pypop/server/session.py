@@ -539,8 +539,13 @@ class Session:
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
-            except Exception:
-                log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
+            except Exception as exc:
+                if isinstance(exc, TemporaryFailure):  # expected (storage timed out): no trace
+                    log.warning("cannot read message %d of %s: %s", event.index + 1, self.user, exc)
+                else:
+                    log.exception(
+                        "backend failed to read message %d of %s", event.index + 1, self.user
+                    )
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None

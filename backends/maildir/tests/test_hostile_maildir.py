@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import poplib
 import subprocess
 import sys
 import threading
@@ -301,3 +302,53 @@ async def test_same_base_name_different_files_both_listed(
         assert len({m.uid for m in mb.messages}) == 2
     finally:
         await mb.aclose()
+
+
+async def test_stuck_io_through_the_server(
+    alice: Path,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """End to end: RETR of a message whose storage hangs gets -ERR [SYS/TEMP] after
+    io_timeout, with a log line and no traceback; the user logs in again at once."""
+    from .test_e2e import PASSWORD, running
+
+    deliver(alice, "1700000001.M1P1.h:2,", b"x" * 70_000 + b"\n", sub="cur")
+    blocker = _Blocker(tmp_path)
+    backend = create({"root": str(root), "io_timeout": 0.5})
+    try:
+        async with running(backend) as server:
+            host, port = server.addresses[0]
+
+            def client() -> tuple[str, str]:
+                pop = poplib.POP3(host, port, timeout=30)
+                try:
+                    pop.user("alice")
+                    pop.pass_(PASSWORD)
+                    monkeypatch.setattr(_store, "open_message", blocker.open_message)
+                    with pytest.raises(poplib.error_proto) as err:
+                        pop.retr(1)
+                    monkeypatch.undo()
+                finally:
+                    pop.close()
+                again = poplib.POP3(host, port, timeout=30)
+                try:
+                    again.user("alice")
+                    again.pass_(PASSWORD)
+                    stat = again.stat()
+                    again.quit()
+                finally:
+                    again.close()
+                return str(err.value), repr(stat)
+
+            with wall(20):
+                error, stat = await trio.to_thread.run_sync(client)
+    finally:
+        blocker.release()
+    assert error.startswith("b'-ERR [SYS/TEMP] ")
+    assert stat == "(1, 70002)"  # 70,000 octets and a line end made CRLF
+    assert "cannot read message 1 of alice" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]

@@ -46,9 +46,10 @@ log = logging.getLogger("pypop.maildir")
 READ_AHEAD_OCTETS = 256 * 1024
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_TTL = 2.0
-# A large message is read in blocks of this size after its first BLOCK_SIZE: each block
-# costs a thread hop, and fewer hops are worth 256 KiB per session that streams one.
-LARGE_BLOCK = 256 * 1024
+# A message of BLOCK_SIZE or more (by its size in the listing) is read in blocks of
+# this size: each block costs a thread hop, and one hop per MiB is worth the memory
+# (this block and its stuffed copy, while a session streams one; TOP reads BLOCK_SIZE).
+LARGE_BLOCK = 1024 * 1024
 # The listing cache trusts a folder only if it last changed this long before the scan
 # that cached it: a change within one tick of the file system's clock would not move
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
@@ -67,6 +68,8 @@ class _Listing:
     # as counted. A file rewritten in place does not change its folder: these are
     # checked again at every open.
     counted: tuple[tuple[int, int, int, int], ...]
+    # Messages in cur/ without the Seen flag: what UPDATE may have to rename.
+    unseen: frozenset[int]
 
 
 class _ListingCache:
@@ -249,6 +252,11 @@ class MaildirBackend:
             tuple(entries),
             tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries),
             tuple(counted),
+            frozenset(
+                i
+                for i, e in enumerate(entries)
+                if e.subdir == "cur" and _store.with_seen_flag(e.name) is not None
+            ),
         )
         return listing, changed
 
@@ -273,22 +281,27 @@ class _Reader:
 
     :meth:`close` comes from the event loop and never waits: if a read is still
     running (a call that timed out and was abandoned), the reading thread closes the
-    descriptor when it returns, so the number is never reused under it.
+    descriptor when it returns, so the number is never reused under it. ``left``
+    counts down from the size the file had when it was opened: a read that reaches it
+    is the last, with no read at end of file to find out.
     """
 
-    __slots__ = ("_closing", "_fd", "_guard")
+    __slots__ = ("_closing", "_fd", "_guard", "left")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, left: int) -> None:
         self._fd = fd
         self._guard = threading.Lock()
         self._closing = False
+        self.left = left
 
     def read(self, size: int) -> bytes:
         with self._guard:
             try:
                 if self._fd < 0:
                     raise OSError("message file is closed")
-                return _store.read_message(self._fd, size)
+                data = _store.read_message(self._fd, size)
+                self.left = 0 if len(data) < size else self.left - len(data)
+                return data
             finally:
                 if self._closing and self._fd >= 0:
                     os.close(self._fd)
@@ -321,6 +334,7 @@ class MaildirMailbox(SnapshotMailbox):
         self._backend = backend
         self.maildir = maildir
         self._entries = listing.entries  # shared with the cache: never changed
+        self._unseen = listing.unseen
         self._lock = lock
         self._threads = threads
         # Made on first use (an idle session holds only the above).
@@ -386,20 +400,23 @@ class MaildirMailbox(SnapshotMailbox):
         except (FileNotFoundError, _store.NotAMessage):
             raise NoSuchMessage("message was removed") from None
 
-    def _read_first(self, index: int) -> tuple[_Reader | None, bytes, dict[int, bytes]]:
-        """Open message ``index`` and read its first block: (None, data, ahead) when
-        that was the whole file, with ``ahead`` the whole of the small messages after
-        it (within the read-ahead budget); else (reader, first block, {})."""
+    def _read_first(self, index: int, first: int) -> tuple[_Reader | None, bytes, dict[int, bytes]]:
+        """Open message ``index`` and read up to ``first`` octets: (None, data, ahead)
+        when that was the whole file, with ``ahead`` the whole of the small messages
+        after it (within the read-ahead budget); else (reader, first block, {})."""
         self._lock.refresh()
         fd = self._open(index)
         try:
-            block = _store.read_message(fd, BLOCK_SIZE)
+            left = os.fstat(fd).st_size
+            block = _store.read_message(fd, first)
         except BaseException:
             os.close(fd)
             raise
-        if len(block) == BLOCK_SIZE:
-            return _Reader(fd), block, {}
+        if len(block) == first and len(block) < left:
+            return _Reader(fd, left - len(block)), block, {}
         os.close(fd)
+        if first > BLOCK_SIZE:
+            return None, block, {}  # a large message: nothing to read ahead
         ahead: dict[int, bytes] = {}
         budget = READ_AHEAD_OCTETS - len(block)
         entries = self._entries
@@ -443,7 +460,13 @@ class MaildirMailbox(SnapshotMailbox):
             try:
                 # One thread hop opens and reads the first block (a message that fits
                 # in one block costs no other hop), and reads ahead.
-                reader, block, ahead = await self._threads.run(self._read_first, index)
+                entry = self._entries[index]
+                first = (
+                    BLOCK_SIZE
+                    if top_lines is not None or entry.size < BLOCK_SIZE
+                    else (LARGE_BLOCK)
+                )
+                reader, block, ahead = await self._threads.run(self._read_first, index, first)
             except OSError as exc:
                 raise TemporaryFailure("cannot open message") from exc
             if ahead:
@@ -451,10 +474,9 @@ class MaildirMailbox(SnapshotMailbox):
                 self._ahead_until = trio.current_time() + READ_AHEAD_TTL
         cutter = TopCut(top_lines) if top_lines is not None else None
         complete = False
-        size = BLOCK_SIZE
         try:
             while True:
-                last = reader is None or len(block) < size  # a short read is EOF
+                last = reader is None or reader.left <= 0
                 if cutter is not None:
                     block, stop = cutter.feed(block)
                     if block:
@@ -467,9 +489,8 @@ class MaildirMailbox(SnapshotMailbox):
                     complete = True
                     break
                 assert reader is not None
-                size = LARGE_BLOCK
                 try:
-                    block = await self._threads.run(reader.read, size)
+                    block = await self._threads.run(reader.read, LARGE_BLOCK)
                 except OSError as exc:
                     raise TemporaryFailure("cannot read message") from exc
         finally:
@@ -484,10 +505,16 @@ class MaildirMailbox(SnapshotMailbox):
         if not retrieved or not self._backend.config.flag_updates:
             return []
         done = set(marked)
+        found = self._found or {}
         out = []
         for i in sorted(retrieved):
-            entry = self._entry(i)
-            if i not in done and entry.subdir == "cur" and _store.with_seen_flag(entry.name):
+            if i in done:
+                continue
+            if i in found:  # renamed from outside: judge its new name
+                entry = found[i]
+                if entry.subdir == "cur" and _store.with_seen_flag(entry.name) is not None:
+                    out.append(i)
+            elif i in self._unseen:
                 out.append(i)
         return out
 
