@@ -565,6 +565,10 @@ class SnapshotMailbox:
     happens.
     """
 
+    # Slotted so that a slotted subclass holds no __dict__ (one mailbox per logged-in
+    # session); a subclass without __slots__ gets its __dict__ as usual.
+    __slots__ = ("_closed", "_messages")
+
     def __init__(self, messages: Sequence[MessageInfo]) -> None:
         self._messages = messages
         self._closed = False

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -54,6 +55,7 @@ LARGE_BLOCK = 1024 * 1024
 # that cached it: a change within one tick of the file system's clock would not move
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
 SETTLE_NS = 2_000_000_000
+_KEY = struct.Struct("=QqQq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +63,16 @@ class _Listing:
     """A maildir as a scan left it: shared by the sessions that open it afterwards
     while cur/ and new/ are unchanged (read-only once made)."""
 
-    key: tuple[int, int, int, int]  # cur/ and new/: (inode, ctime ns) each
+    key: bytes  # cur/ and new/: (inode, ctime ns) each, packed (one per cached maildir)
     entries: tuple[_store.Entry, ...]
     messages: tuple[MessageInfo, ...]
     # Entries whose size was counted from the content: (index, st_size, mtime ns, inode)
     # as counted. A file rewritten in place does not change its folder: these are
     # checked again at every open.
     counted: tuple[tuple[int, int, int, int], ...]
-    # Messages in cur/ without the Seen flag: what UPDATE may have to rename.
-    unseen: frozenset[int]
+    # Octet i is 1 for a message in cur/ without the Seen flag (what UPDATE may have to
+    # rename): a byte each, where a set would cost some 30 times that.
+    unseen: bytes
 
 
 class _ListingCache:
@@ -210,7 +213,7 @@ class MaildirBackend:
             self._create_maildir(maildir)
             cur = os.stat(os.path.join(maildir, "cur"))
             new = os.stat(os.path.join(maildir, "new"))
-        key = (cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
+        key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
         cache = self._listings
         if cache is not None:
             listing = cache.get(maildir)
@@ -224,9 +227,7 @@ class MaildirBackend:
             cache.put(maildir, listing if settled and not changed else None)
         return listing
 
-    def _scan(
-        self, user: str, maildir: str, key: tuple[int, int, int, int]
-    ) -> tuple[_Listing, bool]:
+    def _scan(self, user: str, maildir: str, key: bytes) -> tuple[_Listing, bool]:
         cfg = self.config
         keep = self.keep_message
         entries = [e for e in _store.list_messages(maildir) if keep(user, e.subdir, e.name)]
@@ -252,11 +253,7 @@ class MaildirBackend:
             tuple(entries),
             tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries),
             tuple(counted),
-            frozenset(
-                i
-                for i, e in enumerate(entries)
-                if e.subdir == "cur" and _store.with_seen_flag(e.name) is not None
-            ),
+            bytes(e.subdir == "cur" and _store.with_seen_flag(e.name) is not None for e in entries),
         )
         return listing, changed
 
@@ -321,6 +318,19 @@ class _Reader:
 class MaildirMailbox(SnapshotMailbox):
     """One locked maildir snapshot (pypop.backend.Mailbox, and WireCache for messages
     already read ahead)."""
+
+    __slots__ = (
+        "_ahead",
+        "_ahead_until",
+        "_backend",
+        "_entries",
+        "_found",
+        "_lock",
+        "_retrieved",
+        "_threads",
+        "_unseen",
+        "maildir",
+    )
 
     def __init__(
         self,
@@ -514,7 +524,7 @@ class MaildirMailbox(SnapshotMailbox):
                 entry = found[i]
                 if entry.subdir == "cur" and _store.with_seen_flag(entry.name) is not None:
                     out.append(i)
-            elif i in self._unseen:
+            elif self._unseen[i]:
                 out.append(i)
         return out
 

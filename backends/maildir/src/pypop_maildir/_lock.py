@@ -65,7 +65,7 @@ _REFRESH_EVERY = 60.0
 _NO_SYMLINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 _registry_guard = threading.Lock()
-_held: set[tuple[int, int]] = set()
+_held: set[int] = set()  # (st_dev << 64) | st_ino of each maildir this process holds
 _hostname_cache: list[str] = []
 
 
@@ -94,7 +94,7 @@ class HeldLock:
 
     def __init__(
         self,
-        key: tuple[int, int],
+        key: int,
         method: Literal["auto", "dotlock", "fcntl"],
         path: str,
         fd: int | None,
@@ -102,7 +102,7 @@ class HeldLock:
     ) -> None:
         self._key = key
         self.method = method
-        self.path = path  # the dotlock (unused in fcntl mode)
+        self.path = path  # the dotlock; "" when none was made
         self._fd = fd  # holds the fcntl lock, if any
         self._ino = ino  # our dotlock's (st_dev, st_ino); None: no dotlock
         self._last_refresh = time.monotonic()
@@ -159,7 +159,8 @@ def acquire(
 ) -> HeldLock:
     """Lock ``maildir`` without waiting; raises :class:`LockBusy` on conflict."""
     st = os.stat(maildir)
-    key = (st.st_dev, st.st_ino)  # one stat, where realpath() would lstat every component
+    # One stat, where realpath() would lstat every component; one int, not a tuple.
+    key = (st.st_dev << 64) | st.st_ino
     with _registry_guard:
         if key in _held:
             raise LockBusy(maildir)
@@ -184,13 +185,13 @@ def acquire(
             fd = None
         path = os.path.join(maildir, DOTLOCK_NAME)
         if method == "fcntl":
-            return HeldLock(key, method, path, fd, None)
+            return HeldLock(key, method, "", fd, None)  # no path kept: idle memory
         if method == "auto" and fd is not None:
             # The fcntl lock is enough; a dotlock left by a holder that could not take
             # it (a host without fcntl locks) is still respected.
             if _dotlock_in_force(maildir, path, stale_timeout):
                 raise LockBusy(maildir)
-            return HeldLock(key, method, path, fd, None)
+            return HeldLock(key, method, "", fd, None)
         content = f"{os.getpid()}:{_hostname()}" + (":fcntl" if fd is not None else "")
         ino = _make_dotlock(maildir, path, content, stale_timeout, fcntl_held=fd is not None)
         return HeldLock(key, method, path, fd, ino)
