@@ -353,8 +353,11 @@ class IOThreads:
         if call.owner is not None:
             call.owner._busy += 1
         if self._busy > self._workers:
-            self._workers += 1
-            threading.Thread(target=self._work, name="pypop-io", daemon=True).start()
+            try:
+                threading.Thread(target=self._work, name="pypop-io", daemon=True).start()
+                self._workers += 1
+            except RuntimeError:  # no thread to be had: a running worker takes it later
+                pass
         self._jobs.put(call)
 
     def _finished(self, call: _Call) -> None:
