@@ -32,7 +32,7 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
-from pypop.backend import Backend, Mailbox
+from pypop.backend import Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
     AuthFailed,
     MailboxLocked,
@@ -61,6 +61,7 @@ from pypop.protocol import (
 )
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import MaildropHolders, describe, log_failed_login
+from pypop.server.passthrough import Passthrough
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class SessionContext:
     mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
+    # The backend itself when it checks credentials (pypop.server.passthrough).
+    passthrough: SelfAuthenticating | None = None
 
 
 class Session:
@@ -150,6 +153,10 @@ class Session:
             self._send_many = stream.send_many
             self._recv_after_reply = stream.receive_after_reply
         self._wire: Callable[[int, int | None], bytes | None] | None = None
+        # A self-authenticating backend checks logins (pypop.server.passthrough).
+        self._passthrough: Passthrough | None = None
+        if ctx.passthrough is not None:
+            self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -168,11 +175,16 @@ class Session:
             # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
             # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
             binding = self.stream.get_channel_binding("tls-unique")
+        store: CredentialStore = self.ctx.store
+        verifier = self.ctx.token_verifier
+        if self._passthrough is not None:
+            store = self._passthrough
+            verifier = self._passthrough if self._passthrough.bearer else None
         return SaslContext(
-            store=self.ctx.store,
+            store=store,
             hostname=self.ctx.hostname,
             tls_active=self.tls,
-            token_verifier=self.ctx.token_verifier,
+            token_verifier=verifier,
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
             salt_key=self.ctx.salt_key,
@@ -279,6 +291,8 @@ class Session:
             self.end = "error"
             raise
         finally:
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -335,7 +349,7 @@ class Session:
             case Retrieve():
                 await self._retrieve(event)
             case PasswordLogin(user=user, password=password):
-                store = self.ctx.store
+                store = self.ctx.store if self._passthrough is None else self._passthrough
                 return await self._login(
                     "USER", user, lambda: store.verify_password(user, password), password
                 )
@@ -401,10 +415,15 @@ class Session:
         conn = self.conn
         if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
             # RFC 2449 §8.1.1
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             log_failed_login(user, method, self.peer.host, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
-            mailbox = await self.ctx.maildrops.open(self.ctx.backend, user)
+            # A passthrough's check has opened the maildrop already (it opens again
+            # only while waiting for a lock).
+            opener = self.ctx.backend if self._passthrough is None else self._passthrough
+            mailbox = await self.ctx.maildrops.open(opener, user)
         except MailboxLocked:
             log_failed_login(user, method, self.peer.host, "in-use")
             return conn.login_failed("IN-USE", Text.IN_USE)
@@ -452,6 +471,8 @@ class Session:
             self.ctx.penalty.record_success(self.peer.host)
             return await self._open(method, user)
         if isinstance(event, SaslStart):
+            if self._passthrough is not None:
+                self._passthrough.mechanism = event.mechanism
             mech = create_mechanism(
                 event.mechanism,
                 self._sasl_context(),
@@ -540,12 +561,7 @@ class Session:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
             except Exception as exc:
-                if isinstance(exc, TemporaryFailure):  # expected (storage timed out): no trace
-                    log.warning("cannot read message %d of %s: %s", event.index + 1, self.user, exc)
-                else:
-                    log.exception(
-                        "backend failed to read message %d of %s", event.index + 1, self.user
-                    )
+                _backend_failed(exc, "backend failed to read message %d of %s", event, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None
@@ -560,9 +576,9 @@ class Session:
                     block = await anext(blocks, None)
             except _SessionEnd:
                 raise
-            except Exception:
-                log.exception(
-                    "backend failed while streaming message %d of %s", event.index + 1, self.user
+            except Exception as exc:
+                _backend_failed(
+                    exc, "backend failed while streaming message %d of %s", event, self.user
                 )
                 # Earlier replies still go out; the cut message has no terminator, so the
                 # client sees a broken transfer, never a short message.
@@ -611,3 +627,12 @@ class Session:
         if self._released is not None and self.user is not None:
             self.ctx.maildrops.let_go(self.user, self._released)
             self._released = None
+
+
+def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
+    """A TemporaryFailure is the backend's own report (an upstream is down): one line.
+    Anything else is a bug: with its traceback."""
+    if isinstance(exc, TemporaryFailure):
+        log.warning(what + ": %s", event.index + 1, user, exc)
+    else:
+        log.exception(what, event.index + 1, user)
