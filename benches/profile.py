@@ -112,7 +112,7 @@ def main() -> int:
         conf = root / "pypop.toml"
         conf.write_text(
             f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
-            "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
+            "[limits]\nmax_connections = 1000\nmax_connections_per_ip = 1000\n"
             f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
             f"[backend]\n{backend}"
         )
