@@ -8,6 +8,10 @@ Each failure has one type (DESIGN rule 6); the server maps them to response code
 - :class:`TemporaryFailure`: ``-ERR [SYS/TEMP]`` (RFC 3206 §4).
 - :class:`PermanentFailure`: ``-ERR [SYS/PERM]`` (RFC 3206 §4).
 - :class:`UpdateFailed`: UPDATE removed some marked messages, never an unmarked one.
+
+Delivery (``pypop deliver``, ``pypop import``) adds two permanent failures:
+:class:`NoSuchUser` (no such maildrop, sysexits EX_NOUSER) and :class:`DuplicateUid`
+(the maildrop already holds a message with the UIDL an import wants to keep).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 __all__ = [
     "AuthFailed",
     "BackendError",
+    "DuplicateUid",
     "MailboxLocked",
     "NoSuchMessage",
+    "NoSuchUser",
     "PermanentFailure",
     "TemporaryFailure",
     "UpdateFailed",
@@ -53,3 +59,11 @@ class UpdateFailed(BackendError):
 
     It must never have removed a message that was not marked.
     """
+
+
+class NoSuchUser(PermanentFailure):
+    """Delivery: the user has no maildrop here and the backend will not create one."""
+
+
+class DuplicateUid(PermanentFailure):
+    """Delivery with a given UIDL: the maildrop already has a message with it."""
