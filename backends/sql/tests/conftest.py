@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pypop_sql.testing import PgServer, pg_unavailable_reason
 
 ENGINES = ["sqlite", "postgresql"]

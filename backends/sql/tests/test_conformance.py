@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pypop.backend import Backend
 from pypop.testing import BackendConformance
+
 from pypop_sql import SqlBackend, create
 
 

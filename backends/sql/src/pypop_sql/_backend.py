@@ -78,10 +78,9 @@ class SqlMailbox(SnapshotMailbox):
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
         """pypop.backend.WireCache: messages already read ahead need no thread hop."""
-        if top_lines is None:
-            data = self._ahead.pop(index, None)
-        else:
-            data = self._ahead.get(index)
+        # TOP leaves the message for a later RETR; RETR takes it.
+        ahead = self._ahead
+        data = ahead.pop(index, None) if top_lines is None else ahead.get(index)
         return None if data is None else stuff(data, top_lines)
 
     def _read_ahead(self, index: int) -> dict[int, bytes]:

@@ -76,7 +76,7 @@ def read_engine_options(opts: Options) -> SqlConfig:
     if url is None:
         raise opts.error(
             "option 'url' is required, e.g. url = \"sqlite:///var/lib/pypop/mail.db\" "
-            "or url = \"postgresql://pypop@db.example.org/mail\""
+            'or url = "postgresql://pypop@db.example.org/mail"'
         )
     engine, target = parse_url(opts, url)
     config = SqlConfig(
@@ -98,4 +98,3 @@ def read_engine_options(opts: Options) -> SqlConfig:
         if not os.path.isdir(folder):
             raise opts.error(f"option 'url': folder {folder!r} of the database does not exist")
     return config
-

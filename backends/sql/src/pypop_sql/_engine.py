@@ -103,11 +103,9 @@ def _batches(ids: Sequence[int]) -> Iterator[list[int]]:
         yield list(ids[i : i + _DELETE_BATCH])
 
 
-_SNAPSHOT = (
-    "SELECT id, size, uidl, octets, chunks FROM messages WHERE mailbox_id = ? ORDER BY id"
-)
+_SNAPSHOT = "SELECT id, size, uidl, octets, chunks FROM messages WHERE mailbox_id = ? ORDER BY id"
 _READ = "SELECT data FROM chunks WHERE message_id = ? AND seq >= ? AND seq <= ? ORDER BY seq"
-_PASSWORD = "SELECT password, enabled FROM users WHERE name = ?"
+_LOOKUP = "SELECT password, enabled FROM users WHERE name = ?"
 _SAMPLE = "SELECT password FROM users WHERE enabled LIMIT ?"
 
 
@@ -184,9 +182,7 @@ class Engine(ABC):
     # -- delivery and credentials --
 
     @abstractmethod
-    def deliver(
-        self, user: str, data: bytes, uid: str | None, received: float | None
-    ) -> str: ...
+    def deliver(self, user: str, data: bytes, uid: str | None, received: float | None) -> str: ...
 
     @abstractmethod
     def password(self, user: str) -> tuple[str, bool] | None:
@@ -321,12 +317,8 @@ class SqliteEngine(Engine):
             with self._write() as c:
 
                 def version() -> int:
-                    if (
-                        c.execute(
-                            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pypop_meta'"
-                        ).fetchone()
-                        is None
-                    ):
+                    meta = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+                    if c.execute(meta, ("pypop_meta",)).fetchone() is None:
                         if c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
                             raise SchemaError(
                                 f"{self.config.path} holds tables but no pypop_meta: "
@@ -417,14 +409,16 @@ class SqliteEngine(Engine):
                 return conn.execute(sql, params).fetchone()
 
             def chunks(rows: list[tuple[int, int, bytes]]) -> None:
-                conn.executemany("INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)", rows)
+                conn.executemany(
+                    "INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)", rows
+                )
 
             mailbox_id = self._mailbox_for_delivery(fetch, user)
             return self._insert(fetch, chunks, mailbox_id, data, uid, received)
 
     def password(self, user: str) -> tuple[str, bool] | None:
         with _sqlite_errors("cannot look up a user"):
-            row = self._conn().execute(_PASSWORD, (user,)).fetchone()
+            row = self._conn().execute(_LOOKUP, (user,)).fetchone()
         return None if row is None else (str(row[0]), bool(row[1]))
 
     def sample_passwords(self, limit: int) -> list[str]:
@@ -454,21 +448,28 @@ class PostgresEngine(Engine):
     def __init__(self, config: SqlConfig) -> None:
         super().__init__(config)
         try:
-            import psycopg  # noqa: F401
+            import psycopg
             import psycopg_pool  # noqa: F401
         except ImportError:
             raise SchemaError(
                 "the PostgreSQL engine needs psycopg 3 and psycopg_pool: "
                 "pip install 'pypop3-sql[postgresql]'"
             ) from None
+        from psycopg.conninfo import conninfo_to_dict
+
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         timeout_ms = int(config.io_timeout * 1000)
+        try:
+            given = str(conninfo_to_dict(config.url).get("options") or "")
+        except psycopg.ProgrammingError as exc:
+            raise SchemaError(f"option 'url' is not a valid PostgreSQL URI: {exc}") from None
         self._kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(config.connect_timeout)),
             # The server ends a query that outlives the session's I/O timeout, so an
-            # abandoned thread does not keep a connection (and a lock) busy.
-            "options": f"-c statement_timeout={timeout_ms}",
+            # abandoned thread does not keep a connection (and a lock) busy. Options
+            # given in the URL are kept.
+            "options": f"{given} -c statement_timeout={timeout_ms}".strip(),
         }
 
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
@@ -481,28 +482,31 @@ class PostgresEngine(Engine):
         import psycopg
         import psycopg_pool
 
-        with self._errors("cannot connect"), psycopg.connect(self.config.url, **self._kwargs) as conn:
-            with conn.transaction():
-                # Two servers starting at once: one migrates, the other waits.
-                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_NAMESPACE,))
+        with (
+            self._errors("cannot connect"),
+            psycopg.connect(self.config.url, **self._kwargs) as conn,
+            conn.transaction(),
+        ):
+            # Two servers starting at once: one migrates, the other waits.
+            conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_NAMESPACE,))
 
-                def execute(sql: str, params: tuple[object, ...] = ()) -> Any:
-                    return conn.execute(_pg(sql), params)
+            def execute(sql: str, params: tuple[object, ...] = ()) -> Any:
+                return conn.execute(_pg(sql), params)
 
-                def version() -> int:
-                    if conn.execute("SELECT to_regclass('pypop_meta')").fetchone() == (None,):
-                        if conn.execute("SELECT to_regclass('messages')").fetchone() != (None,):
-                            raise SchemaError(
-                                "the database has a messages table but no pypop_meta: "
-                                "not a pypop-sql database"
-                            )
-                        return 0
-                    row = conn.execute(
-                        "SELECT value FROM pypop_meta WHERE key = 'schema_version'"
-                    ).fetchone()
-                    return int(row[0]) if row else 0
+            def version() -> int:
+                if conn.execute("SELECT to_regclass('pypop_meta')").fetchone() == (None,):
+                    if conn.execute("SELECT to_regclass('messages')").fetchone() != (None,):
+                        raise SchemaError(
+                            "the database has a messages table but no pypop_meta: "
+                            "not a pypop-sql database"
+                        )
+                    return 0
+                row = conn.execute(
+                    "SELECT value FROM pypop_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                return int(row[0]) if row else 0
 
-                self._migrate(execute, version)
+            self._migrate(execute, version)
         self._pool = psycopg_pool.ConnectionPool(
             self.config.url,
             min_size=1,
@@ -549,7 +553,9 @@ class PostgresEngine(Engine):
                     raise
         raise AssertionError("unreachable")
 
-    def _open_on(self, conn: psycopg.Connection[Any], user: str, create: bool) -> tuple[Handle, list[Row]]:
+    def _open_on(
+        self, conn: psycopg.Connection[Any], user: str, create: bool
+    ) -> tuple[Handle, list[Row]]:
         lock = "SELECT id, pg_try_advisory_lock(%s, id) FROM mailboxes WHERE name = %s"
         row = conn.execute(lock, (LOCK_NAMESPACE, user)).fetchone()
         if row is None:
@@ -606,7 +612,9 @@ class PostgresEngine(Engine):
             for batch in _batches(message_ids):
                 self._delete_batch(conn, handle.mailbox_id, batch)
 
-    def _delete_batch(self, conn: psycopg.Connection[Any], mailbox_id: int, batch: list[int]) -> None:
+    def _delete_batch(
+        self, conn: psycopg.Connection[Any], mailbox_id: int, batch: list[int]
+    ) -> None:
         conn.execute("DELETE FROM chunks WHERE message_id = ANY(%s)", (batch,))
         conn.execute(
             "DELETE FROM messages WHERE mailbox_id = %s AND id = ANY(%s)", (mailbox_id, batch)
@@ -631,7 +639,7 @@ class PostgresEngine(Engine):
 
     def password(self, user: str) -> tuple[str, bool] | None:
         with self._errors("cannot look up a user"), self.pool.connection() as conn:
-            row = conn.execute(_pg(_PASSWORD), (user,)).fetchone()
+            row = conn.execute(_pg(_LOOKUP), (user,)).fetchone()
         return None if row is None else (str(row[0]), bool(row[1]))
 
     def sample_passwords(self, limit: int) -> list[str]:

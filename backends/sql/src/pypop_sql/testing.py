@@ -86,7 +86,7 @@ class PgServer:
         if reason:
             raise RuntimeError(reason)
         self.root = Path(tempfile.mkdtemp(prefix="pypop-pg-"))
-        os.chmod(self.root, 0o755)
+        os.chmod(self.root, 0o755)  # noqa: S103 - the server user reads it
         if os.geteuid() == 0:
             user = _run_as()[2]
             pw = pwd.getpwnam(user)
