@@ -92,6 +92,7 @@ class Server:
             ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
         self.ssl_context = ssl_context
         self.store = store if store is not None else _default_store(config)
+        self._own_store = store is None
         protocol = ProtocolConfig(
             max_bad_commands=config.max_bad_commands,
             max_auth_failures=config.max_auth_failures,
@@ -212,6 +213,13 @@ class Server:
                     await self.backend.aclose()
                 except Exception:
                     log.exception("backend failed to close")
+                # A store made from the config may hold connections (optional aclose).
+                store_aclose = getattr(self.store, "aclose", None) if self._own_store else None
+                if store_aclose is not None:
+                    try:
+                        await store_aclose()
+                    except Exception:
+                        log.exception("credential store failed to close")
             log.info("stopped after %s", _plural(self.total_sessions, "session"))
 
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
