@@ -53,7 +53,8 @@ def test_newer_schema_stops_the_server_with_a_clear_message(db_url: str, tmp_pat
     )
     r = pypop("serve", "-c", str(conf))
     assert r.returncode == 2
-    assert b"newer than this pypop-sql" in r.stderr and b"Traceback" not in r.stderr
+    assert b"newer than this pypop-sql" in r.stderr
+    assert b"Traceback" not in r.stderr
 
 
 def test_foreign_database_is_refused(tmp_path: Path) -> None:
@@ -115,9 +116,11 @@ async def test_credential_store_schemes_disabled_and_unknown(db_url: str) -> Non
             assert not await store.verify_password(user, PASSWORD)
             assert await store.lookup(user) is None
         cred = await store.lookup("plain")
-        assert cred is not None and cred.plaintext() == PASSWORD  # APOP, CRAM-MD5
+        assert cred is not None
+        assert cred.plaintext() == PASSWORD
         # Unknown users are checked against a dummy of a heavy scheme in the table.
-        assert store._dummy.heavy and store._dummy.scheme in ("SHA512-CRYPT", "BLF-CRYPT")
+        assert store._dummy.heavy
+        assert store._dummy.scheme in ("SHA512-CRYPT", "BLF-CRYPT")
     finally:
         await store.aclose()
 
