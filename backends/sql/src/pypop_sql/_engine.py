@@ -19,6 +19,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -260,8 +261,16 @@ def _translate(kinds: type[BaseException] | tuple[type[BaseException], ...], wha
         raise TemporaryFailure(f"{what}: {type(exc).__name__}: {text}") from exc
 
 
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced (the C type cannot)."""
+
+
 class SqliteEngine(Engine):
-    """One database file in WAL mode; a connection per worker thread; the lock file."""
+    """One database file in WAL mode; a connection per worker thread; the lock file.
+
+    A worker thread keeps its connection (and its statement cache) while it lives;
+    when Trio retires an idle thread, the connection goes with it.
+    """
 
     kind = "sqlite"
     release_blocks = False  # a non-blocking fcntl call
@@ -269,11 +278,11 @@ class SqliteEngine(Engine):
     def __init__(self, config: SqlConfig) -> None:
         super().__init__(config)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._guard = threading.Lock()
         self._locks: LockFile | None = None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         # Autocommit (isolation_level None): reads are single statements, writes say
         # BEGIN IMMEDIATE themselves, so a writer never upgrades a read lock (which
         # can fail with SQLITE_BUSY at once instead of waiting).
@@ -283,17 +292,18 @@ class SqliteEngine(Engine):
             isolation_level=None,
             check_same_thread=False,
             cached_statements=64,
+            factory=_Connection,
         )
         conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> _Connection:
+        conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
             with self._guard:
-                self._all.append(conn)
+                self._all.add(conn)
         return conn
 
     @contextlib.contextmanager
@@ -335,7 +345,7 @@ class SqliteEngine(Engine):
 
     def close(self) -> None:
         with self._guard:
-            conns, self._all = self._all, []
+            conns, self._all = list(self._all), weakref.WeakSet()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()

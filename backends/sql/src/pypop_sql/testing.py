@@ -66,6 +66,8 @@ class PgServer:
     """``with PgServer() as pg: pg.url("mydb")``."""
 
     max_connections: int = 200
+    durable: bool = False
+    """fsync on (benchmarks); off for tests."""
     extra: list[str] = field(default_factory=list)
     port: int = 0
     root: Path | None = None
@@ -81,7 +83,8 @@ class PgServer:
         assert bindir is not None
         return [*_run_as(), str(bindir / args[0]), *args[1:]]
 
-    def start(self) -> None:
+    def init(self) -> None:
+        """``initdb`` into a new temporary directory (no server started)."""
         reason = pg_unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -99,20 +102,32 @@ class PgServer:
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         self.port = _free_port()
+
+    def server_options(self) -> list[str]:
+        """The ``postgres`` settings: loopback and a socket in our directory only."""
         opts = [
             f"-p {self.port}",
             "-c listen_addresses=127.0.0.1",
             f"-c unix_socket_directories={self.root}",
             f"-c max_connections={self.max_connections}",
-            "-c fsync=off",
-            "-c full_page_writes=off",
-            "-c shared_buffers=128MB",
-            *self.extra,
         ]
+        if not self.durable:
+            # A test server: the tests kill processes, not the machine.
+            opts += ["-c fsync=off", "-c full_page_writes=off"]
+        return opts + list(self.extra)
+
+    def foreground_command(self) -> list[str]:
+        """``postgres`` in the foreground (for a supervisor that wants it as a child)."""
+        opts = [word for opt in self.server_options() for word in opt.split(" ", 1)]
+        return self._cmd("postgres", "-D", str(self.datadir), *opts)
+
+    def start(self) -> None:
+        if self.root is None:
+            self.init()
         subprocess.run(
             self._cmd(
-                "pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "log"),
-                "-o", " ".join(opts), "-w", "-t", "60", "start",
+                "pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir.parent / "log"),
+                "-o", " ".join(self.server_options()), "-w", "-t", "60", "start",
             ),
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -128,21 +143,7 @@ class PgServer:
 
     def restart(self) -> None:
         """Start again after :meth:`stop` (same port and data)."""
-        opts = [
-            f"-p {self.port}",
-            "-c listen_addresses=127.0.0.1",
-            f"-c unix_socket_directories={self.root}",
-            f"-c max_connections={self.max_connections}",
-            "-c fsync=off",
-            *self.extra,
-        ]
-        subprocess.run(
-            self._cmd(
-                "pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir.parent / "log"),
-                "-o", " ".join(opts), "-w", "-t", "60", "start",
-            ),
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+        self.start()
 
     def cleanup(self) -> None:
         self.stop()
