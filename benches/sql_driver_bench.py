@@ -73,7 +73,7 @@ class TrioConnection:
         from psycopg.waiting import Ready, Wait
 
         class _Conn(AsyncConnection[Any]):
-            async def wait(self, gen: Any, interval: float = 0.1, timeout: Any = None) -> Any:
+            async def wait(self, gen: Any, interval: float = 0.1, timeout: Any = None) -> Any:  # noqa: ASYNC109 - psycopg's signature
                 fileno = self.pgconn.socket
                 try:
                     state = next(gen)
@@ -133,7 +133,7 @@ async def run_mode(mode: str, url: str, query: str, tasks: int, ops: int) -> tup
         for i in range(ops // tasks):
             assert await op(k * 7919 + i) > 0
 
-    for k, conn in enumerate(conns):  # warm up: prepared statements, caches
+    for conn in conns:  # warm up: prepared statements, caches
         for i in range(10):
             await one_warm(mode, conn, sql, params(i), binary, limiter)
     cpu0, t0 = time.process_time(), time.perf_counter()
