@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-QUERIES = {
+QUERIES: dict[str, tuple[str, Callable[[int], tuple[int]], bool]] = {
     "snapshot": (
         "SELECT id, size, uidl, octets, chunks FROM messages WHERE mailbox_id = %s ORDER BY id",
         lambda i: (1 + i % 20,),
