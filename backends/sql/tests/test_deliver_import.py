@@ -13,11 +13,12 @@ import pytest
 import trio
 from pypop.backend import Backend
 from pypop.registry import create_backend
-from pypop.testing import HARD_MESSAGES
+from pypop.testing import HARD_MESSAGES, expected_retr
 from pypop.wire import wire_size
 
+from pypop_sql._engine import crlf_form
 from pypop_sql.testing import PgServer
-from tests.helpers import open_engine, pypop
+from tests.helpers import open_engine, pypop, start_serve
 
 
 async def _contents(backend: Backend, user: str) -> list[tuple[str, int, bytes]]:
@@ -51,8 +52,25 @@ def test_deliver_keeps_bytes_and_reports_the_uidl(db_url: str) -> None:
         uids.append(out)
     got = contents(db_url, "alice")
     assert [u for u, _, _ in got] == uids
-    assert [d for _, _, d in got] == list(HARD_MESSAGES.values())
+    # Stored in CRLF form (README: Stored form); what RETR sends is checked below.
+    assert [d for _, _, d in got] == [crlf_form(m) for m in HARD_MESSAGES.values()]
     assert [s for _, s, _ in got] == [wire_size(m) for m in HARD_MESSAGES.values()]
+
+
+def test_delivered_mail_retrieved_exactly_through_a_server(db_url: str, tmp_path: Path) -> None:
+    messages = list(HARD_MESSAGES.values())
+    uids = [deliver(db_url, "alice", m)[1] for m in messages]
+    server = start_serve(tmp_path, db_url, "retr")
+    try:
+        pop = server.login("alice")
+        assert [line.split()[1].decode() for line in pop.uidl()[1]] == uids
+        for n, message in enumerate(messages, start=1):
+            _, lines, octets = pop.retr(n)
+            assert b"".join(line + b"\r\n" for line in lines) == expected_retr(message)
+            assert pop.list(n).split()[2] == str(wire_size(message)).encode()
+        pop.quit()
+    finally:
+        server.stop()
 
 
 def test_deliver_large_message_in_chunks(db_url: str) -> None:
@@ -60,7 +78,7 @@ def test_deliver_large_message_in_chunks(db_url: str) -> None:
     status, _, err = deliver(db_url, "alice", big)
     assert (status, err) == (0, "")
     [(_, size, data)] = contents(db_url, "alice")
-    assert data == big
+    assert data == big  # already CRLF: stored as it is
     assert size == wire_size(big)
 
 
@@ -148,7 +166,10 @@ def test_import_maildir_tree_keeps_uidls_and_bytes(db_url: str, tmp_path: Path) 
     _maildir(root, "alice", files)
     _maildir(root, "bob", {"cur/1700000000.M1P1.h:2,": b"Subject: bob\r\n\r\nhi\r\n"})
     (root / "not-a-maildir").mkdir()
-    expected = {u: trio.run(_maildir_view, root, u) for u in ("alice", "bob")}
+    expected = {
+        u: [(uid, size, crlf_form(data)) for uid, size, data in trio.run(_maildir_view, root, u)]
+        for u in ("alice", "bob")
+    }
 
     r = pypop("import", "--backend", "sql", "-o", f"url={db_url}", "--maildir-root", str(root))
     assert r.returncode == 0, r.stderr
@@ -174,7 +195,7 @@ def test_import_one_maildir_into_another_user(tmp_path: Path) -> None:
     r = pypop("import", "--backend", "sql", "-o", f"url={url}", "--maildir", str(md), "-u", "zoe")
     assert r.returncode == 0, r.stderr
     assert contents(url, "zoe") == [
-        ("1.M1P1.h", wire_size(b"Subject: a\n\nb\n"), b"Subject: a\n\nb\n")
+        ("1.M1P1.h", wire_size(b"Subject: a\n\nb\n"), b"Subject: a\r\n\r\nb\r\n")
     ]
     r = pypop("import", "--backend", "sql", "-o", f"url={url}", "--maildir", str(md))
     assert r.returncode == 64  # EX_USAGE: --maildir needs --user
@@ -193,11 +214,11 @@ def test_import_mbox(db_url: str, tmp_path: Path) -> None:
     r = pypop("import", "--backend", "sql", "-o", f"url={db_url}", "--mbox", str(mbox), "-u", "al")
     assert r.returncode == 0, r.stderr
     got = contents(db_url, "al")
+    # The empty line before the next "From " is the separator, not the message's.
     assert [d for _, _, d in got] == [
-        # The empty line before the next "From " is the separator, not the message's.
-        b"X-UIDL: kept-uidl-1\nSubject: one\n\n>From the body\n.dot\n",
-        b"Subject: two\n\nno uidl\n",
-        b"X-UIDL: kept-uidl-1\nSubject: three\n\nduplicate X-UIDL\n",
+        crlf_form(b"X-UIDL: kept-uidl-1\nSubject: one\n\n>From the body\n.dot\n"),
+        crlf_form(b"Subject: two\n\nno uidl\n"),
+        crlf_form(b"X-UIDL: kept-uidl-1\nSubject: three\n\nduplicate X-UIDL\n"),
     ]
     assert got[0][0] == "kept-uidl-1"
     assert len({u for u, _, _ in got}) == 3

@@ -34,7 +34,7 @@ from pypop.errors import (
     PermanentFailure,
     TemporaryFailure,
 )
-from pypop.wire import wire_size
+from pypop.wire import stuff, unstuff, wire_size
 
 from pypop_sql._config import SqlConfig
 from pypop_sql._locks import LockFile, lock_file
@@ -52,6 +52,7 @@ __all__ = [
     "Row",
     "SchemaError",
     "SqliteEngine",
+    "crlf_form",
     "make_engine",
     "new_uid",
 ]
@@ -90,6 +91,24 @@ class Handle:
 def new_uid() -> str:
     """A fresh UIDL: delivery time (hex seconds) and 64 random bits, 25 characters."""
     return f"{int(time.time()):x}.{secrets.token_hex(8)}"
+
+
+def crlf_form(data: bytes) -> bytes:
+    """The stored form: every line end CRLF, as a client gets the message from RETR.
+
+    Made by the wire codec itself (stuff, then unstuff), so the server sends exactly
+    the same octets as for ``data`` (docs/wire.md: LF, CRLF and a bare CR are line
+    ends), for RETR and every TOP cut. A last line without a line end stays without
+    one (the CRLF the server adds there is not the message's). Mail that is already
+    CRLF is returned as it is.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    out, _ = unstuff(stuff(data))
+    if not data.endswith((b"\n", b"\r")):
+        out = out[:-2]
+    return out
 
 
 def split_chunks(data: bytes) -> list[bytes]:
@@ -226,7 +245,8 @@ class Engine(ABC):
     ) -> str:
         """Insert one message; the caller holds the transaction."""
         size = wire_size(data)
-        chunks = split_chunks(data)
+        stored = crlf_form(data)
+        chunks = split_chunks(stored)
         when = time.time() if received is None else received
         for _attempt in range(5):
             uidl = uid if uid is not None else new_uid()
@@ -234,7 +254,7 @@ class Engine(ABC):
                 "INSERT INTO messages (mailbox_id, uidl, received, size, octets, chunks) "
                 f"VALUES (?, ?, {self._received_sql}, ?, ?, ?) "
                 "ON CONFLICT (mailbox_id, uidl) DO NOTHING RETURNING id",
-                (mailbox_id, uidl, when, size, len(data), len(chunks)),
+                (mailbox_id, uidl, when, size, len(stored), len(chunks)),
             )
             if row is not None:
                 message_id = int(row[0])
