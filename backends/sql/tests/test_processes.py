@@ -192,3 +192,36 @@ def test_sessions_on_many_processes_never_share_a_maildrop(db_url: str, tmp_path
     finally:
         a.stop()
         b.stop()
+
+
+def test_postgresql_restart_is_survived(pg_server: object, tmp_path: Path) -> None:
+    """Pooled connections die with a PostgreSQL restart: the next login (and the
+    credential lookup before it) tests the pool and works, no [SYS/TEMP]."""
+    from pypop_sql.testing import PgServer
+
+    with PgServer() as pg:
+        url = pg.create_database()
+        uids = _deliver(url, "alice", 2)
+        with open_engine(url) as e:
+            e.deliver("bob", b"Subject: b\r\n\r\n", None, None)
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            for user in ("alice", "bob"):
+                conn.execute(
+                    "INSERT INTO users (name, password) VALUES (%s, '{PLAIN}secret-pw')", (user,)
+                )
+        server = start_serve(tmp_path, url, "pgrestart", credentials="sql")
+        try:
+            both = [server.login("alice"), server.login("bob")]  # two pooled connections
+            for pop in both:
+                pop.quit()
+            pg.stop()
+            pg.restart()
+            pop = server.login("alice")
+            assert [line.split()[1].decode() for line in pop.uidl()[1]] == uids
+            pop.quit()
+            server.login("bob").quit()
+        finally:
+            server.stop()
+        assert "Traceback" not in server.tail()

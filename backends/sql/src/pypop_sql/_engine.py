@@ -576,7 +576,10 @@ class PostgresEngine(Engine):
                     broken = conn.broken
                     self._put(conn)
                     if broken and attempt == 1:
-                        continue  # a pooled connection from before a server restart
+                        # Pooled connections from before a server restart: test them
+                        # all now (dead ones are replaced), then try again.
+                        pool.check()
+                        continue
                     raise
                 except BaseException:
                     self._put(conn)
@@ -667,14 +670,42 @@ class PostgresEngine(Engine):
             mailbox_id = self._mailbox_for_delivery(fetch, user)
             return self._insert(fetch, chunks, mailbox_id, data, uid, received)
 
+    def _read(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``fn(conn)`` on a pooled connection; once more on a fresh one if the first
+        was broken (a pooled connection from before a server restart). Reads only."""
+        import psycopg
+
+        pool = self.pool
+        for attempt in (1, 2):
+            with self._errors(what):
+                conn = pool.getconn()
+                try:
+                    result = fn(conn)
+                except psycopg.OperationalError:
+                    broken = conn.broken
+                    self._put(conn)
+                    if broken and attempt == 1:
+                        pool.check()
+                        continue
+                    raise
+                except BaseException:
+                    self._put(conn)
+                    raise
+                self._put(conn)
+                return result
+        raise AssertionError("unreachable")
+
     def password(self, user: str) -> tuple[str, bool] | None:
-        with self._errors("cannot look up a user"), self.pool.connection() as conn:
-            row = conn.execute(_pg(_LOOKUP), (user,)).fetchone()
+        row = self._read(
+            "cannot look up a user", lambda conn: conn.execute(_pg(_LOOKUP), (user,)).fetchone()
+        )
         return None if row is None else (str(row[0]), bool(row[1]))
 
     def sample_passwords(self, limit: int) -> list[str]:
-        with self._errors("cannot read users"), self.pool.connection() as conn:
-            return [str(r[0]) for r in conn.execute(_pg(_SAMPLE), (limit,))]
+        return self._read(
+            "cannot read users",
+            lambda conn: [str(r[0]) for r in conn.execute(_pg(_SAMPLE), (limit,))],
+        )
 
 
 def make_engine(config: SqlConfig) -> Engine:

@@ -14,9 +14,9 @@ Why it looks like this (README.md has the long form):
   ``(message_id, seq)``: RETR streams them a few at a time, TOP reads the first
   one(s) only, delivery and deletion are plain rows in one transaction. (PostgreSQL
   large objects would need ``lo_unlink`` bookkeeping outside the row's life, and
-  SQLite has none.) PostgreSQL keeps chunk data uncompressed out of line
-  (``STORAGE EXTERNAL``): mail is mostly compressed already, and RETR then costs no
-  decompression.
+  SQLite has none.) PostgreSQL keeps chunk data uncompressed (``STORAGE
+  EXTERNAL``): mail is mostly compressed already, and RETR then costs no
+  decompression; rows up to 8 KB stay in the heap page (``toast_tuple_target``).
 - ``users``: optional credentials for the ``sql`` credential store, ``{SCHEME}hash``
   as in Dovecot's SQL passdb.
 - ``pypop_meta``: ``schema_version``.
@@ -91,6 +91,9 @@ _POSTGRESQL_V1 = [
         PRIMARY KEY (message_id, seq)
     )""",
     "ALTER TABLE chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+    # Rows up to ~8 KB stay in the heap page (one read for a small message); larger
+    # chunks go out of line, uncompressed.
+    "ALTER TABLE chunks SET (toast_tuple_target = 8160)",
     """CREATE TABLE users (
         name text PRIMARY KEY,
         password text NOT NULL,
