@@ -40,6 +40,11 @@ QUERIES: dict[str, tuple[str, Callable[[int], tuple[int]], bool]] = {
         lambda i: (1 + i % 1000,),
         True,
     ),
+    "msg-1m": (
+        "SELECT data FROM chunks WHERE message_id = %s AND seq >= 0 AND seq <= 15",
+        lambda i: (1001 + i % 20,),
+        True,
+    ),
 }
 
 
@@ -60,6 +65,15 @@ def setup(url: str) -> None:
             "INSERT INTO chunks (message_id, seq, data) "
             "SELECT g, 0, convert_to(repeat('x', 4094) || E'\\r\\n', 'UTF8') "
             "FROM generate_series(1, 1000) g"
+        )
+        conn.execute(
+            "INSERT INTO messages (mailbox_id, uidl, received, size, octets, chunks) "
+            "SELECT 1, 'big' || g, now(), 1048576, 1048576, 16 FROM generate_series(1, 20) g"
+        )
+        conn.execute(
+            "INSERT INTO chunks (message_id, seq, data) "
+            "SELECT 1000 + g, s, decode(repeat(md5(g::text || s::text), 4096), 'hex') "
+            "FROM generate_series(1, 20) g, generate_series(0, 15) s"
         )
         conn.execute("VACUUM ANALYZE")
 
@@ -165,7 +179,7 @@ async def one_warm(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     p.add_argument("--quick", action="store_true", help="few operations (smoke run)")
-    p.add_argument("--ops", type=int, help="operations per run (default 8000; quick 400)")
+    p.add_argument("--ops", type=int, help="operations per run (default 4000; quick 160)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; the best is shown")
     args = p.parse_args(argv)
     try:
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:
         print(f"sql_driver_bench: skipped: {why}", file=sys.stderr)
         return 0
-    ops = args.ops or (400 if args.quick else 8000)
+    ops = args.ops or (160 if args.quick else 4000)
     repeats = 1 if args.quick else args.repeats
     pin = os.sched_getaffinity(0)
     with PgServer() as pg:
@@ -189,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{'trio-wait ops/s':>16} {'µs CPU/op':>10}  {'speed-up':>8}")  # fmt: skip
         for query in QUERIES:
             for tasks in (1, 8):
+                n = ops if query != "msg-1m" else max(tasks, ops // 20)
                 cells: dict[str, tuple[float, float]] = {}
                 for mode in ("threads", "trio-wait"):
                     runs = [
-                        trio.run(run_mode, mode, url, query, tasks, ops) for _ in range(repeats)
+                        trio.run(run_mode, mode, url, query, tasks, n) for _ in range(repeats)
                     ]
                     cells[mode] = (max(r[0] for r in runs), min(r[1] for r in runs))
                 t, w = cells["threads"], cells["trio-wait"]

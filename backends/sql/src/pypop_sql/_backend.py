@@ -19,8 +19,11 @@ __all__ = ["SqlBackend", "SqlMailbox"]
 # messages after it (clients RETR and TOP in order), up to this much per session.
 READ_AHEAD_OCTETS: Final = 256 * 1024
 READ_AHEAD_MESSAGES: Final = 64
-# A large message is read this many chunks (64 KiB each) per thread hop.
-CHUNKS_PER_READ: Final = 4
+# A large message is read this many chunks (64 KiB each) per thread hop (a query per
+# hop costs the database more than the rows: 16 halves PostgreSQL's CPU per MB against
+# 4), and handed to the server this many chunks at a time (fewer, larger sends).
+CHUNKS_PER_READ: Final = 16
+CHUNKS_PER_BLOCK: Final = 4
 
 
 class SqlBackend:
@@ -116,14 +119,17 @@ class SqlMailbox(SnapshotMailbox):
             return
         seq = 0
         while seq < row.chunks:
-            last = min(row.chunks, seq + CHUNKS_PER_READ) - 1
+            # TOP mostly stops in the first chunk: read that alone first.
+            step = 1 if cutter is not None and seq == 0 else CHUNKS_PER_READ
+            last = min(row.chunks, seq + step) - 1
             blocks = await self._threads.run(self._engine.read, self._handle, row.id, seq, last)
             if len(blocks) != last - seq + 1:
                 if seq == 0 and not blocks:
                     raise NoSuchMessage("message was removed")
                 raise TemporaryFailure("message chunks are missing")
             seq = last + 1
-            for block in blocks:
+            for i in range(0, len(blocks), CHUNKS_PER_BLOCK):
+                block = b"".join(blocks[i : i + CHUNKS_PER_BLOCK])
                 if cutter is None:
                     yield block
                     continue

@@ -124,6 +124,10 @@ def _batches(ids: Sequence[int]) -> Iterator[list[int]]:
 
 
 _SNAPSHOT = "SELECT id, size, uidl, octets, chunks FROM messages WHERE mailbox_id = ? ORDER BY id"
+_SNAPSHOT_BY_NAME = (
+    "SELECT m.id, m.size, m.uidl, m.octets, m.chunks FROM messages m"
+    " JOIN mailboxes b ON b.id = m.mailbox_id WHERE b.name = %s ORDER BY m.id"
+)
 _READ = "SELECT data FROM chunks WHERE message_id = ? AND seq >= ? AND seq <= ? ORDER BY seq"
 _LOOKUP = "SELECT password, enabled FROM users WHERE name = ?"
 _SAMPLE = "SELECT password FROM users WHERE enabled LIMIT ?"
@@ -590,7 +594,23 @@ class PostgresEngine(Engine):
         self, conn: psycopg.Connection[Any], user: str, create: bool
     ) -> tuple[Handle, list[Row]]:
         lock = "SELECT id, pg_try_advisory_lock(%s, id) FROM mailboxes WHERE name = %s"
-        row = conn.execute(lock, (LOCK_NAMESPACE, user)).fetchone()
+        # Lock and snapshot in one round trip (pipeline mode). The server runs them in
+        # order, so the snapshot statement starts after the lock is taken and sees
+        # every UPDATE the previous holder committed; without the lock it is unused.
+        with conn.pipeline():
+            locked = conn.execute(lock, (LOCK_NAMESPACE, user))
+            snapshot = conn.execute(_SNAPSHOT_BY_NAME, (user,))
+        row = locked.fetchone()
+        if row is not None:
+            mailbox_id, taken = int(row[0]), bool(row[1])
+            if not taken:
+                raise MailboxLocked("maildrop is locked by another session")
+            try:
+                return Handle(mailbox_id, conn), [Row(*r) for r in snapshot]
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, mailbox_id))
+                raise
         if row is None:
             if not create:
                 raise PermanentFailure("no such mailbox")
