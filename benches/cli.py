@@ -58,10 +58,16 @@ class Scenario:
     metric: str  # key in pop3-load's JSON (idle: server_mem.rss_per_conn_kib)
     unit: str
     lower_is_better: bool = False
+    derived_from: str = ""  # not run: another metric of that scenario's runs
 
 
 SCENARIOS = [
     Scenario("idle", "idle", "idle", 64, "rss_per_conn_kib", "server RSS KiB/conn", True),
+    # PSS beside RSS: Dovecot's processes share most of their pages, which the RSS sum
+    # counts once per process and PSS (from smaps_rollup) divides among them.
+    Scenario(
+        "idle-pss", "idle", "idle", 64, "pss_per_conn_kib", "server PSS KiB/conn", True, "idle"
+    ),
     Scenario("login", "login", "small", 8, "ops_per_s", "sessions/s"),
     Scenario("retr-all-4k", "retr-all", "small", 8, "messages_per_s", "messages/s"),
     Scenario("retr-all-1m", "retr-all", "large", 4, "mb_per_s", "MB/s"),
@@ -265,9 +271,33 @@ def metric_of(sc: Scenario, data: dict[str, Any]) -> float | None:
     return float(v) if isinstance(v, int | float) else None
 
 
+def derive_runs(runs: list[dict[str, Any]], wanted: list[Scenario]) -> list[dict[str, Any]]:
+    """``runs`` plus a record per derived scenario in ``wanted`` that each run of its
+    parent scenario lacks (JSON from before a derived metric existed gets it too)."""
+    have = {(r["server"], r["scenario"], r["repeat"]) for r in runs}
+    out = list(runs)
+    for d in (s for s in wanted if s.derived_from):
+        for r in runs:
+            if r["scenario"] != d.derived_from or (r["server"], d.key, r["repeat"]) in have:
+                continue
+            value = metric_of(d, r["result"]) if r["ok"] else None
+            out.append(
+                {
+                    **r,
+                    "scenario": d.key,
+                    "ok": r["ok"] and value is not None,
+                    "value": value,
+                    "unit": d.unit,
+                    "lower_is_better": d.lower_is_better,
+                }
+            )
+    return out
+
+
 def rerender(path: Path) -> int:
     doc = json.loads(path.read_text())
-    info, runs = doc["meta"], doc["runs"]
+    info = doc["meta"]
+    runs = derive_runs(doc["runs"], SCENARIOS)
     order = [s.key for s in SCENARIOS if any(r["scenario"] == s.key for r in runs)]
     summary = report.summarize(runs)
     print(
@@ -291,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup:
         subprocess.run(["sh", str(Path(__file__).resolve().parent / "setup.sh")], check=True)
     wanted = [s for s in args.servers.split(",") if s]
-    scen = [s for s in SCENARIOS if not args.scenarios or s.key in args.scenarios.split(",")]
+    picked = set(args.scenarios.split(",")) if args.scenarios else {s.key for s in SCENARIOS}
+    scen = [s for s in SCENARIOS if s.key in picked or s.derived_from in picked]
     if not scen:
         print("no such scenario", file=sys.stderr)
         return 2
@@ -358,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         fx.build(copies)
         ca, cert, key = make_cert(work / "tls")
 
-        steps_per_server = 1 + sum(1 if s.load == "idle" else args.repeats for s in scen)
+        run_scen = [s for s in scen if not s.derived_from]
+        steps_per_server = 1 + sum(1 if s.load == "idle" else args.repeats for s in run_scen)
         bar = Progress(steps_per_server * len(servers))
         for name in servers:
             srv: Server
@@ -429,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.done += steps_per_server
                 continue
             try:
-                for sc in scen:
+                for sc in run_scen:
                     if sc.load == "idle" and name == "pypop-sql-postgresql":
                         # A session holds a PostgreSQL connection (its advisory lock):
                         # thousands of idle sessions would need thousands of backends.
@@ -491,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     order = [s.key for s in scen]
+    runs = derive_runs(runs, scen)
     summary = report.summarize(runs)
     table = report.format_table(summary, servers, order)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

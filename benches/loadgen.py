@@ -39,8 +39,12 @@ class LoadResult:
 
 
 def run(binary: Path, args: list[str], timeout: float) -> LoadResult:
-    """Run one load-generator invocation pinned to core 1; parse its JSON line."""
-    cmd = [*pin_prefix(1), str(binary), *args]
+    """Run one load-generator invocation pinned to core 1; parse its JSON line.
+
+    Every fixture message ends with a line end, so RETR must deliver exactly the LIST
+    size (``--exact-sizes``; without it pop3-load allows the 2 octets a server adds
+    to a message without a final newline)."""
+    cmd = [*pin_prefix(1), str(binary), *args, "--exact-sizes"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -3,7 +3,7 @@
 Three figures: cold cache (no ``pypop-sizes`` yet: every file is read once through
 SizeCounter), warm cache (stat + cache lookup), and names carrying ``,W=`` (directory
 listing only). Run ``python benches/maildir_bench.py`` for 100,000 messages, or
-``--quick`` (2,000) in CI. Needs ``pypop`` and ``pypop-maildir`` importable.
+``--quick`` (2,000) in CI. Needs pypop3 and pypop3-maildir installed.
 """
 
 from __future__ import annotations

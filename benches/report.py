@@ -73,6 +73,15 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x (1/{1 / r:,.0f})" if r > 0 else "0x"
 
 
+def _short_ratio(r: float) -> str:
+    """The chart's form: 2.24x, or 1/654 for small ratios."""
+    return f"{r:.2f}x" if r >= 0.1 else f"1/{1 / r:,.0f}" if r > 0 else "0x"
+
+
+def direction(lower_is_better: bool) -> str:
+    return "lower is better" if lower_is_better else "higher is better"
+
+
 def _cell(c: dict[str, Any] | None) -> str:
     if c is None:
         return "-"
@@ -110,7 +119,7 @@ def format_table(
         if not cells:
             continue
         any_cell = next(iter(cells.values()))
-        unit = any_cell["unit"] + (" (lower is better)" if any_cell["lower_is_better"] else "")
+        unit = f"{any_cell['unit']} ({direction(any_cell['lower_is_better'])})"
         row = [sc, unit, *(_cell(cells.get(s)) for s in servers)]
         if has_base:
             base = cells.get(BASELINE, {}).get("median")
@@ -148,7 +157,9 @@ def write_chart(
 ) -> bool:
     """Bar chart: one panel per scenario, a bar per server (median, min-max whiskers).
 
-    Returns False (and writes nothing) when matplotlib is not installed.
+    Each panel says which direction is better, and each bar other than Dovecot's carries
+    its ratio to Dovecot's median. Returns False (and writes nothing) when matplotlib is
+    not installed.
     """
     try:
         import matplotlib
@@ -181,11 +192,16 @@ def write_chart(
         ax.set_xticklabels([s.replace("pypop-", "pypop\n") for s in names], fontsize=8)
         unit = next(iter(cells.values()))["unit"]
         lower = next(iter(cells.values()))["lower_is_better"]
-        ax.set_title(f"{sc}\n{unit}{' (lower is better)' if lower else ''}", fontsize=9)
+        base = cells.get(BASELINE, {}).get("median")
+        note = f"; (x) = ratio to {BASELINE}" if base and len(names) > 1 else ""
+        ax.set_title(f"{sc}: {unit}\n{direction(lower)}{note}", fontsize=9)
         if lower and all(m > 0 for m in med):
             ax.set_yscale("log")  # Dovecot's process per connection dwarfs the rest
+        ax.margins(y=0.25)  # room for the labels above the bars
         for i, s in enumerate(names):
             text = "failed" if cells[s]["median"] is None else _num(med[i])
+            if base and s != BASELINE and cells[s]["median"] is not None:
+                text += f"\n({_short_ratio(med[i] / base)})"
             ax.annotate(text, (i, med[i] or 1), ha="center", va="bottom", fontsize=7)
     for ax in list(axes.flat)[len(scs) :]:
         ax.axis("off")

@@ -349,7 +349,7 @@ def pypop_maildir_available() -> tuple[bool, str]:
     eps = importlib.metadata.entry_points(group="pypop.backends")
     if any(ep.name == "maildir" for ep in eps):
         return True, ""
-    return False, "pypop-maildir is not installed (pip install -e backends/maildir)"
+    return False, "pypop3-maildir is not installed (pip install -e backends/maildir)"
 
 
 def pypop_sql_available(engine: str) -> tuple[bool, str]:

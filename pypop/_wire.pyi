@@ -66,7 +66,11 @@ class DotStuffer:
 
 @final
 class SizeCounter:
-    """Counts a message's POP3 size (RFC 1939 §11) without producing output."""
+    """Counts a message's POP3 size (RFC 1939 §11) without producing output.
+
+    The message with every line end made CRLF (a bare CR counts 2); the CRLF added
+    before the terminator to a message without a final line end is not counted.
+    """
 
     def __new__(cls) -> Self: ...
     def feed(self, data: bytes) -> None: ...

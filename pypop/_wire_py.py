@@ -293,15 +293,15 @@ class DotStuffer:
 class SizeCounter:
     """Counts a message's POP3 size (RFC 1939 §11) without producing output.
 
-    The size is the message with every line end made CRLF, plus the CRLF ``finish()``
-    adds to a message that does not end with a line end; no stuffing, no terminator.
+    The size is the message as stored with every line end made CRLF (a bare CR is a
+    line end and counts 2). Not counted: stuffing, the terminator, and the CRLF the
+    stuffer adds before it to a message without a final line end.
     """
 
-    __slots__ = ("_bol", "_cr", "_finished", "_size")
+    __slots__ = ("_cr", "_finished", "_size")
 
     def __init__(self) -> None:
         self._size = 0
-        self._bol = True
         self._cr = False
         self._finished = False
 
@@ -317,7 +317,6 @@ class SizeCounter:
                 return
             self._cr = False
             self._size += 2  # CRLF or bare CR: either way one CRLF on the wire
-            self._bol = True
             if data[0] == _LF:
                 start = 1
         if end > start and data[end - 1] == _CR:
@@ -330,16 +329,14 @@ class SizeCounter:
         cr = data.count(b"\r", start, end)
         crlf = data.count(b"\r\n", start, end) if cr and lf else 0
         self._size += end - start + lf + cr - 2 * crlf
-        self._bol = data[end - 1] in (_LF, _CR)
 
     def finish(self) -> int:
         if self._finished:
             raise ValueError("SizeCounter.finish() called twice")
         self._finished = True
-        if self._cr or not self._bol:
+        if self._cr:  # a bare CR at the very end: one CRLF on the wire, counted
             self._size += 2
         self._cr = False
-        self._bol = True
         return self._size
 
 

@@ -10,8 +10,11 @@ Rules every backend follows (``pypop.testing`` checks them):
   returns, and raises :class:`MailboxLocked` at once if another session holds it.
 - ``Mailbox.messages`` is a snapshot taken at open time: message *n* is
   ``messages[n - 1]`` for the whole session, mail that arrives later is not in it.
-- ``MessageInfo.size`` is the POP3 size (RFC 1939 §11): the octets a client gets from
-  RETR after unstuffing, i.e. ``pypop.wire.wire_size`` of what ``retrieve`` yields.
+- ``MessageInfo.size`` is the POP3 size (RFC 1939 §11), ``pypop.wire.wire_size`` of
+  what ``retrieve`` yields: the message as stored with every line end made CRLF (a
+  bare CR too, counting 2). The CRLF the server adds before the terminator to a
+  message without a final line end is not counted, as in Dovecot and IMAP's
+  RFC822.SIZE; a client that unstuffs RETR gets 2 octets more for such a message.
 - ``MessageInfo.uid`` is 1-70 octets in 0x21-0x7E, unique in the maildrop and the same
   in every session (RFC 1939 §7).
 - ``Mailbox.retrieve`` yields the stored octets (any line-end convention); the server

@@ -48,6 +48,31 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+FIRST_PARTY_DISTRIBUTIONS: Mapping[str, Mapping[str, str]] = {
+    BACKENDS: {"imap": "pypop3-imap", "maildir": "pypop3-maildir", "sql": "pypop3-sql"},
+    CREDENTIALS: {},
+}
+"""The plugins this project publishes outside pypop3, and their distributions on PyPI.
+
+The install hint names only these: a name built from user input (``pypop-<name>``)
+would send users to whatever anyone registered under it.
+"""
+
+
+def _install_hint(name: str, group: str) -> str:
+    kind = _KIND.get(group, "plugin")
+    ours = FIRST_PARTY_DISTRIBUTIONS.get(group, {})
+    dist = ours.get(name)
+    if dist is not None:
+        return f"the pypop project publishes it as {dist}: pip install {dist}"
+    listed = ", ".join(f"{n} ({d})" for n, d in sorted(ours.items()))
+    published = listed or f"no {kind} outside pypop3"
+    return (
+        f"no first-party {kind} has that name (the pypop project publishes {published}); "
+        "install the distribution that provides it"
+    )
+
+
 def load_factory(name: str, group: str = BACKENDS) -> Callable[[Mapping[str, object]], object]:
     kind = _KIND.get(group, "plugin")
     eps = _entry_points(group)
@@ -56,7 +81,7 @@ def load_factory(name: str, group: str = BACKENDS) -> Callable[[Mapping[str, obj
         installed = ", ".join(sorted(eps)) or "none"
         raise PluginLoadError(
             f"no pypop {kind} named {name!r} is installed (installed: {installed}); "
-            f"try: pip install pypop-{name}"
+            + _install_hint(name, group)
         )
     try:
         factory = ep.load()

@@ -1,4 +1,5 @@
-"""A conformance kit any backend runs under pytest (with pytest-trio installed).
+"""A conformance kit any backend runs under pytest (``pip install 'pypop3[testing]'``:
+pytest and pytest-trio).
 
 Subclass :class:`BackendConformance` in a test module and give it a ``harness``
 fixture that returns a :class:`Harness` for your backend::
@@ -18,13 +19,16 @@ fixture that returns a :class:`Harness` for your backend::
 
 The kit checks the contract in ``pypop.backend`` directly and through a real pypop
 server on 127.0.0.1 with the standard library's ``poplib`` as the client: UIDLs stable
-across sessions, LIST sizes equal to what RETR delivers, RSET, a dropped connection
+across sessions, exact LIST and STAT sizes (:data:`HARD_SIZES`; RETR delivers them, plus
+the CRLF added to a last line that has none), RSET, a dropped connection
 deleting nothing, QUIT deleting exactly the marked messages, the exclusive lock
-([IN-USE]), snapshots, and concurrent sessions of different users.
+([IN-USE]), snapshots, concurrent sessions of different users, and user names that
+try to reach another maildrop (``../bob``, ``a/b``, NUL, very long).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import poplib
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -34,13 +38,30 @@ from typing import Protocol, TypeVar
 import pytest
 import trio
 
+# Without pytest-trio every kit test would fail with pytest's advice to install some
+# other async plugin; say what is missing instead.
+if importlib.util.find_spec("pytest_trio") is None:  # pragma: no cover
+    raise ImportError(
+        "pypop.testing runs its tests with pytest-trio, which is not installed: "
+        "pip install 'pypop3[testing]' (or pytest-trio)"
+    )
+
 from pypop.auth import MemoryCredentialStore
 from pypop.backend import Backend, MailboxLocked, is_valid_uid
 from pypop.config import ServerConfig
+from pypop.errors import AuthFailed, PermanentFailure, TemporaryFailure
 from pypop.server import Server, serve
 from pypop.wire import wire_size
 
-__all__ = ["HARD_MESSAGES", "BackendConformance", "Harness", "expected_retr"]
+__all__ = [
+    "HARD_MESSAGES",
+    "HARD_SIZES",
+    "HOSTILE_USERS",
+    "BackendConformance",
+    "Harness",
+    "expected_retr",
+    "expected_size",
+]
 
 T = TypeVar("T")
 
@@ -66,6 +87,7 @@ HARD_MESSAGES: dict[str, bytes] = {
     "leading-dots": b"Subject: dots\r\n\r\n.one dot\r\n..two dots\r\n.\r\nafter\r\n",
     "just-dot": b".",
     "no-final-newline": b"Subject: nofinal\r\n\r\nlast line",
+    "lf-no-final-newline": b"Subject: lf nofinal\n\nline one\nlast line",
     "eight-bit": "Subject: caf\u00e9\r\n\r\nna\u00efve \u00fcber\r\n".encode(),
     "folded-header": b"Subject: a\r\n folded\r\n\tsubject\r\nTo: x\r\n\r\nbody\r\n",
     # A "." line that starts exactly at the 64 KiB block boundary.
@@ -75,6 +97,52 @@ HARD_MESSAGES: dict[str, bytes] = {
     + b"\r\n"
     + b".dot\r\n",
 }
+
+
+# Their POP3 sizes (LIST, STAT), written out: line ends counted as CRLF, and nothing for
+# the CRLF the server adds before the terminator to a message without a final line end
+# (as Dovecot and IMAP's RFC822.SIZE count). RETR then delivers 2 octets more.
+HARD_SIZES: dict[str, int] = {
+    "lf-only": 35,
+    "leading-dots": 49,
+    "just-dot": 1,
+    "no-final-newline": 29,
+    "lf-no-final-newline": 42,
+    "eight-bit": 32,
+    "folded-header": 46,
+    "dot-at-64k": 65542,
+}
+
+
+def expected_size(message: bytes) -> int:
+    """The POP3 size of a stored message: line ends made CRLF, no final CRLF added."""
+    return len(message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"))
+
+
+# User names that try to reach another user's maildrop or the file system. The
+# protocol refuses control characters in USER, but SASL and a backend's own callers
+# can pass anything, so the backend must hold on its own.
+HOSTILE_USERS: tuple[str, ...] = (
+    "../bob",
+    "../../bob",
+    "bob/..",
+    "./bob",
+    "a/../bob",
+    "/bob",
+    "bob/",
+    "a/b",
+    "a\\..\\bob",
+    ".",
+    "..",
+    "",
+    "bob\0",
+    "bob\x00../x",
+    "bob\n",
+    "bob\r",
+    "%2e%2e/bob",
+    "\u2025/bob",  # a one-character ".." look-alike
+    "x" * 10_000,
+)
 
 
 def expected_retr(message: bytes) -> bytes:
@@ -162,9 +230,11 @@ class BackendConformance:
             await harness.deliver(backend, "alice", msg)
         box = await backend.open_mailbox("alice")
         try:
-            for i, info in enumerate(box.messages):
+            assert len(box.messages) == len(HARD_MESSAGES)
+            for i, (name, info) in enumerate(zip(HARD_MESSAGES, box.messages, strict=True)):
                 data = b"".join([b async for b in box.retrieve(i)])
-                assert wire_size(data) == info.size
+                assert (name, info.size) == (name, HARD_SIZES[name])
+                assert (name, wire_size(data)) == (name, info.size)
         finally:
             await box.aclose()
         await backend.aclose()
@@ -195,6 +265,28 @@ class BackendConformance:
         await box.aclose()
         await backend.aclose()
 
+    async def test_hostile_user_names_never_reach_another_maildrop(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        secret = b"Subject: for bob only\r\n\r\nsecret\r\n"
+        await harness.deliver(backend, "bob", secret)
+        for name in HOSTILE_USERS:
+            try:
+                box = await backend.open_mailbox(name)
+            except (AuthFailed, PermanentFailure, TemporaryFailure):
+                continue  # refused: the server answers -ERR, and that is all
+            try:
+                for i in range(len(box.messages)):
+                    data = b"".join([b async for b in box.retrieve(i)])
+                    assert data != secret, f"user name {name[:40]!r} reached bob's maildrop"
+            finally:
+                await box.commit([])
+        box = await backend.open_mailbox("bob")  # bob's maildrop is whole and unlocked
+        try:
+            assert len(box.messages) == 1
+        finally:
+            await box.aclose()
+        await backend.aclose()
+
     # -- through a real server --
 
     async def test_retr_delivers_listed_size_and_exact_bytes(self, harness: Harness) -> None:
@@ -202,16 +294,21 @@ class BackendConformance:
         for msg in HARD_MESSAGES.values():
             await harness.deliver(backend, "alice", msg)
 
-        def fetch(pop: poplib.POP3) -> list[tuple[int, bytes]]:
+        def fetch(pop: poplib.POP3) -> tuple[tuple[int, int], list[tuple[int, bytes]]]:
             sizes = [int(x.split()[1]) for x in pop.list()[1]]
-            return [(s, _retr_bytes(pop.retr(i + 1)[1])) for i, s in enumerate(sizes)]
+            listed = [(s, _retr_bytes(pop.retr(i + 1)[1])) for i, s in enumerate(sizes)]
+            return pop.stat(), listed
 
         async with self._server(backend) as server:
-            got = await self._client(server, "alice", fetch)
+            stat, got = await self._client(server, "alice", fetch)
+        assert stat == (len(HARD_MESSAGES), sum(HARD_SIZES.values()))
         assert len(got) == len(HARD_MESSAGES)
-        for (size, data), msg in zip(got, HARD_MESSAGES.values(), strict=True):
-            assert data == expected_retr(msg)
-            assert size == len(data)
+        for (size, data), (name, msg) in zip(got, HARD_MESSAGES.items(), strict=True):
+            assert (name, data) == (name, expected_retr(msg))
+            assert (name, size) == (name, HARD_SIZES[name])
+            # RETR gives the listed size, plus the CRLF added to a last line without one.
+            closing = 0 if msg.endswith((b"\n", b"\r")) or not msg else 2
+            assert (name, len(data)) == (name, size + closing)
 
     async def test_top_returns_headers_and_n_lines(self, harness: Harness) -> None:
         backend = harness.make_backend()

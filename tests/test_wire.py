@@ -207,6 +207,12 @@ def model_crlf(message: bytes) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
+def model_size(message: bytes) -> int:
+    """The POP3 size: every line end CRLF; a last line without one counts without one."""
+    lines, tail = model_lines(message)
+    return sum(len(line) + 2 for line in lines) + len(tail)
+
+
 def model_unstuffed_so_far(fed: bytes) -> tuple[bytes, bytes | None]:
     """Unstuffer payload so far and ``rest`` (None before the terminator)."""
     out = bytearray()
@@ -582,30 +588,38 @@ def test_top_negative(wire: ModuleType, bad: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("message", "size"),
+    ("message", "size", "unstuffed"),
     [
-        (b"", 0),
-        (b"a", 3),
-        (b"a\r\n", 3),
-        (b"a\n", 3),
-        (b"a\r", 3),
-        (b"\r\r\n", 4),
-        (b"\n\r", 4),
-        (b".\r\n", 3),  # stuffing dots are not counted
-        (b".", 3),
-        (b"a\r\nb", 6),
-        (MAIL, len(MAIL)),
-        (b"\x00\xff\n", 4),
+        (b"", 0, 0),
+        # No final line end: the CRLF sent before the terminator is not counted.
+        (b"a", 1, 3),
+        (b".", 1, 3),  # stuffing dots are not counted either
+        (b"a\r\nb", 4, 6),
+        (b"a\nb", 4, 6),
+        (b"Subject: x\r\n\r\nlast line", 23, 25),
+        (b"Subject: x\n\nlast line", 23, 25),
+        (b"\x00\xff", 2, 4),
+        (b"a\r\n", 3, 3),
+        (b"a\n", 3, 3),
+        # A bare CR is a line end, sent as CRLF: it counts 2 (Dovecot counts 1).
+        (b"a\r", 3, 3),
+        (b"a\rb", 4, 6),
+        (b"\r\r\n", 4, 4),
+        (b"\n\r", 4, 4),
+        (b".\r\n", 3, 3),
+        (MAIL, len(MAIL), len(MAIL)),
+        (b"\x00\xff\n", 4, 4),
     ],
 )
-def test_wire_size(wire: ModuleType, message: bytes, size: int) -> None:
+def test_wire_size(wire: ModuleType, message: bytes, size: int, unstuffed: int) -> None:
     assert wire.wire_size(message) == size
+    assert model_size(message) == size
     for chunks in ([message], octets(message), [b"", *octets(message), b""]):
         counter = wire.SizeCounter()
         for chunk in chunks:
             assert counter.feed(chunk) is None
         assert counter.finish() == size
-    assert len(wire.unstuff(wire.stuff(message))[0]) == size
+    assert len(wire.unstuff(wire.stuff(message))[0]) == unstuffed
 
 
 # --------------------------------------------------------------------------------------
@@ -885,9 +899,12 @@ def test_prop_round_trip_and_size(wire: ModuleType, message: bytes, draw: st.Dat
     assert rest == b""
     assert payload == model_crlf(message)
     size = wire.wire_size(message)
-    assert size == len(payload)
+    assert size == model_size(message)
+    # the CRLF added before the terminator to a message without a final line end
+    closing = 0 if model_lines(message)[1] == b"" else 2
+    assert size + closing == len(payload)
     stuffed_dots = stuffed[:-3].count(b"\r\n..") + stuffed.startswith(b"..")
-    assert size == len(stuffed) - 3 - stuffed_dots
+    assert size + closing == len(stuffed) - 3 - stuffed_dots
     counter = wire.SizeCounter()
     for chunk in chunked(message, draw):
         counter.feed(chunk)
@@ -1028,3 +1045,25 @@ def test_nothing_after_finish(wire: ModuleType) -> None:
         counter.feed(b"b")
     with pytest.raises(ValueError, match=r"finish"):
         counter.finish()
+
+
+# --------------------------------------------------------------------------------------
+# the conformance kit's size table agrees with the rule, in both codecs
+# --------------------------------------------------------------------------------------
+
+
+def test_conformance_kit_sizes(wire: ModuleType) -> None:
+    from pypop.testing import HARD_MESSAGES, HARD_SIZES, expected_retr, expected_size
+
+    assert HARD_SIZES.keys() == HARD_MESSAGES.keys()
+    for name, message in HARD_MESSAGES.items():
+        size = HARD_SIZES[name]
+        assert (name, wire.wire_size(message)) == (name, size)
+        assert (name, expected_size(message)) == (name, size)
+        assert (name, model_size(message)) == (name, size)
+        retr = wire.unstuff(wire.stuff(message))[0]
+        assert (name, retr) == (name, expected_retr(message))
+    # before the rule changed, these two were listed 2 octets larger (31 and 44)
+    assert HARD_SIZES["no-final-newline"] == len(HARD_MESSAGES["no-final-newline"]) == 29
+    assert HARD_SIZES["lf-no-final-newline"] == 42
+    assert len(expected_retr(HARD_MESSAGES["lf-no-final-newline"])) == 44

@@ -8,6 +8,11 @@ Scheme names follow Dovecot (``doveadm pw -l``); the stored form is
 ``{SCHEME}data``. Libraries: ``bcrypt`` (BLF-CRYPT), ``argon2-cffi`` (ARGON2ID,
 ARGON2I) and ``libpass`` (the maintained passlib fork; SHA256-CRYPT, SHA512-CRYPT,
 MD5-CRYPT). Everything else is hashlib/hmac.
+
+Those three come with the ``pypop3[hashes]`` extra and are imported only when an
+entry needs them, so ``import pypop``, a client, and PLAIN, CRAM-MD5, SSHA512 and
+SCRAM-SHA-256 entries work without them; an entry that needs a missing one raises
+:class:`MissingHashLibraryError`, which names the extra.
 """
 
 from __future__ import annotations
@@ -16,18 +21,22 @@ import base64
 import binascii
 import hashlib
 import hmac
+import importlib
 import logging
 import secrets
 import stringprep
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pypop import wire
 
 __all__ = [
     "DEFAULT_HASH_SCHEME",
+    "HASHES_EXTRA",
     "SCHEMES",
+    "MissingHashLibraryError",
     "ScramKeys",
     "UnknownSchemeError",
     "canonical_scheme",
@@ -63,6 +72,59 @@ _ALIASES = {"CLEARTEXT": "PLAIN", "CLEAR": "PLAIN"}
 
 class UnknownSchemeError(ValueError):
     """The scheme is not one pypop can verify or produce."""
+
+
+HASHES_EXTRA = "pypop3[hashes]"
+"""The extra that brings every library below."""
+
+_LIBRARIES: dict[str, tuple[str, str]] = {
+    # scheme: (module, distribution)
+    "BLF-CRYPT": ("bcrypt", "bcrypt"),
+    "SHA256-CRYPT": ("passlib.hash", "libpass"),
+    "SHA512-CRYPT": ("passlib.hash", "libpass"),
+    "MD5-CRYPT": ("passlib.hash", "libpass"),
+    "ARGON2ID": ("argon2", "argon2-cffi"),
+    "ARGON2I": ("argon2", "argon2-cffi"),
+}
+
+
+class MissingHashLibraryError(ValueError):
+    """A scheme needs a library of the ``pypop3[hashes]`` extra that is not installed."""
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+        self.distribution = _LIBRARIES[scheme][1]
+        super().__init__(
+            f"{{{scheme}}} passwords need the {self.distribution} library, which is not "
+            f"installed: pip install '{HASHES_EXTRA}'"
+        )
+
+
+@contextmanager
+def _needs_library(scheme: str) -> Iterator[None]:
+    """Turn the ImportError of a lazy ``import`` into :class:`MissingHashLibraryError`."""
+    try:
+        yield
+    except ImportError as exc:
+        raise MissingHashLibraryError(scheme) from exc
+
+
+_reported_missing: set[str] = set()
+
+
+def _check_library(scheme: str) -> None:
+    """Import what ``scheme`` needs now (at load time), or log and raise why it cannot."""
+    if scheme not in _LIBRARIES:
+        return
+    try:
+        with _needs_library(scheme):
+            importlib.import_module(_LIBRARIES[scheme][0])
+    except MissingHashLibraryError as exc:
+        # Once per scheme: the passwd-file loader then names every line it skips.
+        if scheme not in _reported_missing:
+            _reported_missing.add(scheme)
+            log.error("%s", exc)
+        raise
 
 
 def canonical_scheme(scheme: str) -> str:
@@ -215,7 +277,8 @@ def _bcrypt_password(password: str) -> bytes:
 
 
 def _verify_bcrypt(value: str, password: str) -> bool:
-    import bcrypt
+    with _needs_library("BLF-CRYPT"):
+        import bcrypt
 
     if not value.startswith(("$2a$", "$2b$", "$2y$")):
         raise ValueError("BLF-CRYPT: not a $2a$/$2b$/$2y$ hash")
@@ -223,7 +286,8 @@ def _verify_bcrypt(value: str, password: str) -> bool:
 
 
 def _hash_bcrypt(password: str) -> str:
-    import bcrypt
+    with _needs_library("BLF-CRYPT"):
+        import bcrypt
 
     hashed = bcrypt.hashpw(_bcrypt_password(password), bcrypt.gensalt(rounds=BCRYPT_COST))
     # $2b$ and $2y$ are the same algorithm; doveadm writes $2y$.
@@ -231,7 +295,8 @@ def _hash_bcrypt(password: str) -> str:
 
 
 def _sha_crypt(which: str) -> object:
-    from passlib import hash as passlib_hash  # type: ignore[import-untyped]
+    with _needs_library(which.replace("_", "-").upper()):
+        from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 
     return getattr(passlib_hash, which)
 
@@ -260,8 +325,9 @@ def _hash_md5_crypt(password: str) -> str:
 
 def _verify_argon2(prefix: str) -> Callable[[str, str], bool]:
     def verify(value: str, password: str) -> bool:
-        from argon2 import PasswordHasher
-        from argon2.exceptions import InvalidHashError, VerificationError
+        with _needs_library("ARGON2ID" if prefix == "$argon2id$" else "ARGON2I"):
+            from argon2 import PasswordHasher
+            from argon2.exceptions import InvalidHashError, VerificationError
 
         if not value.startswith(prefix):
             raise ValueError("ARGON2: wrong variant")
@@ -277,7 +343,8 @@ def _verify_argon2(prefix: str) -> Callable[[str, str], bool]:
 
 def _hash_argon2(type_name: str) -> Callable[[str], str]:
     def hash_(password: str) -> str:
-        from argon2 import PasswordHasher, Type
+        with _needs_library(f"ARGON2{type_name}"):
+            from argon2 import PasswordHasher, Type
 
         hasher = PasswordHasher(
             time_cost=ARGON2_TIME_COST,
@@ -380,9 +447,14 @@ def is_heavy(scheme: str) -> bool:
 
 
 def validate_value(scheme: str, value: str) -> None:
-    """Cheap syntax check of a stored value; ``ValueError`` if it can never verify."""
+    """Cheap syntax check of a stored value; ``ValueError`` if it can never verify.
+
+    :class:`MissingHashLibraryError` (a ``ValueError``, logged once per scheme) when
+    the library the scheme needs is not installed.
+    """
     name = canonical_scheme(scheme)
     _scheme(name)
+    _check_library(_crypt_target(value) if name == "CRYPT" else name)
     if name == "CRAM-MD5":
         if len(value) != 64:
             raise ValueError("CRAM-MD5: expected 64 hex digits")
@@ -406,12 +478,15 @@ def validate_value(scheme: str, value: str) -> None:
 def verify_scheme(scheme: str, value: str, password: str) -> bool:
     """True if ``password`` matches the stored ``value`` of ``scheme``.
 
-    ``UnknownSchemeError`` for a scheme pypop does not know; a malformed stored value
-    is logged (without its content) and gives False.
+    ``UnknownSchemeError`` for a scheme pypop does not know,
+    :class:`MissingHashLibraryError` for one whose library is not installed; a
+    malformed stored value is logged (without its content) and gives False.
     """
     entry = _scheme(scheme)
     try:
         return entry.verify(value, password)
+    except MissingHashLibraryError:
+        raise  # not the stored value's fault: the caller says what to install
     except (ValueError, TypeError, binascii.Error) as exc:
         log.warning("stored %s value is malformed (%s)", entry.name, type(exc).__name__)
         return False

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except schemes.UnknownSchemeError:
         print(f"pypop passwd: unknown scheme {args.scheme!r} (-l lists them)", file=sys.stderr)
         return 2
+    except schemes.MissingHashLibraryError as exc:  # names the extra to install
+        print(f"pypop passwd: {exc}", file=sys.stderr)
+        return 2
     if any(c in hashed for c in ":\r\n"):
         print(
             "pypop passwd: this password cannot be stored in a passwd-file with this "

@@ -57,10 +57,14 @@ async def test_hard_cases_sizes_and_bytes(alice: Path, backend_factory: BackendM
             assert b"".join(await read_all(mb, i)) == data, key
     finally:
         await mb.aclose()
-    # exact figures for a few, independent of the codec
-    assert wire_size(HARD_CASES["lf"]) == len(HARD_CASES["lf"]) + 5
-    assert wire_size(HARD_CASES["no-final-newline"]) == len(HARD_CASES["no-final-newline"]) + 2
-    assert wire_size(b".") == 3
+    # exact figures for a few, independent of the codec (Dovecot's rule: no octets for
+    # the CRLF the server adds to a last line without one; a bare CR counts 2)
+    sizes = {key: mb.messages[i].size for i, key in enumerate(names)}
+    assert sizes["lf"] == len(HARD_CASES["lf"]) + 5 == 61
+    assert sizes["no-final-newline"] == len(HARD_CASES["no-final-newline"]) == 35
+    assert sizes["just-dot"] == 1
+    assert sizes["bare-cr"] == len(HARD_CASES["bare-cr"]) + 3 == 26
+    assert sizes["empty"] == 0
 
 
 async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: BackendMaker) -> None:
@@ -200,7 +204,7 @@ async def test_size_cache_used_and_stale_entry_never_served(
     await mb.aclose()
     cache = alice / SIZE_CACHE_NAME
     lines = cache.read_text().splitlines()
-    assert lines[0] == "pypop-sizes 1"
+    assert lines[0] == "pypop-sizes 2"
     st = path.stat()
     assert lines[1] == f"1700000001.M1P1.h\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t10"
     # A valid entry is served (we plant a different size to see it used) ...
@@ -225,6 +229,40 @@ async def test_size_cache_used_and_stale_entry_never_served(
     cache.write_bytes(b"garbage\x00\n")
     mb = await backend.open_mailbox("alice")
     assert mb.messages[0].size == 9
+    await mb.aclose()
+
+
+async def test_size_cache_of_the_old_rule_is_not_trusted(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    # Written by a pypop that counted the CRLF added to a last line without one: every
+    # entry matches its file (size, mtime, inode) but holds a size of the old rule.
+    nofinal = b"Subject: x\r\n\r\nno newline at the end"
+    lf_nofinal = b"Subject: y\n\nline\nlast"
+    paths = [
+        deliver(alice, "1700000001.M1P1.h", nofinal, sub="cur"),
+        deliver(alice, "1700000002.M1P1.h", lf_nofinal, sub="cur"),
+    ]
+    old_sizes = [len(nofinal) + 2, 24 + 2]
+    cache = alice / SIZE_CACHE_NAME
+    lines = ["pypop-sizes 1\n"]
+    for path, size in zip(paths, old_sizes, strict=True):
+        st = path.stat()
+        lines.append(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t{size}\n")
+    cache.write_text("".join(lines))
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        assert [m.size for m in mb.messages] == [35, 24]
+        assert [m.size for m in mb.messages] == [len(nofinal), wire_size(lf_nofinal)]
+    finally:
+        await mb.aclose()
+    # Rewritten under the new version, with the new sizes, and then trusted.
+    new_lines = cache.read_text().splitlines()
+    assert new_lines[0] == "pypop-sizes 2"
+    assert [ln.rsplit("\t", 1)[1] for ln in new_lines[1:]] == ["35", "24"]
+    cache.write_text(cache.read_text().replace("\t35\n", "\t77\n"))
+    mb = await backend_factory().open_mailbox("alice")
+    assert mb.messages[0].size == 77  # proves a current-version entry is used
     await mb.aclose()
 
 

@@ -5,25 +5,29 @@
 //! natural shape (no work-stealing, no cross-thread wakeups), and per-connection
 //! state is a task plus a read buffer, which lets the idle scenario hold 10,000
 //! connections cheaply. Every reply is checked: each status line starts with `+OK`
-//! and ends with CRLF, multi-line replies must be terminated by `.` CRLF, the
-//! unstuffed RETR length must equal the LIST size, LIST/UIDL must agree with STAT.
-//! A run with any error exits with status 1. Results are one JSON line on stdout.
+//! and ends with CRLF, multi-line replies must be terminated by `.` CRLF (read with
+//! `pop3_wire::Unstuffer`, strict about CRLF), LIST/UIDL must agree with STAT, and the
+//! unstuffed RETR length must equal the LIST size, or be 2 octets more where the
+//! server added a CRLF to a last line without one (docs/wire.md: that CRLF is not part
+//! of the size; the added line end must end a non-empty line with no LF in it, and
+//! `--exact-sizes` refuses the case for mail known to end with line ends). A run with
+//! any error exits with status 1. Results are one JSON line on stdout.
 //!
 //! Only loopback addresses are accepted as targets.
 
+mod body;
 mod procfs;
-mod unstuff;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use body::BodyReader;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use unstuff::Unstuffer;
 
 const USAGE: &str = "\
 usage: pop3-load --port PORT --scenario NAME [options]
@@ -49,6 +53,9 @@ scenarios: login | retr-all | top | pipelined | idle | tls-login
   --ca FILE              tls-login: PEM CA to trust
   --sni NAME             tls-login: server name to verify (default localhost)
   --tls-resumption       tls-login: allow TLS session resumption (default off)
+  --exact-sizes          every message ends with a line end: the unstuffed RETR
+                         length must equal the LIST size (by default it may be 2
+                         more, for the CRLF a server adds to a last line without one)
   --label TEXT           copied into the JSON result
 ";
 
@@ -99,6 +106,7 @@ struct Config {
     server_pid: Option<u32>,
     server_core: Option<usize>,
     tls: Option<(TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    exact_sizes: bool,
     label: String,
 }
 
@@ -181,6 +189,7 @@ fn parse_args() -> Config {
     let mut ca = None;
     let mut sni = "localhost".to_string();
     let mut resumption = false;
+    let mut exact_sizes = false;
     let mut label = String::new();
 
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -191,8 +200,12 @@ fn parse_args() -> Config {
             print!("{USAGE}");
             std::process::exit(0);
         }
-        if a == "--tls-resumption" {
-            resumption = true;
+        if a == "--tls-resumption" || a == "--exact-sizes" {
+            if a == "--tls-resumption" {
+                resumption = true;
+            } else {
+                exact_sizes = true;
+            }
             i += 1;
             continue;
         }
@@ -279,6 +292,7 @@ fn parse_args() -> Config {
         server_pid,
         server_core,
         tls,
+        exact_sizes,
         label,
     }
 }
@@ -294,6 +308,8 @@ struct Conn<S> {
     end: usize,
     timeout: Duration,
     scratch: Vec<u8>,
+    /// Payload octets that are counted, not kept (cleared after every chunk).
+    discard: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -305,6 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             end: 0,
             timeout,
             scratch: Vec::new(),
+            discard: Vec::new(),
         }
     }
 
@@ -375,21 +392,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Read a multi-line body up to its terminator; returns the unstuffed length.
-    /// With `collect`, the payload is left in `self.scratch`.
-    async fn body(&mut self, what: &str, collect: bool) -> Res<u64> {
-        let mut u = Unstuffer::new();
+    /// Read a multi-line body up to its terminator. With `collect`, the payload is
+    /// left in `self.scratch`.
+    async fn body(&mut self, what: &str, collect: bool) -> Res<BodyReader> {
+        let mut r = BodyReader::new();
         self.scratch.clear();
         loop {
-            let sink = if collect {
-                Some(&mut self.scratch)
+            let out = if collect {
+                &mut self.scratch
             } else {
-                None
+                self.discard.clear();
+                &mut self.discard
             };
-            let n = u.feed(&self.buf[self.start..self.end], sink);
+            let n = r.feed(&self.buf[self.start..self.end], out);
             self.start += n;
-            if u.done() {
-                return Ok(u.payload_len);
+            if r.done() {
+                return Ok(r);
             }
             self.fill()
                 .await
@@ -460,6 +478,8 @@ struct Tally {
     sessions: u64,
     messages: u64,
     bytes: u64,
+    /// RETRs that were LIST size + 2: a message without a final line end.
+    closing_crlf: u64,
     errors: u64,
     error_samples: Vec<String>,
     lat_us: Vec<u32>,
@@ -476,6 +496,7 @@ impl Tally {
         self.sessions += o.sessions;
         self.messages += o.messages;
         self.bytes += o.bytes;
+        self.closing_crlf += o.closing_crlf;
         self.errors += o.errors;
         for e in o.error_samples {
             if self.error_samples.len() < 10 {
@@ -521,17 +542,54 @@ async fn quit<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Conn<S>) -> Res<()> {
     c.expect_close().await
 }
 
-/// One session; returns (messages, payload bytes).
+/// Checks one RETR body against its LIST size. The size does not count the CRLF a
+/// server adds to a last line without one (docs/wire.md), so the body may be 2 octets
+/// longer, if that CRLF ends a line that can have lacked one. Returns whether it did.
+fn check_retr(k: usize, body: &BodyReader, want: u64, exact: bool) -> Res<bool> {
+    let got = body.payload_len();
+    if got == want {
+        return Ok(false);
+    }
+    if !exact && got == want + 2 && body.may_lack_final_line_end() {
+        return Ok(true);
+    }
+    let why = if got == want + 2 && !exact {
+        " (2 more is allowed only for a last line that lacked its line end)"
+    } else {
+        ""
+    };
+    Err(format!("RETR {k}: {got} octets, LIST said {want}{why}"))
+}
+
+/// What one session did.
+#[derive(Default)]
+struct Done {
+    messages: u64,
+    /// Unstuffed payload octets.
+    bytes: u64,
+    closing_crlf: u64,
+}
+
+impl Done {
+    fn retr(&mut self, k: usize, body: &BodyReader, want: u64, exact: bool) -> Res<()> {
+        self.closing_crlf += u64::from(check_retr(k, body, want, exact)?);
+        self.messages += 1;
+        self.bytes += body.payload_len();
+        Ok(())
+    }
+}
+
+/// One session.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Conn<S>,
     sc: Scenario,
+    exact: bool,
     u: &str,
     p: &str,
-) -> Res<(u64, u64)> {
+) -> Res<Done> {
     login(c, u, p).await?;
     let (n, total) = stat(c).await?;
-    let mut msgs = 0u64;
-    let mut bytes = 0u64;
+    let mut done = Done::default();
     match sc {
         Scenario::Login | Scenario::TlsLogin | Scenario::Idle => {}
         Scenario::RetrAll => {
@@ -543,12 +601,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             for (k, &want) in sizes.iter().enumerate() {
                 c.send(format!("RETR {}\r\n", k + 1).as_bytes()).await?;
                 c.ok("RETR").await?;
-                let got = c.body("RETR", false).await?;
-                if got != want {
-                    return Err(format!("RETR {}: {got} octets, LIST said {want}", k + 1));
-                }
-                msgs += 1;
-                bytes += got;
+                let body = c.body("RETR", false).await?;
+                done.retr(k + 1, &body, want, exact)?;
             }
         }
         Scenario::Pipelined => {
@@ -560,30 +614,26 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             c.send(&cmds).await?;
             for (k, &want) in sizes.iter().enumerate() {
                 c.ok("RETR").await?;
-                let got = c.body("RETR", false).await?;
-                if got != want {
-                    return Err(format!("RETR {}: {got} octets, LIST said {want}", k + 1));
-                }
-                msgs += 1;
-                bytes += got;
+                let body = c.body("RETR", false).await?;
+                done.retr(k + 1, &body, want, exact)?;
             }
         }
         Scenario::Top => {
             for k in 1..=n {
                 c.send(format!("TOP {k} 0\r\n").as_bytes()).await?;
                 c.ok("TOP").await?;
-                let got = c.body("TOP", true).await?;
+                let body = c.body("TOP", true).await?;
                 // Headers plus the empty line that ends them (fixtures have bodies).
                 if !c.scratch.ends_with(b"\r\n\r\n") {
                     return Err(format!("TOP {k} 0: reply does not end with the empty line"));
                 }
-                msgs += 1;
-                bytes += got;
+                done.messages += 1;
+                done.bytes += body.payload_len();
             }
         }
     }
     quit(c).await?;
-    Ok((msgs, bytes))
+    Ok(done)
 }
 
 async fn connect(cfg: &Config) -> Res<TcpStream> {
@@ -596,11 +646,12 @@ async fn connect(cfg: &Config) -> Res<TcpStream> {
     Ok(s)
 }
 
-async fn one_session(cfg: &Config, u: &str, p: &str) -> Res<(u64, u64)> {
+async fn one_session(cfg: &Config, u: &str, p: &str) -> Res<Done> {
     let tcp = connect(cfg).await?;
     let cap = 64 * 1024;
+    let (sc, exact) = (cfg.scenario, cfg.exact_sizes);
     match &cfg.tls {
-        None => session(&mut Conn::new(tcp, cap, cfg.timeout), cfg.scenario, u, p).await,
+        None => session(&mut Conn::new(tcp, cap, cfg.timeout), sc, exact, u, p).await,
         Some((conn, name)) => {
             let tls = match tokio::time::timeout(cfg.timeout, conn.connect(name.clone(), tcp)).await
             {
@@ -608,7 +659,7 @@ async fn one_session(cfg: &Config, u: &str, p: &str) -> Res<(u64, u64)> {
                 Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
                 Ok(Ok(t)) => t,
             };
-            session(&mut Conn::new(tls, cap, cfg.timeout), cfg.scenario, u, p).await
+            session(&mut Conn::new(tls, cap, cfg.timeout), sc, exact, u, p).await
         }
     }
 }
@@ -641,10 +692,11 @@ async fn worker(cfg: Arc<Config>, w: usize, budget: Arc<AtomicU64>, deadline: In
         }
         let t0 = Instant::now();
         match one_session(&cfg, u, p).await {
-            Ok((m, b)) => {
+            Ok(d) => {
                 t.sessions += 1;
-                t.messages += m;
-                t.bytes += b;
+                t.messages += d.messages;
+                t.bytes += d.bytes;
+                t.closing_crlf += d.closing_crlf;
                 t.lat_us
                     .push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
@@ -847,6 +899,7 @@ fn main() {
         "messages": tally.messages,
         "messages_per_s": tally.messages as f64 / elapsed,
         "bytes": tally.bytes,
+        "retr_without_final_line_end": tally.closing_crlf,
         "mb_per_s": tally.bytes as f64 / 1e6 / elapsed,
         "errors": tally.errors,
         "error_samples": tally.error_samples,

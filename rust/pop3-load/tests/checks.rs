@@ -16,13 +16,35 @@ enum Fault {
     BareLfStatus,
     ListSumWrong,
     NoCloseAfterQuit,
+    /// Message 1 listed 2 short: its body then looks like a message without a final
+    /// line end, which only `--exact-sizes` can refuse.
+    ShortByTwo,
+    /// Message 4 (ends with an empty line) listed 2 short.
+    EmptyLastLineShortByTwo,
+    /// Message 2 (an LF in its last line) listed 2 short.
+    LfLastLineShortByTwo,
 }
 
-// Message 2 has a line starting with "." (stuffed on the wire) and a bare LF.
-const MSGS: [&[u8]; 2] = [
+// Message 2 has a line starting with "." (stuffed on the wire) and a bare LF (sent as
+// it is). Message 3 has no final line end: its size does not count the CRLF the server
+// adds before the terminator (docs/wire.md). Message 4 ends with an empty line.
+const MSGS: [&[u8]; 4] = [
     b"Subject: a\r\n\r\nhello\r\n",
     b"Subject: b\r\n\r\n.dot\r\nx\ny\r\n",
+    b"Subject: c\r\n\r\nno final line end",
+    b"Subject: d\r\n\r\n",
 ];
+
+fn sizes(fault: Fault) -> [usize; 4] {
+    let mut s = MSGS.map(<[u8]>::len);
+    match fault {
+        Fault::ShortByTwo => s[0] -= 2,
+        Fault::LfLastLineShortByTwo => s[1] -= 2,
+        Fault::EmptyLastLineShortByTwo => s[3] -= 2,
+        _ => {}
+    }
+    s
+}
 
 fn stuffed(m: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -33,6 +55,9 @@ fn stuffed(m: &[u8]) -> Vec<u8> {
         }
         out.push(b);
         at_start = b == b'\n' && i > 0 && m[i - 1] == b'\r';
+    }
+    if !m.is_empty() && !at_start {
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
     out
@@ -55,23 +80,25 @@ fn serve_one(s: TcpStream, fault: Fault) {
             return;
         }
         let cmd: Vec<&str> = line.trim_end().split(' ').collect();
-        let total: usize = MSGS.iter().map(|m| m.len()).sum();
+        let sizes = sizes(fault);
+        let total: usize = sizes.iter().sum();
         let reply: Vec<u8> = match cmd[0] {
             "USER" => b"+OK\r\n".to_vec(),
             "PASS" if fault == Fault::PassErr => b"-ERR [AUTH] no\r\n".to_vec(),
             "PASS" => b"+OK logged in\r\n".to_vec(),
-            "STAT" => format!("+OK 2 {total}\r\n").into_bytes(),
+            "STAT" => format!("+OK {} {total}\r\n", MSGS.len()).into_bytes(),
             "NOOP" => b"+OK\r\n".to_vec(),
             "LIST" => {
                 let extra = if fault == Fault::ListSumWrong { 1 } else { 0 };
-                format!(
-                    "+OK\r\n1 {}\r\n2 {}\r\n.\r\n",
-                    MSGS[0].len() + extra,
-                    MSGS[1].len()
-                )
-                .into_bytes()
+                let mut out = b"+OK\r\n".to_vec();
+                for (k, size) in sizes.iter().enumerate() {
+                    let size = size + if k == 0 { extra } else { 0 };
+                    out.extend_from_slice(format!("{} {size}\r\n", k + 1).as_bytes());
+                }
+                out.extend_from_slice(b".\r\n");
+                out
             }
-            "UIDL" => b"+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n".to_vec(),
+            "UIDL" => b"+OK\r\n1 aaa\r\n2 bbb\r\n3 ccc\r\n4 ddd\r\n.\r\n".to_vec(),
             "RETR" | "TOP" => {
                 let k: usize = cmd[1].parse().unwrap();
                 let mut m = MSGS[k - 1].to_vec();
@@ -108,6 +135,10 @@ fn serve_one(s: TcpStream, fault: Fault) {
 }
 
 fn run(fault: Fault, scenario: &str) -> (i32, String) {
+    run_with(fault, scenario, &[])
+}
+
+fn run_with(fault: Fault, scenario: &str, extra: &[&str]) -> (i32, String) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     thread::spawn(move || {
@@ -125,6 +156,7 @@ fn run(fault: Fault, scenario: &str) -> (i32, String) {
             "3",
         ])
         .args(["--concurrency", "1", "--timeout", "2", "--user-count", "2"])
+        .args(extra)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -138,6 +170,42 @@ fn a_correct_server_passes_every_scenario() {
         assert_eq!(code, 0, "{sc}: {out}");
         assert!(out.contains("\"errors\":0"), "{sc}: {out}");
     }
+    // Three sessions, each with one message without a final line end.
+    for sc in ["retr-all", "pipelined"] {
+        let (code, out) = run(Fault::None, sc);
+        assert_eq!(code, 0, "{sc}: {out}");
+        assert!(
+            out.contains("\"retr_without_final_line_end\":3"),
+            "{sc}: {out}"
+        );
+    }
+}
+
+#[test]
+fn exact_sizes_refuses_what_the_wire_cannot_tell_apart() {
+    // A server that lists message 1 two octets short sends what a correct server
+    // sends for a message whose last line lacks its line end: the default passes
+    // it, --exact-sizes (for mail known to end with line ends) does not. (Likewise a
+    // server that counts the added CRLF, as pypop did before, cannot be told from one
+    // whose message had that line end: tests/test_dovecot_sizes.py checks servers.)
+    let (code, out) = run(Fault::ShortByTwo, "retr-all");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"retr_without_final_line_end\":6"), "{out}");
+    for sc in ["retr-all", "pipelined"] {
+        let (code, out) = run_with(Fault::ShortByTwo, sc, &["--exact-sizes"]);
+        assert_eq!(code, 1, "{sc}: {out}");
+        assert!(
+            out.contains("RETR 1: 21 octets, LIST said 19"),
+            "{sc}: {out}"
+        );
+        // ... and a correct server fails it too, on message 3.
+        let (code, out) = run_with(Fault::None, sc, &["--exact-sizes"]);
+        assert_eq!(code, 1, "{sc}: {out}");
+        assert!(
+            out.contains("RETR 3: 33 octets, LIST said 31"),
+            "{sc}: {out}"
+        );
+    }
 }
 
 #[test]
@@ -150,6 +218,26 @@ fn every_fault_is_an_error() {
         (Fault::BareLfStatus, "login", "CRLF"),
         (Fault::ListSumWrong, "retr-all", "STAT said"),
         (Fault::NoCloseAfterQuit, "login", "close"),
+        (
+            Fault::EmptyLastLineShortByTwo,
+            "retr-all",
+            "RETR 4: 14 octets, LIST said 12",
+        ),
+        (
+            Fault::EmptyLastLineShortByTwo,
+            "pipelined",
+            "RETR 4: 14 octets",
+        ),
+        (
+            Fault::LfLastLineShortByTwo,
+            "retr-all",
+            "RETR 2: 25 octets, LIST said 23",
+        ),
+        (
+            Fault::LfLastLineShortByTwo,
+            "pipelined",
+            "RETR 2: 25 octets",
+        ),
     ] {
         let (code, out) = run(fault, sc);
         assert_eq!(code, 1, "{sc}/{what}: {out}");

@@ -10,6 +10,11 @@ trait Sink {
     fn crlf(&mut self);
     /// A stuffing dot (not part of the message size).
     fn dot(&mut self);
+    /// The CRLF that ends a message without a final line end, so that the terminator
+    /// starts a line. Sent, but not part of the message size (RFC 1939 §11, Dovecot).
+    fn closing_crlf(&mut self) {
+        self.crlf();
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -27,7 +32,8 @@ impl Sink for Vec<u8> {
     }
 }
 
-/// Counts message octets (RFC 1939 §11): stuffing dots are not counted.
+/// Counts message octets (RFC 1939 §11): stuffing dots and the closing CRLF are not
+/// counted.
 #[derive(Debug, Clone)]
 struct Count(u64);
 
@@ -42,6 +48,8 @@ impl Sink for Count {
     }
     #[inline]
     fn dot(&mut self) {}
+    #[inline]
+    fn closing_crlf(&mut self) {}
 }
 
 /// Octets per block in [`skip_verbatim_blocks`].
@@ -245,7 +253,7 @@ impl Normaliser {
             self.line_end(empty);
         }
         if !self.at_line_start {
-            out.crlf();
+            out.closing_crlf();
             self.at_line_start = true;
         }
         Ok(())
@@ -301,12 +309,6 @@ impl DotStuffer {
         self.state.finished
     }
 
-    /// An upper bound on the octets one `feed` of `input_len` octets can write
-    /// (every octet may double, plus a held-back CR's CRLF).
-    pub fn max_output_len(input_len: usize) -> usize {
-        input_len.saturating_mul(2).saturating_add(2)
-    }
-
     /// Appends the stuffed form of `data` to `out`.
     /// Fails with [`WireError::Finished`] after [`DotStuffer::finish`].
     pub fn feed_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
@@ -341,10 +343,12 @@ impl DotStuffer {
     }
 }
 
-/// Counts a message's POP3 size (RFC 1939 §11) without producing output: the octets a
-/// client gets back after unstuffing a RETR (every line end made CRLF, plus the CRLF
-/// that [`DotStuffer::finish`] adds to a message without a final line end). Stuffing dots
-/// and the terminator are not counted.
+/// Counts a message's POP3 size (RFC 1939 §11) without producing output: the message
+/// as stored with every line end made CRLF (a bare CR counts as a line end, as the
+/// stuffer sends it). Not counted: stuffing dots, the terminator, and the CRLF that
+/// [`DotStuffer::finish`] adds to a message without a final line end (Dovecot's and
+/// IMAP's RFC822.SIZE rule). So a client that unstuffs a RETR gets the size, plus 2
+/// when the message had no final line end.
 #[derive(Debug, Clone)]
 pub struct SizeCounter {
     state: Normaliser,

@@ -49,8 +49,22 @@ fn ref_stuff(m: &[u8], top: Option<u64>) -> Vec<u8> {
     out
 }
 
+/// The size rule: every line with its line end made CRLF; a last line without a line
+/// end counts without one (the CRLF the stuffer adds before the terminator is not part
+/// of the message).
 fn ref_size(m: &[u8]) -> u64 {
-    ref_lines(m).iter().map(|(l, _)| l.len() as u64 + 2).sum()
+    ref_lines(m)
+        .iter()
+        .map(|(l, end)| l.len() as u64 + if *end { 2 } else { 0 })
+        .sum()
+}
+
+/// 2 if the stuffer must add a CRLF before the terminator (no final line end), else 0.
+fn closing_crlf(m: &[u8]) -> u64 {
+    match ref_lines(m).last() {
+        Some((_, false)) => 2,
+        _ => 0,
+    }
 }
 
 fn ref_unstuff(d: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -320,10 +334,18 @@ fn top_done_ignores_later_input() {
 fn size_rules() {
     let cases: &[(&[u8], u64)] = &[
         (b"", 0),
-        (b"a", 3),
+        // No final line end: the CRLF sent before the terminator is not counted.
+        (b"a", 1),
+        (b".", 1),
+        (b"a\r\nb", 4),
+        (b"a\nb", 4),
+        (b"Subject: x\r\n\r\nlast line", 23),
+        (b"Subject: x\n\nlast line", 23),
         (b"a\r\n", 3),
         (b"a\n", 3),
+        // A bare CR is a line end and goes out as CRLF: it counts 2 (unlike Dovecot).
         (b"a\r", 3),
+        (b"a\rb", 4),
         (b"\r\r\n", 4),
         (b".\r\n..\r\n", 7),
         (MSG, MSG.len() as u64),
@@ -509,8 +531,12 @@ fn stuff_unstuff_round_trip_and_size() {
             .count();
         let (payload, rest) = unstuff(&wire).unwrap();
         assert!(rest.is_empty());
-        assert_eq!(wire_size(&m), payload.len() as u64, "{m:?}");
-        assert_eq!(wire_size(&m), (wire.len() - 3 - stuffed_dots) as u64);
+        let closing = closing_crlf(&m);
+        assert_eq!(wire_size(&m) + closing, payload.len() as u64, "{m:?}");
+        assert_eq!(
+            wire_size(&m) + closing,
+            (wire.len() - 3 - stuffed_dots) as u64
+        );
         // The payload is the message with every line end made CRLF.
         let mut normal = Vec::new();
         for (l, _) in ref_lines(&m) {
@@ -548,7 +574,7 @@ fn large_message_round_trip() {
         let chunks: Vec<&[u8]> = want.chunks(size).collect();
         let (payload, rest) = unstuff_chunks(&chunks).unwrap();
         assert!(rest.is_empty());
-        assert_eq!(payload.len() as u64, wire_size(&m));
+        assert_eq!(payload.len() as u64, wire_size(&m) + closing_crlf(&m));
     }
 }
 
@@ -590,6 +616,9 @@ fn random_long_messages_match_reference() {
         assert_eq!(size_chunks(&chunks), ref_size(&m), "{chunks:?}");
         assert_eq!(wire_size(&m), ref_size(&m));
         let wire = ref_stuff(&m, None);
-        assert_eq!(unstuff(&wire).unwrap().0.len() as u64, ref_size(&m));
+        assert_eq!(
+            unstuff(&wire).unwrap().0.len() as u64,
+            ref_size(&m) + closing_crlf(&m)
+        );
     }
 }

@@ -223,7 +223,8 @@ impl DotStuffer {
     }
 }
 
-/// Counts a message's POP3 size (RFC 1939 §11) without producing output.
+/// Counts a message's POP3 size (RFC 1939 §11) without producing output: the message
+/// with every line end made CRLF, not counting the CRLF added before the terminator.
 #[pyclass(module = "pypop._wire")]
 struct SizeCounter {
     inner: wire::SizeCounter,

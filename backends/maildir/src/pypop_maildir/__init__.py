@@ -1,4 +1,4 @@
-"""pypop-maildir: serve existing Maildir folders over POP3 with pypop.
+"""pypop3-maildir: serve existing Maildir folders over POP3 with pypop.
 
 Registered in the ``pypop.backends`` entry-point group as ``maildir``; the server
 calls :func:`create` with the ``[backend]`` options. See README.md for the options

@@ -33,7 +33,10 @@ __all__ = [
 
 SIZE_CACHE_NAME = "pypop-sizes"
 UIDLIST_NAME = "pypop-uidlist"
-_SIZE_CACHE_MAGIC = "pypop-sizes 1"
+# Version 2: sizes no longer count the CRLF added to a last line without one (Dovecot's
+# rule). A cache of another version is ignored as a whole and rewritten: its sizes were
+# counted under another rule, and a stat() match says nothing about that.
+_SIZE_CACHE_MAGIC = "pypop-sizes 2"
 _UIDLIST_MAGIC = "pypop-uidlist 1"
 COUNT_BLOCK = 256 * 1024
 
