@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = ops if query != "msg-1m" else max(tasks, ops // 20)
                 cells: dict[str, tuple[float, float]] = {}
                 for mode in ("threads", "trio-wait"):
-                    runs = [
-                        trio.run(run_mode, mode, url, query, tasks, n) for _ in range(repeats)
-                    ]
+                    runs = [trio.run(run_mode, mode, url, query, tasks, n) for _ in range(repeats)]
                     cells[mode] = (max(r[0] for r in runs), min(r[1] for r in runs))
                 t, w = cells["threads"], cells["trio-wait"]
                 print(f"{query:<10} {tasks:>5}  {t[0]:>14,.0f} {t[1]:>10.1f}  "
