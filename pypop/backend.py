@@ -146,10 +146,12 @@ class WireCache(Protocol):
 class Deliverer(Protocol):
     """Optional: a backend that takes new mail (``pypop deliver``, ``pypop import``).
 
-    ``deliver`` appends ``message`` (the octets exactly as given) to ``user``'s
-    maildrop and returns its UIDL only once the message is durable: a crash after the
-    return must not lose it, a crash before it must not leave half a message that a
-    session could see. Open sessions do not see it (their snapshot is older).
+    ``deliver`` appends ``message`` to ``user``'s maildrop and returns its UIDL only
+    once the message is durable: a crash after the return must not lose it, a crash
+    before it must not leave half a message that a session could see. Open sessions do
+    not see it (their snapshot is older). A backend may store another form of the
+    octets (CRLF line ends, say) as long as RETR, TOP and the POP3 size come out
+    exactly as for ``message``.
 
     - ``uid``: keep this UIDL (an import from another store, so that clients do not
       download everything again); ``ValueError`` if it is not a valid UIDL,

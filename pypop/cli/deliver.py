@@ -1,8 +1,8 @@
 """``pypop deliver --user U < message``: a local delivery agent for an MTA.
 
 For Postfix's ``mailbox_command`` (or any MTA that pipes a message to a command).
-The message is stored exactly as read from standard input, through the configured
-backend's :class:`~pypop.backend.Deliverer` capability. The exit status follows
+The message, read whole from standard input (bounded by ``--max-size``), goes to the
+configured backend's :class:`~pypop.backend.Deliverer` capability. The exit status follows
 sysexits.h so that the MTA does the right thing:
 
 ==  ===============  ==================================================================
