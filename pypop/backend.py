@@ -26,13 +26,19 @@ Rules every backend follows (``pypop.testing`` checks them):
 - Each failure has one exception type, from :mod:`pypop.errors` (re-exported here).
   Anything else a backend raises is a bug: the server ends that session with
   ``-ERR [SYS/TEMP]`` and logs it.
+
+Optional capabilities, found on the backend or mailbox object:
+
+- :class:`WireCache`: a mailbox that holds messages ready for the wire.
+- :class:`SelfAuthenticating`: a backend that checks the client's credentials itself
+  (a passthrough to another server) instead of the server's credential store.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 from pypop.errors import (
     AuthFailed,
@@ -51,6 +57,8 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendFactory",
+    "CredentialKind",
+    "Credentials",
     "Deliverer",
     "DuplicateUid",
     "Mailbox",
@@ -59,6 +67,7 @@ __all__ = [
     "NoSuchMessage",
     "NoSuchUser",
     "PermanentFailure",
+    "SelfAuthenticating",
     "TemporaryFailure",
     "UpdateFailed",
     "WireCache",
@@ -173,6 +182,53 @@ class Deliverer(Protocol):
         uid: str | None = None,
         received: float | None = None,
     ) -> str: ...
+
+
+CredentialKind = Literal["password", "bearer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client logged in with, as a :class:`SelfAuthenticating` backend gets it."""
+
+    user: str
+    """The login name (USER, the PLAIN/LOGIN authentication identity, the OAuth user)."""
+    secret: str = field(repr=False)
+    """The password, or the bearer token."""
+    kind: CredentialKind = "password"
+    mechanism: str = "USER"
+    """How it came: ``USER`` (USER/PASS), ``PLAIN``, ``LOGIN``, ``XOAUTH2``, ``OAUTHBEARER``."""
+    client: str | None = None
+    """The client's address (for a backend that forwards it upstream), if known."""
+
+
+@runtime_checkable
+class SelfAuthenticating(Protocol):
+    """Optional: a backend that authenticates the client itself, e.g. by logging in to
+    an upstream server with the client's own password or token.
+
+    When the backend has it, the server passes USER/PASS, SASL PLAIN and LOGIN
+    passwords, and XOAUTH2/OAUTHBEARER tokens if ``credential_kinds`` has
+    ``"bearer"``, to :meth:`authenticate` instead of checking them against its
+    credential store. APOP, CRAM-MD5 and SCRAM never reveal the secret, so they are
+    not offered (CAPA, AUTH and the greeting show only what can work). Penalties,
+    per-client limits, ``[AUTH]`` replies and logging are the same as for logins the
+    server checks itself.
+
+    ``authenticate`` checks the credentials first and only then takes the maildrop
+    lock, so that ``[IN-USE]`` is never shown to someone who does not know the secret.
+    It returns the opened, locked mailbox (as :meth:`Backend.open_mailbox` would) or
+    raises :class:`AuthFailed` (wrong credentials: ``-ERR [AUTH]``, counted as a
+    failure), :class:`MailboxLocked`, :class:`TemporaryFailure` (the upstream is
+    down: ``[SYS/TEMP]``) or :class:`PermanentFailure`.
+    """
+
+    @property
+    def credential_kinds(self) -> Collection[CredentialKind]:
+        """What it can check: ``"password"`` and/or ``"bearer"``."""
+        ...
+
+    async def authenticate(self, credentials: Credentials) -> Mailbox: ...
 
 
 BackendFactory = Callable[[Mapping[str, object]], Backend]

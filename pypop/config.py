@@ -11,6 +11,7 @@ Example ``pypop.toml`` (every key optional)::
 
     [limits]
     idle_timeout = 600                  # seconds; RFC 1939 §3 wants >= 600
+    line_timeout = 60                   # seconds for a command line, first octet to LF
     max_connections = 1000
     max_connections_per_ip = 50
     max_bad_commands = 20
@@ -19,6 +20,7 @@ Example ``pypop.toml`` (every key optional)::
     auth_failure_delay = 2.0            # before every -ERR [AUTH]
     auth_penalty_max = 15.0             # per-IP delay grows 2, 4, 8 .. this; 0 = off
     max_auth_per_client = 2             # authentications one IP runs at once
+    lock_wait = 1.0                     # seconds a login waits for a locked maildrop
 
     [auth]
     passwd_file = "/etc/pypop/passwd"   # Dovecot passwd-file format
@@ -28,6 +30,7 @@ Example ``pypop.toml`` (every key optional)::
     mechanisms = ["SCRAM-SHA-256", "PLAIN", "LOGIN"]   # SASL AUTH, in CAPA order
     tokens_file = "/etc/pypop/tokens"   # user:token lines for OAUTHBEARER/XOAUTH2
     login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
+    secret_file = "/etc/pypop/passwd.secret"   # default: <passwd_file>.secret
 
     [tls]
     cert = "/etc/pypop/cert.pem"        # PEM chain; both files are read again on
@@ -104,6 +107,7 @@ class ServerConfig:
     expire: str = "NEVER"
 
     idle_timeout: float = 600.0
+    line_timeout: float = 60.0
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     max_bad_commands: int = 20
@@ -112,8 +116,11 @@ class ServerConfig:
     auth_failure_delay: float = 2.0
     auth_penalty_max: float = 15.0
     max_auth_per_client: int = 2
+    lock_wait: float = 1.0
 
     passwd_file: Path | None = None
+    # The server secret (fake SCRAM salts); None: <passwd_file>.secret, if there is one.
+    secret_file: Path | None = None
     apop: bool = False
     allow_plaintext: bool = False
     loopback_is_secure: bool = True
@@ -155,6 +162,10 @@ class ServerConfig:
                 raise ConfigError(f"limits.{name} must be at least 1")
         if min(self.shutdown_timeout, self.auth_failure_delay, self.auth_penalty_max) < 0:
             raise ConfigError("timeouts and delays must not be negative")
+        if not 0 < self.line_timeout <= self.idle_timeout:
+            raise ConfigError("limits.line_timeout must be above 0 and at most idle_timeout")
+        if not 0 <= self.lock_wait <= 60:
+            raise ConfigError("limits.lock_wait must be between 0 and 60 seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls.cert and tls.key go together")
         if self.listen_tls and self.tls_cert is None:
@@ -176,7 +187,7 @@ class ServerConfig:
 # Keys handled by hand in _apply, beside those of _SECTIONS.
 _SPECIAL: dict[str, tuple[str, ...]] = {
     "server": ("listen", "listen_tls"),
-    "auth": ("passwd_file", "tokens_file", "mechanisms"),
+    "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file"),
 }
 
 _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
@@ -188,6 +199,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "policy": {"expire": ("expire", str)},
     "limits": {
         "idle_timeout": ("idle_timeout", (int, float)),
+        "line_timeout": ("line_timeout", (int, float)),
         "max_connections": ("max_connections", int),
         "max_connections_per_ip": ("max_connections_per_ip", int),
         "max_bad_commands": ("max_bad_commands", int),
@@ -196,6 +208,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "auth_failure_delay": ("auth_failure_delay", (int, float)),
         "auth_penalty_max": ("auth_penalty_max", (int, float)),
         "max_auth_per_client": ("max_auth_per_client", int),
+        "lock_wait": ("lock_wait", (int, float)),
     },
     "auth": {
         "apop": ("apop", bool),
@@ -278,6 +291,8 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
                 cfg.passwd_file = _path(base, value, where)
             elif section == "auth" and key == "tokens_file":
                 cfg.tokens_file = _path(base, value, where)
+            elif section == "auth" and key == "secret_file":
+                cfg.secret_file = _path(base, value, where)
             elif section == "auth" and key == "mechanisms":
                 mechs = _check(value, list, where)
                 cfg.mechanisms = [str(_check(m, str, where)).upper() for m in mechs]

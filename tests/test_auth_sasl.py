@@ -58,8 +58,10 @@ TOKENS = StaticTokenVerifier(
 )
 
 
-def make_ctx(*, tls: bool = True, cb: bytes | None = None) -> SaslContext:
-    store = MemoryCredentialStore(USERS)
+def make_ctx(
+    *, tls: bool = True, cb: bytes | None = None, users: dict[str, str] = USERS
+) -> SaslContext:
+    store = MemoryCredentialStore(users)
     return SaslContext(
         store=store,
         hostname="pop.example.org",
@@ -339,7 +341,9 @@ async def test_scram_bad_client_final(mangle: object) -> None:
 
 async def test_scram_plus_channel_binding() -> None:
     ctx = make_ctx(cb=b"\x01\x02tls-unique-data")
-    assert "SCRAM-SHA-256-PLUS" in available_mechanisms(ctx)
+    assert "SCRAM-SHA-256-PLUS" in available_mechanisms(
+        make_ctx(cb=b"\x01\x02tls-unique-data", users=SCRAM_CAPABLE)
+    )
     mech = ScramSha256Plus(ctx)
     client = ScramClient(
         "user", "pencil", "abc", gs2="p=tls-unique,,", cb=b"\x01\x02tls-unique-data"
@@ -455,9 +459,13 @@ async def test_static_token_file(tmp_path: object) -> None:
 # --------------------------------------------------------------------------- registry
 
 
+SCRAM_CAPABLE = {u: v for u, v in USERS.items() if v.startswith(("{PLAIN}", "{SCRAM"))}
+CRAM_CAPABLE = {u: v for u, v in USERS.items() if v.startswith(("{PLAIN}", "{CRAM"))}
+
+
 def test_available_mechanisms_policy() -> None:
-    tls = make_ctx(tls=True)
-    plain = make_ctx(tls=False)
+    tls = make_ctx(tls=True, users=SCRAM_CAPABLE)
+    plain = make_ctx(tls=False, users=SCRAM_CAPABLE)
     assert available_mechanisms(tls) == [
         "SCRAM-SHA-256",
         "PLAIN",
@@ -468,7 +476,8 @@ def test_available_mechanisms_policy() -> None:
     # RFC 2595 §3: no plaintext mechanisms without TLS unless the session allows them.
     assert available_mechanisms(plain) == ["SCRAM-SHA-256"]
     assert "PLAIN" in available_mechanisms(plain, allow_plaintext=True)
-    assert available_mechanisms(tls, ["cram-md5", "PLAIN", "BOGUS", "PLAIN"]) == [
+    cram = make_ctx(tls=True, users=CRAM_CAPABLE)
+    assert available_mechanisms(cram, ["cram-md5", "PLAIN", "BOGUS", "PLAIN"]) == [
         "CRAM-MD5",
         "PLAIN",
     ]
@@ -484,8 +493,25 @@ def test_available_mechanisms_policy() -> None:
     assert available_mechanisms(upstream, ["CRAM-MD5", "SCRAM-SHA-256", "PLAIN"]) == ["PLAIN"]
 
 
+def test_mechanisms_only_when_the_store_can_serve_them() -> None:
+    """Issue 9 (admin 3): SCRAM needs PLAIN or SCRAM-SHA-256 entries, CRAM-MD5 needs
+    PLAIN or CRAM-MD5 entries; the decision is the store's, never the user's."""
+    everything = ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN"]
+
+    def offered(users: dict[str, str]) -> list[str]:
+        return available_mechanisms(make_ctx(users=users), everything)
+
+    sha512 = {"a": USERS["hashed"], "b": hash_password("SHA512-CRYPT", "x")}
+    assert offered(sha512) == ["PLAIN"]
+    assert offered(USERS) == everything  # a mix: each user logs in the way it can
+    assert offered({"user": USERS["user"]}) == everything
+    assert offered({"scram": USERS["scram"], **sha512}) == ["SCRAM-SHA-256", "PLAIN"]
+    assert offered({"cram": USERS["cram"], **sha512}) == ["CRAM-MD5", "PLAIN"]
+    assert offered({}) == ["PLAIN"]
+
+
 def test_create_mechanism() -> None:
-    ctx = make_ctx(tls=False)
+    ctx = make_ctx(tls=False, users=SCRAM_CAPABLE)
     assert isinstance(create_mechanism("scram-sha-256", ctx), ScramSha256)
     assert create_mechanism("PLAIN", ctx) is None  # not usable without TLS
     assert isinstance(create_mechanism("plain", ctx, allow_plaintext=True), Plain)

@@ -16,6 +16,7 @@ import pytest
 
 from pypop.protocol import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
@@ -65,6 +66,13 @@ class Driver:
         self.password = password
         self.events: list[Event] = []
         self.closed: str | None = None
+        self.sent = bytearray()  # output drained at SEND_DATA (backpressure)
+
+    def take(self) -> bytes:
+        """Everything sent so far and still queued."""
+        out = bytes(self.sent) + self.conn.data_to_send()
+        self.sent.clear()
+        return out
 
     def run(self) -> None:
         conn = self.conn
@@ -72,6 +80,9 @@ class Driver:
             ev = conn.next_event()
             if ev is NEED_DATA:
                 return
+            if ev is SEND_DATA:
+                self.sent += conn.data_to_send()
+                continue
             self.events.append(ev)
             match ev:
                 case PasswordLogin(user=user, password=pw):
@@ -101,8 +112,9 @@ class Driver:
                         conn.login_succeeded("bob", SIZES, UIDS)
                     else:
                         conn.login_failed()
-                case SaslAborted():
-                    pass
+                case SaslAborted(text=text):
+                    if (c := conn.login_failed(None, text)) is not None:
+                        self.closed = c.reason
                 case Closing(reason=reason):
                     self.closed = reason
                 case ConnectionClosed():
@@ -131,7 +143,7 @@ def converse(
         for chunk in chunks:
             conn.receive_data(chunk)
             d.run()
-        outputs.append(conn.data_to_send())
+        outputs.append(d.take())
     assert outputs[0] == outputs[1] == outputs[2], outputs
     return outputs[0]
 
@@ -500,3 +512,161 @@ def test_protocol_imports_no_io() -> None:
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- backpressure and bounded work (issue 15 item 1) ----------------------------------
+
+
+def logged_in(uids: list[str], cfg: ProtocolConfig | None = None) -> ServerConnection:
+    conn = ServerConnection(cfg)
+    conn.receive_data(b"USER bob\r\nPASS secret\r\n")
+    ev = conn.next_event()
+    assert isinstance(ev, PasswordLogin)
+    conn.login_succeeded("bob", [100] * len(uids), uids)
+    conn.data_to_send()
+    return conn
+
+
+def test_pipelined_flood_is_answered_a_bounded_slice_at_a_time() -> None:
+    """UIDL x 20000 on 5000 messages in one write: the engine never queues more than
+    the output bound plus one listing slice, however long the peer does not read."""
+    uids = [f"uid-{n:08d}" for n in range(5000)]
+    conn = logged_in(uids)
+    conn.receive_data(b"UIDL\n" * 20000)
+    bound = ProtocolConfig().output_limit + 512 * 40
+    listing = b"+OK\r\n" + "".join(f"{n + 1} {u}\r\n" for n, u in enumerate(uids)).encode()
+    listing += b".\r\n"
+    out = bytearray()
+    while len(out) < 3 * len(listing):  # drained as a slow reader would
+        assert conn.next_event() is SEND_DATA
+        assert conn.pending_output <= bound
+        out += conn.data_to_send()
+    assert out[: 3 * len(listing)] == listing * 3
+
+
+def test_many_small_commands_are_answered_in_slices() -> None:
+    """A 64 KiB read of one-line commands is not answered in one synchronous loop."""
+    conn = ServerConnection()
+    conn.receive_data(b"USER x\n" * 9000)
+    answered = 0
+    slices = 0
+    while (ev := conn.next_event()) is SEND_DATA:
+        slices += 1
+        answered += conn.data_to_send().count(b"+OK\r\n")
+        assert answered <= slices * 128
+    assert ev is NEED_DATA
+    assert answered + conn.data_to_send().count(b"+OK\r\n") == 9000
+    assert slices >= 9000 // 128 - 1
+
+
+def test_input_is_framed_lazily() -> None:
+    """One read is not turned into tens of thousands of queued line objects."""
+    conn = ServerConnection()
+    conn.receive_data(b"CAPA\n" * 13000)
+    assert conn.next_event() is SEND_DATA
+    assert len(conn._lines) <= 4096 // 5
+
+
+# ---- SASL lines and the framer (issue 15 item 9) --------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [65536, 4096, 1_000_000 + 20])
+def test_overlong_sasl_line_gets_one_err(chunk: int) -> None:
+    """AUTH PLAIN, a 1 MiB line, CAPA: one -ERR for the line (the framer swap back to
+    255 octets waits for its LF), then the CAPA reply; no reply is off by one."""
+    conn = server(None, ("PLAIN",))
+    conn.receive_data(b"AUTH PLAIN\r\n")
+    assert conn.next_event() == SaslStart("PLAIN", None)
+    conn.sasl_challenge(b"")
+    d = Driver(conn)
+    data = b"A" * 1_000_000 + b"\r\nCAPA\r\n"
+    for i in range(0, len(data), chunk):
+        conn.receive_data(data[i : i + chunk])
+        d.run()
+    out = d.take()
+    assert out.startswith(b"+ \r\n-ERR Line too long\r\n+OK Capability list follows\r\n")
+    assert out.count(b"-ERR") == 1
+    assert d.events == [SaslAborted(Text.LINE_TOO_LONG)]
+    assert conn.auth_failures == 1  # an aborted exchange counts
+
+
+def test_sasl_aborts_count_toward_max_auth_failures() -> None:
+    make = lambda: server(ProtocolConfig(max_auth_failures=3), ("PLAIN",))  # noqa: E731
+    out = converse(b"AUTH PLAIN\r\n*\r\nAUTH PLAIN\r\n!!\r\nAUTH PLAIN\r\n*\r\nCAPA\r\n", make)
+    assert out == (
+        b"+ \r\n-ERR Authentication cancelled\r\n+ \r\n-ERR Invalid base64 data\r\n"
+        b"+ \r\n-ERR Authentication cancelled\r\n"
+    )
+
+
+def test_sasl_challenge_is_a_bounded_line() -> None:
+    conn = server(None, ("PLAIN",))
+    conn.receive_data(b"AUTH PLAIN\r\n")
+    conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        conn.sasl_challenge(b"x" * 400)  # base64: 536 octets with "+ " and CRLF
+    conn.sasl_challenge(b"x" * 381)  # 512 octets: the largest allowed
+
+
+# ---- counters (issue 15 item 13) ------------------------------------------------------
+
+
+def test_bad_commands_are_counted_consecutively() -> None:
+    """Dovecot counts bad commands in a row; a valid one resets the count."""
+    cfg = ProtocolConfig(max_bad_commands=3)
+    probing = b"XTND\r\nXSENDER\r\nCAPA\r\n" * 10
+    out = converse(probing + b"QUIT\r\n", lambda: ServerConnection(cfg))
+    assert out.count(b"-ERR Unknown command\r\n") == 20
+    assert out.endswith(b"+OK Logging out\r\n")
+    out = converse(b"X\r\nY\r\nZ\r\nCAPA\r\n", lambda: ServerConnection(cfg))
+    assert out.endswith(b"-ERR Too many invalid commands, closing connection\r\n")
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        ("IN-USE", Text.IN_USE),
+        ("SYS/TEMP", Text.MAILBOX_TEMPORARY),
+        ("SYS/TEMP", Text.AUTH_TEMPORARY),
+        ("SYS/PERM", Text.MAILBOX_PERMANENT),
+        ("LOGIN-DELAY", Text.LOGIN_DELAY),
+    ],
+)
+def test_only_credential_failures_count(code: str, text: Text) -> None:
+    conn = ServerConnection(ProtocolConfig(max_auth_failures=2))
+    for _ in range(5):
+        conn.receive_data(b"USER a\r\nPASS b\r\n")
+        assert isinstance(conn.next_event(), PasswordLogin)
+        assert conn.login_failed(code, text) is None
+    assert conn.auth_failures == 0
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    conn.next_event()
+    assert conn.login_failed() is None
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    conn.next_event()
+    assert conn.login_failed() == Closing("too many authentication failures")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"LIST 000000000000000000001", List(1)),
+        (b"TOP 8 00000000000000000000000000003", Top(8, 3)),
+        (b"TOP 1 999999999999999999999", Top(1, 1 << 32)),
+        (b"DELE 0000000000000000000000000000000000000002", Dele(2)),
+        (b"UIDL 99999999999999999999999999", Uidl(99999999999999999999999999)),
+    ],
+)
+def test_numbers_are_parsed_by_value_not_length(line: bytes, expected: object) -> None:
+    """RFC 1939 §7: TOP n beyond the body sends the whole message; zero-padding is
+    still the number."""
+    assert parse_command(line) == expected
+
+
+def test_padded_numbers_in_a_session() -> None:
+    out = converse(
+        b"LIST 000000000000000000001\r\nUIDL 00000000000000000000003\r\n"
+        b"LIST 99999999999999999999999\r\n",
+        login=True,
+    )
+    assert out == b"+OK 1 120\r\n+OK 3 u3\r\n-ERR No such message\r\n"

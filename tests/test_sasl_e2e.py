@@ -12,6 +12,7 @@ import re
 import secrets
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,4 +399,62 @@ async def test_right_credentials_each_way(server: Server) -> None:
     mac = hmac.new(b"wonderland", cram, "md5").hexdigest()
     assert await c.cmd(b64(f"alice {mac}") + b"\r\n") == MAILDROP_OK
     assert await c.cmd(b"QUIT\r\n") == b"+OK Logging out\r\n"
+    await c.aclose()
+
+
+# ---- mechanisms the store can serve (issue 9, admin experience 3) -------------------------
+
+
+def pypop_passwd(scheme: str, password: str) -> str:
+    """``pypop passwd -s SCHEME -p PASSWORD`` as a user runs it (a subprocess)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pypop", "passwd", "-s", scheme, "-p", password],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def sasl_capability(capa: bytes) -> list[bytes]:
+    line = next(ln for ln in capa.split(b"\r\n") if ln.startswith(b"SASL "))
+    return line.split()[1:]
+
+
+async def test_scram_is_not_offered_by_a_store_that_cannot_serve_it(
+    start_server: ServerStarter, tmp_path: Path
+) -> None:
+    """A passwd-file of SHA512-CRYPT entries cannot do SCRAM (or CRAM-MD5) for anyone:
+    they are not advertised, and asking for them is no failed login."""
+    passwd = tmp_path / "passwd"
+    entry = pypop_passwd("SHA512-CRYPT", "a long secret")
+    passwd.write_text(f"alice:{entry}\nbob:{entry}\n")
+    srv = await start_server(passwd_file=passwd, mechanisms=ALL, max_auth_failures=1)
+    c, _ = await greeted(port_of(srv))
+    assert sasl_capability(await c.multiline(b"CAPA\r\n")) == [b"PLAIN", b"LOGIN"]
+    for mech in (b"SCRAM-SHA-256", b"CRAM-MD5"):
+        unsupported = b"-ERR Unsupported authentication mechanism\r\n"
+        assert await c.cmd(b"AUTH " + mech + b"\r\n") == unsupported
+    assert srv.context.penalty.level("127.0.0.1") == 0
+    assert await c.cmd(b"AUTH PLAIN " + b64("\0alice\0a long secret") + b"\r\n") == MAILDROP_OK
+    await c.aclose()
+
+
+async def test_pypop_passwd_scram_entry_logs_in_with_scram(
+    start_server: ServerStarter, tmp_path: Path
+) -> None:
+    """The README's `pypop passwd -s SCRAM-SHA-256`, end to end: the entry makes the
+    server offer SCRAM-SHA-256, and a SCRAM client logs in with it."""
+    entry = pypop_passwd("SCRAM-SHA-256", "a long secret")
+    assert entry.startswith("{SCRAM-SHA-256}4096,")
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{entry}\n")
+    srv = await start_server(passwd_file=passwd)
+    c, _ = await greeted(port_of(srv))
+    assert sasl_capability(await c.multiline(b"CAPA\r\n"))[0] == b"SCRAM-SHA-256"
+    assert await scram_login(c, Scram("alice", "a long secret")) == MAILDROP_OK
+    await c.aclose()
+    c, _ = await greeted(port_of(srv))
+    assert await scram_try(c, Scram("alice", "wrong")) == AUTH_FAILED
     await c.aclose()

@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 
 from pypop.auth import schemes
-from pypop.auth.store import StoredCredential, _make_dummy, _VerifyingStore
+from pypop.auth.store import StoredCredential, _VerifyingStore
 from pypop.backend_kit import Options
 
 __all__ = ["PasswdFileStore", "create", "parse_passwd_file"]
@@ -150,7 +150,7 @@ class PasswdFileStore(_VerifyingStore):
                 len(self._entries),
             )
             return False
-        self._entries, self._dummy = result.entries, _make_dummy(result.entries)
+        self._set_entries(result.entries)
         self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
         if result.entries:
             log.info("passwd-file %s: %s loaded", self.path, _plural(len(result.entries), "user"))

@@ -33,7 +33,7 @@ import logging
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import trio
@@ -93,11 +93,11 @@ class SaslFailure:
     code: str = "AUTH"
     """RFC 3206 response code: ``AUTH`` (credentials) or ``SYS/TEMP`` (try later)."""
     text: Text = Text.AUTH_FAILED
+    error: BaseException | None = field(default=None, compare=False)
+    """For ``SYS/TEMP``: the store's failure, which the server logs (never sent)."""
 
 
 SaslResult = SaslChallenge | SaslSuccess | SaslFailure
-
-_TEMP_FAILURE = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +112,10 @@ class SaslContext:
     """Its RFC 5056 name: ``tls-unique`` (TLS 1.2) or ``tls-exporter`` (RFC 9266)."""
     hash_limiter: trio.CapacityLimiter | None = None
     """Bounds the threads SCRAM uses to derive keys from PLAIN entries (None: trio's)."""
+    salt_key: bytes | None = None
+    """The server secret SCRAM salts of PLAIN entries and of unknown users are keyed
+    with (:func:`pypop.auth.secret.load_or_create`); it must outlive restarts, or the
+    salts of unknown users change while real ones do not. None: a per-process key."""
     oauth_scope: str | None = None
     """Reported in the OAUTHBEARER/XOAUTH2 error JSON when set."""
 
@@ -148,11 +152,13 @@ class SaslMechanism(abc.ABC):
             result = await self._step(response)
         except (_Abort, ValueError, UnicodeError, binascii.Error):
             result = SaslFailure()
-        except TemporaryFailure:
-            result = _TEMP_FAILURE
-        except Exception:
+        except TemporaryFailure as exc:
+            result = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY, exc)
+        except Exception as exc:
             log.exception("SASL %s: internal error", self.name)
-            result = _TEMP_FAILURE
+            error = TemporaryFailure(f"SASL {self.name}: internal error {type(exc).__name__}")
+            error.__cause__ = exc
+            result = SaslFailure("SYS/TEMP", Text.AUTH_TEMPORARY, error)
         if not isinstance(result, SaslChallenge):
             self._finished = True
         return result
@@ -295,7 +301,11 @@ class CramMd5(SaslMechanism):
 
 # --------------------------------------------------------------------------- SCRAM
 
-_FAKE_SALT_KEY = secrets.token_bytes(32)
+_PROCESS_SALT_KEY = secrets.token_bytes(32)  # only without a server secret
+_DUMMY_PASSWORD = secrets.token_urlsafe(24)  # derived and thrown away: the same work
+MAX_NONCE = 255
+"""Longest client nonce taken (RFC 5802 sets none; clients send 24-32 characters). The
+server-first message echoes it, and must stay within a 512-octet line."""
 _ATTR = re.compile(r"[A-Za-z]=")
 _PRINTABLE_NONCE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # RFC 5802: printable except ","
 
@@ -341,13 +351,17 @@ class ScramSha256(SaslMechanism):
 
     - a stored SCRAM-SHA-256 entry (Dovecot's ``iter,salt,StoredKey,ServerKey``);
     - a PLAIN/CLEARTEXT entry, derived with ``iterations`` and a salt that is a keyed
-      hash of the user name (stable within the process, so repeated attempts see the
-      same salt);
-    - otherwise (unknown user, or a one-way hash) a fake salt made the same way, and
-      the exchange fails at the proof, so that the server-first message does not tell
+      hash of the user name (``ctx.salt_key``, the server secret: the same salt
+      across restarts);
+    - otherwise (unknown user, or a one-way hash) a fake salt made the same way, with
+      the iteration count and salt length of the store's typical SCRAM entry, and the
+      exchange fails at the proof, so that the server-first message does not tell
       whether the user exists.
 
-    ``server_nonce`` and ``salt`` (for PLAIN entries and fakes) can be fixed for tests.
+    Every first step does one key derivation at ``iterations`` (for stored entries and
+    fakes from a random password, thrown away), so known and unknown users cost the
+    same. ``server_nonce`` and ``salt`` (for PLAIN entries and fakes) can be fixed for
+    tests.
     """
 
     name = "SCRAM-SHA-256"
@@ -375,10 +389,27 @@ class ScramSha256(SaslMechanism):
         self._keys: ScramKeys | None = None
         self._known = False
 
-    def _salt_for(self, user: str) -> bytes:
+    def _salt_for(self, user: str, length: int = 16) -> bytes:
         if self._fixed_salt is not None:
             return self._fixed_salt
-        return hmac.new(_FAKE_SALT_KEY, user.encode("utf-8"), hashlib.sha256).digest()[:16]
+        key = self.ctx.salt_key or _PROCESS_SALT_KEY
+        name = user.encode("utf-8", "surrogatepass")
+        out = b""
+        block = 0
+        while len(out) < length:
+            msg = b"pypop scram salt\0" + bytes([block]) + name
+            out += hmac.new(key, msg, hashlib.sha256).digest()
+            block += 1
+        return out[:length]
+
+    async def _derive(self, password: str, salt: bytes) -> ScramKeys:
+        return await trio.to_thread.run_sync(
+            scram_keys_from_password,
+            password,
+            salt,
+            self._iterations,
+            limiter=self.ctx.hash_limiter,
+        )
 
     def _check_cbind_flag(self, flag: str) -> None:
         plus_offered = self.ctx.channel_binding is not None
@@ -392,23 +423,23 @@ class ScramSha256(SaslMechanism):
             raise _Abort  # "p=..." with the non-PLUS mechanism
 
     async def _keys_for(self, user: str) -> tuple[ScramKeys, bool]:
-        cred = await self.ctx.store.lookup(user)
+        store = self.ctx.store
+        cred = await store.lookup(user)
         if cred is not None:
             stored = cred.scram_sha256_keys()
             if stored is not None:
+                await self._derive(_DUMMY_PASSWORD, self._salt_for(user))  # same work
                 return stored, True
             password = cred.plaintext()
             if password is not None:
-                keys = await trio.to_thread.run_sync(
-                    scram_keys_from_password,
-                    password,
-                    self._salt_for(user),
-                    self._iterations,
-                    limiter=self.ctx.hash_limiter,
-                )
-                return keys, True
-        fake = ScramKeys(self._iterations, self._salt_for(user), b"\0" * 32, b"\0" * 32)
-        return fake, False
+                return await self._derive(password, self._salt_for(user)), True
+        # Unknown, or a one-way hash: look like the store's typical SCRAM entry.
+        profile = getattr(store, "scram_profile", None)
+        typical = profile() if callable(profile) else None
+        iterations, salt_len = typical if typical is not None else (self._iterations, 16)
+        salt = self._salt_for(user, max(1, min(salt_len, 64)))
+        dummy = await self._derive(_DUMMY_PASSWORD, salt)
+        return ScramKeys(iterations, salt, dummy.stored_key, dummy.server_key), False
 
     async def _step(self, response: bytes | None) -> SaslResult:
         if self._state == 0:
@@ -431,7 +462,9 @@ class ScramSha256(SaslMechanism):
             return SaslFailure()  # includes a leading m= (RFC 5802 §5.1: must fail)
         user = _decode_saslname(attrs[0][1])
         nonce = attrs[1][1]
-        if not user or len(user.encode()) > MAX_FIELD or not _PRINTABLE_NONCE.fullmatch(nonce):
+        if not user or len(user.encode()) > MAX_FIELD or len(nonce) > MAX_NONCE:
+            return SaslFailure()
+        if not _PRINTABLE_NONCE.fullmatch(nonce):
             return SaslFailure()
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
             return SaslFailure()
@@ -628,6 +661,10 @@ DEFAULT_MECHANISMS: tuple[str, ...] = (
 plaintext-equivalent secrets on the server). OAuth ones only with a token verifier."""
 
 
+_SCRAM_SCHEMES = frozenset({"PLAIN", "SCRAM-SHA-256"})
+_CRAM_SCHEMES = frozenset({"PLAIN", "CRAM-MD5"})
+
+
 def available_mechanisms(
     ctx: SaslContext,
     enabled: Sequence[str] | None = None,
@@ -641,11 +678,19 @@ def available_mechanisms(
       peers, or the admin's explicit consent; RFC 2595 §3);
     - OAUTHBEARER/XOAUTH2 only with ``ctx.token_verifier``;
     - SCRAM-SHA-256-PLUS only with ``ctx.channel_binding``;
-    - CRAM-MD5 and SCRAM only if the store can reveal secrets (a store with
-      ``reveals_secrets = False`` cannot).
+    - CRAM-MD5 and SCRAM only if the store can serve them: a store with
+      ``reveals_secrets = False`` cannot; a store that says which password schemes it
+      holds (``stored_schemes``, a frozenset) serves SCRAM-SHA-256 only if it holds
+      PLAIN or SCRAM-SHA-256 entries, and CRAM-MD5 only if it holds PLAIN or CRAM-MD5
+      entries. The decision is the store's as a whole, so it tells nothing about
+      which users exist (a store of SHA512-CRYPT entries never offers SCRAM, whose
+      exchange would fail for every user).
     """
     names = DEFAULT_MECHANISMS if enabled is None else enabled
     reveals = bool(getattr(ctx.store, "reveals_secrets", True))
+    held: frozenset[str] | None = getattr(ctx.store, "stored_schemes", None)
+    scram_ok = reveals and (held is None or bool(held & _SCRAM_SCHEMES))
+    cram_ok = reveals and (held is None or bool(held & _CRAM_SCHEMES))
     result: list[str] = []
     for raw in names:
         name = raw.upper()
@@ -658,7 +703,9 @@ def available_mechanisms(
             continue
         if cls is ScramSha256Plus and ctx.channel_binding is None:
             continue
-        if cls in (CramMd5, ScramSha256, ScramSha256Plus) and not reveals:
+        if cls is CramMd5 and not cram_ok:
+            continue
+        if cls in (ScramSha256, ScramSha256Plus) and not scram_ok:
             continue
         result.append(name)
     return result

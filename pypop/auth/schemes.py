@@ -40,10 +40,12 @@ __all__ = [
     "ScramKeys",
     "UnknownSchemeError",
     "canonical_scheme",
+    "cost_class",
     "hash_password",
     "is_heavy",
     "parse_stored",
     "saslprep",
+    "scram_derive",
     "scram_keys_from_password",
     "validate_value",
     "verify_scheme",
@@ -225,13 +227,19 @@ class ScramKeys:
         return cls(iterations, salt, stored, server)
 
 
-def scram_keys_from_password(password: str, salt: bytes, iterations: int) -> ScramKeys:
-    """RFC 5802 §3 key derivation with SHA-256 (password SASLprep'd when it can be)."""
+def scram_derive(password: str, salt: bytes, iterations: int) -> tuple[bytes, ScramKeys]:
+    """RFC 5802 §3 key derivation with SHA-256 (password SASLprep'd when it can be):
+    the ClientKey (the client role needs it for its proof) and the server's keys."""
     salted = hashlib.pbkdf2_hmac("sha256", _scram_password(password), salt, iterations)
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     stored_key = hashlib.sha256(client_key).digest()
     server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    return ScramKeys(iterations, salt, stored_key, server_key)
+    return client_key, ScramKeys(iterations, salt, stored_key, server_key)
+
+
+def scram_keys_from_password(password: str, salt: bytes, iterations: int) -> ScramKeys:
+    """RFC 5802 §3: what a server keeps, derived from the password."""
+    return scram_derive(password, salt, iterations)[1]
 
 
 # --------------------------------------------------------------------------- the schemes
@@ -473,6 +481,32 @@ def validate_value(scheme: str, value: str) -> None:
             raise ValueError(f"{name}: wrong prefix")
     elif name in ("ARGON2ID", "ARGON2I") and not value.startswith(f"${name.lower()}$"):
         raise ValueError(f"{name}: wrong prefix")
+
+
+def cost_class(scheme: str, value: str) -> tuple[str, str]:
+    """What a verification of this entry costs: (the algorithm that runs, its cost
+    parameters). Entries with equal classes take the same time to verify, so the
+    dummy verification for unknown users copies the most common class.
+
+    ``CRYPT`` is classed by the crypt(3) format it holds (``$2y$10$`` bcrypt is
+    BLF-CRYPT at cost 10 whichever prefix names it)."""
+    name = canonical_scheme(scheme)
+    if name == "CRYPT":
+        try:
+            name = _crypt_target(value)
+        except ValueError:
+            return name, ""
+    if name == "BLF-CRYPT":
+        return name, value[4:7]  # "$2y$10$..." -> "10$"
+    if name in ("SHA256-CRYPT", "SHA512-CRYPT"):
+        rounds = value.split("$")[2] if value.count("$") >= 3 else ""
+        return name, rounds if rounds.startswith("rounds=") else ""
+    if name in ("ARGON2ID", "ARGON2I"):
+        fields = value.split("$")
+        return name, "$".join(fields[2:4]) if len(fields) > 4 else ""
+    if name == "SCRAM-SHA-256":
+        return name, value.split(",", 1)[0]
+    return name, ""
 
 
 def verify_scheme(scheme: str, value: str, password: str) -> bool:

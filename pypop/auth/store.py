@@ -10,9 +10,21 @@ A store answers two questions:
   reveal secrets (an IMAP passthrough authenticates upstream instead).
 
 A store may raise :class:`pypop.errors.TemporaryFailure` when it cannot answer now
-(the session replies ``-ERR [SYS/TEMP]``). A store that can never reveal secrets may
-set ``reveals_secrets = False``: :func:`pypop.auth.sasl.available_mechanisms` then
-leaves out CRAM-MD5 and SCRAM.
+(the session replies ``-ERR [SYS/TEMP]``; the server logs the exception's message
+and cause). A store that can never reveal secrets may set ``reveals_secrets =
+False``: :func:`pypop.auth.sasl.available_mechanisms` then leaves out CRAM-MD5 and
+SCRAM. Two more optional attributes help it decide and hide users better:
+
+- ``stored_schemes``: a frozenset of the schemes the entries use (SCRAM is offered
+  only if some entries can serve it, CRAM-MD5 likewise);
+- ``scram_profile()``: (iterations, salt length) of the typical SCRAM entry, which
+  fake salts of unknown users copy.
+
+Timing (DESIGN rule 13): an unknown user costs what the *typical* known user costs
+(the most common scheme and cost parameters). With one scheme for every user that
+hides who exists. With a mix, users of a less common scheme take a different time
+than unknown users, so their existence can be told by timing: give every user the
+same scheme (Dovecot's documentation says the same of its own stores).
 """
 
 from __future__ import annotations
@@ -105,15 +117,27 @@ def default_hash_limiter() -> trio.CapacityLimiter:
 
 
 class _VerifyingStore:
-    """Shared verification logic: the entries live in ``self._entries``."""
+    """Shared verification logic: the entries live in ``self._entries`` (set them
+    with :meth:`_set_entries`)."""
 
     _entries: Mapping[str, StoredCredential]
     _dummy: StoredCredential
+    stored_schemes: frozenset[str]
 
     def __init__(self, limiter: trio.CapacityLimiter | None) -> None:
         self._limiter = limiter
-        self._entries = {}
-        self._dummy = _make_dummy({})
+        self._set_entries({})
+
+    def _set_entries(self, entries: Mapping[str, StoredCredential]) -> None:
+        # One assignment each: a reload swaps the table, the dummy and the profile.
+        self._entries = entries
+        self._dummy = _make_dummy(entries)
+        self.stored_schemes = frozenset(c.scheme for c in entries.values())
+        self._scram_profile = _scram_profile(entries)
+
+    def scram_profile(self) -> tuple[int, int] | None:
+        """(iterations, salt length) of the most common SCRAM-capable entry."""
+        return self._scram_profile
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -147,18 +171,37 @@ class _VerifyingStore:
 
 
 def _make_dummy(entries: Mapping[str, StoredCredential]) -> StoredCredential:
-    """A credential that costs what a typical real one does, and matches nothing useful.
+    """A credential that costs what the typical real one does, and matches nothing useful.
 
-    It is an existing entry of the most common scheme (same cost parameters as real
-    users); the result of verifying against it is thrown away. With no entries, a PLAIN
-    credential of random text.
+    It is an existing entry of the most common cost class (scheme and cost parameters,
+    :func:`pypop.auth.schemes.cost_class`), so an unknown user takes as long as most
+    known ones; ties go to the heavier scheme. The result of verifying against it is
+    thrown away. With no entries, a PLAIN credential of random text.
     """
-    counts = Counter(c.scheme for c in entries.values())
+    classes: dict[tuple[str, str], StoredCredential] = {}
+    counts: Counter[tuple[str, str]] = Counter()
+    for cred in entries.values():
+        cls = schemes.cost_class(cred.scheme, cred.value)
+        counts[cls] += 1
+        classes.setdefault(cls, cred)
     if counts:
-        scheme = max(counts, key=lambda s: (schemes.is_heavy(s), counts[s]))
-        sample = next(c for c in entries.values() if c.scheme == scheme)
+        typical = max(counts, key=lambda c: (counts[c], schemes.is_heavy(c[0])))
+        sample = classes[typical]
         return StoredCredential("", sample.scheme, sample.value)
     return StoredCredential("", "PLAIN", secrets.token_urlsafe(24))
+
+
+def _scram_profile(entries: Mapping[str, StoredCredential]) -> tuple[int, int] | None:
+    """The (iterations, salt length) most SCRAM-capable entries show a client: stored
+    SCRAM entries their own, PLAIN entries the derived default (4096, 16)."""
+    counts: Counter[tuple[int, int]] = Counter()
+    for cred in entries.values():
+        keys = cred.scram_sha256_keys() if cred.scheme == "SCRAM-SHA-256" else None
+        if keys is not None:
+            counts[(keys.iterations, len(keys.salt))] += 1
+        elif cred.scheme == "PLAIN":
+            counts[(schemes.SCRAM_ITERATIONS, 16)] += 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 class MemoryCredentialStore(_VerifyingStore):
@@ -174,6 +217,6 @@ class MemoryCredentialStore(_VerifyingStore):
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         super().__init__(limiter)
-        parsed = {u: StoredCredential.parse(u, s, default_scheme) for u, s in entries.items()}
-        self._entries = parsed
-        self._dummy = _make_dummy(parsed)
+        self._set_entries(
+            {u: StoredCredential.parse(u, s, default_scheme) for u, s in entries.items()}
+        )

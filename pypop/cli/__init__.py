@@ -1,4 +1,4 @@
-"""The ``pypop`` command: ``pypop serve | passwd | deliver | import``.
+"""The ``pypop`` command: ``pypop serve | passwd | fetch | deliver | import``.
 
 ``python -m pypop`` is the same.
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from pypop import __version__
-from pypop.cli import deliver, import_, passwd, serve
+from pypop.cli import deliver, fetch, import_, passwd, serve
 
 __all__ = ["main"]
 
@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     passwd.add_parser(sub)
+    fetch.add_parser(sub)
     deliver.add_parser(sub)
     import_.add_parser(sub)
     args = parser.parse_args(argv)

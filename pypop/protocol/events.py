@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from pypop.protocol.replies import Text
+
 __all__ = [
     "NEED_DATA",
+    "SEND_DATA",
     "ApopLogin",
     "Closing",
     "ConnectionClosed",
@@ -18,6 +21,7 @@ __all__ = [
     "SaslAborted",
     "SaslResponse",
     "SaslStart",
+    "SendData",
     "StartTLS",
     "Update",
 ]
@@ -35,6 +39,18 @@ class NeedData:
 
 
 NEED_DATA: Final = NeedData()
+
+
+class SendData:
+    """Backpressure: the queued output is over the bound. Send it, then ask again
+    *without* reading: input is waiting to be answered (RFC 2449 §6.6: neither side
+    may exceed the transport window)."""
+
+    def __repr__(self) -> str:
+        return "SEND_DATA"
+
+
+SEND_DATA: Final = SendData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +88,11 @@ class SaslResponse:
 
 @dataclass(frozen=True, slots=True)
 class SaslAborted:
-    """The client cancelled with "*" or sent bad base64; -ERR already queued."""
+    """The client cancelled with "*", or sent bad base64 or an overlong line, in
+    answer to a challenge. A failed authentication like any other: complete it with
+    ``login_failed(None, text)`` (it counts toward ``max_auth_failures``)."""
+
+    text: Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +131,7 @@ class ConnectionClosed:
 
 Event = (
     NeedData
+    | SendData
     | PasswordLogin
     | ApopLogin
     | SaslStart

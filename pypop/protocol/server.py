@@ -8,6 +8,13 @@ I/O, completes the event with one of the completion methods, and asks again. Rep
 therefore leave in command order whatever the pipelining (RFC 2449 §6.6).
 :meth:`data_to_send` drains the output.
 
+Memory and time stay bounded whatever the peer pipelines: once ``output_limit``
+octets wait to be sent, or after ``COMMAND_SLICE`` commands, :meth:`next_event`
+answers no further command and returns :data:`SEND_DATA` (send, let others run, ask
+again, do not read); LIST and UIDL listings are produced in slices as the output
+drains; input is framed a window at a time, so the queue of framed lines is small,
+and the caller reads again only after :data:`NEED_DATA`.
+
 Nothing here imports trio, socket or ssl; a test proves it.
 """
 
@@ -41,6 +48,7 @@ from pypop.protocol.commands import (
 )
 from pypop.protocol.events import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
@@ -55,6 +63,7 @@ from pypop.protocol.events import (
     Update,
 )
 from pypop.protocol.replies import (
+    MAX_STATUS_LINE,
     RESP_CODES,
     TEXTS,
     ReplyLineError,
@@ -66,6 +75,17 @@ from pypop.protocol.state import State, allowed
 from pypop.wire import DEFAULT_MAX_LINE, LineFramer
 
 __all__ = ["ProtocolConfig", "ServerConnection"]
+
+# Input is framed at most this many octets at a time (whole lines), so one large read
+# never becomes tens of thousands of queued line objects.
+FRAME_WINDOW = 4096
+# LIST/UIDL listings are formatted this many messages at a time, between checks of
+# the output bound: a huge maildrop never means one long synchronous loop.
+LISTING_SLICE = 512
+# At most this many pipelined commands are answered per next_event call before it
+# returns SEND_DATA, so that the caller can let other connections run (64 KiB of
+# one-line commands is ~10,000 of them, tens of milliseconds of work).
+COMMAND_SLICE = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +101,9 @@ class ProtocolConfig:
     # RFC 5034 §4 SASL continuation lines are not bound by the 255-octet command limit
     # (OAuth tokens run to kilobytes).
     sasl_max_line: int = 16384
+    # Backpressure: answer no further pipelined command while this many octets of
+    # replies wait to be sent (RFC 2449 §6.6).
+    output_limit: int = 65536
 
 
 class ServerConnection:
@@ -107,9 +130,16 @@ class ServerConnection:
         self.commands = 0
         self._framer = LineFramer(DEFAULT_MAX_LINE)
         self._lines: deque[bytes | None] = deque()
+        # Input not framed yet (never more than one read plus a partial line), where
+        # _raw_pos starts; _skipping: the framer is inside an overlong line.
+        self._raw = b""
+        self._raw_pos = 0
+        self._skipping = False
+        self._next_max_line: int | None = None  # a framer swap waiting for a line end
         self._eof = False
         self._out: list[bytes] = []
         self._out_len = 0
+        self._listing: tuple[Sequence[object], int] | None = None
         self._busy: Event | None = None
         self._pending_user: str | None = None
         self._sasl_waiting = False
@@ -127,11 +157,74 @@ class ServerConnection:
     # -- bytes in / out --
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the peer; ``b""`` means end of input."""
+        """Feed bytes from the peer; ``b""`` means end of input.
+
+        Call it after :data:`NEED_DATA`: what is fed is framed lazily, a window at a
+        time, and held until then."""
         if not data:
             self._eof = True
             return
-        self._lines.extend(self._framer.feed(data))
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._raw_pos < len(self._raw):
+            self._raw = self._raw[self._raw_pos :] + data
+        else:
+            self._raw = data
+        self._raw_pos = 0
+
+    @property
+    def partial_line(self) -> bool:
+        """True while a command line has begun and not ended (the session bounds the
+        time a line may take to arrive)."""
+        return self._skipping or self._raw_pos < len(self._raw)
+
+    def _frame(self) -> None:
+        """Frame the next window of input into whole lines (an incomplete line shorter
+        than the limit stays unframed, so a framer swap applies to it)."""
+        raw, pos, n = self._raw, self._raw_pos, len(self._raw)
+        while pos < n and not self._lines:
+            framer = self._framer
+            if self._skipping:
+                # Inside an overlong line: everything up to its LF is dropped.
+                lf = raw.find(b"\n", pos)
+                end = n if lf < 0 else lf + 1
+                framer.feed(raw[pos:end])
+                pos = end
+                if lf >= 0:
+                    self._skipping = False
+                    if self._next_max_line is not None:
+                        self._framer = LineFramer(self._next_max_line)
+                        self._next_max_line = None
+                continue
+            limit = framer.max_line
+            end = min(pos + FRAME_WINDOW, n)
+            lf = raw.rfind(b"\n", pos, end)
+            if lf < 0:  # a line longer than the window
+                lf = raw.find(b"\n", end, pos + limit)
+            if lf >= 0:
+                end = lf + 1
+            elif n - pos >= limit:
+                end = pos + limit  # overlong without its LF yet: reported, then skipped
+                self._skipping = True
+            else:
+                break  # an incomplete line: wait for the rest
+            self._lines.extend(framer.feed(raw if pos == 0 and end == n else raw[pos:end]))
+            pos = end
+        if pos >= n:
+            self._raw, self._raw_pos = b"", 0
+        else:
+            self._raw_pos = pos
+
+    def _set_max_line(self, max_line: int) -> None:
+        """Frame lines from the next one on with this limit. Inside an overlong line
+        the swap waits for its LF, so the rest of it is never taken for a new line."""
+        if max_line == self._framer.max_line:
+            self._next_max_line = None
+        elif self._skipping:
+            self._next_max_line = max_line
+        else:
+            self._framer = LineFramer(max_line)
+            self._next_max_line = None
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -197,12 +290,26 @@ class ServerConnection:
             raise LocalProtocolError(f"complete {self._busy!r} before asking for the next event")
         if self.state is State.CLOSED:
             return Closing("closed")
-        while self._lines:
+        limit = self.config.output_limit
+        budget = COMMAND_SLICE
+        while True:
+            if self._out_len >= limit:
+                return SEND_DATA
+            if self._listing is not None:
+                self._listing_slice()
+                continue
+            if not self._lines:
+                self._frame()
+                if not self._lines:
+                    break
+            if budget == 0:
+                return SEND_DATA
+            budget -= 1
             line = self._lines.popleft()
             self.commands += 1
             event = self._handle_line(line)
             if event is not None:
-                if not isinstance(event, Closing | SaslAborted):
+                if not isinstance(event, Closing):
                     self._busy = event
                 return event
         return ConnectionClosed() if self._eof else NEED_DATA
@@ -217,11 +324,14 @@ class ServerConnection:
             return self._bad(cmd.text)
         if not allowed(cmd, self.state):
             return self._bad(Text.WRONG_STATE)
+        self.bad_commands = 0
         return self._dispatch(cmd)
 
     def _bad(self, text: Text) -> Closing | None:
-        # §3: -ERR for unknown, invalid or wrong-state commands; then give up on a
-        # peer that only sends garbage.
+        # §3: -ERR for unknown, invalid or wrong-state commands. A peer that sends
+        # nothing else is cut off after max_bad_commands of them in a row; a valid
+        # command resets the count, as Dovecot's bad-command counter does, so a client
+        # probing for extensions now and then is never disconnected for it.
         self.bad_commands += 1
         if self.bad_commands >= self.config.max_bad_commands:
             self._err(Text.TOO_MANY_BAD)
@@ -232,6 +342,7 @@ class ServerConnection:
     def _close(self, reason: str) -> Closing:
         self.state = State.CLOSED
         self._lines.clear()
+        self._raw, self._raw_pos = b"", 0
         return Closing(reason)
 
     def _dispatch(self, cmd: Command) -> Event | None:
@@ -284,14 +395,14 @@ class ServerConnection:
             case Stat():
                 self._ok(f"{self._count} {self._octets}")
             case List(msg=None):
-                lines = [f"{i + 1} {s}" for i, s in enumerate(self._sizes) if not self._deleted[i]]
-                self._multiline(Text.SCAN_LISTING, lines, count=self._count, octets=self._octets)
+                self._ok(Text.SCAN_LISTING, count=self._count, octets=self._octets)
+                self._listing = (self._sizes, 0)
             case List(msg=int(msg)):
                 if (i := self._index(msg)) is not None:
                     self._ok(f"{msg} {self._sizes[i]}")
             case Uidl(msg=None):
-                lines = [f"{i + 1} {u}" for i, u in enumerate(self._uids) if not self._deleted[i]]
-                self._multiline("", lines)
+                self._ok()
+                self._listing = (self._uids, 0)
             case Uidl(msg=int(msg)):
                 if (i := self._index(msg)) is not None:
                     self._ok(f"{msg} {self._uids[i]}")
@@ -315,6 +426,23 @@ class ServerConnection:
                     return Retrieve(i, self._sizes[i], n)
         return None
 
+    def _listing_slice(self) -> None:
+        """The next slice of a LIST/UIDL listing (lines start with a digit: no
+        stuffing), and its terminator after the last one."""
+        assert self._listing is not None
+        values, start = self._listing
+        stop = min(start + LISTING_SLICE, len(values))
+        deleted = self._deleted
+        parts = [f"{i + 1} {values[i]}\r\n" for i in range(start, stop) if not deleted[i]]
+        if stop >= len(values):
+            parts.append(".\r\n")
+            self._listing = None
+        else:
+            self._listing = (values, stop)
+        data = "".join(parts).encode("ascii")
+        self._out.append(data)
+        self._out_len += len(data)
+
     def _index(self, msg: int) -> int | None:
         """§4: message numbers 1..n; deleted ones may not be referred to."""
         if 1 <= msg <= len(self._sizes) and not self._deleted[msg - 1]:
@@ -327,33 +455,33 @@ class ServerConnection:
     def _sasl_line(self, line: bytes | None) -> Event:
         self._sasl_end()
         if line is None:
-            self._err(Text.LINE_TOO_LONG)
-            return SaslAborted()
+            return SaslAborted(Text.LINE_TOO_LONG)
         if line == b"*":
-            self._err(Text.AUTH_CANCELLED)
-            return SaslAborted()
+            return SaslAborted(Text.AUTH_CANCELLED)  # RFC 5034 §4: -ERR
         data = decode_base64(line)
         if data is None:
-            self._err(Text.BAD_BASE64)
-            return SaslAborted()
+            return SaslAborted(Text.BAD_BASE64)
         return SaslResponse(data)
 
     def _sasl_end(self) -> None:
         self._sasl_waiting = False
-        if self._framer.max_line != DEFAULT_MAX_LINE and not self._framer.buffered:
-            self._framer = LineFramer(DEFAULT_MAX_LINE)
+        self._set_max_line(DEFAULT_MAX_LINE)
 
     def sasl_challenge(self, data: bytes) -> None:
-        """Send "+ base64" and take the next line as the client's response."""
+        """Send "+ base64" and take the next line as the client's response.
+
+        A challenge line is bounded like any first reply line (512 octets with its
+        CRLF, RFC 2449 §4); a longer one is the caller's bug (LocalProtocolError):
+        mechanisms bound what the peer can make them echo."""
         self._require(SaslStart, SaslResponse)
         line = b"+ " + base64.b64encode(data) + b"\r\n"
+        if len(line) > MAX_STATUS_LINE:
+            raise LocalProtocolError("SASL challenge over 512 octets")
         self._out.append(line)
         self._out_len += len(line)
         self._sasl_waiting = True
-        # Continuation lines may exceed 255 octets; a client only sends one after
-        # reading the challenge, so nothing is buffered when the framer is swapped.
-        if not self._framer.buffered:
-            self._framer = LineFramer(self.config.sasl_max_line)
+        # Continuation lines may exceed 255 octets (RFC 5034 §4).
+        self._set_max_line(self.config.sasl_max_line)
         self._busy = None
 
     # -- capabilities --
@@ -401,14 +529,21 @@ class ServerConnection:
     def login_failed(
         self, code: str | None = "AUTH", text: Text = Text.AUTH_FAILED
     ) -> Closing | None:
-        """Stay in AUTHORIZATION; after too many failures the connection closes."""
-        self._require(PasswordLogin, ApopLogin, SaslStart, SaslResponse)
+        """Stay in AUTHORIZATION; after ``max_auth_failures`` the connection closes.
+
+        Only what the client could have got right counts: credential failures
+        (``[AUTH]``) and aborted SASL exchanges (``*``, bad base64, an overlong
+        line). ``[IN-USE]``, ``[SYS/TEMP]``, ``[SYS/PERM]`` and ``[LOGIN-DELAY]``
+        do not: retrying a locked maildrop is not guessing passwords."""
+        self._require(PasswordLogin, ApopLogin, SaslStart, SaslResponse, SaslAborted)
+        counts = code == "AUTH" or isinstance(self._busy, SaslAborted)
         self._busy = None
         self._sasl_end()
         self._err(text, code)
-        self.auth_failures += 1
-        if self.auth_failures >= self.config.max_auth_failures:
-            return self._close("too many authentication failures")
+        if counts:
+            self.auth_failures += 1
+            if self.auth_failures >= self.config.max_auth_failures:
+                return self._close("too many authentication failures")
         return None
 
     def start_tls(self) -> None:
@@ -418,6 +553,8 @@ class ServerConnection:
         self._busy = None
         self._ok(Text.BEGIN_TLS)
         self._lines.clear()
+        self._raw, self._raw_pos = b"", 0
+        self._skipping = False
         self._framer.clear()
         self._pending_user = None
         self.tls_active = True

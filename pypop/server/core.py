@@ -12,12 +12,16 @@ so nothing it marked is removed; a session already in UPDATE finishes it (shield
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
+import os
 import ssl
 
 import trio
 
 from pypop.auth import (
+    DEFAULT_MECHANISMS,
     AuthPenalty,
     CredentialStore,
     LoginDelay,
@@ -25,13 +29,16 @@ from pypop.auth import (
     StaticTokenVerifier,
     TokenVerifier,
 )
-from pypop.backend import Backend
-from pypop.config import ServerConfig
+from pypop.auth.secret import load_or_create
+from pypop.backend import Backend, SelfAuthenticating
+from pypop.config import ConfigError, ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.protocol.replies import Text, encode_status
 from pypop.registry import create_backend, create_credential_store
-from pypop.server.limits import ConnectionLimits
+from pypop.server.limits import ConnectionLimits, ensure_open_files
 from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
+from pypop.server.logins import MaildropHolders
+from pypop.server.passthrough import NO_STORE
 from pypop.server.session import Session, SessionContext
 
 __all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
@@ -39,6 +46,10 @@ __all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
 log = logging.getLogger("pypop.server")
 
 TOO_MANY: bytes = encode_status(False, Text.TOO_MANY_CONNECTIONS.value, "SYS/TEMP")
+# accept() errors that mean "no descriptors or memory now": back off, log rarely.
+_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_MAX = 1.0
+ACCEPT_LOG_EVERY = 60.0
 
 
 class TLSConfigError(ValueError):
@@ -91,8 +102,16 @@ class Server:
         if ssl_context is None and config.tls_cert is not None and config.tls_key is not None:
             ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
         self.ssl_context = ssl_context
-        self.store = store if store is not None else _default_store(config)
-        self._own_store = store is None
+        passthrough = self.backend if isinstance(self.backend, SelfAuthenticating) else None
+        own_store = store is None
+        if store is None:
+            store = _default_store(config, passthrough is not None)
+        self.store = store
+        self._own_store = own_store
+        apop = config.apop
+        if passthrough is not None:
+            _warn_passthrough(config, token_verifier is not None)
+            apop = False  # APOP never reveals the password: it cannot be passed on
         protocol = ProtocolConfig(
             max_bad_commands=config.max_bad_commands,
             max_auth_failures=config.max_auth_failures,
@@ -111,7 +130,10 @@ class Server:
             hostname=config.hostname,
             greeting=config.greeting,
             idle_timeout=config.idle_timeout,
-            apop=config.apop,
+            line_timeout=config.line_timeout,
+            maildrops=MaildropHolders(config.lock_wait),
+            salt_key=_server_secret(config),
+            apop=apop,
             allow_plaintext=config.allow_plaintext,
             ssl_context=ssl_context,
             mechanisms=tuple(m.upper() for m in config.mechanisms),
@@ -126,6 +148,7 @@ class Server:
             login_delay=LoginDelay(config.login_delay, clock=trio.current_time)
             if config.login_delay
             else None,
+            passthrough=passthrough,
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -134,6 +157,7 @@ class Server:
         self._shutdown = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._spare_fd: int | None = None
 
     def reload_tls(self) -> bool:
         """Read ``tls.cert`` and ``tls.key`` again (the CLI calls this on SIGHUP).
@@ -182,6 +206,21 @@ class Server:
         return listeners
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            ensure_open_files(self.config.max_connections)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        # One descriptor kept in reserve: when accept() runs out, it is given up to
+        # take the waiting connection and refuse it cleanly (see _accept_loop).
+        self._spare_fd = _open_spare()
+        try:
+            await self._serve(task_status)
+        finally:
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
+
+    async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
         plain = await self._open(self.config.listen, False)
         tls = await self._open(self.config.listen_tls, True)
         self.addresses = [lst.address for lst in plain]
@@ -223,16 +262,51 @@ class Server:
             log.info("stopped after %s", _plural(self.total_sessions, "session"))
 
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
+        backoff = 0.0
+        failures = 0
+        last_logged = -math.inf
         while True:
             try:
                 stream, peer = await listener.accept()
             except OSError as exc:
-                if is_transient(exc):
-                    log.error("accept failed (%s); pausing 100 ms", exc)
-                    await trio.sleep(0.1)
-                    continue
-                raise
+                if not is_transient(exc):
+                    raise
+                if exc.errno not in _SHORTAGE:
+                    continue  # ECONNABORTED and the like: that connection is gone
+                # Out of descriptors (or memory): refuse the waiting client with the
+                # spare descriptor instead of leaving it hanging, then back off; log
+                # once a minute, not once per attempt.
+                failures += 1
+                refused = self._refuse_with_spare(listener)
+                now = trio.current_time()
+                if now - last_logged >= ACCEPT_LOG_EVERY:
+                    last_logged = now
+                    log.error(
+                        "accept failed: %s (%d open sessions); %s; raise the open-file "
+                        "limit or lower limits.max_connections",
+                        exc.strerror or exc,
+                        self.active,
+                        "refusing new connections" if refused else "backing off",
+                    )
+                backoff = min(ACCEPT_BACKOFF_MAX, max(0.01, backoff * 2))
+                await trio.sleep(backoff)
+                continue
+            if failures:
+                log.warning("accept works again after %d failed attempts", failures)
+                failures, backoff = 0, 0.0
             nursery.start_soon(self._connection, stream, peer, listener.implicit_tls)
+
+    def _refuse_with_spare(self, listener: Listener) -> bool:
+        """Free the spare descriptor, accept one waiting connection, tell it
+        ``-ERR [SYS/TEMP]`` (plain listeners) and close it, take the spare back."""
+        if self._spare_fd is None:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            return listener.refuse_one(None if listener.implicit_tls else TOO_MANY)
+        finally:
+            self._spare_fd = _open_spare()
 
     async def _connection(self, stream: SocketStream, peer: Peer, implicit_tls: bool) -> None:
         limits = self.limits
@@ -285,6 +359,37 @@ class Server:
         await trio.aclose_forcefully(stream)
 
 
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _server_secret(config: ServerConfig) -> bytes | None:
+    """The persistent key of fake SCRAM salts (pypop.auth.secret): auth.secret_file,
+    or <passwd_file>.secret. None (a per-process key, with a warning) when neither
+    can be used; an explicitly configured file that cannot be used stops start-up."""
+    path = config.secret_file
+    explicit = path is not None
+    if path is None and config.passwd_file is not None:
+        path = config.passwd_file.with_name(config.passwd_file.name + ".secret")
+    if path is not None:
+        try:
+            return load_or_create(path)
+        except (OSError, ValueError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if explicit:
+                raise ConfigError(f"auth.secret_file {path}: {text}") from None
+            log.warning("cannot use the server secret %s (%s)", path, text)
+    if any(m.upper().startswith("SCRAM") for m in config.mechanisms):
+        log.warning(
+            "no server secret (set auth.secret_file): SCRAM salts of unknown users "
+            "will change when the server restarts, which tells them from real users"
+        )
+    return None
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -316,15 +421,40 @@ async def _close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _default_store(config: ServerConfig) -> CredentialStore:
-    """The configured credential store: a [credentials] plugin, or the passwd-file."""
+def _default_store(config: ServerConfig, passthrough: bool = False) -> CredentialStore:
+    """The configured credential store: a [credentials] plugin, or the passwd-file.
+    A backend that authenticates itself needs none."""
     if config.credentials is not None:
         return create_credential_store(config.credentials, config.credentials_options)
     if config.passwd_file is None:
+        if passthrough:
+            return NO_STORE
         raise ValueError(
             "no credential store: set auth.passwd_file (or --passwd-file), or a [credentials] store"
         )
     return create_credential_store("passwd-file", {"path": str(config.passwd_file)})
+
+
+def _warn_passthrough(config: ServerConfig, tokens: bool) -> None:
+    """Say at start-up what a self-authenticating backend leaves out."""
+    # SCRAM is in the defaults: name only what the admin chose by hand.
+    chosen = [] if list(config.mechanisms) == list(DEFAULT_MECHANISMS) else config.mechanisms
+    unusable = [m for m in chosen if m.upper() in _NEEDS_SECRET]
+    if config.apop:
+        unusable.insert(0, "APOP")
+    if unusable:
+        log.warning(
+            "the backend checks passwords itself (passthrough): %s cannot pass a "
+            "password on and will not be offered",
+            ", ".join(unusable),
+        )
+    if config.passwd_file is not None or config.credentials is not None:
+        log.warning("the backend checks passwords itself: the credential store is not used")
+    if tokens:
+        log.warning("the backend checks bearer tokens itself: auth.tokens_file is not used")
+
+
+_NEEDS_SECRET = frozenset({"CRAM-MD5", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"})
 
 
 async def serve(

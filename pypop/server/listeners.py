@@ -263,6 +263,23 @@ class Listener(trio.abc.AsyncResource):
                 continue
             return SocketStream(conn), Peer(str(addr[0]), int(addr[1]))
 
+    def refuse_one(self, message: bytes | None) -> bool:
+        """Take one waiting connection, send it ``message`` if the socket takes it at
+        once, and close it. False if none was waiting (or accept failed again)."""
+        try:
+            conn, _ = self.socket.accept()
+        except OSError:
+            return False
+        try:
+            if message:
+                conn.setblocking(False)
+                conn.send(message)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        return True
+
     async def aclose(self) -> None:
         await _close_socket(self.socket)
 

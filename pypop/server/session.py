@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +32,7 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
-from pypop.backend import Backend, Mailbox
+from pypop.backend import Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
     AuthFailed,
     MailboxLocked,
@@ -42,9 +43,11 @@ from pypop.errors import (
 )
 from pypop.protocol import (
     NEED_DATA,
+    SEND_DATA,
     ApopLogin,
     Closing,
     ConnectionClosed,
+    LocalProtocolError,
     PasswordLogin,
     ProtocolConfig,
     Retrieve,
@@ -57,6 +60,8 @@ from pypop.protocol import (
     Update,
 )
 from pypop.server.listeners import Peer, SocketStream
+from pypop.server.logins import MaildropHolders, describe, log_failed_login
+from pypop.server.passthrough import Passthrough
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -68,7 +73,7 @@ log = logging.getLogger("pypop.session")
 
 RECV_SIZE: Final = 65536
 # Flush queued replies once this much is waiting: bounds memory per session while a
-# pipelined batch or a large message is being produced.
+# large message is being produced (pipelined replies: the engine's SEND_DATA).
 FLUSH_AT: Final = 65536
 
 
@@ -86,6 +91,10 @@ class SessionContext:
     hostname: str
     greeting: str | None = None
     idle_timeout: float = 600.0
+    # A command line must arrive complete within this many seconds of its first octet
+    # (a drip-fed line would otherwise hold its slot: every octet resets idle_timeout).
+    line_timeout: float = 60.0
+    maildrops: MaildropHolders = field(default_factory=lambda: MaildropHolders(1.0))
     apop: bool = False
     allow_plaintext: bool = False
     ssl_context: ssl.SSLContext | None = None
@@ -95,9 +104,12 @@ class SessionContext:
     per_client: PerClientLimiter = field(default_factory=PerClientLimiter)
     login_delay: LoginDelay | None = None
     hash_limiter: trio.CapacityLimiter | None = None
-    mechanism_cache: dict[tuple[bool, bool, bool], tuple[list[str], list[str]]] = field(
+    salt_key: bytes | None = None  # the server secret (pypop.auth.secret)
+    mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
+    # The backend itself when it checks credentials (pypop.server.passthrough).
+    passthrough: SelfAuthenticating | None = None
 
 
 class Session:
@@ -130,7 +142,10 @@ class Session:
         self.end = "?"
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
+        self._released: trio.Event | None = None  # set when our maildrop lock is gone
         self._idle = trio.CancelScope()
+        self._line_deadline = math.inf  # for the partial command line, if any
+        self._line_mark = -1
         # Plain TCP gets the gathered write and the wait-first read; TLS does not.
         self._send_many: Callable[[list[bytes]], Awaitable[None]] | None = None
         self._recv_after_reply: Callable[[int], Awaitable[bytes]] | None = None
@@ -138,6 +153,10 @@ class Session:
             self._send_many = stream.send_many
             self._recv_after_reply = stream.receive_after_reply
         self._wire: Callable[[int, int | None], bytes | None] | None = None
+        # A self-authenticating backend checks logins (pypop.server.passthrough).
+        self._passthrough: Passthrough | None = None
+        if ctx.passthrough is not None:
+            self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
 
     def _plaintext_allowed(self, tls: bool) -> bool:
@@ -156,22 +175,30 @@ class Session:
             # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
             # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
             binding = self.stream.get_channel_binding("tls-unique")
+        store: CredentialStore = self.ctx.store
+        verifier = self.ctx.token_verifier
+        if self._passthrough is not None:
+            store = self._passthrough
+            verifier = self._passthrough if self._passthrough.bearer else None
         return SaslContext(
-            store=self.ctx.store,
+            store=store,
             hostname=self.ctx.hostname,
             tls_active=self.tls,
-            token_verifier=self.ctx.token_verifier,
+            token_verifier=verifier,
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
+            salt_key=self.ctx.salt_key,
         )
 
     def _update_mechanisms(self) -> None:
         """Tell the protocol which SASL mechanisms CAPA and AUTH may offer now."""
         ctx = self._sasl_context()
         plain = self.conn.plaintext_allowed
-        # The answer depends on nothing per-connection but these three facts, so
-        # sessions share it (it is computed on every accept otherwise).
-        key = (self.tls, plain, ctx.channel_binding is not None)
+        # The answer depends on nothing per-connection but these three facts and
+        # what the store holds (a reload may change it), so sessions share it (it is
+        # computed on every accept otherwise).
+        schemes = getattr(ctx.store, "stored_schemes", None)
+        key = (self.tls, plain, ctx.channel_binding is not None, schemes)
         cached = self.ctx.mechanism_cache.get(key)
         if cached is None:
             enabled = self.ctx.mechanisms
@@ -216,15 +243,32 @@ class Session:
         """Bytes from the peer, b"" at EOF. ``replied``: we just sent a reply, so the
         next command is most likely not there yet."""
         self._touch()
-        data: bytes | bytearray
+        data: bytes | bytearray = b""
         try:
-            if replied and self._recv_after_reply is not None:
-                data = await self._recv_after_reply(RECV_SIZE)
+            if self._line_deadline == math.inf:
+                if replied and self._recv_after_reply is not None:
+                    data = await self._recv_after_reply(RECV_SIZE)
+                else:
+                    data = await self.stream.receive_some(RECV_SIZE)
             else:
-                data = await self.stream.receive_some(RECV_SIZE)
+                with trio.move_on_at(self._line_deadline) as cs:
+                    data = await self.stream.receive_some(RECV_SIZE)
+                if cs.cancelled_caught:
+                    # Like the §3 autologout: no UPDATE, no response.
+                    raise _SessionEnd("line timeout")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
         return data if isinstance(data, bytes) else bytes(data)
+
+    def _watch_line(self) -> None:
+        """Start the clock for a command line that has begun but not ended; a line
+        that ended since (the engine counted it) restarts it."""
+        conn = self.conn
+        if not conn.partial_line:
+            self._line_deadline = math.inf
+        elif self._line_deadline == math.inf or conn.commands != self._line_mark:
+            self._line_deadline = trio.current_time() + self.ctx.line_timeout
+            self._line_mark = conn.commands
 
     # -- the loop --
 
@@ -247,6 +291,8 @@ class Session:
             self.end = "error"
             raise
         finally:
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -254,6 +300,7 @@ class Session:
                         await self.mailbox.aclose()
                     except Exception:
                         log.exception("backend failed to release %s's maildrop", self.user)
+            self._let_go()
             log.info(
                 "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
                 "duration=%.3f end=%s",
@@ -273,7 +320,16 @@ class Session:
             event: Event = conn.next_event()
             if event is NEED_DATA:
                 replied = await self._flush()
+                self._watch_line()
                 conn.receive_data(await self._receive(replied))
+                continue
+            if event is SEND_DATA:
+                # Backpressure: nothing more is read or answered until the peer has
+                # taken these replies. Then let the other sessions run: a send that
+                # completes at once does not yield, and a peer that pipelines
+                # without end would otherwise hold the event loop.
+                await self._flush()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 continue
             if isinstance(event, ConnectionClosed):
                 self.end = "disconnected"
@@ -287,22 +343,20 @@ class Session:
                 await self._flush()
                 self.end = closing.reason
                 return
-            if conn.pending_output >= FLUSH_AT:
-                await self._flush()
 
     async def _dispatch(self, event: Event) -> Closing | None:
         match event:
             case Retrieve():
                 await self._retrieve(event)
             case PasswordLogin(user=user, password=password):
-                store = self.ctx.store
+                store = self.ctx.store if self._passthrough is None else self._passthrough
                 return await self._login(
-                    user, lambda: store.verify_password(user, password), password
+                    "USER", user, lambda: store.verify_password(user, password), password
                 )
             case ApopLogin(user=user, digest=digest, timestamp=timestamp):
                 store = self.ctx.store
                 return await self._login(
-                    user, lambda: verify_apop(store, user, timestamp, digest), digest
+                    "APOP", user, lambda: verify_apop(store, user, timestamp, digest), digest
                 )
             case StartTLS():
                 await self._start_tls()
@@ -315,7 +369,7 @@ class Session:
     # -- login --
 
     async def _login(
-        self, user: str, verify: Callable[[], Awaitable[bool]], secret: str | bytes
+        self, method: str, user: str, verify: Callable[[], Awaitable[bool]], secret: str | bytes
     ) -> Closing | None:
         """USER/PASS and APOP: penalty, verification, then the maildrop."""
         penalty = self.ctx.penalty
@@ -326,36 +380,60 @@ class Session:
             try:
                 ok = await verify()
             except Exception as exc:
-                if not isinstance(exc, TemporaryFailure):
-                    log.exception("credential check failed")
-                return self.conn.login_failed("SYS/TEMP", Text.AUTH_TEMPORARY)
+                return self._server_failure(method, user, exc, "SYS/TEMP", Text.AUTH_TEMPORARY)
         if not ok:
-            return await self._auth_failed(user, secret)
+            return await self._auth_failed(method, user, secret)
         penalty.record_success(self.peer.host)
-        return await self._open(user)
+        return await self._open(method, user)
 
-    async def _auth_failed(self, user: str | None, secret: str | bytes | None) -> Closing | None:
+    async def _auth_failed(
+        self,
+        method: str,
+        user: str | None,
+        secret: str | bytes | None,
+        reason: str = "credentials",
+        text: Text = Text.AUTH_FAILED,
+    ) -> Closing | None:
+        """A failure the client caused: logged, penalised per client, counted."""
+        log_failed_login(user, method, self.peer.host, reason)
         await trio.sleep(self.ctx.penalty.record_failure(self.peer.host, user, secret))
-        return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
+        return self.conn.login_failed("AUTH" if reason == "credentials" else None, text)
 
-    async def _open(self, user: str) -> Closing | None:
+    def _server_failure(
+        self, method: str, user: str | None, exc: BaseException, code: str, text: Text
+    ) -> Closing | None:
+        """A store or backend failure: the cause goes to the log, the client gets only
+        the response code; an unexpected exception type is a bug (traceback)."""
+        if not isinstance(exc, TemporaryFailure | PermanentFailure):
+            log.error("unexpected %s (a bug)", type(exc).__name__, exc_info=exc)
+        reason = "permanent" if code == "SYS/PERM" else "temporary"
+        log_failed_login(user, method, self.peer.host, reason, describe(exc))
+        return self.conn.login_failed(code, text)
+
+    async def _open(self, method: str, user: str) -> Closing | None:
         """§4: lock and snapshot the maildrop, then TRANSACTION."""
         conn = self.conn
         if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
             # RFC 2449 §8.1.1
+            if self._passthrough is not None:
+                await self._passthrough.discard()
+            log_failed_login(user, method, self.peer.host, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
-            mailbox = await self.ctx.backend.open_mailbox(user)
+            # A passthrough's check has opened the maildrop already (it opens again
+            # only while waiting for a lock).
+            opener = self.ctx.backend if self._passthrough is None else self._passthrough
+            mailbox = await self.ctx.maildrops.open(opener, user)
         except MailboxLocked:
+            log_failed_login(user, method, self.peer.host, "in-use")
             return conn.login_failed("IN-USE", Text.IN_USE)
         except AuthFailed:
-            return await self._auth_failed(user, None)
-        except PermanentFailure:
-            return conn.login_failed("SYS/PERM", Text.MAILBOX_PERMANENT)
+            return await self._auth_failed(method, user, None)
+        except PermanentFailure as exc:
+            return self._server_failure(method, user, exc, "SYS/PERM", Text.MAILBOX_PERMANENT)
         except Exception as exc:
-            if not isinstance(exc, TemporaryFailure):
-                log.exception("backend failed to open %s's maildrop", user)
-            return conn.login_failed("SYS/TEMP", Text.MAILBOX_TEMPORARY)
+            return self._server_failure(method, user, exc, "SYS/TEMP", Text.MAILBOX_TEMPORARY)
+        self._released = self.ctx.maildrops.hold(user)
         self.mailbox, self.user = mailbox, user
         # getattr, not isinstance: a runtime Protocol check costs more than the login.
         wire: Callable[[int, int | None], bytes | None] | None = getattr(
@@ -369,10 +447,18 @@ class Session:
     # -- SASL (RFC 5034) --
 
     async def _sasl_event(self, event: SaslStart | SaslResponse | SaslAborted) -> Closing | None:
+        mech = self._sasl
+        method = (
+            event.mechanism if isinstance(event, SaslStart) else (mech.name if mech else "SASL")
+        )
         if isinstance(event, SaslAborted):
+            # "*", bad base64, an overlong line: a failed attempt like any other (it
+            # must cost what a wrong password costs, or SCRAM salts are free to probe).
+            user = self._sasl_user or (mech.attempted_user if mech else None)
             self._sasl = None
             self._sasl_user = None
-            return None
+            reason = "cancelled" if event.text is Text.AUTH_CANCELLED else "malformed"
+            return await self._auth_failed(method, user, None, reason, event.text)
         if self._sasl_user is not None:
             # RFC 5034 §4: "POP3 does not allow for additional data to be sent with a
             # message indicating a successful outcome" (RFC 4422 §3.6). So the
@@ -381,10 +467,12 @@ class Session:
             # DIGEST-MD5 rspauth example in RFC 5034 §6). Anything else fails.
             user, self._sasl_user, self._sasl = self._sasl_user, None, None
             if not isinstance(event, SaslResponse) or event.data:
-                return await self._auth_failed(user, None)
+                return await self._auth_failed(method, user, None)
             self.ctx.penalty.record_success(self.peer.host)
-            return await self._open(user)
+            return await self._open(method, user)
         if isinstance(event, SaslStart):
+            if self._passthrough is not None:
+                self._passthrough.mechanism = event.mechanism
             mech = create_mechanism(
                 event.mechanism,
                 self._sasl_context(),
@@ -392,32 +480,41 @@ class Session:
                 allow_plaintext=self.conn.plaintext_allowed,
             )
             if mech is None:
-                return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
+                return await self._auth_failed(method, None, None)
             self._sasl = mech
             async with self.ctx.per_client.slot(self.peer.host):
                 await trio.sleep(self.ctx.penalty.delay(self.peer.host))
                 result = await mech.step(event.initial)
         else:
-            if self._sasl is None:
-                return self.conn.login_failed("AUTH", Text.AUTH_FAILED)
-            mech = self._sasl
+            if mech is None:
+                return await self._auth_failed(method, None, None)
             async with self.ctx.per_client.slot(self.peer.host):
                 result = await mech.step(event.data)
         if isinstance(result, SaslChallenge):
-            self.conn.sasl_challenge(result.data)
-            return None
+            return await self._challenge(mech, result.data)
         if isinstance(result, SaslSuccess):
             if result.data:
                 self._sasl_user = result.user
-                self.conn.sasl_challenge(result.data)
-                return None
+                return await self._challenge(mech, result.data)
             self._sasl = None
             self.ctx.penalty.record_success(self.peer.host)
-            return await self._open(result.user)
+            return await self._open(method, result.user)
         self._sasl = None
         if result.code == "AUTH":
-            return await self._auth_failed(mech.attempted_user, mech.attempted_secret)
-        return self.conn.login_failed(result.code, result.text)
+            return await self._auth_failed(method, mech.attempted_user, mech.attempted_secret)
+        cause = result.error or TemporaryFailure("credential store unavailable")
+        return self._server_failure(method, mech.attempted_user, cause, result.code, result.text)
+
+    async def _challenge(self, mech: SaslMechanism, data: bytes) -> Closing | None:
+        try:
+            self.conn.sasl_challenge(data)
+        except LocalProtocolError:
+            # Mechanisms bound what a peer can make them echo; should one still
+            # produce an oversized challenge, the exchange fails, without a traceback.
+            log.error("SASL %s produced a challenge over 512 octets", mech.name)
+            self._sasl = self._sasl_user = None
+            return await self._auth_failed(mech.name, mech.attempted_user, None)
+        return None
 
     # -- STLS (RFC 2595 §4) --
 
@@ -463,8 +560,8 @@ class Session:
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
-            except Exception:
-                log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
+            except Exception as exc:
+                _backend_failed(exc, "backend failed to read message %d of %s", event, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None
@@ -479,9 +576,9 @@ class Session:
                     block = await anext(blocks, None)
             except _SessionEnd:
                 raise
-            except Exception:
-                log.exception(
-                    "backend failed while streaming message %d of %s", event.index + 1, self.user
+            except Exception as exc:
+                _backend_failed(
+                    exc, "backend failed while streaming message %d of %s", event, self.user
                 )
                 # Earlier replies still go out; the cut message has no terminator, so the
                 # client sees a broken transfer, never a short message.
@@ -522,4 +619,20 @@ class Session:
                     await mailbox.aclose()
                 except Exception:
                     log.exception("backend failed to release %s's maildrop", self.user)
+                self._let_go()
         return self.conn.update_finished(failed)
+
+    def _let_go(self) -> None:
+        """Our maildrop lock is released: wake a login waiting for it."""
+        if self._released is not None and self.user is not None:
+            self.ctx.maildrops.let_go(self.user, self._released)
+            self._released = None
+
+
+def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
+    """A TemporaryFailure is the backend's own report (an upstream is down): one line.
+    Anything else is a bug: with its traceback."""
+    if isinstance(exc, TemporaryFailure):
+        log.warning(what + ": %s", event.index + 1, user, exc)
+    else:
+        log.exception(what, event.index + 1, user)
