@@ -28,8 +28,12 @@ class SqlHarness:
 
 class TestSqlConformance(BackendConformance):
     @pytest.fixture
-    async def harness(self, db_url: str) -> AsyncIterator[SqlHarness]:
-        h = SqlHarness(db_url)
-        yield h
-        for backend in h.backends:
+    def harness(self, db_url: str) -> SqlHarness:
+        # Sync: the kit's own autouse fixture reads it.
+        return SqlHarness(db_url)
+
+    @pytest.fixture(autouse=True)
+    async def _close_backends(self, harness: SqlHarness) -> AsyncIterator[None]:
+        yield
+        for backend in harness.backends:
             await backend.aclose()
