@@ -32,6 +32,7 @@ class MaildirConfig:
     fsync: bool = True
     io_threads: int = 16
     io_timeout: float = 30.0
+    listing_cache: int = 100_000
 
 
 def _check_template(opts: Options, template: str) -> None:
@@ -86,6 +87,7 @@ def parse_options(options: Mapping[str, object]) -> MaildirConfig:
         fsync=opts.flag("fsync", True),
         io_threads=opts.integer("io_threads", 16, minimum=1),
         io_timeout=opts.number("io_timeout", 30.0, minimum=0.1),
+        listing_cache=opts.integer("listing_cache", 100_000, minimum=0),
     )
     opts.finish()
     return config
