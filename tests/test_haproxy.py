@@ -2,8 +2,9 @@
 
 - HAProxy (the Debian package; scripts/test installs it) listens on 127.0.0.1 and
   sends PROXY v2 to two pypop "hosts": two ``pypop serve --workers 2`` on 127.0.0.2
-  and 127.0.0.3, sharing one Maildir tree. Its health checks ask each host's
-  ``/healthz``.
+  and 127.0.0.3, sharing one store: a Maildir tree, and (run again) a PostgreSQL
+  database through pypop3-sql, on a PostgreSQL server the test starts. HAProxy's
+  health checks ask each host's ``/healthz``.
 - The client has its own loopback address, 127.0.0.9: the hosts must see it, not
   HAProxy's, in their logs, penalties and metrics.
 
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,15 +166,66 @@ def kill_host(host: Serving) -> None:
     host.proc.wait(10)
 
 
-def test_two_hosts_behind_haproxy(tmp_path: Path) -> None:
-    root = tmp_path / "shared-mail"
-    maildir(root, "alice", 3)
-    maildir(root, "bob", 1)
+class Store:
+    """The store both hosts share: a Maildir tree, or a PostgreSQL database
+    (pypop3-sql) on a server the test starts."""
+
+    def __init__(self, kind: str, tmp_path: Path, stack: contextlib.ExitStack) -> None:
+        self.kind = kind
+        self.root = tmp_path / "shared-mail"
+        maildir(self.root, "alice", 3)
+        maildir(self.root, "bob", 1)
+        self.url = ""
+        if kind == "postgresql":
+            testing = pytest.importorskip("pypop_sql.testing")
+            reason = testing.pg_unavailable_reason()
+            if reason is not None:
+                if os.environ.get("CI"):
+                    pytest.fail(f"PostgreSQL is required in CI: {reason}")
+                pytest.skip(reason)
+            pg = stack.enter_context(testing.PgServer())
+            self.url = pg.create_database()
+            # The same mail, moved in as a site would (pypop import).
+            run = subprocess.run(
+                [sys.executable, "-m", "pypop", "import", "--backend", "sql",
+                 "-o", f"url={self.url}", "--maildir-root", str(self.root)],
+                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stdout + run.stderr
+
+    def backend(self) -> list[str]:
+        if self.kind == "postgresql":
+            return ["--backend", "sql", "-o", f"url={self.url}"]
+        return ["--backend", "maildir", "-o", f"root={self.root}"]
+
+    def messages(self, user: str) -> int:
+        if self.kind == "maildir":
+            return messages(self.root / user)
+        import psycopg
+
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id "
+                "WHERE b.name = %s",
+                (user,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.mark.parametrize("kind", ["maildir", "postgresql"])
+def test_two_hosts_behind_haproxy(tmp_path: Path, kind: str) -> None:
     with contextlib.ExitStack() as stack:
+        store = Store(kind, tmp_path, stack)
         hosts = [
-            stack.enter_context(serve(tmp_path / name, 2, host=address, root=root, config=CONFIG))
+            stack.enter_context(
+                serve(
+                    tmp_path / name, 2, host=address, config=CONFIG,
+                    root=store.root, backend=store.backend(),
+                )
+            )
             for name, address in zip(("a", "b"), HOSTS, strict=True)
-        ]
+        ]  # fmt: skip
         port, admin = stack.enter_context(haproxy(tmp_path, hosts))
 
         # Through HAProxy: one session holds alice's maildrop...
@@ -198,7 +251,7 @@ def test_two_hosts_behind_haproxy(tmp_path: Path) -> None:
         assert first.file.readline() == b""  # the session is gone
         first.close()
         (survivor,) = [h for h in hosts if h is not holder]
-        assert messages(root / "alice") == 3  # no mail lost: DELE needs QUIT
+        assert store.messages("alice") == 3  # no mail lost: DELE needs QUIT
         # New sessions go to the other host, at once (HAProxy retries a refused
         # connection elsewhere) and after its health check notices.
         sessions_before = survivor.metric("pypop_sessions_total")
@@ -237,7 +290,6 @@ def test_two_hosts_behind_haproxy(tmp_path: Path) -> None:
         assert survivor.metric('pypop_logins_total{mechanism="USER",result="ok"}') == 5
         assert survivor.metric('pypop_commands_total{verb="QUIT"}') == 5
         assert survivor.metric("pypop_sessions_open") == 0
-
-    # After a clean QUIT the messages are still all there (nothing was deleted).
-    assert messages(root / "alice") == 3
+        # After the clean QUITs the messages are all there (nothing was deleted).
+        assert store.messages("alice") == 3
     assert CLIENT == "127.0.0.9"

@@ -116,9 +116,11 @@ def serve(
     host: str = "127.0.0.1",
     root: Path | None = None,
     config: str = CONFIG,
+    backend: list[str] | None = None,
 ) -> Iterator[Serving]:
     """``pypop serve`` on ``host`` (a maildir backend: ``root``, or a new one with
-    alice's 3 messages and bob's 1), metrics on ``host`` too, logging to a file."""
+    alice's 3 messages and bob's 1; or the ``backend`` flags given), metrics on
+    ``host`` too, logging to a file."""
     directory.mkdir(parents=True, exist_ok=True)
     if root is None:
         root = directory / "mail"
@@ -132,7 +134,7 @@ def serve(
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "pypop", "serve", "-c", str(directory / "pypop.toml"),
-            "--backend", "maildir", "-o", f"root={root}",
+            *(backend or ["--backend", "maildir", "-o", f"root={root}"]),
             "--passwd-file", str(directory / "passwd"), "--allow-plaintext",
             "--listen", f"{host}:0", "--workers", str(workers),
             "--metrics-listen", f"{host}:{metrics}", "--log-target", str(log), *extra,
