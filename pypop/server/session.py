@@ -661,12 +661,14 @@ class Session:
                 with trio.fail_after(60):
                     await mailbox.commit(deleted)
                 self.deleted = len(deleted)
-            except UpdateFailed:
-                metrics.BACKEND_ERRORS.labels("UpdateFailed").inc()
-                failed = True
             except Exception as exc:
                 metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
-                log.exception("backend failed in UPDATE for %s", self.user)
+                # The backend's own report is one line with its cause (the client gets
+                # only [SYS/TEMP]); anything else is a bug, with its traceback.
+                if isinstance(exc, UpdateFailed | TemporaryFailure | PermanentFailure):
+                    log.warning("UPDATE for %s failed: %s", self.user, describe(exc))
+                else:
+                    log.exception("backend failed in UPDATE for %s", self.user)
                 failed = True
             finally:
                 try:
@@ -686,7 +688,7 @@ class Session:
 def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
     """A TemporaryFailure is the backend's own report (an upstream is down): one line.
     Anything else is a bug: with its traceback."""
-    if isinstance(exc, TemporaryFailure):
-        log.warning(what + ": %s", event.index + 1, user, exc)
+    if isinstance(exc, TemporaryFailure | PermanentFailure):
+        log.warning(what + ": %s", event.index + 1, user, describe(exc))
     else:
         log.exception(what, event.index + 1, user)
