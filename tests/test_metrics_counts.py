@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from pypop.backend import Mailbox, MessageInfo
 from pypop.backends.memory import MemoryBackend
 from pypop.errors import TemporaryFailure, UpdateFailed
+from pypop.server.metrics import HistogramBatch
 
 from .conftest import ServerStarter
 from .test_anvil import until
@@ -55,6 +56,34 @@ async def test_bytes_sent_and_retr_latency(start_server: ServerStarter) -> None:
     await counted("pypop_commands_total", quit_, 1, verb="QUIT")
     assert value("pypop_sent_bytes_total") == sent + len(out)
     assert value("pypop_retr_duration_seconds_count") == retr + 2  # TOP is not a RETR
+
+
+def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for m in registry.collect()
+        for s in m.samples
+        if not s.name.endswith("_created")
+    ]
+
+
+def test_a_session_batch_adds_what_observe_adds() -> None:
+    """The RETR histogram is filled per session (HistogramBatch, through the
+    histogram's own values): the same samples as one observe per RETR, bounds
+    included (a value equal to a bound counts in that bucket)."""
+    amounts = [0.0, 0.001, 0.0011, 0.05, 0.1, 0.5, 1.0, 3.0, 0.0005, 0.1]
+    one, batched = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    direct = Histogram("h", "h", buckets=bounds, registry=one)
+    batch = HistogramBatch(Histogram("h", "h", buckets=bounds, registry=batched))
+    for amount in amounts:
+        direct.observe(amount)
+        batch.observe(amount)
+    assert samples(batched) != samples(one)  # nothing until the session ends
+    batch.flush()
+    batch.flush()  # a second flush adds nothing
+    assert samples(batched) == samples(one)
+    assert ("h_bucket", {"le": "0.001"}, 3.0) in samples(one)
 
 
 class Failing:

@@ -3,8 +3,9 @@
 - limits hold for the whole server: 50 wrong passwords from one client, spread over 4
   workers, meet the penalty they meet on one worker (issue 13), and the metrics,
   added up over the workers, count them;
-- the supervisor restarts a killed worker, passes SIGHUP, SIGTERM (graceful) and a
-  second SIGTERM (at once) on to every worker;
+- the supervisor restarts a killed worker, passes SIGHUP, SIGTERM and SIGINT
+  (graceful) and a second SIGTERM (at once) on to every worker; the default is one
+  worker per core;
 - the memory backend refuses ``--workers 2``.
 """
 
@@ -118,9 +119,9 @@ def serve(
     config: str = CONFIG,
     backend: list[str] | None = None,
 ) -> Iterator[Serving]:
-    """``pypop serve`` on ``host`` (a maildir backend: ``root``, or a new one with
-    alice's 3 messages and bob's 1; or the ``backend`` flags given), metrics on
-    ``host`` too, logging to a file."""
+    """``pypop serve --workers N`` (0: no flag, the default) on ``host`` (a maildir
+    backend: ``root``, or a new one with alice's 3 messages and bob's 1; or the
+    ``backend`` flags given), metrics on ``host`` too, logging to a file."""
     directory.mkdir(parents=True, exist_ok=True)
     if root is None:
         root = directory / "mail"
@@ -136,7 +137,7 @@ def serve(
             sys.executable, "-m", "pypop", "serve", "-c", str(directory / "pypop.toml"),
             *(backend or ["--backend", "maildir", "-o", f"root={root}"]),
             "--passwd-file", str(directory / "passwd"), "--allow-plaintext",
-            "--listen", f"{host}:0", "--workers", str(workers),
+            "--listen", f"{host}:0", *(["--workers", str(workers)] if workers else []),
             "--metrics-listen", f"{host}:{metrics}", "--log-target", str(log), *extra,
         ],
         stdin=subprocess.DEVNULL,
@@ -145,10 +146,11 @@ def serve(
     try:
         m = served.wait_log(rf"listening on {re.escape(host)}:(\d+)")
         served.port = int(m.group(1))
-        if workers > 1:
-            for n in range(workers):
+        count = workers or len(os.sched_getaffinity(0))
+        if count > 1:
+            for n in range(count):
                 served.wait_log(rf"worker {n} started")
-            ready(served, workers)
+            ready(served, count)
         yield served
     finally:
         if proc.poll() is None:
@@ -295,6 +297,27 @@ def test_supervisor_restarts_reloads_and_stops(tmp_path: Path) -> None:
         assert c.cmd(b"QUIT").startswith(b"+OK")
         c.close()
         assert server.proc.wait(30) == 0
+    assert messages(server.root / "alice") == 2
+
+
+def test_one_worker_per_core_by_default_and_sigint_is_graceful(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: one process, no supervisor")
+    with serve(tmp_path, 0) as server:
+        server.wait_log(rf"\(plain\) with {cores} workers \(pid {server.proc.pid} supervises\)")
+        c = Pop(server.port)
+        assert c.cmd(b"USER alice") == b"+OK\r\n"
+        assert c.cmd(b"PASS wonderland").startswith(b"+OK maildrop has 3 messages")
+        server.proc.send_signal(signal.SIGINT)  # Ctrl-C: as graceful as SIGTERM
+        server.wait_log(rf"SIGINT: graceful shutdown of {cores} workers")
+        assert refused(server.port)
+        assert c.cmd(b"DELE 1") == b"+OK Marked to be deleted\r\n"
+        assert c.cmd(b"QUIT").startswith(b"+OK")
+        c.close()
+        assert server.proc.wait(30) == 0
+    # Every worker got it (once: they run in their own process group).
+    assert len(re.findall(r"pypop\[\d+\]: SIGINT: graceful shutdown\n", server.text())) == cores
     assert messages(server.root / "alice") == 2
 
 
