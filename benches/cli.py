@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                     python=args.python,
                 )
                 conns = args.idle_connections
-                if name == "pypop-maildir":
+                if name == "pypop-maildir" and any(s.key == "idle" for s in scen):
                     # A session holds its socket and its maildir lock file open.
                     cap = (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 500) // 2
                     if conns > cap:
