@@ -94,7 +94,7 @@ def main() -> int:
                 "-o", f"root={root}", "-o", "flag_updates=false",
                 "--passwd-file", str(work / "passwd"),
                 "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING",
-                "--max-connections-per-ip", "1000",
+                "--max-connections-per-ip", "1000", "--workers", "1",
             ],
         )  # fmt: skip
         try:

@@ -220,7 +220,8 @@ def measure(
         section += os.environ.get("PYPOP_INSTR_EXTRA", "")
     conf = work / f"{backend}.toml"
     conf.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\n'
+        # One process: callgrind follows the server it starts, not worker children.
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
         f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
         f"[backend]\n{section}"
     )

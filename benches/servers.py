@@ -440,6 +440,7 @@ class PypopServer(Server):
 listen = ["127.0.0.1:{self.port}"]
 listen_tls = ["127.0.0.1:{self.tls_port}"]
 hostname = "bench.invalid"
+workers = 1                        # one core against Dovecot's one core
 
 [limits]
 max_connections = {n}

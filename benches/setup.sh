@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install what the benchmark suite and the tests need: Dovecot's POP3 service (to
 # compare against), its IMAP service (the upstream of the IMAP backend's tests and
-# benchmark), mpop (the client benchmark's reference) and the Python packages in
+# benchmark), mpop (the client benchmark's reference), HAProxy (in front of two pypop
+# hosts: tests/test_haproxy.py, benches/workers_bench.py) and the Python packages in
 # benches/requirements.txt.
 # Run as root (CI and developer machines here are root). Safe to run twice.
 set -eu
@@ -9,9 +10,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     if [ ! -x /usr/lib/dovecot/pop3 ] || [ ! -x /usr/lib/dovecot/imap ] \
-        || ! command -v mpop >/dev/null 2>&1; then
-        # Keep the package's init script from starting a system-wide Dovecot
-        # (it would listen on every interface); the suite runs its own instances.
+        || ! command -v mpop >/dev/null 2>&1 || [ ! -x /usr/sbin/haproxy ]; then
+        # Keep the packages' init scripts from starting a system-wide Dovecot or
+        # HAProxy (listening on every interface); the suite runs its own instances.
         created_policy=
         if [ ! -e /usr/sbin/policy-rc.d ]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -20,7 +21,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            dovecot-core dovecot-pop3d dovecot-imapd mpop
+            dovecot-core dovecot-pop3d dovecot-imapd mpop haproxy
         if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
 else

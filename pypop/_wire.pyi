@@ -9,6 +9,7 @@ from typing import Final, Self, final
 __all__ = [
     "DEFAULT_MAX_LINE",
     "IMPLEMENTATION",
+    "PROXY_HEADER_MAX",
     "DotStuffer",
     "LineFramer",
     "SizeCounter",
@@ -21,6 +22,7 @@ __all__ = [
     "cram_md5_verify",
     "cram_md5_verify_context",
     "make_challenge",
+    "parse_proxy_header",
     "stuff",
     "unstuff",
     "wire_size",
@@ -103,3 +105,16 @@ def cram_md5_verify(secret: bytes, challenge: bytes, digest: bytes) -> bool: ...
 def cram_md5_context(secret: bytes) -> bytes: ...
 def cram_md5_verify_context(context: bytes, challenge: bytes, digest: bytes) -> bool: ...
 def make_challenge(host: str) -> str: ...
+
+PROXY_HEADER_MAX: Final[int]
+"""1024: the default bound of a PROXY header, v2 TLVs included."""
+
+def parse_proxy_header(
+    data: bytes, max_len: int = 1024
+) -> tuple[int, int, bool, bytes, int, bytes, int, bool] | None:
+    """The PROXY protocol header (v1 or v2) at the start of ``data``.
+
+    None while what is there is a valid beginning; else ``(length, version, local,
+    source, source_port, destination, destination_port, ssl)``: addresses as 4 or 16
+    octets, or b"" when the header carries none (v1 UNKNOWN, v2 LOCAL, AF_UNSPEC,
+    AF_UNIX). ValueError for anything else, or for more than ``max_len`` octets."""

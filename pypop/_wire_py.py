@@ -23,6 +23,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_MAX_LINE",
     "IMPLEMENTATION",
+    "PROXY_HEADER_MAX",
     "DotStuffer",
     "LineFramer",
     "SizeCounter",
@@ -35,6 +36,7 @@ __all__ = [
     "cram_md5_verify",
     "cram_md5_verify_context",
     "make_challenge",
+    "parse_proxy_header",
     "stuff",
     "unstuff",
     "wire_size",
@@ -45,6 +47,9 @@ DEFAULT_MAX_LINE: Final[int] = 255
 
 IMPLEMENTATION: Final[str] = "python"
 """"rust" in the extension, "python" here."""
+
+PROXY_HEADER_MAX: Final[int] = 1024
+"""The default bound of a PROXY header, v2 TLVs included."""
 
 _CR: Final = 13
 _LF: Final = 10
@@ -572,3 +577,124 @@ def make_challenge(host: str) -> str:
     if not host or _BAD_HOST.search(host):
         raise ValueError("host must be non-empty, without <>@, whitespace or controls")
     return f"<{os.getpid()}.{next(_counter)}.{secrets.token_hex(8)}@{host}>"
+
+
+# --------------------------------------------------------------------------------------
+# PROXY protocol header, v1 and v2 (HAProxy's proxy-protocol.txt)
+# --------------------------------------------------------------------------------------
+
+PROXY_V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+_PROXY_V1_MAX: Final = 107
+_V1_IPV4: Final = re.compile(rb"[0-9.]{1,15}")
+_V1_IPV6: Final = re.compile(rb"[0-9A-Fa-f:.]{1,45}")
+_V1_PORT: Final = re.compile(rb"0|[1-9][0-9]{0,4}")
+_ProxyTuple = tuple[int, int, bool, bytes, int, bytes, int, bool]
+
+
+def parse_proxy_header(data: bytes, max_len: int = PROXY_HEADER_MAX) -> _ProxyTuple | None:
+    """See the stub: None while incomplete, the header as a tuple, or ValueError."""
+    data = _as_bytes(data)
+    if max_len < 0:
+        raise OverflowError("max_len must not be negative")
+    if not data:
+        return None
+    head = data[:6]
+    if b"PROXY "[: len(head)] == head:
+        return _proxy_v1(data, max_len)
+    head = data[:12]
+    if PROXY_V2_SIGNATURE[: len(head)] == head:
+        return _proxy_v2(data, max_len)
+    raise ValueError("not a PROXY protocol header")
+
+
+def _v1_address(text: bytes, v6: bool) -> bytes:
+    import ipaddress
+
+    if not (_V1_IPV6 if v6 else _V1_IPV4).fullmatch(text):
+        raise ValueError("malformed PROXY v1 header")
+    try:
+        if v6:
+            return ipaddress.IPv6Address(text.decode("ascii")).packed
+        return ipaddress.IPv4Address(text.decode("ascii")).packed
+    except ValueError:
+        raise ValueError("malformed PROXY v1 header") from None
+
+
+def _v1_port(text: bytes) -> int:
+    if not _V1_PORT.fullmatch(text) or int(text) > 65535:
+        raise ValueError("malformed PROXY v1 header")
+    return int(text)
+
+
+def _proxy_v1(data: bytes, max_len: int) -> _ProxyTuple | None:
+    limit = min(_PROXY_V1_MAX, max_len)
+    end = data.find(b"\n", 0, limit)
+    if end < 0:
+        if len(data) >= limit:
+            raise ValueError(
+                "PROXY header too long" if limit < _PROXY_V1_MAX else "malformed PROXY v1 header"
+            )
+        return None
+    if end == 0 or data[end - 1] != _CR:
+        raise ValueError("malformed PROXY v1 header")
+    line = data[6 : end - 1]
+    length = end + 1
+    if line == b"UNKNOWN" or line.startswith(b"UNKNOWN "):
+        return (length, 1, False, b"", 0, b"", 0, False)
+    family, *fields = line.split(b" ")
+    if len(fields) != 4 or family not in (b"TCP4", b"TCP6"):
+        raise ValueError("malformed PROXY v1 header")
+    v6 = family == b"TCP6"
+    source = _v1_address(fields[0], v6)
+    destination = _v1_address(fields[1], v6)
+    return (length, 1, False, source, _v1_port(fields[2]), destination, _v1_port(fields[3]), False)
+
+
+# Address family and transport octet -> length of the address block.
+_V2_ADDRESSES: Final = {0x00: 0, 0x11: 12, 0x21: 36, 0x31: 216}
+
+
+def _proxy_v2(data: bytes, max_len: int) -> _ProxyTuple | None:
+    if len(data) < 16:
+        return None
+    ver_cmd, fam, body_len = data[12], data[13], int.from_bytes(data[14:16], "big")
+    if ver_cmd >> 4 != 2 or ver_cmd & 0x0F > 1:
+        raise ValueError("malformed PROXY v2 header")
+    local = ver_cmd & 0x0F == 0
+    length = 16 + body_len
+    if length > max_len:
+        raise ValueError("PROXY header too long")
+    if len(data) < length:
+        return None
+    body = data[16:length]
+    addr_len = _V2_ADDRESSES.get(fam)
+    if addr_len is None:
+        if not local:
+            raise ValueError("malformed PROXY v2 header")
+        addr_len = 0
+    if len(body) < addr_len:
+        raise ValueError("malformed PROXY v2 header")
+    source = destination = b""
+    sport = dport = 0
+    if not local and fam == 0x11:
+        source, destination = body[0:4], body[4:8]
+        sport, dport = struct.unpack_from(">HH", body, 8)
+    elif not local and fam == 0x21:
+        source, destination = body[0:16], body[16:32]
+        sport, dport = struct.unpack_from(">HH", body, 32)
+    ssl = False
+    pos = addr_len
+    while pos < len(body):
+        if len(body) - pos < 3:
+            raise ValueError("malformed PROXY v2 header")
+        kind = body[pos]
+        size = int.from_bytes(body[pos + 1 : pos + 3], "big")
+        value = body[pos + 3 : pos + 3 + size]
+        if len(value) < size:
+            raise ValueError("malformed PROXY v2 header")
+        if kind == 0x20:  # PP2_TYPE_SSL: client flags, verify, sub-TLVs
+            if size < 5:
+                raise ValueError("malformed PROXY v2 header")
+            ssl = not local and bool(value[0] & 0x01)
+        pos += 3 + size
+    return (length, 2, local, source, sport, destination, dport, ssl)

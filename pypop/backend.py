@@ -122,7 +122,12 @@ class Mailbox(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A store of maildrops."""
+    """A store of maildrops.
+
+    A backend whose mail or locks live in its own process (nothing another process
+    could see) sets a class attribute ``process_local = True``: ``pypop serve`` then
+    runs one process only, and refuses ``--workers`` above 1 (pypop.server.workers).
+    """
 
     async def open_mailbox(self, user: str) -> Mailbox:
         """Lock and snapshot ``user``'s maildrop.

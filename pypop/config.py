@@ -8,6 +8,8 @@ Example ``pypop.toml`` (every key optional)::
     hostname = "mail.example.org"       # used in APOP/CRAM-MD5 challenges
     implementation = "pypop"            # CAPA IMPLEMENTATION; "" hides it
     greeting = "POP3 server ready"
+    workers = 0                         # worker processes; 0 = one per core
+    proxy_from = ["127.0.0.1/32"]       # PROXY protocol v1/v2 from these networks only
 
     [limits]
     idle_timeout = 600                  # seconds; RFC 1939 §3 wants >= 600
@@ -19,6 +21,7 @@ Example ``pypop.toml`` (every key optional)::
     shutdown_timeout = 30
     auth_failure_delay = 2.0            # before every -ERR [AUTH]
     auth_penalty_max = 15.0             # per-IP delay grows 2, 4, 8 .. this; 0 = off
+    auth_penalty_initial = 2.0          # the first step of that (then doubled)
     max_auth_per_client = 2             # authentications one IP runs at once
     lock_wait = 1.0                     # seconds a login waits for a locked maildrop
 
@@ -47,11 +50,20 @@ Example ``pypop.toml`` (every key optional)::
 
     [policy]
     expire = "NEVER"                    # CAPA EXPIRE; "" hides it
+
+    [metrics]
+    listen = "127.0.0.1:9110"           # Prometheus /metrics and /healthz; off if unset
+
+    [log]
+    target = "stderr"                   # "stderr", "syslog[:/dev/log]", or a file path
+    format = "text"                     # "text" or "json" (one object a line)
+    level = "INFO"
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -115,6 +127,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 2.0
     auth_penalty_max: float = 15.0
+    auth_penalty_initial: float = 2.0
     max_auth_per_client: int = 2
     lock_wait: float = 1.0
 
@@ -130,6 +143,17 @@ class ServerConfig:
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    # Worker processes (pypop.server.workers); 0 = one per core (1 for a backend that
+    # keeps its state in the process, such as memory).
+    workers: int = 0
+    # PROXY protocol: networks whose connections must start with a header (and the
+    # only ones whose header is believed).
+    proxy_from: list[str] = field(default_factory=list)
+    metrics_listen: str | None = None
+    log_target: str = "stderr"
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     backend: str = "memory"
     backend_options: dict[str, object] = field(default_factory=dict)
@@ -160,6 +184,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be at least 1")
+        if self.auth_penalty_initial <= 0:
+            raise ConfigError("limits.auth_penalty_initial must be above 0")
         if min(self.shutdown_timeout, self.auth_failure_delay, self.auth_penalty_max) < 0:
             raise ConfigError("timeouts and delays must not be negative")
         if not 0 < self.line_timeout <= self.idle_timeout:
@@ -182,11 +208,34 @@ class ServerConfig:
             )
         if self.login_delay < 0:
             raise ConfigError("auth.login_delay must not be negative")
+        if not 0 <= self.workers <= 1024:
+            raise ConfigError("server.workers must be between 0 (one per core) and 1024")
+        try:
+            from pypop.server.proxy import TrustedProxies
+
+            TrustedProxies(self.proxy_from)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.metrics_listen is not None:
+            parse_address(self.metrics_listen, 9110)
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f'log.format must be "text" or "json", got {self.log_format!r}')
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log.level must be DEBUG, INFO, WARNING or ERROR")
+
+    def worker_count(self) -> int:
+        """``server.workers``, with 0 resolved to the number of usable cores."""
+        if self.workers:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
 
 
 # Keys handled by hand in _apply, beside those of _SECTIONS.
 _SPECIAL: dict[str, tuple[str, ...]] = {
-    "server": ("listen", "listen_tls"),
+    "server": ("listen", "listen_tls", "proxy_from"),
     "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file"),
 }
 
@@ -195,6 +244,13 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "hostname": ("hostname", str),
         "implementation": ("implementation", str),
         "greeting": ("greeting", str),
+        "workers": ("workers", int),
+    },
+    "metrics": {"listen": ("metrics_listen", str)},
+    "log": {
+        "target": ("log_target", str),
+        "format": ("log_format", str),
+        "level": ("log_level", str),
     },
     "policy": {"expire": ("expire", str)},
     "limits": {
@@ -207,6 +263,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "shutdown_timeout": ("shutdown_timeout", (int, float)),
         "auth_failure_delay": ("auth_failure_delay", (int, float)),
         "auth_penalty_max": ("auth_penalty_max", (int, float)),
+        "auth_penalty_initial": ("auth_penalty_initial", (int, float)),
         "max_auth_per_client": ("max_auth_per_client", int),
         "lock_wait": ("lock_wait", (int, float)),
     },
@@ -287,6 +344,9 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
             elif section == "server" and key == "listen_tls":
                 addrs = _check(value, list, where)
                 cfg.set_listen_tls([parse_address(_check(a, str, where), 995) for a in addrs])
+            elif section == "server" and key == "proxy_from":
+                nets = _check(value, list, where)
+                cfg.proxy_from = [str(_check(n, str, where)) for n in nets]
             elif section == "auth" and key == "passwd_file":
                 cfg.passwd_file = _path(base, value, where)
             elif section == "auth" and key == "tokens_file":
@@ -308,6 +368,8 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
             cfg.tls_key = _path(base, value, "tls.key")
         else:
             raise _unknown("setting", f"tls.{key}", ["tls.cert", "tls.key"])
+    if "target" in data.get("log", {}) and not cfg.log_target.startswith(("stderr", "syslog")):
+        cfg.log_target = str(_path(base, cfg.log_target, "log.target"))
     backend = dict(data.get("backend", {}))
     if "name" in backend:
         cfg.backend = str(_check(backend.pop("name"), str, "backend.name"))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 __all__ = [
     "DEFAULT_MAX_LINE",
     "IMPLEMENTATION",
+    "PROXY_HEADER_MAX",
     "DotStuffer",
     "LineFramer",
     "SizeCounter",
@@ -25,6 +26,7 @@ __all__ = [
     "cram_md5_verify",
     "cram_md5_verify_context",
     "make_challenge",
+    "parse_proxy_header",
     "stuff",
     "unstuff",
     "wire_size",
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from pypop._wire import (
         DEFAULT_MAX_LINE,
         IMPLEMENTATION,
+        PROXY_HEADER_MAX,
         DotStuffer,
         LineFramer,
         SizeCounter,
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
         cram_md5_verify,
         cram_md5_verify_context,
         make_challenge,
+        parse_proxy_header,
         stuff,
         unstuff,
         wire_size,

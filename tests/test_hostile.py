@@ -85,7 +85,7 @@ def pypop_serve(tmp_path: Path, users: dict[str, int], *args: str) -> Iterator[t
             sys.executable, "-m", "pypop", "serve", "--backend", "maildir",
             "-o", f"root={root}", "-o", "flag_updates=false",
             "--passwd-file", str(tmp_path / "passwd"),
-            "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING", *args,
+            "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING", "--workers", "1", *args,
         ],
         stderr=log_file,
     )  # fmt: skip

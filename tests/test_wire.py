@@ -255,6 +255,9 @@ API = {
     "stuff",
     "unstuff",
     "wire_size",
+    # the PROXY protocol header (tests/test_proxy_wire.py)
+    "PROXY_HEADER_MAX",
+    "parse_proxy_header",
 }
 
 

@@ -104,7 +104,8 @@ class AuthPenalty:
     def __len__(self) -> int:
         return len(self._clients)
 
-    def _fingerprint(self, user: str, secret: bytes | str) -> bytes:
+    def fingerprint(self, user: str, secret: bytes | str) -> bytes:
+        """The keyed fingerprint of an attempt (what :meth:`record_fingerprint` takes)."""
         if isinstance(secret, str):
             secret = secret.encode("utf-8", "surrogatepass")
         h = hashlib.blake2b(key=self._key, digest_size=16)
@@ -144,10 +145,15 @@ class AuthPenalty:
         (USER/PASS, PLAIN, LOGIN, XOAUTH2, OAUTHBEARER) so that an identical retry does
         not raise the penalty; ``None`` otherwise (every failure then counts).
         """
+        fp = None if secret is None else self.fingerprint(user or "", secret)
+        return self.record_fingerprint(ip, fp)
+
+    def record_fingerprint(self, ip: str, fp: bytes | None) -> float:
+        """:meth:`record_failure` with the attempt's :meth:`fingerprint` (or None):
+        the shared limits of several workers (pypop.server.anvil) send only that."""
         now = self._clock()
         key = client_key(ip)
         entry = self._current(key, now)
-        fp = None if secret is None else self._fingerprint(user or "", secret)
         if entry is None:
             entry = _Penalty(level=1, last_failure=now)
             self._clients[key] = entry

@@ -114,6 +114,10 @@ class MemoryMailbox(SnapshotMailbox):
 class MemoryBackend:
     """Maildrops in a dict; one lock per user."""
 
+    # The mail and the locks live in this process: several workers would each have
+    # their own (pypop serve refuses --workers > 1 for a backend that says this).
+    process_local = True
+
     def __init__(self) -> None:
         self._mail: dict[str, list[_Stored]] = {}
         # Immutable snapshots per user, rebuilt only after the maildrop changes, so

@@ -81,7 +81,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-connections", type=int)
     p.add_argument("--max-connections-per-ip", type=int)
     p.add_argument("--shutdown-timeout", type=float)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (server.workers; default: one per core)",
+    )
+    p.add_argument(
+        "--proxy-from",
+        action="append",
+        metavar="NETWORK",
+        help="accept PROXY protocol headers from this network only, and require one "
+        "(server.proxy_from; repeatable)",
+    )
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics, /healthz")
+    p.add_argument("--log-target", metavar="stderr|syslog|PATH", help="where the log goes")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
 
 
@@ -117,6 +133,12 @@ def _apply_flags(args: argparse.Namespace, cfg: ServerConfig) -> None:
         "max_connections": args.max_connections,
         "max_connections_per_ip": args.max_connections_per_ip,
         "shutdown_timeout": args.shutdown_timeout,
+        "workers": args.workers,
+        "proxy_from": args.proxy_from,
+        "metrics_listen": args.metrics_listen,
+        "log_target": args.log_target,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
     }
     for name, value in simple.items():
         if value is not None:
@@ -144,12 +166,54 @@ def _demo_config(cfg: ServerConfig, workdir: Path) -> None:
 
 async def _run(cfg: ServerConfig, demo: bool) -> int:
     """Serve until a signal; 0 after a graceful stop, 1 after a forced one."""
+    from pypop.registry import create_backend
     from pypop.server import Server
 
-    server = Server(cfg)
+    count = cfg.worker_count()
+    backend = None
+    if count > 1:
+        # Made here once to check it (bad options stop start-up before any worker
+        # runs), and to ask whether it can be shared between processes.
+        backend = create_backend(cfg.backend, cfg.backend_options)
+        if getattr(backend, "process_local", False):
+            if cfg.workers > 1:
+                await backend.aclose()
+                raise ConfigError(
+                    f"the {cfg.backend} backend keeps its mail in one process: it cannot "
+                    f"run with server.workers = {cfg.workers} (use --workers 1, or a "
+                    f"backend that stores mail outside the process, such as maildir)"
+                )
+            count = 1  # one per core, but this backend allows only one
+        else:
+            await backend.aclose()
+            backend = None
+    if count > 1:
+        from pypop.server.core import _default_store, _server_secret
+        from pypop.server.workers import Supervisor
+
+        # Checked (and the server secret created) before any worker starts.
+        _default_store(cfg)
+        _server_secret(cfg)
+        from pypop.server.logsetup import configure
+
+        # Several processes now write the log: each line says which.
+        configure(cfg.log_target, cfg.log_format, cfg.log_level, with_pid=True)
+        return await Supervisor(cfg, count).run()
+
+    server = Server(cfg, backend=backend)
+    metrics_task = None
+    if cfg.metrics_listen is not None:
+        from pypop.server.metrics import MetricsServer
+
+        def healthy() -> str | None:
+            return "shutting down" if server.shutting_down else None
+
+        metrics_task = MetricsServer(cfg.metrics_listen, healthy=healthy)
     forced = trio.Event()
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, server, outer.cancel_scope, forced)
+        outer.start_soon(watch_signals, server, outer.cancel_scope, forced)
+        if metrics_task is not None:
+            await outer.start(metrics_task.run)
         async with trio.open_nursery() as inner:
             await inner.start(server.run)
             if demo:
@@ -164,15 +228,23 @@ async def _run(cfg: ServerConfig, demo: bool) -> int:
     return 1 if forced.is_set() else 0
 
 
-async def _watch_signals(server: Server, scope: trio.CancelScope, forced: trio.Event) -> None:
+async def watch_signals(
+    server: Server,
+    scope: trio.CancelScope,
+    forced: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """First SIGTERM/SIGINT: graceful shutdown; a second one: stop now. SIGHUP: read
-    the TLS certificate and key again (a broken pair keeps the old one)."""
+    the TLS certificate and key again (a broken pair keeps the old one), and the
+    passwd-file if it changed. Started (``nursery.start``) once the handlers are in."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: reloading the TLS certificate and key")
-                server.reload_tls()
+                log.info("SIGHUP: reloading the TLS certificate and the passwd-file")
+                await server.reload()
                 continue
             if server.shutting_down:
                 log.warning("second %s: stopping now, open sessions are cut", name)
@@ -184,8 +256,10 @@ async def _watch_signals(server: Server, scope: trio.CancelScope, forced: trio.E
 
 
 def run(args: argparse.Namespace) -> int:
+    from pypop.server.logsetup import configure
+
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         cfg = load_config(args.config) if args.config else ServerConfig()
@@ -194,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 _demo_config(cfg, Path(tmp))
             _apply_flags(args, cfg)
             cfg.validate()
+            configure(cfg.log_target, cfg.log_format, cfg.log_level)
             status = trio.run(_run, cfg, args.demo)
     except BaseException as exc:
         # Errors from inside trio's nurseries arrive wrapped in exception groups;

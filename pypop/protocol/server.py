@@ -104,6 +104,10 @@ class ProtocolConfig:
     # Backpressure: answer no further pipelined command while this many octets of
     # replies wait to be sent (RFC 2449 §6.6).
     output_limit: int = 65536
+    # server.proxy_from is set and this peer is not in it: a PROXY header (v1 line,
+    # or the v2 signature, whose first line is empty) as the first line closes the
+    # connection without a reply: someone is trying to choose the address we log.
+    refuse_proxy_header: bool = False
 
 
 class ServerConnection:
@@ -128,6 +132,9 @@ class ServerConnection:
         self.bad_commands = 0
         self.auth_failures = 0
         self.commands = 0
+        # Commands by type (metrics: commands by verb) and octets handed out to send.
+        self.verbs: dict[type, int] = {}
+        self.sent_octets = 0
         self._framer = LineFramer(DEFAULT_MAX_LINE)
         self._lines: deque[bytes | None] = deque()
         # Input not framed yet (never more than one read plus a partial line), where
@@ -227,6 +234,7 @@ class ServerConnection:
             self._next_max_line = None
 
     def data_to_send(self) -> bytes:
+        self.sent_octets += self._out_len
         out = b"".join(self._out)
         self._out.clear()
         self._out_len = 0
@@ -235,6 +243,7 @@ class ServerConnection:
     def take_output(self) -> list[bytes]:
         """Like :meth:`data_to_send`, as the queued chunks (for gathered writes)."""
         out = self._out
+        self.sent_octets += self._out_len
         self._out = []
         self._out_len = 0
         return out
@@ -317,6 +326,13 @@ class ServerConnection:
     def _handle_line(self, line: bytes | None) -> Event | None:
         if self._sasl_waiting:
             return self._sasl_line(line)
+        if (
+            self.commands == 1
+            and self.config.refuse_proxy_header
+            and line is not None
+            and (line == b"" or line.startswith(b"PROXY "))
+        ):
+            return self._close("PROXY header from an untrusted peer")
         if line is None:
             return self._bad(Text.LINE_TOO_LONG)
         cmd = parse_command(line)
@@ -325,6 +341,9 @@ class ServerConnection:
         if not allowed(cmd, self.state):
             return self._bad(Text.WRONG_STATE)
         self.bad_commands = 0
+        verbs = self.verbs
+        kind = cmd.__class__
+        verbs[kind] = verbs.get(kind, 0) + 1
         return self._dispatch(cmd)
 
     def _bad(self, text: Text) -> Closing | None:

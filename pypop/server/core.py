@@ -35,10 +35,13 @@ from pypop.config import ConfigError, ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.protocol.replies import Text, encode_status
 from pypop.registry import create_backend, create_credential_store
+from pypop.server import metrics
+from pypop.server.anvil import Limits
 from pypop.server.limits import ConnectionLimits, ensure_open_files
 from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
 from pypop.server.logins import MaildropHolders
 from pypop.server.passthrough import NO_STORE
+from pypop.server.proxy import ProxyHeaderError, TrustedProxies, read_header
 from pypop.server.session import Session, SessionContext
 
 __all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
@@ -91,7 +94,11 @@ class Server:
         store: CredentialStore | None = None,
         ssl_context: ssl.SSLContext | None = None,
         token_verifier: TokenVerifier | None = None,
+        limits: Limits | None = None,
+        listeners: list[Listener] | None = None,
     ) -> None:
+        """``limits``: the whole server's (a worker's anvil client); ``listeners``:
+        sockets already bound (a worker's, inherited from the supervisor)."""
         config.validate()
         self.config = config
         self.backend = (
@@ -119,10 +126,14 @@ class Server:
             expire=config.expire or None,
             login_delay=config.login_delay or None,
             stls_available=ssl_context is not None,
+            refuse_proxy_header=bool(config.proxy_from),
         )
+        self.proxies = TrustedProxies(config.proxy_from)
+        self._given = listeners
         if token_verifier is None and config.tokens_file is not None:
             token_verifier = StaticTokenVerifier.from_file(config.tokens_file)
         penalty_max = config.auth_penalty_max
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.context = SessionContext(
             backend=self.backend,
             store=self.store,
@@ -139,7 +150,7 @@ class Server:
             mechanisms=tuple(m.upper() for m in config.mechanisms),
             token_verifier=token_verifier,
             penalty=AuthPenalty(
-                initial_delay=min(2.0, penalty_max),
+                initial_delay=min(config.auth_penalty_initial, penalty_max),
                 max_delay=penalty_max,
                 failure_delay=config.auth_failure_delay,
                 clock=trio.current_time,
@@ -149,11 +160,14 @@ class Server:
             if config.login_delay
             else None,
             passthrough=passthrough,
+            limits=limits,
+            connections=self.limits,
         )
+        self.guard = self.context.guard
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
-        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.total_sessions = 0
+        self._open_sessions = 0
         self._shutdown = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -181,6 +195,16 @@ class Server:
         log.info("TLS certificate and key reloaded from %s and %s", cert, key)
         return True
 
+    async def reload(self) -> None:
+        """SIGHUP: the TLS certificate and key (if configured) and the credential
+        store (a passwd-file is read again if it changed)."""
+        if self.config.tls_cert is not None:
+            self.reload_tls()
+        refresh = getattr(self.store, "reload_if_changed", None)
+        if refresh is not None:
+            changed = await trio.to_thread.run_sync(refresh)
+            log.info("passwd-file %s", "reloaded" if changed else "unchanged")
+
     @property
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()
@@ -191,8 +215,8 @@ class Server:
 
     @property
     def active(self) -> int:
-        """Sessions open now."""
-        return self.limits.active
+        """Sessions open now (in this process)."""
+        return self._open_sessions
 
     async def _open(self, addrs: list[tuple[str, int]], implicit_tls: bool) -> list[Listener]:
         listeners: list[Listener] = []
@@ -221,8 +245,12 @@ class Server:
                 self._spare_fd = None
 
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
-        plain = await self._open(self.config.listen, False)
-        tls = await self._open(self.config.listen_tls, True)
+        if self._given is not None:
+            plain = [lst for lst in self._given if not lst.implicit_tls]
+            tls = [lst for lst in self._given if lst.implicit_tls]
+        else:
+            plain = await self._open(self.config.listen, False)
+            tls = await self._open(self.config.listen_tls, True)
         self.addresses = [lst.address for lst in plain]
         self.tls_addresses = [lst.address for lst in tls]
         try:
@@ -278,6 +306,8 @@ class Server:
                 # once a minute, not once per attempt.
                 failures += 1
                 refused = self._refuse_with_spare(listener)
+                if refused:
+                    metrics.REFUSED.labels("open_files").inc()
                 now = trio.current_time()
                 if now - last_logged >= ACCEPT_LOG_EVERY:
                     last_logged = now
@@ -309,24 +339,48 @@ class Server:
             self._spare_fd = _open_spare()
 
     async def _connection(self, stream: SocketStream, peer: Peer, implicit_tls: bool) -> None:
-        limits = self.limits
-        if not limits.try_open(peer):
-            log.warning("refused %s: connection limit", peer)
+        secure = False
+        if self.proxies and self.proxies.trusts(peer.host):
+            # A trusted proxy speaks first: the client's address decides every limit,
+            # so nothing is counted before the header.
+            try:
+                header = await read_header(stream.socket)
+            except ProxyHeaderError as exc:
+                log.warning("refused %s: %s", peer, exc)
+                metrics.REFUSED.labels("proxy_header").inc()
+                await trio.aclose_forcefully(stream)
+                return
+            if header.host is not None:
+                peer = Peer(header.host, header.port, proxy=peer.host)
+            secure = header.ssl
+        guard = self.guard
+        refused = await guard.open(peer)
+        if refused is not None:
+            log.warning("refused %s: %s", peer, refused.replace("_", " "))
+            metrics.REFUSED.labels(refused).inc()
             await self._refuse(stream, implicit_tls)
             return
         self.total_sessions += 1
-        self._idle = trio.Event() if limits.active == 1 else self._idle
+        self._open_sessions += 1
+        if self._open_sessions == 1:
+            self._idle = trio.Event()
+        metrics.SESSIONS.inc()
+        metrics.SESSIONS_OPEN.inc()
         try:
-            await self._session(stream, peer, implicit_tls)
+            await self._session(stream, peer, implicit_tls, secure)
         except Exception:
             # One session's bug never ends the server (DESIGN rule 5).
             log.exception("session with %s crashed", peer)
         finally:
-            limits.close(peer)
-            if limits.active == 0:
+            metrics.SESSIONS_OPEN.dec()
+            guard.close(peer)
+            self._open_sessions -= 1
+            if self._open_sessions == 0:
                 self._idle.set()
 
-    async def _session(self, stream: SocketStream, peer: Peer, implicit_tls: bool) -> None:
+    async def _session(
+        self, stream: SocketStream, peer: Peer, implicit_tls: bool, secure: bool = False
+    ) -> None:
         s: trio.abc.Stream = stream
         try:
             if implicit_tls:
@@ -335,13 +389,21 @@ class Server:
                 tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
                 s = tls
                 # RFC 8314 §3.3: the handshake comes first, then the greeting.
-                with trio.move_on_after(60) as cs:
-                    await tls.do_handshake()
+                try:
+                    with trio.move_on_after(60) as cs:
+                        await tls.do_handshake()
+                except trio.BrokenResourceError:
+                    metrics.TLS_FAILURES.labels("implicit").inc()
+                    raise
                 if cs.cancelled_caught:
+                    metrics.TLS_FAILURES.labels("implicit").inc()
                     return
             # auth.loopback_is_secure: a loopback peer may use cleartext logins.
             secure_loopback = self.config.loopback_is_secure and peer.loopback
-            session = Session(self.context, s, peer, tls=implicit_tls, loopback=secure_loopback)
+            # TLS terminated at a trusted proxy (its v2 SSL TLV) is TLS to the client.
+            session = Session(
+                self.context, s, peer, tls=implicit_tls or secure, loopback=secure_loopback
+            )
             try:
                 await session.run()
             finally:

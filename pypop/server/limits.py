@@ -88,24 +88,37 @@ class ConnectionLimits:
         self.active = 0
         self._per_client: Counter[str] = Counter()
 
-    def try_open(self, peer: Peer) -> bool:
-        """Count a new connection of ``peer``; False (and nothing counted) if a limit
-        is reached."""
-        key = peer.key
-        if self.active >= self.max_connections or self._per_client[key] >= self.max_per_client:
-            return False
+    def admit(self, key: str) -> str | None:
+        """Count a new connection of the client ``key`` (:attr:`Peer.key`); None, or
+        the limit that refuses it (nothing counted then): ``max_connections`` or
+        ``max_connections_per_ip``."""
+        if self.active >= self.max_connections:
+            return "max_connections"
+        if self._per_client[key] >= self.max_per_client:
+            return "max_connections_per_ip"
         self.active += 1
         self._per_client[key] += 1
-        return True
+        return None
 
-    def close(self, peer: Peer) -> None:
-        """The end of a connection that :meth:`try_open` counted."""
-        key = peer.key
+    def release(self, key: str) -> None:
+        """The end of a connection that :meth:`admit` counted."""
         self.active -= 1
         self._per_client[key] -= 1
         if self._per_client[key] <= 0:
             del self._per_client[key]
 
+    def try_open(self, peer: Peer) -> bool:
+        """Count a new connection of ``peer``; False (and nothing counted) if a limit
+        is reached."""
+        return self.admit(peer.key) is None
+
+    def close(self, peer: Peer) -> None:
+        """The end of a connection that :meth:`try_open` counted."""
+        self.release(peer.key)
+
     def of(self, peer: Peer) -> int:
         """Connections ``peer``'s client key holds now."""
-        return self._per_client.get(peer.key, 0)
+        return self.of_key(peer.key)
+
+    def of_key(self, key: str) -> int:
+        return self._per_client.get(key, 0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import select
 import socket
 from dataclasses import dataclass
 from typing import Final
@@ -73,10 +74,13 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The client of a connection: its address and port as the socket reports them."""
+    """The client of a connection: its address and port as the socket reports them,
+    or as a trusted proxy's PROXY header names them (``proxy`` is then the proxy)."""
 
     host: str
     port: int = 0
+    # The trusted proxy that named this client in a PROXY header (None: direct).
+    proxy: str | None = None
 
     @property
     def key(self) -> str:
@@ -230,12 +234,23 @@ class Listener(trio.abc.AsyncResource):
     """A listening socket; ``accept`` returns (stream, peer). ``implicit_tls``: the
     connections start with a TLS handshake (RFC 8314 §3.3)."""
 
-    __slots__ = ("implicit_tls", "socket")
+    __slots__ = ("_epoll", "implicit_tls", "socket")
 
-    def __init__(self, sock: socket.socket, *, implicit_tls: bool = False) -> None:
+    def __init__(
+        self, sock: socket.socket, *, implicit_tls: bool = False, shared: bool = False
+    ) -> None:
+        """``shared``: other processes accept from this socket too (workers). Then
+        a new connection wakes one of them, not all (``EPOLLEXCLUSIVE`` on a private
+        epoll that trio waits on: trio's own registrations are one-shot, which the
+        kernel does not combine with exclusive wake-ups)."""
         sock.setblocking(False)
         self.socket = sock
         self.implicit_tls = implicit_tls
+        self._epoll: select.epoll | None = None
+        exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
+        if shared and exclusive and hasattr(select, "epoll"):
+            self._epoll = select.epoll()
+            self._epoll.register(sock.fileno(), select.EPOLLIN | exclusive)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -250,7 +265,11 @@ class Listener(trio.abc.AsyncResource):
             try:
                 conn, addr = sock.accept()
             except BlockingIOError:
-                await wait_readable(sock)
+                if self._epoll is None:
+                    await wait_readable(sock)
+                else:
+                    await wait_readable(self._epoll)
+                    self._epoll.poll(0)  # level-triggered: nothing to clear, but cheap
                 continue
             except OSError as exc:
                 if exc.errno in _ACCEPT_TRANSIENT:
@@ -281,6 +300,10 @@ class Listener(trio.abc.AsyncResource):
         return True
 
     async def aclose(self) -> None:
+        if self._epoll is not None:
+            notify_closing(self._epoll)
+            self._epoll.close()
+            self._epoll = None
         await _close_socket(self.socket)
 
 

@@ -59,6 +59,9 @@ from pypop.protocol import (
     Text,
     Update,
 )
+from pypop.server import metrics
+from pypop.server.anvil import Limits, LocalLimits
+from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import MaildropHolders, describe, log_failed_login
 from pypop.server.passthrough import Passthrough
@@ -110,6 +113,22 @@ class SessionContext:
     )
     # The backend itself when it checks credentials (pypop.server.passthrough).
     passthrough: SelfAuthenticating | None = None
+    # Connection caps, penalty and auth slots as the whole server sees them: the
+    # anvil's (pypop.server.anvil) with several workers; else ``penalty`` and
+    # ``per_client`` above, with ``connections``.
+    limits: Limits | None = None
+    connections: ConnectionLimits | None = None
+
+    def __post_init__(self) -> None:
+        if self.connections is None:
+            self.connections = ConnectionLimits(1000, 50)
+        if self.limits is None:
+            self.limits = LocalLimits(self.connections, self.penalty, self.per_client)
+
+    @property
+    def guard(self) -> Limits:
+        assert self.limits is not None
+        return self.limits
 
 
 class Session:
@@ -143,6 +162,8 @@ class Session:
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
         self._released: trio.Event | None = None  # set when our maildrop lock is gone
+        self._login_started: float | None = None  # for the login latency histogram
+        self._retr_seconds = metrics.HistogramBatch(metrics.RETR_SECONDS)
         self._idle = trio.CancelScope()
         self._line_deadline = math.inf  # for the partial command line, if any
         self._line_mark = -1
@@ -301,6 +322,9 @@ class Session:
                     except Exception:
                         log.exception("backend failed to release %s's maildrop", self.user)
             self._let_go()
+            conn = self.conn
+            metrics.session_done(conn.verbs, conn.commands, conn.sent_octets)
+            self._retr_seconds.flush()
             log.info(
                 "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
                 "duration=%.3f end=%s",
@@ -347,7 +371,13 @@ class Session:
     async def _dispatch(self, event: Event) -> Closing | None:
         match event:
             case Retrieve():
-                await self._retrieve(event)
+                # Timed here, not in a wrapper coroutine: RETR is the hot path.
+                started = time.monotonic()
+                try:
+                    await self._retrieve_message(event)
+                finally:
+                    if event.top_lines is None:
+                        self._retr_seconds.observe(time.monotonic() - started)
             case PasswordLogin(user=user, password=password):
                 store = self.ctx.store if self._passthrough is None else self._passthrough
                 return await self._login(
@@ -372,19 +402,31 @@ class Session:
         self, method: str, user: str, verify: Callable[[], Awaitable[bool]], secret: str | bytes
     ) -> Closing | None:
         """USER/PASS and APOP: penalty, verification, then the maildrop."""
-        penalty = self.ctx.penalty
-        async with self.ctx.per_client.slot(self.peer.host):
+        self._login_started = time.monotonic()
+        async with self.ctx.guard.auth(self.peer.host) as wait:
             # The penalty is served before verifying, so parallel connections from
             # one client learn nothing sooner (Dovecot's anvil does the same).
-            await trio.sleep(penalty.delay(self.peer.host))
+            await self._penalty(wait)
             try:
                 ok = await verify()
             except Exception as exc:
                 return self._server_failure(method, user, exc, "SYS/TEMP", Text.AUTH_TEMPORARY)
         if not ok:
             return await self._auth_failed(method, user, secret)
-        penalty.record_success(self.peer.host)
+        self.ctx.guard.success(self.peer.host)
         return await self._open(method, user)
+
+    async def _penalty(self, wait: float) -> None:
+        if wait > 0:
+            metrics.PENALTIES.inc()
+            metrics.PENALTY_SECONDS.inc(wait)
+            await trio.sleep(wait)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _login_done(self, method: str, result: str) -> None:
+        started, self._login_started = self._login_started, None
+        metrics.login(method, result, None if started is None else time.monotonic() - started)
 
     async def _auth_failed(
         self,
@@ -396,7 +438,8 @@ class Session:
     ) -> Closing | None:
         """A failure the client caused: logged, penalised per client, counted."""
         log_failed_login(user, method, self.peer.host, reason)
-        await trio.sleep(self.ctx.penalty.record_failure(self.peer.host, user, secret))
+        self._login_done(method, reason)
+        await trio.sleep(await self.ctx.guard.failure(self.peer.host, user, secret))
         return self.conn.login_failed("AUTH" if reason == "credentials" else None, text)
 
     def _server_failure(
@@ -408,6 +451,8 @@ class Session:
             log.error("unexpected %s (a bug)", type(exc).__name__, exc_info=exc)
         reason = "permanent" if code == "SYS/PERM" else "temporary"
         log_failed_login(user, method, self.peer.host, reason, describe(exc))
+        metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
+        self._login_done(method, reason)
         return self.conn.login_failed(code, text)
 
     async def _open(self, method: str, user: str) -> Closing | None:
@@ -418,6 +463,7 @@ class Session:
             if self._passthrough is not None:
                 await self._passthrough.discard()
             log_failed_login(user, method, self.peer.host, "login-delay")
+            self._login_done(method, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         try:
             # A passthrough's check has opened the maildrop already (it opens again
@@ -426,6 +472,7 @@ class Session:
             mailbox = await self.ctx.maildrops.open(opener, user)
         except MailboxLocked:
             log_failed_login(user, method, self.peer.host, "in-use")
+            self._login_done(method, "in-use")
             return conn.login_failed("IN-USE", Text.IN_USE)
         except AuthFailed:
             return await self._auth_failed(method, user, None)
@@ -442,6 +489,7 @@ class Session:
         self._wire = wire
         messages = mailbox.messages
         conn.login_succeeded(user, [m.size for m in messages], [m.uid for m in messages])
+        self._login_done(method, "ok")
         return None
 
     # -- SASL (RFC 5034) --
@@ -468,9 +516,10 @@ class Session:
             user, self._sasl_user, self._sasl = self._sasl_user, None, None
             if not isinstance(event, SaslResponse) or event.data:
                 return await self._auth_failed(method, user, None)
-            self.ctx.penalty.record_success(self.peer.host)
+            self.ctx.guard.success(self.peer.host)
             return await self._open(method, user)
         if isinstance(event, SaslStart):
+            self._login_started = time.monotonic()
             if self._passthrough is not None:
                 self._passthrough.mechanism = event.mechanism
             mech = create_mechanism(
@@ -482,13 +531,13 @@ class Session:
             if mech is None:
                 return await self._auth_failed(method, None, None)
             self._sasl = mech
-            async with self.ctx.per_client.slot(self.peer.host):
-                await trio.sleep(self.ctx.penalty.delay(self.peer.host))
+            async with self.ctx.guard.auth(self.peer.host) as wait:
+                await self._penalty(wait)
                 result = await mech.step(event.initial)
         else:
             if mech is None:
                 return await self._auth_failed(method, None, None)
-            async with self.ctx.per_client.slot(self.peer.host):
+            async with self.ctx.guard.auth(self.peer.host, delay=False):
                 result = await mech.step(event.data)
         if isinstance(result, SaslChallenge):
             return await self._challenge(mech, result.data)
@@ -497,7 +546,7 @@ class Session:
                 self._sasl_user = result.user
                 return await self._challenge(mech, result.data)
             self._sasl = None
-            self.ctx.penalty.record_success(self.peer.host)
+            self.ctx.guard.success(self.peer.host)
             return await self._open(method, result.user)
         self._sasl = None
         if result.code == "AUTH":
@@ -530,6 +579,7 @@ class Session:
             with trio.fail_after(60):
                 await tls_stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            metrics.TLS_FAILURES.labels("stls").inc()
             raise _SessionEnd("TLS handshake failed") from exc
         self.stream = tls_stream
         self._send_many = None
@@ -540,7 +590,7 @@ class Session:
 
     # -- RETR / TOP --
 
-    async def _retrieve(self, event: Retrieve) -> None:
+    async def _retrieve_message(self, event: Retrieve) -> None:
         assert self.mailbox is not None
         conn = self.conn
         if self._wire is not None:
@@ -561,6 +611,7 @@ class Session:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
             except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 _backend_failed(exc, "backend failed to read message %d of %s", event, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
@@ -577,6 +628,7 @@ class Session:
             except _SessionEnd:
                 raise
             except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 _backend_failed(
                     exc, "backend failed while streaming message %d of %s", event, self.user
                 )
@@ -609,10 +661,14 @@ class Session:
                 with trio.fail_after(60):
                     await mailbox.commit(deleted)
                 self.deleted = len(deleted)
-            except UpdateFailed:
-                failed = True
-            except Exception:
-                log.exception("backend failed in UPDATE for %s", self.user)
+            except Exception as exc:
+                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
+                # The backend's own report is one line with its cause (the client gets
+                # only [SYS/TEMP]); anything else is a bug, with its traceback.
+                if isinstance(exc, UpdateFailed | TemporaryFailure | PermanentFailure):
+                    log.warning("UPDATE for %s failed: %s", self.user, describe(exc))
+                else:
+                    log.exception("backend failed in UPDATE for %s", self.user)
                 failed = True
             finally:
                 try:
@@ -632,7 +688,7 @@ class Session:
 def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
     """A TemporaryFailure is the backend's own report (an upstream is down): one line.
     Anything else is a bug: with its traceback."""
-    if isinstance(exc, TemporaryFailure):
-        log.warning(what + ": %s", event.index + 1, user, exc)
+    if isinstance(exc, TemporaryFailure | PermanentFailure):
+        log.warning(what + ": %s", event.index + 1, user, describe(exc))
     else:
         log.exception(what, event.index + 1, user)

@@ -121,6 +121,7 @@ def _start_server(root: Path, passwd: Path, port: int) -> subprocess.Popen[bytes
             sys.executable, "-m", "pypop", "serve", "--backend", "maildir",
             "-o", f"root={root}", "--passwd-file", str(passwd),
             "--listen", f"127.0.0.1:{port}", "--allow-plaintext", "--log-level", "ERROR",
+            "--workers", "1",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -105,6 +105,9 @@ def write_config(tmp: Path, url: str, name: str, port: int, credentials: str = "
         f"""[server]
 listen = ["127.0.0.1:{port}"]
 hostname = "test.invalid"
+# One process: the prelude's fault injection and kill -9 must reach the one serving
+# (the default, one worker per core, would serve from child processes).
+workers = 1
 
 [limits]
 auth_failure_delay = 0

@@ -12,7 +12,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 secs=${1:-12}
-targets=(framer stuff unstuff roundtrip)
+targets=(framer stuff unstuff roundtrip proxy)
 host=$(rustc -vV | sed -n 's/^host: //p')
 target_dir="$here/target/stable"
 

@@ -12,6 +12,8 @@
 //! * [`SizeCounter`] / [`wire_size`]: the RFC 1939 §11 size of a message, no output.
 //! * [`Unstuffer`] / [`unstuff`]: client side, a multi-line response body back into the
 //!   message, strict about CRLF.
+//! * [`parse_proxy_header`]: the PROXY protocol header (v1 and v2) a load balancer
+//!   sends before the client's first octet.
 //! * [`apop_digest`], [`cram_md5_digest`], [`cram_md5_context`] and their constant-time
 //!   verifiers; [`make_challenge`] for APOP / CRAM-MD5 challenges.
 //!
@@ -24,6 +26,7 @@
 
 mod auth;
 mod framer;
+mod proxy;
 mod stuff;
 mod unstuff;
 
@@ -32,6 +35,9 @@ pub use auth::{
     cram_md5_verify_context, make_challenge, CRAM_MD5_CONTEXT_LEN,
 };
 pub use framer::LineFramer;
+pub use proxy::{
+    encode_proxy_v2, parse_proxy_header, ProxyError, ProxyHeader, PROXY_V1_MAX, PROXY_V2_SIGNATURE,
+};
 pub use stuff::{stuff, stuff_into, wire_size, DotStuffer, SizeCounter};
 pub use unstuff::{unstuff, unstuff_into, Unstuffer};
 

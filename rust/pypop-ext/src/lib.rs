@@ -403,6 +403,47 @@ fn make_challenge(host: &str) -> PyResult<String> {
     wire::make_challenge(host).map_err(value_error)
 }
 
+/// A PROXY header (v1 or v2) at the start of `data`: None while incomplete, else
+/// (length, version, local, source, source_port, destination, destination_port, ssl).
+#[pyfunction]
+#[pyo3(signature = (data, max_len = DEFAULT_PROXY_MAX), text_signature = "(data, max_len=1024)")]
+#[allow(clippy::type_complexity)]
+fn parse_proxy_header<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    max_len: usize,
+) -> PyResult<
+    Option<(
+        usize,
+        u8,
+        bool,
+        Bound<'py, PyBytes>,
+        u16,
+        Bound<'py, PyBytes>,
+        u16,
+        bool,
+    )>,
+> {
+    let data = as_bytes(data)?;
+    match wire::parse_proxy_header(data.as_bytes(), max_len) {
+        Ok(None) => Ok(None),
+        Ok(Some(h)) => Ok(Some((
+            h.length,
+            h.version,
+            h.local,
+            PyBytes::new(py, &h.source),
+            h.source_port,
+            PyBytes::new(py, &h.destination),
+            h.destination_port,
+            h.ssl,
+        ))),
+        Err(e) => Err(PyValueError::new_err(e.message())),
+    }
+}
+
+/// The default bound of a PROXY header (v2 TLVs included).
+const DEFAULT_PROXY_MAX: usize = 1024;
+
 /// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.
 #[pymodule]
 fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -423,5 +464,7 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cram_md5_context, m)?)?;
     m.add_function(wrap_pyfunction!(cram_md5_verify_context, m)?)?;
     m.add_function(wrap_pyfunction!(make_challenge, m)?)?;
+    m.add("PROXY_HEADER_MAX", DEFAULT_PROXY_MAX)?;
+    m.add_function(wrap_pyfunction!(parse_proxy_header, m)?)?;
     Ok(())
 }

@@ -1,0 +1,221 @@
+"""Prometheus metrics (``prometheus_client``), one set for the whole server.
+
+Every worker updates the metrics below; with ``--workers N`` the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for them, so each worker's values live in memory-mapped
+files there and the supervisor adds them up when scraped (prometheus_client's
+multiprocess mode). A single process serves its own registry. Either way ``[metrics]
+listen = "127.0.0.1:9110"`` serves ``/metrics`` and ``/healthz`` (docs/deploy.md says
+what each metric means).
+
+Label values are bounded: mechanisms are the ones pypop knows (anything else a client
+names is ``other``), results are the login log's reasons, verbs are POP3's.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from pypop.auth.sasl import ALL_MECHANISMS
+from pypop.config import parse_address
+
+__all__ = ["HistogramBatch", "MetricsServer", "multiprocess_registry"]
+
+log = logging.getLogger("pypop.metrics")
+
+SESSIONS_OPEN: Final = Gauge(
+    "pypop_sessions_open", "POP3 sessions open now", multiprocess_mode="livesum"
+)
+SESSIONS: Final = Counter("pypop_sessions", "POP3 sessions accepted (past the limits)")
+LOGINS: Final = Counter(
+    "pypop_logins", "Login attempts by mechanism and result", ["mechanism", "result"]
+)
+COMMANDS: Final = Counter(
+    "pypop_commands", "Commands by verb (other: invalid ones, SASL lines)", ["verb"]
+)
+SENT: Final = Counter("pypop_sent_bytes", "POP3 octets sent (before TLS)")
+RETR_SECONDS: Final = Histogram(
+    "pypop_retr_duration_seconds",
+    "RETR: from the command to the last octet handed to the socket",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LOGIN_SECONDS: Final = Histogram(
+    "pypop_login_duration_seconds",
+    "Login: from the login command to the answer (penalty included)",
+    ["result"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+BACKEND_ERRORS: Final = Counter(
+    "pypop_backend_errors", "Backend and credential store failures by type", ["type"]
+)
+PENALTIES: Final = Counter(
+    "pypop_auth_penalties", "Authentications delayed by the per-client penalty"
+)
+PENALTY_SECONDS: Final = Counter(
+    "pypop_auth_penalty_seconds", "Seconds of penalty served before verifying"
+)
+TLS_FAILURES: Final = Counter(
+    "pypop_tls_handshake_failures", "TLS handshakes that failed or timed out", ["kind"]
+)
+REFUSED: Final = Counter("pypop_connections_refused", "Connections refused by reason", ["reason"])
+
+_MECHANISMS: Final = frozenset({"USER", "APOP", *ALL_MECHANISMS})
+_VERBS: dict[type, str] = {}
+
+
+def mechanism(method: str) -> str:
+    method = method.upper()
+    return method if method in _MECHANISMS else "other"
+
+
+def login(method: str, result: str, seconds: float | None = None) -> None:
+    LOGINS.labels(mechanism(method), result).inc()
+    if seconds is not None:
+        LOGIN_SECONDS.labels("ok" if result == "ok" else "failed").observe(seconds)
+
+
+def session_done(verbs: Mapping[type, int], commands: int, sent: int) -> None:
+    """One session's commands and octets, counted when it ends (one update per verb
+    used instead of one per command)."""
+    counted = 0
+    for kind, n in verbs.items():
+        name = _VERBS.get(kind)
+        if name is None:
+            name = _VERBS[kind] = kind.__name__.upper()
+        COMMANDS.labels(name).inc(n)
+        counted += n
+    if commands > counted:
+        COMMANDS.labels("other").inc(commands - counted)
+    if sent:
+        SENT.inc(sent)
+
+
+class HistogramBatch:
+    """One session's observations of ``histogram``, added to it when the session ends.
+
+    ``Histogram.observe`` takes a lock and writes two values (in multiprocess mode,
+    two memory-mapped files) per call: about 5 % of a pipelined RETR. Here an
+    observation is one bisect and two additions; ``flush`` adds the counts to the
+    histogram's own values (prometheus_client has no bulk observe; tests/
+    test_metrics_counts.py checks that the result equals observe's). Bounded: one
+    count per bucket, however many observations.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_histogram", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: tuple[float, ...] = tuple(histogram._upper_bounds)  # ends with +Inf
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # Histogram.observe counts ``amount`` in the first bucket with amount <= bound.
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        histogram = self._histogram
+        histogram._sum.inc(self._sum)
+        for i, n in enumerate(counts):
+            if n:
+                histogram._buckets[i].inc(n)
+        self._counts = [0] * len(counts)
+        self._sum = 0.0
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry that adds up the workers' files in ``path`` (the supervisor's)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class MetricsServer:
+    """``GET /metrics`` and ``GET /healthz`` over HTTP/1.0 on a trusted address.
+
+    ``healthy`` decides /healthz: 200 ``ok`` or 503 with its reason (HAProxy's
+    ``option httpchk`` takes a 503 as down, so a draining server gets no new clients).
+    Requests are bounded: 8 KiB of head, 5 s to send it.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        registry: CollectorRegistry = REGISTRY,
+        healthy: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.host, self.port = parse_address(listen, 9110)
+        self.registry = registry
+        self.healthy = healthy
+        self.address: tuple[str, int] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        sock = listeners[0].socket
+        name = sock.getsockname()
+        self.address = (str(name[0]), int(name[1]))
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                head = b""
+                while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 8192:
+                    data = await stream.receive_some(8192)
+                    if not data:
+                        return
+                    head += data
+                await stream.send_all(await self._respond(head))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _respond(self, head: bytes) -> bytes:
+        line = head.split(b"\n", 1)[0].split()
+        if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
+            return _reply(405, b"method not allowed\n")
+        path = line[1].split(b"?", 1)[0]
+        if path == b"/healthz":
+            problem = self.healthy()
+            if problem is None:
+                return _reply(200, b"ok\n", head=line[0] == b"HEAD")
+            return _reply(503, problem.encode("utf-8", "replace") + b"\n")
+        if path in (b"/metrics", b"/"):
+            body = await trio.to_thread.run_sync(generate_latest, self.registry)
+            return _reply(200, body, CONTENT_TYPE_LATEST, head=line[0] == b"HEAD")
+        return _reply(404, b"not found: /metrics, /healthz\n")
+
+
+_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def _reply(
+    code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", *, head: bool = False
+) -> bytes:
+    return (
+        f"HTTP/1.0 {code} {_STATUS[code]}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii") + (b"" if head else body)

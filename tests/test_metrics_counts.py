@@ -1,0 +1,195 @@
+"""Every metric of issue 13 counts what really happened, in a real server over real
+sockets: bytes sent (exactly what the client received), RETR latency (RETR, not TOP),
+backend errors by type (and their cause in the server's log, never to the client),
+TLS handshake failures (implicit TLS and STLS), refused connections by reason.
+
+Sessions open/total, logins by mechanism and result, commands by verb, login latency
+and penalties: tests/test_logs_metrics.py (one process), tests/test_workers.py (four
+workers, aggregated) and tests/test_haproxy.py (behind HAProxy).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+from pypop.backend import Mailbox, MessageInfo
+from pypop.backends.memory import MemoryBackend
+from pypop.errors import TemporaryFailure, UpdateFailed
+from pypop.server.metrics import HistogramBatch
+
+from .conftest import ServerStarter
+from .test_anvil import until
+from .test_server import port_of, talk
+from .test_tls import Client, tls_port, write_cert
+
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def counted(name: str, before: float, delta: float, **labels: str) -> None:
+    """A session's figures are added when it ends: wait for them, then exactly."""
+    await until(lambda: value(name, **labels) >= before + delta)
+    assert value(name, **labels) == before + delta
+
+
+async def test_bytes_sent_and_retr_latency(start_server: ServerStarter) -> None:
+    server = await start_server()
+    sent = value("pypop_sent_bytes_total")
+    retr = value("pypop_retr_duration_seconds_count")
+    quit_ = value("pypop_commands_total", verb="QUIT")
+    out = await talk(
+        port_of(server),
+        b"USER alice\r\nPASS wonderland\r\nRETR 1\r\nTOP 2 0\r\nRETR 3\r\nQUIT\r\n",
+    )
+    assert out.count(b"\r\n.\r\n") == 3
+    assert out.endswith(b"+OK Logging out\r\n")
+    await counted("pypop_commands_total", quit_, 1, verb="QUIT")
+    assert value("pypop_sent_bytes_total") == sent + len(out)
+    assert value("pypop_retr_duration_seconds_count") == retr + 2  # TOP is not a RETR
+
+
+def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for m in registry.collect()
+        for s in m.samples
+        if not s.name.endswith("_created")
+    ]
+
+
+def test_a_session_batch_adds_what_observe_adds() -> None:
+    """The RETR histogram is filled per session (HistogramBatch, through the
+    histogram's own values): the same samples as one observe per RETR, bounds
+    included (a value equal to a bound counts in that bucket)."""
+    amounts = [0.0, 0.001, 0.0011, 0.05, 0.1, 0.5, 1.0, 3.0, 0.0005, 0.1]
+    one, batched = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    direct = Histogram("h", "h", buckets=bounds, registry=one)
+    batch = HistogramBatch(Histogram("h", "h", buckets=bounds, registry=batched))
+    for amount in amounts:
+        direct.observe(amount)
+        batch.observe(amount)
+    assert samples(batched) != samples(one)  # nothing until the session ends
+    batch.flush()
+    batch.flush()  # a second flush adds nothing
+    assert samples(batched) == samples(one)
+    assert ("h_bucket", {"le": "0.001"}, 3.0) in samples(one)
+
+
+class Failing:
+    """alice's messages cannot be read, and UPDATE fails (injected faults)."""
+
+    def __init__(self, real: MemoryBackend, fault: BaseException) -> None:
+        self.real = real
+        self.fault = fault
+
+    async def open_mailbox(self, user: str) -> Mailbox:
+        return FailingBox(await self.real.open_mailbox(user), self.fault)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+class FailingBox:
+    def __init__(self, real: Mailbox, fault: BaseException) -> None:
+        self.real = real
+        self.fault = fault
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self.real.messages
+
+    async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        if top_lines is None:
+            raise self.fault
+        yield b""
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        raise UpdateFailed("unlink failed: Read-only file system: /srv/mail/alice/cur/1")
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+async def test_backend_errors_by_type_and_their_cause_in_the_log(
+    start_server: ServerStarter, memory_backend: MemoryBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    try:
+        raise OSError(5, "Input/output error", "/srv/mail/alice/cur/1")
+    except OSError as exc:
+        try:
+            raise TemporaryFailure("cannot read message") from exc
+        except TemporaryFailure as temporary:
+            fault = temporary
+    server = await start_server(backend=Failing(memory_backend, fault))
+    temp = value("pypop_backend_errors_total", type="TemporaryFailure")
+    update = value("pypop_backend_errors_total", type="UpdateFailed")
+    out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nRETR 1\r\n")
+    assert out.endswith(b" octets)\r\n-ERR [SYS/TEMP] Message temporarily unavailable\r\n")
+    out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    assert out.endswith(b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n")
+    assert b"/srv" not in out
+    assert value("pypop_backend_errors_total", type="TemporaryFailure") == temp + 1
+    assert value("pypop_backend_errors_total", type="UpdateFailed") == update + 1
+    # The server's log has each cause in one line, without a traceback.
+    lines = [r.getMessage() for r in caplog.records if r.name == "pypop.session"]
+    assert (
+        'backend failed to read message 1 of alice: "cannot read message: Input/output '
+        'error: /srv/mail/alice/cur/1"' in lines
+    ), lines
+    assert (
+        'UPDATE for alice failed: "unlink failed: Read-only file system: '
+        '/srv/mail/alice/cur/1"' in lines
+    ), lines
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_tls_handshake_failures(start_server: ServerStarter, tmp_path: Path) -> None:
+    chain, key = write_cert(trustme.CA(), tmp_path)
+    server = await start_server(
+        listen_tls=[("127.0.0.1", 0)], tls_cert=chain, tls_key=key, hostname="pop.test"
+    )
+    implicit = value("pypop_tls_handshake_failures_total", kind="implicit")
+    stls = value("pypop_tls_handshake_failures_total", kind="stls")
+    # Implicit TLS: a client that speaks POP3 instead of TLS.
+    assert await talk(tls_port(server), b"USER alice\r\n" * 10) == b""
+    await until(lambda: value("pypop_tls_handshake_failures_total", kind="implicit") > implicit)
+    # STLS, then no ClientHello but garbage.
+    c = await Client.connect(port_of(server))
+    assert (await c.line()).startswith(b"+OK POP3 server ready")
+    assert await c.cmd(b"STLS\r\n") == b"+OK Begin TLS negotiation\r\n"
+    await c.send(b"\x16\x03\x01\x00\x05hello" + b"\0" * 64)
+    await until(lambda: value("pypop_tls_handshake_failures_total", kind="stls") > stls)
+    await c.aclose()
+    assert value("pypop_tls_handshake_failures_total", kind="implicit") == implicit + 1
+    assert value("pypop_tls_handshake_failures_total", kind="stls") == stls + 1
+
+
+async def test_refused_connections_by_reason(start_server: ServerStarter) -> None:
+    server = await start_server(max_connections=2, max_connections_per_ip=1)
+    per_ip = value("pypop_connections_refused_total", reason="max_connections_per_ip")
+    total = value("pypop_connections_refused_total", reason="max_connections")
+    port = port_of(server)
+    held = await Client.connect(port)
+    assert (await held.line()).startswith(b"+OK")
+    for _ in range(3):
+        assert await talk(port, b"") == TOO_MANY
+    assert value("pypop_connections_refused_total", reason="max_connections_per_ip") == per_ip + 3
+    # From another address the per-IP cap does not apply, the server-wide one does.
+    other = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+    async with other:
+        assert (await other.receive_some(100)).startswith(b"+OK")
+        assert await talk(port, b"") == TOO_MANY
+    assert value("pypop_connections_refused_total", reason="max_connections") == total + 1
+    await held.aclose()
