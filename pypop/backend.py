@@ -26,6 +26,18 @@ Rules every backend follows (``pypop.testing`` checks them):
 - Each failure has one exception type, from :mod:`pypop.errors` (re-exported here).
   Anything else a backend raises is a bug: the server ends that session with
   ``-ERR [SYS/TEMP]`` and logs it.
+
+Optional abilities (looked up with ``getattr``, so a backend without them works):
+
+- :class:`AccountBackend`: ``open_account(account)`` opens the maildrop where the
+  user database says it is (Dovecot's home and ``userdb_mail``). A user with such a
+  location on a backend without it is refused (``-ERR [SYS/PERM]``, logged): serving
+  some other maildrop instead would be wrong.
+- :class:`MessageTimes`: ``received(index)`` tells when a message arrived, so the
+  server can enforce EXPIRE (RFC 2449 §6.7) at UPDATE for every backend alike.
+- :class:`WireCache`: messages ready for the wire.
+- an ``expire_days`` attribute (int or None): the backend's EXPIRE policy (its
+  ``expire_days`` option, :func:`pypop.backend_kit.expire_option`).
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ from pypop.errors import (
 )
 
 __all__ = [
+    "Account",
+    "AccountBackend",
     "AuthFailed",
     "Backend",
     "BackendError",
@@ -52,6 +66,7 @@ __all__ = [
     "Mailbox",
     "MailboxLocked",
     "MessageInfo",
+    "MessageTimes",
     "NoSuchMessage",
     "PermanentFailure",
     "TemporaryFailure",
@@ -135,6 +150,41 @@ class WireCache(Protocol):
     """
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Where the user database puts a user's mail (None: the backend's default)."""
+
+    user: str
+    home: str | None = None
+    """The home directory (passwd-file field 6 or ``userdb_home``)."""
+    mail: str | None = None
+    """Dovecot's mail location (``userdb_mail``), e.g. ``maildir:~/Maildir``."""
+
+    @property
+    def located(self) -> bool:
+        return self.home is not None or self.mail is not None
+
+
+@runtime_checkable
+class AccountBackend(Protocol):
+    """Optional: a backend that opens a maildrop at a per-user location."""
+
+    async def open_account(self, account: Account) -> Mailbox:
+        """Like :meth:`Backend.open_mailbox`, at ``account``'s location; raises
+        :class:`PermanentFailure` for a location it cannot serve."""
+        ...
+
+
+@runtime_checkable
+class MessageTimes(Protocol):
+    """Optional: a mailbox that knows when each message arrived."""
+
+    def received(self, index: int) -> float | None:
+        """Seconds since the epoch when ``messages[index]`` arrived, None if unknown
+        (such a message never expires)."""
+        ...
 
 
 BackendFactory = Callable[[Mapping[str, object]], Backend]

@@ -47,6 +47,8 @@ Example ``pypop.toml`` (every key optional)::
 
     [policy]
     expire = "NEVER"                    # CAPA EXPIRE; "" hides it
+    utf8_headers = "refuse"             # RFC 6856: 8-bit headers to non-UTF8 clients:
+                                        # "refuse" (-ERR [UTF8]) or "send"
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class ServerConfig:
     implementation: str = "pypop"
     greeting: str = "POP3 server ready"
     expire: str = "NEVER"
+    utf8_headers: str = "refuse"
 
     idle_timeout: float = 600.0
     line_timeout: float = 60.0
@@ -182,6 +185,10 @@ class ServerConfig:
             )
         if self.login_delay < 0:
             raise ConfigError("auth.login_delay must not be negative")
+        if self.utf8_headers not in ("refuse", "send"):
+            raise ConfigError('policy.utf8_headers must be "refuse" or "send"')
+        if self.expire and self.expire != "NEVER" and not self.expire.isdigit():
+            raise ConfigError('policy.expire must be a number of days, "NEVER" or ""')
 
 
 # Keys handled by hand in _apply, beside those of _SECTIONS.
@@ -196,7 +203,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "implementation": ("implementation", str),
         "greeting": ("greeting", str),
     },
-    "policy": {"expire": ("expire", str)},
+    "policy": {"expire": ("expire", str), "utf8_headers": ("utf8_headers", str)},
     "limits": {
         "idle_timeout": ("idle_timeout", (int, float)),
         "line_timeout": ("line_timeout", (int, float)),

@@ -71,7 +71,11 @@ def passwd(tmp_path: Path) -> Path:
 def test_parse(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "pypop.auth")
     result = parse_passwd_file(FILE.encode())
-    assert sorted(result.entries) == ["alice", "bob", "carol", "dave", "walter"]
+    # eve has nologin: her entry stays, with the policy (the session refuses her login
+    # after the password verifies, with the reason; pypop.auth.userdb)
+    assert sorted(result.entries) == ["alice", "bob", "carol", "dave", "eve", "walter"]
+    assert result.policies["eve"].nologin
+    assert sorted(result.policies) == ["alice", "bob", "eve"]  # alice, bob: a home
     assert result.entries["alice"] == StoredCredential("alice", "PLAIN", "wonderland")
     assert result.entries["carol"].scheme == "CRYPT"
     assert result.entries["walter"].value == "w"  # CRLF line end
@@ -99,7 +103,11 @@ async def test_verify_and_lookup(passwd: Path) -> None:
     assert not await store.verify_password("bob", "wonderland")
     assert await store.verify_password("carol", "secret")  # default scheme CRYPT
     assert await store.verify_password("dave", "secret")  # CRAM-MD5 state checks a password
-    for user in ["eve", "mallory", "trent", "nobody", ""]:
+    assert await store.verify_password("eve", "blocked")  # nologin: refused in the session
+    policy = await store.user_policy("eve")
+    assert policy is not None
+    assert policy.nologin
+    for user in ["mallory", "trent", "nobody", ""]:
         assert not await store.verify_password(user, "blocked")
         assert await store.lookup(user) is None
     alice = await store.lookup("alice")

@@ -39,6 +39,7 @@ from typing import ClassVar
 import trio
 
 from pypop import wire
+from pypop.auth.prep import try_password, try_username
 from pypop.auth.schemes import SCRAM_ITERATIONS, ScramKeys, scram_keys_from_password
 from pypop.auth.store import CredentialStore
 from pypop.auth.tokens import TokenVerifier
@@ -177,8 +178,22 @@ def _text(data: bytes, limit: int = MAX_FIELD) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """A user name as the store keys it (RFC 8265 UsernameCasePreserved); an empty
+    name stays empty (the caller refuses it), one PRECIS refuses aborts."""
+    if not text:
+        return text
+    name = try_username(text)
+    if name is None:
+        raise _Abort
+    return name
+
+
 async def _check_password(ctx: SaslContext, user: str, password: str) -> bool:
-    return await ctx.store.verify_password(user, password)
+    prepared = try_password(password)
+    if prepared is None:  # RFC 8265 OpaqueString refuses it: it matches nothing
+        return False
+    return await ctx.store.verify_password(user, prepared)
 
 
 # --------------------------------------------------------------------------- PLAIN, LOGIN
@@ -200,7 +215,9 @@ class Plain(SaslMechanism):
         parts = response.split(b"\0")
         if len(parts) != 3:
             return SaslFailure()
-        authzid, authcid = _text(parts[0]), _text(parts[1])
+        raw_authzid, raw_authcid = _text(parts[0]), _text(parts[1])
+        self.attempted_user = raw_authcid  # as sent, for the log
+        authzid, authcid = _name(raw_authzid), _name(raw_authcid)
         if len(parts[2]) > MAX_FIELD or not parts[2] or not authcid:
             return SaslFailure()
         password = parts[2].decode("utf-8")
@@ -235,7 +252,8 @@ class Login(SaslMechanism):
         if response is None:
             return SaslFailure()
         if self._stage < 2:
-            self._user = _text(response)
+            self.attempted_user = _text(response)  # as sent, for the log
+            self._user = _name(self.attempted_user)
             self.attempted_user = self._user
             self._stage = 2
             return SaslChallenge(b"Password:")
@@ -285,7 +303,7 @@ class CramMd5(SaslMechanism):
         user_b, sep, digest = response.rpartition(b" ")
         if not sep or not _HEX32.fullmatch(digest):
             return SaslFailure()
-        user = _text(user_b)
+        user = _name(_text(user_b))
         if not user:
             return SaslFailure()
         self.attempted_user = user
@@ -460,7 +478,7 @@ class ScramSha256(SaslMechanism):
         attrs = _attrs(bare)
         if len(attrs) < 2 or attrs[0][0] != "n" or attrs[1][0] != "r":
             return SaslFailure()  # includes a leading m= (RFC 5802 §5.1: must fail)
-        user = _decode_saslname(attrs[0][1])
+        user = _name(_decode_saslname(attrs[0][1]))
         nonce = attrs[1][1]
         if not user or len(user.encode()) > MAX_FIELD or len(nonce) > MAX_NONCE:
             return SaslFailure()
@@ -469,7 +487,7 @@ class ScramSha256(SaslMechanism):
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
             return SaslFailure()
         if authzid_part and (
-            not authzid_part.startswith("a=") or _decode_saslname(authzid_part[2:]) != user
+            not authzid_part.startswith("a=") or _name(_decode_saslname(authzid_part[2:])) != user
         ):
             return SaslFailure()  # no proxy authorization
         self.attempted_user = user
@@ -596,7 +614,7 @@ class OAuthBearer(_OAuthBase):
             return SaslFailure()  # no channel binding with OAUTHBEARER
         if not authzid.startswith("a="):
             return SaslFailure()  # we need the user name to check the token against
-        user = _text(_decode_saslname(authzid[2:]).encode("utf-8"))
+        user = _name(_text(_decode_saslname(authzid[2:]).encode("utf-8")))
         if not user:
             return SaslFailure()
         pairs = _kvpairs(rest)
@@ -632,7 +650,7 @@ class XOAuth2(_OAuthBase):
         if len(response) > MAX_TOKEN + 1024:
             return SaslFailure()
         pairs = _kvpairs(response)
-        user = _text(pairs.get("user", "").encode("utf-8"))
+        user = _name(_text(pairs.get("user", "").encode("utf-8")))
         if not user:
             return SaslFailure()
         token = _bearer_token(pairs.get("auth"))

@@ -101,11 +101,12 @@ class Server:
             ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
         self.ssl_context = ssl_context
         self.store = store if store is not None else _default_store(config)
+        expire_days = _expire_days(config, self.backend)
         protocol = ProtocolConfig(
             max_bad_commands=config.max_bad_commands,
             max_auth_failures=config.max_auth_failures,
             implementation=config.implementation or None,
-            expire=config.expire or None,
+            expire=(config.expire or None) if expire_days is None else str(expire_days),
             login_delay=config.login_delay or None,
             stls_available=ssl_context is not None,
         )
@@ -134,9 +135,10 @@ class Server:
                 clock=trio.current_time,
             ),
             per_client=PerClientLimiter(config.max_auth_per_client),
-            login_delay=LoginDelay(config.login_delay, clock=trio.current_time)
-            if config.login_delay
-            else None,
+            # Always there: a user database may give some users a delay of their own.
+            login_delay=LoginDelay(config.login_delay, clock=trio.current_time),
+            utf8_headers=config.utf8_headers,
+            expire_days=expire_days,
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -369,6 +371,22 @@ def _server_secret(config: ServerConfig) -> bytes | None:
             "will change when the server restarts, which tells them from real users"
         )
     return None
+
+
+def _expire_days(config: ServerConfig, backend: Backend) -> int | None:
+    """The EXPIRE the backend enforces (its ``expire_days`` option), which CAPA then
+    announces; a different explicit ``policy.expire`` is a configuration error."""
+    days = getattr(backend, "expire_days", None)
+    if days is None:
+        return None
+    if not isinstance(days, int) or isinstance(days, bool) or days < 0:
+        raise ConfigError(f"backend expire_days must be a whole number of days, got {days!r}")
+    if config.expire not in ("NEVER", "", str(days)):
+        raise ConfigError(
+            f"policy.expire = {config.expire!r} but the backend removes mail after "
+            f"{days} days (expire_days): leave policy.expire out, or make them agree"
+        )
+    return days
 
 
 def _plural(n: int, word: str) -> str:
