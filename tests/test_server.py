@@ -490,7 +490,7 @@ def test_memory_backend_options_validated() -> None:
     assert str(info.value) == (
         "the pypop backend 'memory' cannot start: memory backend: unknown options "
         "'colour', 'sample_user' (did you mean 'sample_users'?); "
-        "known: sample_messages, sample_size, sample_users, seed"
+        "known: expire_days, sample_messages, sample_size, sample_users, seed"
     )
     with pytest.raises(BackendLoadError, match="option 'sample_users' must be an integer"):
         create_backend("memory", {"sample_users": "two"})
