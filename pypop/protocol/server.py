@@ -137,7 +137,8 @@ class ServerConnection:
         self.utf8 = False
         self.language: Language = LANGUAGES[DEFAULT_LANGUAGE]
         self._custom_texts = texts
-        self.texts: Mapping[Text, str] = texts if texts is not None else self.language.ascii_texts
+        self.texts: Mapping[Text, str] = self.language.ascii_texts
+        self._select_texts()
         # RFC 2449 §6.5/§6.7: capabilities whose value varies per user ("EXPIRE",
         # "LOGIN-DELAY"; set by the session from the store), and this user's values
         # once logged in.
@@ -563,8 +564,14 @@ class ServerConnection:
             elif delay is not None:
                 caps.append(f"LOGIN-DELAY {delay}")
         else:
+            # The user's values; one that was announced "USER" is announced now
+            # whatever it is (the server's, or none: NEVER / 0).
             expire = self.user_expire if self.user_expire is not None else expire
             delay = self.user_login_delay if self.user_login_delay is not None else delay
+            if expire is None and "EXPIRE" in self.per_user:
+                expire = "NEVER"
+            if delay is None and "LOGIN-DELAY" in self.per_user:
+                delay = 0
             if expire is not None:
                 caps.append(f"EXPIRE {expire}")
             if delay is not None:
