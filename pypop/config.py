@@ -31,6 +31,10 @@ Example ``pypop.toml`` (every key optional)::
     tokens_file = "/etc/pypop/tokens"   # user:token lines for OAUTHBEARER/XOAUTH2
     login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
     secret_file = "/etc/pypop/passwd.secret"   # default: <passwd_file>.secret
+    gssapi_keytab = "/etc/pypop/pop.keytab"     # Kerberos (SASL GSSAPI, RFC 4752);
+                                        # needs pip install 'pypop3[gssapi]'
+    gssapi_hostname = "mail.example.org"  # accept pop/<this>; "*": any key in the
+                                        # keytab; default: server.hostname
 
     [tls]
     cert = "/etc/pypop/cert.pem"        # PEM chain; both files are read again on
@@ -130,6 +134,8 @@ class ServerConfig:
     mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
     tokens_file: Path | None = None
     login_delay: int = 0
+    gssapi_keytab: Path | None = None
+    gssapi_hostname: str | None = None
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -194,7 +200,7 @@ class ServerConfig:
 # Keys handled by hand in _apply, beside those of _SECTIONS.
 _SPECIAL: dict[str, tuple[str, ...]] = {
     "server": ("listen", "listen_tls"),
-    "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file"),
+    "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file", "gssapi_keytab"),
 }
 
 _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
@@ -222,6 +228,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "allow_plaintext": ("allow_plaintext", bool),
         "loopback_is_secure": ("loopback_is_secure", bool),
         "login_delay": ("login_delay", int),
+        "gssapi_hostname": ("gssapi_hostname", str),
     },
 }
 
@@ -300,6 +307,8 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
                 cfg.tokens_file = _path(base, value, where)
             elif section == "auth" and key == "secret_file":
                 cfg.secret_file = _path(base, value, where)
+            elif section == "auth" and key == "gssapi_keytab":
+                cfg.gssapi_keytab = _path(base, value, where)
             elif section == "auth" and key == "mechanisms":
                 mechs = _check(value, list, where)
                 cfg.mechanisms = [str(_check(m, str, where)).upper() for m in mechs]

@@ -28,6 +28,8 @@ from pypop.auth import (
     StaticTokenVerifier,
     TokenVerifier,
 )
+from pypop.auth.kerberos import GssapiSettings, check_settings
+from pypop.auth.sasl import DEFAULT_MECHANISMS
 from pypop.auth.secret import load_or_create
 from pypop.backend import Backend
 from pypop.config import ConfigError, ServerConfig
@@ -110,6 +112,7 @@ class Server:
             login_delay=config.login_delay or None,
             stls_available=ssl_context is not None,
         )
+        gssapi = _gssapi_settings(config)
         if token_verifier is None and config.tokens_file is not None:
             token_verifier = StaticTokenVerifier.from_file(config.tokens_file)
         penalty_max = config.auth_penalty_max
@@ -139,6 +142,7 @@ class Server:
             login_delay=LoginDelay(config.login_delay, clock=trio.current_time),
             utf8_headers=config.utf8_headers,
             expire_days=expire_days,
+            gssapi=gssapi,
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -371,6 +375,25 @@ def _server_secret(config: ServerConfig) -> bytes | None:
             "will change when the server restarts, which tells them from real users"
         )
     return None
+
+
+def _gssapi_settings(config: ServerConfig) -> GssapiSettings | None:
+    """Kerberos for SASL GSSAPI, checked at start-up (package, keytab, service key)."""
+    if config.gssapi_keytab is None:
+        if "GSSAPI" in (m.upper() for m in config.mechanisms) and config.mechanisms != list(
+            DEFAULT_MECHANISMS
+        ):
+            log.warning("auth.mechanisms lists GSSAPI, but no auth.gssapi_keytab is set")
+        return None
+    hostname = config.gssapi_hostname or config.hostname
+    settings = GssapiSettings(
+        keytab=str(config.gssapi_keytab), hostname=None if hostname == "*" else hostname
+    )
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return settings
 
 
 def _expire_days(config: ServerConfig, backend: Backend) -> int | None:

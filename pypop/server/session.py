@@ -32,6 +32,7 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
+from pypop.auth.kerberos import GssapiSettings
 from pypop.auth.prep import try_password, try_username
 from pypop.auth.userdb import UserPolicy, allowed_from
 from pypop.backend import Account, Backend, Mailbox
@@ -108,6 +109,7 @@ class SessionContext:
     login_delay: LoginDelay | None = None
     hash_limiter: trio.CapacityLimiter | None = None
     salt_key: bytes | None = None  # the server secret (pypop.auth.secret)
+    gssapi: GssapiSettings | None = None  # auth.gssapi_keytab (pypop.auth.kerberos)
     mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
@@ -189,6 +191,7 @@ class Session:
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
             salt_key=self.ctx.salt_key,
+            gssapi=self.ctx.gssapi,
         )
 
     def _update_mechanisms(self) -> None:
