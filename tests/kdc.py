@@ -103,6 +103,8 @@ class Realm:
             except subprocess.TimeoutExpired:
                 self.kdc.kill()
                 self.kdc.wait()
+        if self.kdc is not None and self.kdc.stderr is not None:
+            self.kdc.stderr.close()
 
 
 def create_realm(root: Path, *, clockskew: int = 2) -> Realm:
