@@ -45,6 +45,7 @@ __all__ = [
     "is_heavy",
     "parse_stored",
     "saslprep",
+    "scram_derive",
     "scram_keys_from_password",
     "validate_value",
     "verify_scheme",
@@ -226,13 +227,19 @@ class ScramKeys:
         return cls(iterations, salt, stored, server)
 
 
-def scram_keys_from_password(password: str, salt: bytes, iterations: int) -> ScramKeys:
-    """RFC 5802 §3 key derivation with SHA-256 (password SASLprep'd when it can be)."""
+def scram_derive(password: str, salt: bytes, iterations: int) -> tuple[bytes, ScramKeys]:
+    """RFC 5802 §3 key derivation with SHA-256 (password SASLprep'd when it can be):
+    the ClientKey (the client role needs it for its proof) and the server's keys."""
     salted = hashlib.pbkdf2_hmac("sha256", _scram_password(password), salt, iterations)
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     stored_key = hashlib.sha256(client_key).digest()
     server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    return ScramKeys(iterations, salt, stored_key, server_key)
+    return client_key, ScramKeys(iterations, salt, stored_key, server_key)
+
+
+def scram_keys_from_password(password: str, salt: bytes, iterations: int) -> ScramKeys:
+    """RFC 5802 §3: what a server keeps, derived from the password."""
+    return scram_derive(password, salt, iterations)[1]
 
 
 # --------------------------------------------------------------------------- the schemes

@@ -1,4 +1,4 @@
-"""The ``pypop`` command: ``pypop serve | passwd``; ``python -m pypop`` is the same.
+"""The ``pypop`` command: ``pypop serve | passwd | fetch``; ``python -m pypop`` is the same.
 
 Each sub-command is a module with ``add_parser(sub)``, which registers its flags and
 its ``run(args) -> exit status``.
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from pypop import __version__
-from pypop.cli import passwd, serve
+from pypop.cli import fetch, passwd, serve
 
 __all__ = ["main"]
 
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     passwd.add_parser(sub)
+    fetch.add_parser(sub)
     args = parser.parse_args(argv)
     status: int = args.run(args)
     return status

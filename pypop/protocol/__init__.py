@@ -1,5 +1,6 @@
 """Sans-I/O POP3: grammar, state table, events, replies. No trio, socket or ssl."""
 
+from pypop.protocol.client import Challenge, ClientConnection, Greeting, Reply
 from pypop.protocol.commands import Command, ParseError, encode_command, parse_command
 from pypop.protocol.events import (
     NEED_DATA,
@@ -28,15 +29,19 @@ __all__ = [
     "NEED_DATA",
     "SEND_DATA",
     "ApopLogin",
+    "Challenge",
+    "ClientConnection",
     "Closing",
     "Command",
     "ConnectionClosed",
     "Event",
+    "Greeting",
     "LocalProtocolError",
     "NeedData",
     "ParseError",
     "PasswordLogin",
     "ProtocolConfig",
+    "Reply",
     "Retrieve",
     "SaslAborted",
     "SaslResponse",

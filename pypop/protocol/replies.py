@@ -36,7 +36,13 @@ __all__ = [
     "encode_multiline",
     "encode_status",
     "match_language",
+    "parse_capabilities",
+    "parse_listing",
+    "parse_scan",
+    "parse_stat",
     "parse_status",
+    "parse_uid",
+    "split_lines",
 ]
 
 CRLF: Final = b"\r\n"
@@ -333,3 +339,82 @@ def parse_status(line: bytes) -> StatusLine:
     text = rest[1:].decode("utf-8", "replace")
     code, text = _resp_code(text)
     return StatusLine(ok, text, code)
+
+
+# --------------------------------------------------------------------------------------
+# The machine-readable parts of replies, for the client role. The server writes these
+# with the f-strings in ``pypop.protocol.server``; the round trip is tested.
+# --------------------------------------------------------------------------------------
+
+MAX_UID: Final = 255
+"""Longest unique-id we accept. RFC 1939 §7 says 70; some servers send more, and the
+length does not matter to the framing."""
+
+
+def split_lines(body: bytes) -> list[bytes]:
+    """The lines of an unstuffed multi-line body that must be CRLF lines (CAPA, LIST,
+    UIDL, AUTH): ``ReplyLineError`` on a bare CR or LF or a missing final CRLF."""
+    if not body:
+        return []
+    if not body.endswith(CRLF):
+        raise ReplyLineError("multi-line reply does not end with CRLF")
+    lines = body[:-2].split(CRLF)
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            raise ReplyLineError("bare CR or LF in a multi-line reply")
+    return lines
+
+
+def _decimal(word: bytes | str) -> int:
+    if isinstance(word, str):
+        word = word.encode("ascii", "replace")
+    if not word or not word.isdigit() or len(word) > 20:
+        raise ReplyLineError(f"expected a number, got {word[:40]!r}")
+    return int(word)
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """RFC 1939 §5 STAT: ``count octets`` at the start of the ``+OK`` text."""
+    words = text.split(" ")
+    if len(words) < 2:
+        raise ReplyLineError("STAT reply without count and size")
+    return _decimal(words[0]), _decimal(words[1])
+
+
+def parse_scan(line: bytes | str) -> tuple[int, int]:
+    """A scan listing (LIST): ``msg octets`` [ignored rest] (RFC 1939 §5)."""
+    raw = line.encode("utf-8") if isinstance(line, str) else line
+    words = raw.split(b" ")
+    if len(words) < 2:
+        raise ReplyLineError("scan listing without message number and size")
+    return _decimal(words[0]), _decimal(words[1])
+
+
+def parse_uid(line: bytes | str) -> tuple[int, str]:
+    """A unique-id listing (UIDL): ``msg unique-id``, the id 0x21-0x7E (RFC 1939 §7)."""
+    raw = line.encode("utf-8") if isinstance(line, str) else line
+    words = raw.split(b" ")
+    if len(words) < 2:
+        raise ReplyLineError("unique-id listing without message number and id")
+    uid = words[1]
+    if not 1 <= len(uid) <= MAX_UID or any(c < 0x21 or c > 0x7E for c in uid):
+        raise ReplyLineError("unique-id outside 0x21-0x7E or too long")
+    return _decimal(words[0]), uid.decode("ascii")
+
+
+def parse_listing(body: bytes, uid: bool) -> list[tuple[int, int]] | list[tuple[int, str]]:
+    """A whole LIST (``uid=False``) or UIDL body."""
+    lines = split_lines(body)
+    if uid:
+        return [parse_uid(line) for line in lines]
+    return [parse_scan(line) for line in lines]
+
+
+def parse_capabilities(body: bytes) -> dict[str, list[str]]:
+    """RFC 2449 §5: one capability per line, ``TAG [args]``; tags upper-cased."""
+    caps: dict[str, list[str]] = {}
+    for line in split_lines(body):
+        words = line.decode("utf-8", "replace").split()
+        if words:
+            caps[words[0].upper()] = words[1:]
+    return caps
