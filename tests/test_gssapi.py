@@ -15,6 +15,8 @@ import base64
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,3 +289,42 @@ async def test_curl_logs_in_with_kerberos(kserver: Server, krb_env: Realm) -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(b"From: Sender 1 <sender1@example.org>")
+
+
+# ---- the pypop client and pypop fetch ----------------------------------------------
+
+
+async def test_pypop_client_logs_in_with_kerberos(kserver: Server) -> None:
+    from pypop.client import Client
+
+    url = f"pop://localhost:{port_of(kserver)}"
+
+    def run(auth: str, user: str | None) -> tuple[str | None, tuple[int, int]]:
+        with Client(url, user=user, auth=auth, netrc=False) as pop:
+            return pop.mechanism, pop.stat()
+
+    # auto, no password: the caller's tickets
+    assert await trio.to_thread.run_sync(run, "auto", None) == ("GSSAPI", (1, 416))
+    assert await trio.to_thread.run_sync(run, "GSSAPI", "alice") == ("GSSAPI", (1, 416))
+
+    def wrong_user() -> str:
+        try:
+            Client(url, user="bob", auth="GSSAPI", netrc=False).connect()
+        except Exception as exc:
+            return f"{type(exc).__name__} {getattr(exc, 'code', None)}"
+        return "logged in"
+
+    assert await trio.to_thread.run_sync(wrong_user) == "AuthError AUTH"
+
+
+async def test_pypop_fetch_with_kerberos(kserver: Server, tmp_path: Path) -> None:
+    url = f"pop://alice;AUTH=GSSAPI@localhost:{port_of(kserver)}"  # RFC 2384
+    result = await trio.run_process(
+        [sys.executable, "-m", "pypop", "fetch", url, "--state", str(tmp_path / "state")],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"Sample message 1 for alice" in result.stdout

@@ -408,3 +408,35 @@ def test_curl_version() -> None:
     if CURL is None:
         pytest.skip("curl is not installed")
     subprocess.run([CURL, "--version"], check=True, capture_output=True)
+
+
+# ---- the pypop client --------------------------------------------------------------
+
+
+async def test_utf8_user_with_the_pypop_client(
+    start_server: ServerStarter, utf8_passwd: Path
+) -> None:
+    from pypop.client import Client
+
+    backend = MemoryBackend()
+    backend.deliver(NAME, EIGHT_BIT, uid="m1")
+    server = await start_server(backend=backend, passwd_file=utf8_passwd)
+    url = f"pop://127.0.0.1:{port_of(server)}"
+
+    def client(utf8: bool) -> tuple[bool, bytes | str]:
+        # The name typed decomposed: the client prepares it (PRECIS) as the server does.
+        with Client(
+            url, user=unicodedata.normalize("NFD", NAME), password=PASSWORD, utf8=utf8
+        ) as pop:
+            try:
+                return pop.utf8, pop.retr(1)
+            except Exception as exc:  # the -ERR [UTF8] of a client that did not send it
+                return pop.utf8, f"{type(exc).__name__}: {exc} [{getattr(exc, 'code', '')}]"
+
+    assert await trio.to_thread.run_sync(client, True) == (True, EIGHT_BIT)
+    utf8, refused = await trio.to_thread.run_sync(client, False)
+    assert not utf8
+    assert refused == (
+        "CommandError: RETR 1 failed: server said -ERR [UTF8] Message has UTF-8 header "
+        "fields; it needs a client that sends UTF8 [UTF8]"
+    )

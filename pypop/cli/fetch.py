@@ -96,12 +96,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "never delivered twice anyway)",
     )
     p.add_argument("--state", metavar="FILE", help="UIDL state file (default: per account)")
-    p.add_argument("--auth", default="auto", help="USER, +APOP, a SASL name, or auto")
+    p.add_argument(
+        "--auth",
+        default="auto",
+        help="USER, +APOP, a SASL name (GSSAPI: your Kerberos tickets, no password), or auto",
+    )
     p.add_argument("--tls", choices=["implicit", "require", "auto", "off"])
     p.add_argument("--cafile", help="trust these CA certificates (PEM)")
     p.add_argument("--token-env", metavar="VAR", help="read an OAuth token from this variable")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--no-pipelining", action="store_true")
+    p.add_argument(
+        "--no-utf8",
+        action="store_true",
+        help="do not send UTF8 (RFC 6856) even if the server offers it",
+    )
     p.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument(
         "--progress",
@@ -196,11 +205,13 @@ def run(args: argparse.Namespace) -> int:
             cafile=args.cafile,
             timeout=args.timeout,
             pipelining=not args.no_pipelining,
+            utf8=not args.no_utf8,
         )
     except ValueError as exc:
         print(f"pypop fetch: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if client.options.password is None and token is None and sys.stdin.isatty():
+    kerberos = client.options.auth == "GSSAPI"  # the ticket cache, not a password
+    if client.options.password is None and token is None and not kerberos and sys.stdin.isatty():
         client.options.password = getpass.getpass(
             f"Password for {client.options.user}@{client.options.host}: "
         )
