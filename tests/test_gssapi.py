@@ -328,3 +328,66 @@ async def test_pypop_fetch_with_kerberos(kserver: Server, tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert b"Sample message 1 for alice" in result.stdout
+
+
+# ---- the pypop client against Dovecot with GSSAPI -----------------------------------
+
+
+def test_pypop_client_against_dovecot_gssapi(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way round: Dovecot's GSSAPI (dovecot-gssapi) and pypop's client. Dovecot
+    sends "no layer" with a maximum size of 0xFFFFFF (RFC 4752 wants 0): the client
+    takes it. Dovecot needs a non-empty authorization identity: the user name."""
+    import tempfile
+
+    from tests.popservers import Certs, dovecot_missing, dovecot_server
+
+    if dovecot_missing() is not None:
+        pytest.skip(str(dovecot_missing()))
+    if not any(Path(d, "libmech_gssapi.so").exists() for d in _dovecot_auth_dirs()):
+        if REQUIRED:
+            pytest.fail("PYPOP_REQUIRE_KERBEROS=1 but dovecot-gssapi is not installed")
+        pytest.skip("dovecot-gssapi is not installed")
+    from pypop.client import Client
+
+    # Dovecot's auth process runs as its own user: everything it reads is 0755/0644.
+    base = Path(tempfile.mkdtemp(prefix="pypop-krb-dovecot-"))
+    os.chmod(base, 0o755)  # noqa: S103
+    (base / "realm").mkdir()
+    realm = create_realm(base / "realm")
+    try:
+        for path in [base / "realm", *(base / "realm").iterdir()]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        for key, value in realm.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("KRB5CCNAME", f"FILE:{realm.kinit('alice')}")
+        certs = Certs.make(base / "certs")
+        mail = [sample_message("alice", 1)]
+        server = dovecot_server(
+            base / "d",
+            certs,
+            {"alice": mail},
+            mechanisms="gssapi plain",
+            extra_config=(
+                'auth_gssapi_hostname = "$ALL"\n'
+                f"auth_krb5_keytab = {realm.keytab}\n"
+                f"import_environment = TZ KRB5_CONFIG={realm.env['KRB5_CONFIG']} "
+                "KRB5RCACHETYPE=none\n"
+            ),
+        )
+        try:
+            with Client(server.url(), auth="GSSAPI", cafile=certs.ca_file, netrc=False) as pop:
+                assert pop.mechanism == "GSSAPI"
+                assert pop.tls_active
+                assert pop.stat()[0] == 1
+                assert pop.retr(1) == mail[0]
+        finally:
+            server.stop()
+    finally:
+        realm.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _dovecot_auth_dirs() -> list[str]:
+    return ["/usr/lib/dovecot/modules/auth", "/usr/lib/x86_64-linux-gnu/dovecot/modules/auth"]
