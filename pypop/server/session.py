@@ -355,9 +355,10 @@ class Session:
                 # first; one PRECIS refuses fails like a wrong password, at the same
                 # cost (the verification still runs).
                 store = self.ctx.store
-                user = try_username(raw_user) or raw_user
+                prepared_user = try_username(raw_user)
                 password = try_password(raw_password)
-                usable = password is not None and user == try_username(raw_user)
+                user = prepared_user or raw_user
+                usable = prepared_user is not None and password is not None
 
                 async def verify() -> bool:
                     ok = await store.verify_password(user, password or raw_password)
