@@ -219,18 +219,32 @@ def _account(names: tuple[str, ...]) -> tuple[str, int, int]:
 
 
 class DovecotServer(Server):
-    """Dovecot 2.3 with its own config: POP3 only, high-performance login mode."""
+    """Dovecot 2.3 with its own config: POP3 (and with ``imap=True`` IMAP, on
+    ``imap_port``, for the IMAP backend's benchmark), high-performance login mode."""
 
     def __init__(
-        self, workdir: Path, fixture: Fixture, cert: Path, key: Path, max_connections: int = 2000
+        self,
+        workdir: Path,
+        fixture: Fixture,
+        cert: Path,
+        key: Path,
+        max_connections: int = 2000,
+        *,
+        imap: bool = False,
     ) -> None:
         super().__init__("dovecot", workdir)
         self.fixture = fixture
         self.cert, self.key = cert, key
         self.max_connections = max_connections
+        self.imap = imap
+        self.imap_port = 0
         ok, self.binary = dovecot_available()
         if not ok:
             raise ServerError(self.binary)
+        if imap and not any(
+            Path(d, "imap").exists() for d in ("/usr/lib/dovecot", "/usr/libexec/dovecot")
+        ):
+            raise ServerError("dovecot-imapd is not installed (run benches/setup.sh)")
 
     def config_text(self) -> str:
         internal, _, _ = _account(("dovecot", "nobody"))
@@ -238,13 +252,36 @@ class DovecotServer(Server):
         mail_user, uid, gid = _account(("nobody",))
         n = self.max_connections
         mail = self.fixture.maildir("dovecot")
+        imap = ""
+        if self.imap:
+            # The same high-performance login mode as POP3's.
+            imap = f"""service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  service_count = 0
+  process_min_avail = 1
+  client_limit = {n + 100}
+  vsz_limit = 1G
+}}
+service imap {{
+  process_limit = {n + 100}
+}}
+protocol imap {{
+  mail_max_userip_connections = {n + 100}
+}}
+"""
         return f"""# Throwaway Dovecot config written by benches (pypop benchmark suite).
 base_dir = {self.workdir}/run
 state_dir = {self.workdir}/state
 instance_name = pypop-bench-{self.port}
 log_path = {self.workdir}/dovecot.log
 info_log_path = {self.workdir}/dovecot.log
-protocols = pop3
+protocols = pop3{" imap" if self.imap else ""}
 listen = 127.0.0.1
 default_internal_user = {internal}
 default_login_user = {login}
@@ -301,7 +338,7 @@ service auth {{
 protocol pop3 {{
   mail_max_userip_connections = {n + 100}
 }}
-# mail user {mail_user}
+{imap}# mail user {mail_user}
 """
 
     def start(self) -> None:
@@ -310,6 +347,8 @@ protocol pop3 {{
         for d in ("run", "state"):
             (self.workdir / d).mkdir(exist_ok=True)
         self.port, self.tls_port = free_port(), free_port()
+        if self.imap:
+            self.imap_port = free_port()
         conf = self.workdir / "dovecot.conf"
         conf.write_text(self.config_text())
         _, uid, gid = _account(("nobody",))

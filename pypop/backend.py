@@ -29,6 +29,8 @@ Rules every backend follows (``pypop.testing`` checks them):
 
 Optional abilities (looked up with ``getattr``, so a backend without them works):
 
+- :class:`SelfAuthenticating`: a backend that checks the client's credentials itself
+  (a passthrough to another server) instead of the server's credential store.
 - :class:`AccountBackend`: ``open_account(account)`` opens the maildrop where the
   user database says it is (Dovecot's home and ``userdb_mail``). A user with such a
   location on a backend without it is refused (``-ERR [SYS/PERM]``, logged): serving
@@ -37,14 +39,14 @@ Optional abilities (looked up with ``getattr``, so a backend without them works)
   server can enforce EXPIRE (RFC 2449 §6.7) at UPDATE for every backend alike.
 - :class:`WireCache`: messages ready for the wire.
 - an ``expire_days`` attribute (int or None): the backend's EXPIRE policy (its
-  ``expire_days`` option, :func:`pypop.backend_kit.expire_option`).
+  ``expire_days`` option, :meth:`pypop.backend_kit.Options.expire_days`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 from pypop.errors import (
     AuthFailed,
@@ -63,12 +65,15 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendFactory",
+    "CredentialKind",
+    "Credentials",
     "Mailbox",
     "MailboxLocked",
     "MessageInfo",
     "MessageTimes",
     "NoSuchMessage",
     "PermanentFailure",
+    "SelfAuthenticating",
     "TemporaryFailure",
     "UpdateFailed",
     "WireCache",
@@ -185,6 +190,53 @@ class MessageTimes(Protocol):
         """Seconds since the epoch when ``messages[index]`` arrived, None if unknown
         (such a message never expires)."""
         ...
+
+
+CredentialKind = Literal["password", "bearer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client logged in with, as a :class:`SelfAuthenticating` backend gets it."""
+
+    user: str
+    """The login name (USER, the PLAIN/LOGIN authentication identity, the OAuth user)."""
+    secret: str = field(repr=False)
+    """The password, or the bearer token."""
+    kind: CredentialKind = "password"
+    mechanism: str = "USER"
+    """How it came: ``USER`` (USER/PASS), ``PLAIN``, ``LOGIN``, ``XOAUTH2``, ``OAUTHBEARER``."""
+    client: str | None = None
+    """The client's address (for a backend that forwards it upstream), if known."""
+
+
+@runtime_checkable
+class SelfAuthenticating(Protocol):
+    """Optional: a backend that authenticates the client itself, e.g. by logging in to
+    an upstream server with the client's own password or token.
+
+    When the backend has it, the server passes USER/PASS, SASL PLAIN and LOGIN
+    passwords, and XOAUTH2/OAUTHBEARER tokens if ``credential_kinds`` has
+    ``"bearer"``, to :meth:`authenticate` instead of checking them against its
+    credential store. APOP, CRAM-MD5 and SCRAM never reveal the secret, so they are
+    not offered (CAPA, AUTH and the greeting show only what can work). Penalties,
+    per-client limits, ``[AUTH]`` replies and logging are the same as for logins the
+    server checks itself.
+
+    ``authenticate`` checks the credentials first and only then takes the maildrop
+    lock, so that ``[IN-USE]`` is never shown to someone who does not know the secret.
+    It returns the opened, locked mailbox (as :meth:`Backend.open_mailbox` would) or
+    raises :class:`AuthFailed` (wrong credentials: ``-ERR [AUTH]``, counted as a
+    failure), :class:`MailboxLocked`, :class:`TemporaryFailure` (the upstream is
+    down: ``[SYS/TEMP]``) or :class:`PermanentFailure`.
+    """
+
+    @property
+    def credential_kinds(self) -> Collection[CredentialKind]:
+        """What it can check: ``"password"`` and/or ``"bearer"``."""
+        ...
+
+    async def authenticate(self, credentials: Credentials) -> Mailbox: ...
 
 
 BackendFactory = Callable[[Mapping[str, object]], Backend]

@@ -8,6 +8,9 @@ every backend would otherwise write again:
   accepted. A key nobody asked for is an error with a "did you mean".
 - :class:`LockSet`: the RFC 1939 §4 exclusive lock, per process (what a backend
   without a shared store needs; a shared store adds its own lock on top).
+- :class:`MaildropLocks`: the same lock as a pluggable service (entry-point group
+  ``pypop.locks``), for backends whose store has no lock of its own (IMAP):
+  :class:`LocalLocks` holds it in this process, a plugin can hold it across hosts.
 - :class:`IOThreads`: blocking I/O in worker threads, bounded for the backend and for
   each session, with a timeout that frees the session even if the thread is stuck.
 - :class:`TopCut`: where a TOP reply can stop reading the stored message.
@@ -30,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import trio
 
@@ -40,7 +43,9 @@ from pypop.errors import TemporaryFailure, UpdateFailed
 __all__ = [
     "BLOCK_SIZE",
     "IOThreads",
+    "LocalLocks",
     "LockSet",
+    "MaildropLocks",
     "OptionError",
     "Options",
     "SessionThreads",
@@ -93,6 +98,10 @@ class Options:
     def _get(self, name: str) -> object | None:
         self._asked.add(name)
         return self._options.get(name)
+
+    def raw(self, name: str) -> object | None:
+        """The value as given (e.g. a TOML table for a plugin's own options)."""
+        return self._get(name)
 
     def has(self, name: str) -> bool:
         self._asked.add(name)
@@ -252,6 +261,49 @@ class LockSet:
 
     def clear(self) -> None:
         self._held.clear()
+
+
+@runtime_checkable
+class MaildropLocks(Protocol):
+    """Where a backend's RFC 1939 §4 maildrop locks live.
+
+    Keys are opaque strings that name one maildrop (the IMAP backend uses the upstream
+    server, mailbox and user). ``acquire`` never waits: ``False`` at once if anyone
+    holds the key (the server answers ``[IN-USE]``); it may raise
+    :class:`~pypop.errors.TemporaryFailure` if the lock service is unreachable.
+    ``release`` is called exactly once per successful ``acquire``.
+
+    ``scope`` says how far the lock reaches, for the log and the docs: ``"process"``
+    (:class:`LocalLocks`), ``"host"`` or ``"cluster"`` (a shared service, e.g.
+    PostgreSQL advisory locks), registered in the entry-point group ``pypop.locks``
+    as a factory ``options -> MaildropLocks``.
+    """
+
+    scope: str
+
+    async def acquire(self, key: str) -> bool: ...
+
+    async def release(self, key: str) -> None: ...
+
+
+class LocalLocks:
+    """:class:`MaildropLocks` held in this process only: two pypop processes (workers,
+    hosts) serving the same upstream do not see each other's locks."""
+
+    scope = "process"
+
+    def __init__(self, options: Mapping[str, object] | None = None) -> None:
+        Options("local lock", options or {}).finish()
+        self._held = LockSet()
+
+    async def acquire(self, key: str) -> bool:
+        return self._held.acquire(key)
+
+    async def release(self, key: str) -> None:
+        self._held.release(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._held
 
 
 # ---------------------------------------------------------------------------- threads

@@ -4,6 +4,9 @@
   :data:`pypop.backend.BackendFactory` (options -> Backend).
 - ``pypop.credentials``: credential stores; the entry point names a
   :data:`pypop.auth.store.CredentialStoreFactory` (options -> CredentialStore).
+- ``pypop.locks``: where a backend without a lock of its own keeps the RFC 1939
+  maildrop lock; the entry point names a factory (options ->
+  :class:`pypop.backend_kit.MaildropLocks`). ``local`` (this process) is built in.
 
 Only the configured plugin is imported (keyring/fsspec style); first-party plugins
 register exactly like third-party ones. A name that is not installed, a plugin that
@@ -18,20 +21,24 @@ from importlib.metadata import EntryPoint, entry_points
 
 from pypop.auth.store import CredentialStore
 from pypop.backend import Backend
+from pypop.backend_kit import MaildropLocks
 
 __all__ = [
     "BACKENDS",
     "CREDENTIALS",
     "GROUP",
+    "LOCKS",
     "BackendLoadError",
     "PluginLoadError",
     "create_backend",
     "create_credential_store",
+    "create_locks",
     "load_factory",
 ]
 
 BACKENDS = "pypop.backends"
 CREDENTIALS = "pypop.credentials"
+LOCKS = "pypop.locks"
 GROUP = BACKENDS  # the historical name
 
 
@@ -41,7 +48,7 @@ class PluginLoadError(Exception):
 
 BackendLoadError = PluginLoadError
 
-_KIND = {BACKENDS: "backend", CREDENTIALS: "credential store"}
+_KIND = {BACKENDS: "backend", CREDENTIALS: "credential store", LOCKS: "lock service"}
 
 
 def _entry_points(group: str) -> dict[str, EntryPoint]:
@@ -117,3 +124,10 @@ def create_credential_store(name: str, options: Mapping[str, object]) -> Credent
             f"the pypop credential store {name!r} did not return a CredentialStore"
         )
     return store
+
+
+def create_locks(name: str, options: Mapping[str, object]) -> MaildropLocks:
+    locks = _create(name, options, LOCKS)
+    if not isinstance(locks, MaildropLocks):
+        raise PluginLoadError(f"the pypop lock service {name!r} did not return MaildropLocks")
+    return locks

@@ -24,10 +24,21 @@ the CRLF added to a last line that has none), RSET, a dropped connection
 deleting nothing, QUIT deleting exactly the marked messages, the exclusive lock
 ([IN-USE]), snapshots, concurrent sessions of different users, and user names that
 try to reach another maildrop (``../bob``, ``a/b``, NUL, very long).
+
+A backend that authenticates itself (:class:`pypop.backend.SelfAuthenticating`, e.g.
+a passthrough to another server) runs the same tests, opened with
+``authenticate`` instead of ``open_mailbox``, plus its own: a wrong password is
+``AuthFailed`` and ``-ERR [AUTH]``, ``[IN-USE]`` only after the right credentials,
+SASL PLAIN and LOGIN pass the password through, CAPA and the greeting offer nothing
+that would need the stored secret (APOP, CRAM-MD5, SCRAM). Its harness may give:
+
+- ``users``: the two user names to use (default ``("alice", "bob")``);
+- ``password(user)``: their password upstream (default the kit's ``PASSWORD``).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import poplib
 import socket
@@ -47,9 +58,17 @@ if importlib.util.find_spec("pytest_trio") is None:  # pragma: no cover
     )
 
 from pypop.auth import MemoryCredentialStore
-from pypop.backend import Backend, MailboxLocked, is_valid_uid
+from pypop.backend import (
+    AuthFailed,
+    Backend,
+    Credentials,
+    Mailbox,
+    MailboxLocked,
+    SelfAuthenticating,
+    is_valid_uid,
+)
 from pypop.config import ServerConfig
-from pypop.errors import AuthFailed, PermanentFailure, TemporaryFailure
+from pypop.errors import PermanentFailure, TemporaryFailure
 from pypop.server import Server, serve
 from pypop.wire import wire_size
 
@@ -57,6 +76,7 @@ __all__ = [
     "HARD_MESSAGES",
     "HARD_SIZES",
     "HOSTILE_USERS",
+    "PASSWORD",
     "BackendConformance",
     "Harness",
     "expected_retr",
@@ -153,6 +173,21 @@ def expected_retr(message: bytes) -> bytes:
     return out
 
 
+def _raw(host: str, port: int, commands: list[bytes], replies: int) -> list[bytes]:
+    """The greeting and ``replies`` reply lines to ``commands`` (sent one by one)."""
+    with socket.create_connection((host, port), timeout=30) as sock:
+        f = sock.makefile("rb")
+        out = [f.readline().rstrip(b"\r\n")]
+        for command in commands:
+            sock.sendall(command + b"\r\n")
+        while len(out) < replies + 1:
+            line = f.readline()
+            if not line:
+                break
+            out.append(line.rstrip(b"\r\n"))
+        return out
+
+
 def _retr_bytes(lines: list[bytes]) -> bytes:
     # poplib splits on CRLF and undoes the stuffing; join back what was sent.
     return b"".join(line + b"\r\n" for line in lines)
@@ -162,23 +197,48 @@ class BackendConformance:
     """Mix-in test class; see the module docstring."""
 
     pytestmark = [pytest.mark.trio]  # noqa: RUF012 (pytest reads it as is)
-    users = ("alice", "bob")
+    users: tuple[str, ...] = ("alice", "bob")
 
     @pytest.fixture
     def harness(self) -> Harness:
         raise NotImplementedError("define a `harness` fixture returning a Harness")
 
+    @pytest.fixture(autouse=True)
+    def _bind(self, harness: Harness) -> None:
+        # The harness may name its own users and passwords (an upstream server's).
+        self.users = tuple(getattr(harness, "users", type(self).users))
+        password = getattr(harness, "password", None)
+        self._passwords = {u: password(u) if password else PASSWORD for u in self.users}
+
+    @property
+    def alice(self) -> str:
+        return self.users[0]
+
+    @property
+    def bob(self) -> str:
+        return self.users[1]
+
     # -- helpers --
 
+    async def _open(self, backend: Backend, user: str) -> Mailbox:
+        """The maildrop, as the server would open it."""
+        if isinstance(backend, SelfAuthenticating):
+            return await backend.authenticate(Credentials(user, self._passwords[user]))
+        return await backend.open_mailbox(user)
+
     @asynccontextmanager
-    async def _server(self, backend: Backend) -> AsyncIterator[Server]:
+    async def _server(self, backend: Backend, **overrides: object) -> AsyncIterator[Server]:
         config = ServerConfig(
             listen=[("127.0.0.1", 0)],
             auth_failure_delay=0.0,
             auth_penalty_max=0.0,
             shutdown_timeout=5.0,
         )
-        store = MemoryCredentialStore(dict.fromkeys(self.users, PASSWORD))
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        store = None
+        if not isinstance(backend, SelfAuthenticating):
+            store = MemoryCredentialStore(self._passwords)
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 lambda task_status: serve(
@@ -190,9 +250,9 @@ class BackendConformance:
             finally:
                 server.shutdown()
 
-    @staticmethod
-    async def _client(server: Server, user: str, fn: Callable[[poplib.POP3], T]) -> T:
+    async def _client(self, server: Server, user: str, fn: Callable[[poplib.POP3], T]) -> T:
         host, port = server.addresses[0]
+        password = self._passwords[user]
 
         def run() -> T:
             pop = poplib.POP3(host, port, timeout=30)
@@ -201,7 +261,7 @@ class BackendConformance:
                 # exact bytes; a client that never sends UTF8 gets -ERR [UTF8]).
                 pop.utf8()
                 pop.user(user)
-                pop.pass_(PASSWORD)
+                pop.pass_(password)
                 return fn(pop)
             finally:
                 pop.close()
@@ -213,12 +273,12 @@ class BackendConformance:
     async def test_uidls_valid_unique_and_stable(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for n in range(5):
-            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\nsame\r\n".encode())
-        await harness.deliver(backend, "alice", b"Subject: 0\r\n\r\nsame\r\n")  # a duplicate
-        box = await backend.open_mailbox("alice")
+            await harness.deliver(backend, self.alice, f"Subject: {n}\r\n\r\nsame\r\n".encode())
+        await harness.deliver(backend, self.alice, b"Subject: 0\r\n\r\nsame\r\n")  # a duplicate
+        box = await self._open(backend, self.alice)
         first = [m.uid for m in box.messages]
         await box.aclose()
-        box = await backend.open_mailbox("alice")
+        box = await self._open(backend, self.alice)
         second = [m.uid for m in box.messages]
         await box.aclose()
         assert len(first) == 6
@@ -230,8 +290,8 @@ class BackendConformance:
     async def test_sizes_match_streamed_octets(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for msg in HARD_MESSAGES.values():
-            await harness.deliver(backend, "alice", msg)
-        box = await backend.open_mailbox("alice")
+            await harness.deliver(backend, self.alice, msg)
+        box = await self._open(backend, self.alice)
         try:
             assert len(box.messages) == len(HARD_MESSAGES)
             for i, (name, info) in enumerate(zip(HARD_MESSAGES, box.messages, strict=True)):
@@ -244,26 +304,26 @@ class BackendConformance:
 
     async def test_lock_is_exclusive_and_released(self, harness: Harness) -> None:
         backend = harness.make_backend()
-        await harness.deliver(backend, "alice", b"Subject: x\r\n\r\ny\r\n")
-        box = await backend.open_mailbox("alice")
+        await harness.deliver(backend, self.alice, b"Subject: x\r\n\r\ny\r\n")
+        box = await self._open(backend, self.alice)
         with pytest.raises(MailboxLocked):
-            await backend.open_mailbox("alice")
-        other = await backend.open_mailbox("bob")  # other users are independent
+            await self._open(backend, self.alice)
+        other = await self._open(backend, self.bob)  # other users are independent
         await other.aclose()
         await box.aclose()
         await box.aclose()  # idempotent
-        again = await backend.open_mailbox("alice")
+        again = await self._open(backend, self.alice)
         await again.aclose()
         await backend.aclose()
 
     async def test_snapshot_hides_later_delivery(self, harness: Harness) -> None:
         backend = harness.make_backend()
-        await harness.deliver(backend, "alice", b"Subject: 1\r\n\r\n1\r\n")
-        box = await backend.open_mailbox("alice")
-        await harness.deliver(backend, "alice", b"Subject: 2\r\n\r\n2\r\n")
+        await harness.deliver(backend, self.alice, b"Subject: 1\r\n\r\n1\r\n")
+        box = await self._open(backend, self.alice)
+        await harness.deliver(backend, self.alice, b"Subject: 2\r\n\r\n2\r\n")
         assert len(box.messages) == 1
         await box.commit([])
-        box = await backend.open_mailbox("alice")
+        box = await self._open(backend, self.alice)
         assert len(box.messages) == 2
         await box.aclose()
         await backend.aclose()
@@ -271,10 +331,15 @@ class BackendConformance:
     async def test_hostile_user_names_never_reach_another_maildrop(self, harness: Harness) -> None:
         backend = harness.make_backend()
         secret = b"Subject: for bob only\r\n\r\nsecret\r\n"
-        await harness.deliver(backend, "bob", secret)
+        await harness.deliver(backend, self.bob, secret)
         for name in HOSTILE_USERS:
             try:
-                box = await backend.open_mailbox(name)
+                if isinstance(backend, SelfAuthenticating):
+                    # With bob's password, as an attacker who knows it would try.
+                    credentials = Credentials(name, self._passwords[self.bob])
+                    box = await backend.authenticate(credentials)
+                else:
+                    box = await backend.open_mailbox(name)
             except (AuthFailed, PermanentFailure, TemporaryFailure):
                 continue  # refused: the server answers -ERR, and that is all
             try:
@@ -283,7 +348,7 @@ class BackendConformance:
                     assert data != secret, f"user name {name[:40]!r} reached bob's maildrop"
             finally:
                 await box.commit([])
-        box = await backend.open_mailbox("bob")  # bob's maildrop is whole and unlocked
+        box = await self._open(backend, self.bob)  # bob's maildrop is whole and unlocked
         try:
             assert len(box.messages) == 1
         finally:
@@ -295,7 +360,7 @@ class BackendConformance:
     async def test_retr_delivers_listed_size_and_exact_bytes(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for msg in HARD_MESSAGES.values():
-            await harness.deliver(backend, "alice", msg)
+            await harness.deliver(backend, self.alice, msg)
 
         def fetch(pop: poplib.POP3) -> tuple[tuple[int, int], list[tuple[int, bytes]]]:
             sizes = [int(x.split()[1]) for x in pop.list()[1]]
@@ -303,7 +368,7 @@ class BackendConformance:
             return pop.stat(), listed
 
         async with self._server(backend) as server:
-            stat, got = await self._client(server, "alice", fetch)
+            stat, got = await self._client(server, self.alice, fetch)
         assert stat == (len(HARD_MESSAGES), sum(HARD_SIZES.values()))
         assert len(got) == len(HARD_MESSAGES)
         for (size, data), (name, msg) in zip(got, HARD_MESSAGES.items(), strict=True):
@@ -315,10 +380,10 @@ class BackendConformance:
 
     async def test_top_returns_headers_and_n_lines(self, harness: Harness) -> None:
         backend = harness.make_backend()
-        await harness.deliver(backend, "alice", b"A: 1\r\nB: 2\r\n\r\nl1\r\n.l2\r\nl3\r\n")
+        await harness.deliver(backend, self.alice, b"A: 1\r\nB: 2\r\n\r\nl1\r\n.l2\r\nl3\r\n")
         async with self._server(backend) as server:
             tops = await self._client(
-                server, "alice", lambda p: [p.top(1, n)[1] for n in (0, 2, 10)]
+                server, self.alice, lambda p: [p.top(1, n)[1] for n in (0, 2, 10)]
             )
         assert tops == [
             [b"A: 1", b"B: 2", b""],
@@ -329,7 +394,7 @@ class BackendConformance:
     async def test_quit_removes_exactly_the_marked(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for n in range(1, 5):
-            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n{n}\r\n".encode())
+            await harness.deliver(backend, self.alice, f"Subject: {n}\r\n\r\n{n}\r\n".encode())
 
         def dele_2_and_4(pop: poplib.POP3) -> list[bytes]:
             uids = pop.uidl()[1]
@@ -339,15 +404,15 @@ class BackendConformance:
             return uids
 
         async with self._server(backend) as server:
-            before = await self._client(server, "alice", dele_2_and_4)
-            after = await self._client(server, "alice", lambda p: p.uidl()[1])
+            before = await self._client(server, self.alice, dele_2_and_4)
+            after = await self._client(server, self.alice, lambda p: p.uidl()[1])
         ids = [u.split()[1] for u in before]
         assert [u.split()[1] for u in after] == [ids[0], ids[2]]
 
     async def test_rset_restores(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for n in range(3):
-            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n\r\n".encode())
+            await harness.deliver(backend, self.alice, f"Subject: {n}\r\n\r\n\r\n".encode())
 
         def dele_rset_quit(pop: poplib.POP3) -> tuple[int, int]:
             pop.dele(1)
@@ -359,13 +424,13 @@ class BackendConformance:
             return marked, count
 
         async with self._server(backend) as server:
-            assert await self._client(server, "alice", dele_rset_quit) == (1, 3)
-            assert await self._client(server, "alice", lambda p: p.stat()[0]) == 3
+            assert await self._client(server, self.alice, dele_rset_quit) == (1, 3)
+            assert await self._client(server, self.alice, lambda p: p.stat()[0]) == 3
 
     async def test_dropped_connection_deletes_nothing(self, harness: Harness) -> None:
         backend = harness.make_backend()
         for n in range(3):
-            await harness.deliver(backend, "alice", f"Subject: {n}\r\n\r\n\r\n".encode())
+            await harness.deliver(backend, self.alice, f"Subject: {n}\r\n\r\n\r\n".encode())
 
         def dele_all_then_drop(pop: poplib.POP3) -> None:
             for i in (1, 2, 3):
@@ -377,11 +442,11 @@ class BackendConformance:
             )
 
         async with self._server(backend) as server:
-            await self._client(server, "alice", dele_all_then_drop)
+            await self._client(server, self.alice, dele_all_then_drop)
             # The server notices the drop and releases the lock; poll briefly.
             for _ in range(100):
                 try:
-                    count = await self._client(server, "alice", lambda p: p.stat()[0])
+                    count = await self._client(server, self.alice, lambda p: p.stat()[0])
                     break
                 except poplib.error_proto as exc:
                     if b"[IN-USE]" not in exc.args[0]:
@@ -393,25 +458,27 @@ class BackendConformance:
 
     async def test_second_session_gets_in_use(self, harness: Harness) -> None:
         backend = harness.make_backend()
-        await harness.deliver(backend, "alice", b"Subject: x\r\n\r\n\r\n")
+        await harness.deliver(backend, self.alice, b"Subject: x\r\n\r\n\r\n")
         async with self._server(backend) as server:
             host, port = server.addresses[0]
 
+            alice, bob, pw = self.alice, self.bob, self._passwords
+
             def two_sessions() -> bytes:
                 first = poplib.POP3(host, port, timeout=30)
-                first.user("alice")
-                first.pass_(PASSWORD)
+                first.user(alice)
+                first.pass_(pw[alice])
                 second = poplib.POP3(host, port, timeout=30)
-                second.user("alice")
+                second.user(alice)
                 try:
-                    second.pass_(PASSWORD)
+                    second.pass_(pw[alice])
                 except poplib.error_proto as exc:
                     reply: bytes = exc.args[0]
                 else:
                     reply = b"+OK (no lock!)"
                 other = poplib.POP3(host, port, timeout=30)
-                other.user("bob")
-                other.pass_(PASSWORD)  # a different user is not blocked
+                other.user(bob)
+                other.pass_(pw[bob])  # a different user is not blocked
                 other.quit()
                 second.quit()
                 first.quit()
@@ -448,4 +515,101 @@ class BackendConformance:
             return p.stat(), p.list()[1], p.uidl()[1]
 
         async with self._server(backend) as server:
-            assert await self._client(server, "alice", stat_list_uidl) == ((0, 0), [], [])
+            assert await self._client(server, self.alice, stat_list_uidl) == ((0, 0), [], [])
+
+    # -- backends that authenticate themselves --
+
+    @staticmethod
+    def _self_authenticating(backend: Backend) -> SelfAuthenticating:
+        if not isinstance(backend, SelfAuthenticating):
+            pytest.skip("the backend does not authenticate itself")
+        return backend
+
+    async def test_wrong_password_is_auth_failed(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        auth = self._self_authenticating(backend)
+        await harness.deliver(backend, self.alice, b"Subject: x\r\n\r\ny\r\n")
+        with pytest.raises(AuthFailed):
+            await auth.authenticate(Credentials(self.alice, "wrong " + self._passwords[self.alice]))
+        with pytest.raises(AuthFailed):
+            await auth.authenticate(Credentials(self.alice + "-nobody", "x"))
+        box = await self._open(backend, self.alice)  # no lock was left behind
+        await box.aclose()
+        async with self._server(backend) as server:
+            host, port = server.addresses[0]
+
+            def wrong() -> bytes:
+                pop = poplib.POP3(host, port, timeout=30)
+                pop.user(self.alice)
+                try:
+                    pop.pass_("wrong")
+                except poplib.error_proto as exc:
+                    reply: bytes = exc.args[0]
+                    return reply
+                finally:
+                    pop.close()
+                return b"+OK (wrong password accepted)"
+
+            reply = await trio.to_thread.run_sync(wrong)
+        assert reply == b"-ERR [AUTH] Authentication failed"
+        await backend.aclose()
+
+    async def test_in_use_only_after_the_right_credentials(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        auth = self._self_authenticating(backend)
+        box = await self._open(backend, self.alice)
+        try:
+            with pytest.raises(AuthFailed):  # not MailboxLocked: that would tell
+                await auth.authenticate(Credentials(self.alice, "wrong"))
+            with pytest.raises(MailboxLocked):
+                await self._open(backend, self.alice)
+        finally:
+            await box.aclose()
+        await backend.aclose()
+
+    async def test_offers_only_what_can_pass_through(self, harness: Harness) -> None:
+        backend = harness.make_backend()
+        self._self_authenticating(backend)
+        await harness.deliver(backend, self.alice, b"Subject: x\r\n\r\nbody\r\n")
+        mechanisms = ["SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"]
+        async with self._server(backend, apop=True, mechanisms=mechanisms) as server:
+            host, port = server.addresses[0]
+            user, password = self.alice, self._passwords[self.alice]
+
+            def errors() -> list[bytes]:
+                out = []
+                for command in (f"APOP {user} {'0' * 32}", "AUTH CRAM-MD5", "AUTH SCRAM-SHA-256"):
+                    out.append(_raw(host, port, [command.encode()], 1)[1])
+                return out
+
+            def capa() -> tuple[bytes, list[bytes]]:
+                pop = poplib.POP3(host, port, timeout=30)
+                try:
+                    caps = pop.capa()
+                    lines = [" ".join([k, *v]).encode() for k, v in caps.items()]
+                    return pop.getwelcome(), lines
+                finally:
+                    pop.close()
+
+            def plain_and_login() -> list[list[bytes]]:
+                b64 = base64.b64encode
+                plain = b"AUTH PLAIN " + b64(f"\0{user}\0{password}".encode())
+                login = [b"AUTH LOGIN", b64(user.encode()), b64(password.encode())]
+                return [
+                    _raw(host, port, [plain, b"STAT", b"QUIT"], 3)[1:],
+                    _raw(host, port, [*login, b"STAT", b"QUIT"], 5)[3:],
+                ]
+
+            greeting, lines = await trio.to_thread.run_sync(capa)
+            refused = await trio.to_thread.run_sync(errors)
+            logins = await trio.to_thread.run_sync(plain_and_login)
+        assert b"<" not in greeting  # no APOP timestamp
+        sasl = [line for line in lines if line.startswith(b"SASL ")]
+        assert sasl == [b"SASL PLAIN LOGIN"]  # no CRAM-MD5, no SCRAM
+        assert b"USER" in lines
+        assert refused[0] == b"-ERR APOP not available"
+        assert refused[1:] == [b"-ERR Unsupported authentication mechanism"] * 2
+        for replies in logins:
+            assert [r[:3] for r in replies] == [b"+OK"] * 3
+            assert replies[1] == b"+OK 1 " + str(len(b"Subject: x\r\n\r\nbody\r\n")).encode()
+        await backend.aclose()

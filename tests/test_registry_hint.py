@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
+from pypop import registry
 from pypop.registry import (
     BACKENDS,
     CREDENTIALS,
@@ -33,11 +34,17 @@ def test_the_table_is_the_published_names() -> None:
 
 
 @pytest.mark.parametrize("name", ["imap", "sql"])
-def test_first_party_backend_not_installed(name: str) -> None:
+def test_first_party_backend_not_installed(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Installed or not here (scripts/test installs pypop3-imap), it is hidden.
+    real = registry._entry_points
+    monkeypatch.setattr(
+        registry, "_entry_points", lambda group: {k: v for k, v in real(group).items() if k != name}
+    )
+    others = ", ".join(n for n in installed().split(", ") if n != name)
     with pytest.raises(BackendLoadError) as info:
         create_backend(name, {})
     assert str(info.value) == (
-        f"no pypop backend named {name!r} is installed (installed: {installed()}); "
+        f"no pypop backend named {name!r} is installed (installed: {others}); "
         f"the pypop project publishes it as pypop3-{name}: pip install pypop3-{name}"
     )
 

@@ -180,7 +180,8 @@ def test_the_testing_extra_runs_the_conformance_kit(venv: Path, tmp_path: Path) 
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^\d+ passed in ", done.stdout.splitlines()[-1]), done.stdout
+    # The kit's tests for self-authenticating backends skip for this one.
+    assert re.search(r"^\d+ passed, 3 skipped in ", done.stdout.splitlines()[-1]), done.stdout
 
 
 def test_passwd_without_the_hashes_extra(venv: Path, tmp_path: Path) -> None:

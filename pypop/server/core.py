@@ -21,6 +21,7 @@ import ssl
 import trio
 
 from pypop.auth import (
+    DEFAULT_MECHANISMS,
     AuthPenalty,
     CredentialStore,
     LoginDelay,
@@ -29,9 +30,8 @@ from pypop.auth import (
     TokenVerifier,
 )
 from pypop.auth.kerberos import GssapiSettings, check_settings
-from pypop.auth.sasl import DEFAULT_MECHANISMS
 from pypop.auth.secret import load_or_create
-from pypop.backend import Backend
+from pypop.backend import Backend, SelfAuthenticating
 from pypop.config import ConfigError, ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.protocol.replies import Text, encode_status
@@ -39,6 +39,7 @@ from pypop.registry import create_backend, create_credential_store
 from pypop.server.limits import ConnectionLimits, ensure_open_files
 from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
 from pypop.server.logins import MaildropHolders
+from pypop.server.passthrough import NO_STORE
 from pypop.server.session import Session, SessionContext
 
 __all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
@@ -102,7 +103,14 @@ class Server:
         if ssl_context is None and config.tls_cert is not None and config.tls_key is not None:
             ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
         self.ssl_context = ssl_context
-        self.store = store if store is not None else _default_store(config)
+        passthrough = self.backend if isinstance(self.backend, SelfAuthenticating) else None
+        if store is None:
+            store = _default_store(config, passthrough is not None)
+        self.store = store
+        apop = config.apop
+        if passthrough is not None:
+            _warn_passthrough(config, token_verifier is not None)
+            apop = False  # APOP never reveals the password: it cannot be passed on
         expire_days = _expire_days(config, self.backend)
         protocol = ProtocolConfig(
             max_bad_commands=config.max_bad_commands,
@@ -126,7 +134,7 @@ class Server:
             line_timeout=config.line_timeout,
             maildrops=MaildropHolders(config.lock_wait),
             salt_key=_server_secret(config),
-            apop=config.apop,
+            apop=apop,
             allow_plaintext=config.allow_plaintext,
             ssl_context=ssl_context,
             mechanisms=tuple(m.upper() for m in config.mechanisms),
@@ -143,6 +151,7 @@ class Server:
             utf8_headers=config.utf8_headers,
             expire_days=expire_days,
             gssapi=gssapi,
+            passthrough=passthrough,
         )
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -443,15 +452,40 @@ async def _close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _default_store(config: ServerConfig) -> CredentialStore:
-    """The configured credential store: a [credentials] plugin, or the passwd-file."""
+def _default_store(config: ServerConfig, passthrough: bool = False) -> CredentialStore:
+    """The configured credential store: a [credentials] plugin, or the passwd-file.
+    A backend that authenticates itself needs none."""
     if config.credentials is not None:
         return create_credential_store(config.credentials, config.credentials_options)
     if config.passwd_file is None:
+        if passthrough:
+            return NO_STORE
         raise ValueError(
             "no credential store: set auth.passwd_file (or --passwd-file), or a [credentials] store"
         )
     return create_credential_store("passwd-file", {"path": str(config.passwd_file)})
+
+
+def _warn_passthrough(config: ServerConfig, tokens: bool) -> None:
+    """Say at start-up what a self-authenticating backend leaves out."""
+    # SCRAM is in the defaults: name only what the admin chose by hand.
+    chosen = [] if list(config.mechanisms) == list(DEFAULT_MECHANISMS) else config.mechanisms
+    unusable = [m for m in chosen if m.upper() in _NEEDS_SECRET]
+    if config.apop:
+        unusable.insert(0, "APOP")
+    if unusable:
+        log.warning(
+            "the backend checks passwords itself (passthrough): %s cannot pass a "
+            "password on and will not be offered",
+            ", ".join(unusable),
+        )
+    if config.passwd_file is not None or config.credentials is not None:
+        log.warning("the backend checks passwords itself: the credential store is not used")
+    if tokens:
+        log.warning("the backend checks bearer tokens itself: auth.tokens_file is not used")
+
+
+_NEEDS_SECRET = frozenset({"CRAM-MD5", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"})
 
 
 async def serve(

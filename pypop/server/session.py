@@ -35,7 +35,7 @@ from pypop.auth import (
 from pypop.auth.kerberos import GssapiSettings
 from pypop.auth.prep import try_password, try_username
 from pypop.auth.userdb import UserPolicy, allowed_from
-from pypop.backend import Account, Backend, Mailbox
+from pypop.backend import Account, Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
     AuthFailed,
     MailboxLocked,
@@ -65,6 +65,7 @@ from pypop.protocol import (
 from pypop.server.intl import HeaderCheck, wire_header_is_ascii
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import MaildropHolders, describe, log_failed_login
+from pypop.server.passthrough import Passthrough
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -119,6 +120,8 @@ class SessionContext:
     # EXPIRE enforced at UPDATE, days (None: never; 0: what was retrieved); a
     # passwd-file "expire=" overrides it per user. From the backend's expire_days.
     expire_days: int | None = None
+    # The backend itself when it checks credentials (pypop.server.passthrough).
+    passthrough: SelfAuthenticating | None = None
 
 
 class Session:
@@ -164,6 +167,10 @@ class Session:
             self._send_many = stream.send_many
             self._recv_after_reply = stream.receive_after_reply
         self._wire: Callable[[int, int | None], bytes | None] | None = None
+        # A self-authenticating backend checks logins (pypop.server.passthrough).
+        self._passthrough: Passthrough | None = None
+        if ctx.passthrough is not None:
+            self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
         self.conn.per_user = getattr(ctx.store, "per_user_capabilities", frozenset())
 
@@ -183,11 +190,16 @@ class Session:
             # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
             # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
             binding = self.stream.get_channel_binding("tls-unique")
+        store: CredentialStore = self.ctx.store
+        verifier = self.ctx.token_verifier
+        if self._passthrough is not None:
+            store = self._passthrough
+            verifier = self._passthrough if self._passthrough.bearer else None
         return SaslContext(
-            store=self.ctx.store,
+            store=store,
             hostname=self.ctx.hostname,
             tls_active=self.tls,
-            token_verifier=self.ctx.token_verifier,
+            token_verifier=verifier,
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
             salt_key=self.ctx.salt_key,
@@ -295,6 +307,8 @@ class Session:
             self.end = "error"
             raise
         finally:
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             if self.mailbox is not None:
                 # Never UPDATE here: only a QUIT in TRANSACTION commits (RFC 1939 §6).
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -352,9 +366,10 @@ class Session:
                 await self._retrieve(event)
             case PasswordLogin(user=raw_user, password=raw_password):
                 # RFC 6856 §2 / RFC 8265: UTF-8 names and passwords are prepared
-                # first; one PRECIS refuses fails like a wrong password, at the same
-                # cost (the verification still runs).
-                store = self.ctx.store
+                # first (as SASL PLAIN's are, RFC 4616), for the store and for a
+                # passthrough's upstream alike; one PRECIS refuses fails like a wrong
+                # password, at the same cost (the verification still runs).
+                store = self.ctx.store if self._passthrough is None else self._passthrough
                 prepared_user = try_username(raw_user)
                 password = try_password(raw_password)
                 user = prepared_user or raw_user
@@ -447,20 +462,31 @@ class Session:
         policy = found if found is not None else UserPolicy()
         if not allowed_from(policy, self.peer.host):
             # Dovecot's allow_nets: fails the way a wrong password does.
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             return await self._auth_failed(method, user, None, "network")
         if policy.nologin:
             # Only now, with the password verified, does the client learn why.
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             log_failed_login(user, method, self.peer.host, "disabled")
             return conn.login_failed("SYS/PERM", policy.reason or Text.ACCOUNT_DISABLED)
         if self.ctx.login_delay is not None and (
             self.ctx.login_delay.try_login(user, policy.login_delay) > 0
         ):
             # RFC 2449 §8.1.1
+            if self._passthrough is not None:
+                await self._passthrough.discard()
             log_failed_login(user, method, self.peer.host, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
         account = Account(user, policy.home, policy.mail)
         try:
-            mailbox = await self.ctx.maildrops.open(self.ctx.backend, user, account)
+            if self._passthrough is None:
+                mailbox = await self.ctx.maildrops.open(self.ctx.backend, user, account)
+            else:
+                # A passthrough's check has opened the maildrop already (it opens
+                # again only while waiting for a lock); the upstream decides where.
+                mailbox = await self.ctx.maildrops.open(self._passthrough, user)
         except MailboxLocked:
             log_failed_login(user, method, self.peer.host, "in-use")
             return conn.login_failed("IN-USE", Text.IN_USE)
@@ -514,6 +540,8 @@ class Session:
             self.ctx.penalty.record_success(self.peer.host)
             return await self._open(method, user)
         if isinstance(event, SaslStart):
+            if self._passthrough is not None:
+                self._passthrough.mechanism = event.mechanism
             mech = create_mechanism(
                 event.mechanism,
                 self._sasl_context(),
@@ -624,8 +652,8 @@ class Session:
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
-            except Exception:
-                log.exception("backend failed to read message %d of %s", event.index + 1, self.user)
+            except Exception as exc:
+                _backend_failed(exc, "backend failed to read message %d of %s", event, self.user)
                 conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
                 await self._flush()
                 raise _SessionEnd("backend failure") from None
@@ -640,9 +668,9 @@ class Session:
                     block = held.pop(0) if held else await anext(blocks, None)
             except _SessionEnd:
                 raise
-            except Exception:
-                log.exception(
-                    "backend failed while streaming message %d of %s", event.index + 1, self.user
+            except Exception as exc:
+                _backend_failed(
+                    exc, "backend failed while streaming message %d of %s", event, self.user
                 )
                 # Earlier replies still go out; the cut message has no terminator, so the
                 # client sees a broken transfer, never a short message.
@@ -728,3 +756,12 @@ class Session:
         if self._released is not None and self.user is not None:
             self.ctx.maildrops.let_go(self.user, self._released)
             self._released = None
+
+
+def _backend_failed(exc: Exception, what: str, event: Retrieve, user: str | None) -> None:
+    """A TemporaryFailure is the backend's own report (an upstream is down): one line.
+    Anything else is a bug: with its traceback."""
+    if isinstance(exc, TemporaryFailure):
+        log.warning(what + ": %s", event.index + 1, user, exc)
+    else:
+        log.exception(what, event.index + 1, user)
