@@ -71,6 +71,7 @@ SCENARIOS = [
     Scenario("top", "top", "small", 8, "messages_per_s", "messages/s"),
     Scenario("pipelined", "pipelined", "small", 8, "messages_per_s", "messages/s"),
     Scenario("tls-login", "tls-login", "small", 8, "ops_per_s", "sessions/s"),
+    Scenario("tls-retr-all-1m", "tls-retr-all", "large", 4, "mb_per_s", "MB/s"),
 ]
 
 
@@ -229,7 +230,7 @@ def load_args(
 ) -> list[str]:
     a = [
         "--port",
-        str(srv.tls_port if sc.load == "tls-login" else srv.port),
+        str(srv.tls_port if sc.load.startswith("tls-") else srv.port),
         "--scenario",
         sc.load,
         "--users",
@@ -245,7 +246,7 @@ def load_args(
     ]
     if pin_prefix(0):
         a += ["--server-core", "0"]
-    if sc.load == "tls-login":
+    if sc.load.startswith("tls-"):
         a += ["--ca", str(ca), "--sni", "localhost"]
     if sc.load == "idle":
         hold = max(args.duration, 1.0)

@@ -1,8 +1,9 @@
 """Where pypop's time goes, per scenario: ``python -m benches.profile SCENARIO``.
 
-Starts ``pypop serve`` (memory backend, 100 users x 50 x 4 KiB, or 10 x 20 x 1 MiB
-for retr-all-1m) pinned to core 0, drives it with the load generator on core 1, and
-samples the server with py-spy (``pip install py-spy``). Prints the throughput, then
+Starts ``pypop serve`` (``--backend memory`` or ``maildir``; the suite's fixture:
+100 users x 50 x 4 KiB, or 10 x 20 x 1 MiB for retr-all-1m) pinned to core 0, warms
+it up as the suite does, drives it with the load generator on core 1, and samples the
+server with py-spy (``pip install py-spy``). Prints the throughput, then
 the functions with the most samples of their own ("self": where the CPU is, a system
 call shows up as the Python line that makes it) and in total. Worker threads are left
 out: trio parks idle ones in a lock, which py-spy counts as busy.
@@ -24,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from benches import loadgen
+from benches.fixtures import Fixture, UserSet
 from benches.servers import free_port, pin_prefix, wait_port
 
 SCENARIOS = {
@@ -36,33 +38,36 @@ SCENARIOS = {
 }
 
 
-def _fixture(root: Path, users: int, messages: int, octets: int) -> tuple[Path, Path]:
-    from pypop.backends.memory import sample_message
+def _fixture(root: Path, users: int, messages: int, octets: int) -> Fixture:
+    """The suite's fixture (benches.fixtures): LF mail, ``,W=`` names, one set."""
+    fx = Fixture(root / "fixture", [UserSet("bench", "user", users, messages, octets)])
+    fx.build(["pypop"])
+    return fx
 
-    eml = root / "eml"
-    lines = []
-    for u in range(1, users + 1):
-        d = eml / f"user{u}"
-        d.mkdir(parents=True)
-        for n in range(1, messages + 1):
-            (d / f"{n:04d}.eml").write_bytes(sample_message(f"user{u}", n, body_octets=octets))
-        lines.append(f"user{u}:{{PLAIN}}pass{u}\n")
-    passwd = root / "passwd"
-    passwd.write_text("".join(lines))
-    return eml, passwd
+
+# Where idle worker threads wait (py-spy counts some of these waits as busy).
+_IDLE = {"IOThreads._work", "IOThreads._watch", "WorkerThread._work", "Condition.wait"}
 
 
 def summarize(raw: Path, top: int) -> str:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    n = 0
+    workers: Counter[str] = Counter()
+    n = nw = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or "Thread._bootstrap" in stack:
+        if not stack:
             continue
         k = int(count)
-        n += k
         frames = stack.split(";")
+        if "Thread._bootstrap" in stack:
+            # A worker thread; waiting for work is not work.
+            if frames[-1].split(" (")[0] in _IDLE:
+                continue
+            nw += k
+            workers[frames[-1]] += k
+            continue
+        n += k
         own[frames[-1]] += k
         for f in set(frames):
             total[f] += k
@@ -70,12 +75,18 @@ def summarize(raw: Path, top: int) -> str:
     out += [f"{100 * c / n:5.1f}%  {f}" for f, c in own.most_common(top)]
     out.append("--- total")
     out += [f"{100 * c / n:5.1f}%  {f}" for f, c in total.most_common(top)]
+    out.append(f"--- worker threads: {nw} samples ({100 * nw / max(1, n):.1f}% of the loop's)")
+    out += [f"{100 * c / max(1, nw):5.1f}%  {f}" for f, c in workers.most_common(top // 2)]
     return "\n".join(out)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.profile")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--backend", choices=("memory", "maildir"), default="memory")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="backend option"
+    )
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-spy", action="store_true", help="throughput only")
@@ -88,14 +99,22 @@ def main() -> int:
     binary = loadgen.build(quick=True)
     with tempfile.TemporaryDirectory(prefix="pypop-profile-") as tmp:
         root = Path(tmp)
-        eml, passwd = _fixture(root, users, messages, octets)
+        fx = _fixture(root, users, messages, octets)
+        users_file = fx.users_file("bench")
+        if args.backend == "memory":
+            backend = f'name = "memory"\nseed = "{fx.eml}"\n'
+        else:
+            backend = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
+        for opt in args.option:
+            key, _, value = opt.partition("=")
+            backend += f"{key} = {json.dumps(value)}\n"
         port = free_port()
         conf = root / "pypop.toml"
         conf.write_text(
             f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
-            "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n"
-            f'[auth]\npasswd_file = "{passwd}"\nallow_plaintext = true\n'
-            f'[backend]\nname = "memory"\nseed = "{eml}"\n'
+            "[limits]\nmax_connections = 1000\nmax_connections_per_ip = 1000\n"
+            f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
+            f"[backend]\n{backend}"
         )
         log = root / "server.log"
         with log.open("wb") as out:
@@ -107,6 +126,18 @@ def main() -> int:
             )
         try:
             wait_port(port, server, 120, log)
+            # Warm-up as in the suite: every mailbox opened and read once.
+            warm = loadgen.run(
+                binary,
+                [
+                    *("--port", str(port), "--scenario", "retr-all", "--users", str(users_file)),
+                    *("--concurrency", str(clients), "--count", str(users), "--timeout", "30"),
+                ],
+                timeout=300,
+            )
+            if not warm.ok:
+                print(f"warm-up failed: {warm.data.get('error_samples')}", file=sys.stderr)
+                return 1
             sampler = None
             raw = root / "profile.txt"
             if not args.no_spy:
@@ -139,8 +170,8 @@ def main() -> int:
                     lg_scenario,
                     "--concurrency",
                     str(clients),
-                    "--user-count",
-                    str(users),
+                    "--users",
+                    str(users_file),
                     "--duration",
                     str(args.duration),
                     "--server-pid",

@@ -24,17 +24,19 @@ so it must not block. Blocking calls (files, a database driver) go through
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import functools
-import itertools
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from typing import Final, Protocol, TypeVar, runtime_checkable
 
+import outcome
 import trio
 
 from pypop.backend import MessageInfo
@@ -309,53 +311,28 @@ class LocalLocks:
 # ---------------------------------------------------------------------------- threads
 
 
-class _Watchdog:
-    """Cancels thread calls that overrun, measured on the wall clock.
+class _Call:
+    """One blocking call: queued for a slot, running in a worker, or finished."""
 
-    A Trio deadline would do, but Trio's clock is virtual under a test's
-    ``autojump_clock``, where waiting for any thread jumps to the deadline at once.
-    One daemon thread per :class:`IOThreads` wakes every ``tick`` seconds while calls
-    are in flight and cancels the overdue ones through their Trio token.
-    """
+    __slots__ = ("args", "deadline", "fn", "owner", "result", "state", "task", "token")
 
-    def __init__(self, tick: float) -> None:
-        self._tick = tick
-        self._calls: dict[int, tuple[float, trio.lowlevel.TrioToken, trio.CancelScope]] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
-
-    def add(self, deadline: float, scope: trio.CancelScope) -> int:
-        call = next(self._ids)
-        token = trio.lowlevel.current_trio_token()
-        with self._lock:
-            self._calls[call] = (deadline, token, scope)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="pypop-io-watchdog", daemon=True
-                )
-                self._thread.start()
-        self._wake.set()
-        return call
-
-    def remove(self, call: int) -> None:
-        with self._lock:
-            self._calls.pop(call, None)
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(self._tick)
-            now = time.monotonic()
-            with self._lock:
-                overdue = [c for c, (deadline, _, _) in self._calls.items() if deadline <= now]
-                entries = [self._calls.pop(c) for c in overdue]
-                if not self._calls:
-                    self._wake.clear()
-            for _, token, scope in entries:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(scope.cancel)
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        owner: SessionThreads | None,
+        deadline: float,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.owner = owner
+        self.deadline = deadline
+        self.task = trio.lowlevel.current_task()
+        self.token = trio.lowlevel.current_trio_token()
+        self.result: outcome.Outcome[object] | None = None
+        # "waiting" for a slot, "running" in a worker, "abandoned" (the caller gave up
+        # while it ran: it keeps its slots until it returns), "done".
+        self.state = "waiting"
 
 
 class IOThreads:
@@ -364,10 +341,15 @@ class IOThreads:
     - At most ``threads`` calls run at once for the whole backend.
     - At most ``per_session`` of them for one session (:meth:`session`), so one user
       whose storage hangs cannot take every thread.
-    - Each call gives up after ``timeout`` seconds (wall clock): the caller gets
-      :class:`~pypop.errors.TemporaryFailure` and its session can end and release
-      its lock. The stuck thread is abandoned; it keeps its slot until the call
-      returns, which is why the per-session bound matters.
+    - Each call gives up after ``timeout`` seconds (wall clock), waiting for a slot
+      included: the caller gets :class:`~pypop.errors.TemporaryFailure` and its
+      session can end and release its lock. The stuck thread is abandoned; it keeps
+      its slots until the call returns, which is why the per-session bound matters.
+
+    A call costs one queue hand-off to an idle worker and one wake-up of the event loop
+    (``run_sync_soon``) when it returns: no thread is started per call, no cancel scope
+    or capacity limiter is entered. Workers are started as needed, up to ``threads``,
+    and stay. A watchdog thread enforces the timeouts; it sleeps while nothing runs.
     """
 
     def __init__(
@@ -380,15 +362,20 @@ class IOThreads:
         self.threads = threads
         self.per_session = per_session
         self.timeout = timeout
-        self._limiter: trio.CapacityLimiter | None = None
-        self._watchdog = None if timeout is None else _Watchdog(min(1.0, timeout / 4))
+        self._jobs: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._workers = 0
+        self._busy = 0  # calls running in a worker (abandoned ones included)
+        self._waiting: collections.deque[_Call] = collections.deque()  # for a global slot
+        self._active: dict[int, _Call] = {}  # every call not finished, by id: the watchdog's
+        self._guard = threading.Lock()
+        self._tick = 1.0 if timeout is None else min(1.0, timeout / 4)
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_wake = threading.Event()
 
     @property
-    def limiter(self) -> trio.CapacityLimiter:
-        # Made on first use: a CapacityLimiter belongs to the running Trio loop.
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(self.threads)
-        return self._limiter
+    def busy(self) -> int:
+        """Calls running in worker threads now, abandoned ones included."""
+        return self._busy
 
     def session(self) -> SessionThreads:
         """A handle for one session's calls (its own per-session bound)."""
@@ -399,40 +386,180 @@ class IOThreads:
         return await self._run(fn, args, None)
 
     async def _run(
-        self, fn: Callable[..., T], args: tuple[object, ...], own: trio.CapacityLimiter | None
+        self, fn: Callable[..., T], args: tuple[object, ...], owner: SessionThreads | None
     ) -> T:
-        call = functools.partial(fn, *args)
-        watchdog = self._watchdog
-        with trio.CancelScope() as scope:
-            ticket = None
-            if watchdog is not None and self.timeout is not None:
-                ticket = watchdog.add(time.monotonic() + self.timeout, scope)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        timeout = self.timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        call = _Call(fn, args, owner, deadline)
+        if timeout is not None:
+            self._active[id(call)] = call
+            self._wake_watchdog()
+        self._admit(call)
+        # Rescheduled with the call's outcome, which the await unwraps.
+        result: T = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._abort, call))
+        return result
+
+    # -- on the event loop --
+
+    def _admit(self, call: _Call) -> None:
+        """Start ``call`` if both its slots are free, else queue it for the first."""
+        owner = call.owner
+        if owner is not None and owner._busy >= self.per_session:
+            owner._queue().append(call)
+        elif self._busy >= self.threads:
+            self._waiting.append(call)
+        else:
+            self._start(call)
+
+    def _start(self, call: _Call) -> None:
+        call.state = "running"
+        self._busy += 1
+        if call.owner is not None:
+            call.owner._busy += 1
+        if self._busy > self._workers:
             try:
-                if own is None:
-                    return await trio.to_thread.run_sync(
-                        call, limiter=self.limiter, abandon_on_cancel=True
+                threading.Thread(target=self._work, name="pypop-io", daemon=True).start()
+                self._workers += 1
+            except RuntimeError:  # no thread to be had: a running worker takes it later
+                pass
+        self._jobs.put(call)
+
+    def _finished(self, call: _Call) -> None:
+        """A worker returned ``call`` (run through ``run_sync_soon``)."""
+        self._active.pop(id(call), None)
+        self._busy -= 1
+        owner = call.owner
+        if owner is not None:
+            owner._busy -= 1
+        if call.state == "running":
+            call.state = "done"
+            assert call.result is not None
+            trio.lowlevel.reschedule(call.task, call.result)
+        call.result = None
+        # Freed: a session slot (for that session's next call) and a global slot.
+        if owner is not None and owner._waiting:
+            nxt = owner._waiting.popleft()
+            if self._busy >= self.threads:
+                self._waiting.append(nxt)
+            else:
+                self._start(nxt)
+        while self._waiting and self._busy < self.threads:
+            nxt = self._waiting.popleft()
+            o = nxt.owner
+            if o is not None and o._busy >= self.per_session:
+                o._queue().append(nxt)
+                continue
+            self._start(nxt)
+
+    def _give_up(self, call: _Call, error: BaseException) -> None:
+        if call.state == "waiting":
+            self._unqueue(call)
+            call.state = "done"
+            self._active.pop(id(call), None)
+        elif call.state == "running":
+            call.state = "abandoned"
+        else:
+            return
+        trio.lowlevel.reschedule(call.task, outcome.Error(error))
+
+    def _expire(self, call: _Call) -> None:
+        """The watchdog found ``call`` overdue (run through ``run_sync_soon``)."""
+        if call.state in ("waiting", "running"):
+            self._give_up(
+                call, TemporaryFailure(f"blocking I/O did not finish within {self.timeout:g} s")
+            )
+
+    def _abort(self, call: _Call, _raise_cancel: object) -> trio.lowlevel.Abort:
+        # Cancelled: like trio's abandon_on_cancel, the thread is left to finish.
+        if call.state == "waiting":
+            self._unqueue(call)
+            call.state = "done"
+            self._active.pop(id(call), None)
+        elif call.state == "running":
+            call.state = "abandoned"
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _unqueue(self, call: _Call) -> None:
+        owner = call.owner
+        for q in (self._waiting, owner._waiting if owner is not None else None):
+            if q is not None:
+                with contextlib.suppress(ValueError):
+                    q.remove(call)
+
+    # -- in the workers --
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            call = jobs.get()
+            call.result = outcome.capture(call.fn, *call.args)
+            call.fn = call.args = None  # type: ignore[assignment]  # free them now
+            with contextlib.suppress(trio.RunFinishedError):
+                call.token.run_sync_soon(self._finished, call)
+
+    def _wake_watchdog(self) -> None:
+        if self._watchdog is None:
+            with self._guard:
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(
+                        target=self._watch, name="pypop-io-watchdog", daemon=True
                     )
-                async with own:
-                    return await trio.to_thread.run_sync(
-                        call, limiter=self.limiter, abandon_on_cancel=True
-                    )
-            finally:
-                if ticket is not None and watchdog is not None:
-                    watchdog.remove(ticket)
-        raise TemporaryFailure(f"blocking I/O did not finish within {self.timeout:g} s")
+                    self._watchdog.start()
+        if not self._watchdog_wake.is_set():
+            self._watchdog_wake.set()
+
+    def _watch(self) -> None:
+        """Cancel overdue calls, measured on the wall clock.
+
+        A Trio deadline would do, but Trio's clock is virtual under a test's
+        ``autojump_clock``, where waiting for any thread jumps to the deadline at once.
+        """
+        while True:
+            self._watchdog_wake.wait()
+            time.sleep(self._tick)
+            now = time.monotonic()
+            calls = list(self._active.values())  # one C call: safe against the loop
+            if not calls:
+                self._watchdog_wake.clear()
+                if self._active:  # raced with a new call
+                    self._watchdog_wake.set()
+                continue
+            for call in calls:
+                if call.deadline <= now and call.state in ("waiting", "running"):
+                    with contextlib.suppress(trio.RunFinishedError):
+                        call.token.run_sync_soon(self._expire, call)
 
 
 class SessionThreads:
-    """One session's share of :class:`IOThreads`."""
+    """One session's share of :class:`IOThreads` (small: one per logged-in session)."""
 
-    __slots__ = ("_own", "_pool")
+    __slots__ = ("_busy", "_pool", "_waiting_q")
 
     def __init__(self, pool: IOThreads) -> None:
         self._pool = pool
-        self._own = trio.CapacityLimiter(pool.per_session)
+        self._busy = 0
+        self._waiting_q: collections.deque[_Call] | None = None
+
+    @property
+    def _waiting(self) -> collections.deque[_Call]:
+        return self._waiting_q if self._waiting_q is not None else _EMPTY
+
+    def _queue(self) -> collections.deque[_Call]:
+        if self._waiting_q is None:
+            self._waiting_q = collections.deque()
+        return self._waiting_q
+
+    @property
+    def busy(self) -> int:
+        """This session's calls running in worker threads now, abandoned ones included."""
+        return self._busy
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await self._pool._run(fn, args, self._own)
+        return await self._pool._run(fn, args, self)
+
+
+_EMPTY: collections.deque[_Call] = collections.deque(maxlen=0)
 
 
 # ---------------------------------------------------------------------------- TOP cut
@@ -505,6 +632,10 @@ class SnapshotMailbox:
     most once, only from ``commit``, and that ``release`` runs exactly once, whatever
     happens.
     """
+
+    # Slotted so that a slotted subclass holds no __dict__ (one mailbox per logged-in
+    # session); a subclass without __slots__ gets its __dict__ as usual.
+    __slots__ = ("_closed", "_messages")
 
     def __init__(self, messages: Sequence[MessageInfo]) -> None:
         self._messages = messages

@@ -144,14 +144,73 @@ async def test_io_timeout_frees_the_caller_and_other_sessions_still_run() -> Non
         assert time.monotonic() - started < 5
         # The abandoned thread still holds one of the two slots; another user's
         # session gets the other.
-        assert pool.limiter.borrowed_tokens == 1
+        assert pool.busy == 1
         assert await pool.session().run(lambda: "ok") == "ok"
     finally:
         stuck.set()
     with trio.fail_after(5):
         # The abandoned thread signals nothing to Trio: poll until it returns its slot.
-        while pool.limiter.borrowed_tokens:  # noqa: ASYNC110
+        while pool.busy:  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+async def test_io_threads_global_bound_across_sessions() -> None:
+    pool = IOThreads(2, per_session=2, timeout=5)
+    running = peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.03)
+        with lock:
+            running -= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            session = pool.session()
+            for _ in range(2):
+                nursery.start_soon(session.run, work)
+    assert peak == 2
+    assert pool.busy == 0
+
+
+async def test_io_threads_cancel_waiting_and_running_calls() -> None:
+    pool = IOThreads(1, per_session=1, timeout=5)
+    release = threading.Event()
+    outcomes: list[str] = []
+
+    async def call(name: str) -> None:
+        with trio.move_on_after(0.1):
+            await pool.run(release.wait)
+            outcomes.append(name + " returned")
+            return
+        outcomes.append(name + " cancelled")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "running")
+        nursery.start_soon(call, "waiting")  # no slot: queued, then cancelled
+    assert sorted(outcomes) == ["running cancelled", "waiting cancelled"]
+    assert pool.busy == 1  # the abandoned call keeps its slot until it returns
+    release.set()
+    with trio.fail_after(5):
+        while pool.busy:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert await pool.run(lambda: "free again") == "free again"
+
+
+async def test_io_timeout_covers_the_wait_for_a_slot() -> None:
+    pool = IOThreads(1, per_session=1, timeout=0.2)
+    stuck = threading.Event()
+    try:
+        with pytest.raises(TemporaryFailure):
+            await pool.run(stuck.wait)
+        with pytest.raises(TemporaryFailure):
+            await pool.run(lambda: "never started")  # the only slot is held
+    finally:
+        stuck.set()
 
 
 async def test_io_timeout_is_wall_clock_under_autojump(

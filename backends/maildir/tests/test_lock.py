@@ -81,7 +81,7 @@ async def test_two_opens_in_one_process_conflict(alice: Path, root: Path, method
     await mb.aclose()
     mb = await backend.open_mailbox("alice")
     await mb.aclose()
-    assert not (alice / DOTLOCK_NAME).exists()
+    assert not (alice / DOTLOCK_NAME).is_symlink()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -101,28 +101,82 @@ def test_lock_across_processes_and_release(alice: Path, root: Path, method: str)
     assert try_open(root, method)
 
 
+# Pairs that share a lock: auto and fcntl the fcntl lock, auto and dotlock the dotlock.
+@pytest.mark.parametrize(
+    ("holder", "other"),
+    [("auto", "fcntl"), ("fcntl", "auto"), ("auto", "dotlock"), ("dotlock", "auto")],
+)
+def test_methods_interoperate(alice: Path, root: Path, holder: str, other: str) -> None:
+    proc = start_holder(root, holder)
+    try:
+        assert not try_open(root, other)
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    finally:
+        close_holder(proc)
+    assert try_open(root, other)
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_dotlock_of_an_earlier_version_is_understood(alice: Path, root: Path, alive: bool) -> None:
+    """A regular file "pid:host\\nfcntl\\n" whose holder keeps an fcntl lock on it."""
+    lock = alice / DOTLOCK_NAME
+    lock.write_text("1:some-other-host.example\nfcntl\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        if not alive:
+            holder.kill()
+            holder.wait()
+        assert try_open(root, "auto") is not alive
+    finally:
+        holder.kill()
+        holder.wait()
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_lock_of_killed_process_is_recovered(alice: Path, root: Path, method: str) -> None:
     proc = start_holder(root, method)
     assert not try_open(root, method)
     proc.send_signal(signal.SIGKILL)
     close_holder(proc)
-    if method != "fcntl":
-        assert (alice / DOTLOCK_NAME).exists()  # left behind ...
+    if method == "dotlock":
+        assert os.path.lexists(alice / DOTLOCK_NAME)  # left behind ...
     assert try_open(root, method)  # ... and recovered at once
-    assert not (alice / DOTLOCK_NAME).exists()
+    assert not os.path.lexists(alice / DOTLOCK_NAME)
 
 
 def test_dotlock_content_is_pid_and_host(alice: Path, root: Path) -> None:
     async def main() -> None:
-        for method, extra in (("dotlock", ""), ("auto", "fcntl\n")):
-            mb = await create({"root": str(root), "lock": method}).open_mailbox("alice")
-            text = (alice / DOTLOCK_NAME).read_text()
-            assert text == f"{os.getpid()}:{socket.gethostname()}\n{extra}"
-            await mb.aclose()
-        mb = await create({"root": str(root), "lock": "fcntl"}).open_mailbox("alice")
-        assert (alice / FLOCK_NAME).exists()
+        mb = await create({"root": str(root), "lock": "dotlock"}).open_mailbox("alice")
+        # A symbolic link that only carries text: no data block to write and free. The
+        # fcntl lock (which this file system has) is held too, and it says so.
+        assert (alice / DOTLOCK_NAME).is_symlink()
+        text = os.readlink(alice / DOTLOCK_NAME)
+        assert text == f"{os.getpid()}:{socket.gethostname()}:fcntl"
         await mb.aclose()
+        for method in ("auto", "fcntl"):
+            # The fcntl lock alone where the file system has them: nothing is created.
+            mb = await create({"root": str(root), "lock": method}).open_mailbox("alice")
+            assert not (alice / DOTLOCK_NAME).is_symlink()
+            assert (alice / FLOCK_NAME).exists()
+            await mb.aclose()
 
     trio.run(main)
     assert sorted(p.name for p in alice.iterdir() if "lock" in p.name) == [FLOCK_NAME]
@@ -159,13 +213,16 @@ def test_dead_local_pid_is_stale_at_once(alice: Path, root: Path) -> None:
     assert try_open(root, "dotlock")
 
 
-def test_live_local_pid_is_respected(alice: Path, root: Path) -> None:
+@pytest.mark.parametrize("method", ["auto", "dotlock"])
+def test_live_local_pid_is_respected(alice: Path, root: Path, method: str) -> None:
+    """A dotlock of a holder without fcntl locks: auto, holding the fcntl lock, still
+    respects it."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (alice / DOTLOCK_NAME).write_text(f"{proc.pid}:{socket.gethostname()}\n")
         old = time.time() - 10_000
         os.utime(alice / DOTLOCK_NAME, (old, old))
-        assert not try_open(root, "dotlock")  # alive: the age does not matter
+        assert not try_open(root, method)  # alive: the age does not matter
     finally:
         proc.kill()
         proc.wait()

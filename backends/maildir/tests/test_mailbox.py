@@ -20,7 +20,7 @@ from pypop.backend import (
 from pypop.wire import stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirMailbox
-from pypop_maildir._backend import READ_AHEAD_TTL
+from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
 from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
@@ -67,7 +67,9 @@ async def test_hard_cases_sizes_and_bytes(alice: Path, backend_factory: BackendM
     assert sizes["empty"] == 0
 
 
-async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: BackendMaker) -> None:
+async def test_five_mib_streams_in_bounded_blocks(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
     line = b"0123456789" * 7 + b"\n"  # LF-only lines: size differs from the file size
     body = line * (5 * 1024 * 1024 // len(line) + 1)
     data = b"Subject: big\n\n" + body
@@ -76,8 +78,9 @@ async def test_five_mib_streams_in_64k_blocks(alice: Path, backend_factory: Back
     try:
         assert mb.messages[0].size == wire_size(data) == len(data) + data.count(b"\n")
         blocks = await read_all(mb, 0)
-        assert max(len(b) for b in blocks) <= BLOCK_SIZE
-        assert len(blocks) >= len(data) // BLOCK_SIZE
+        # Never read whole: LARGE_BLOCK at a time (the listing says it is large).
+        assert [len(b) for b in blocks[:-1]] == [LARGE_BLOCK] * (len(blocks) - 1)
+        assert len(blocks) == -(-len(data) // LARGE_BLOCK)
         assert b"".join(blocks) == data
         # TOP hint: stops early, but the server's cut of what we send is the same.
         for n in (0, 1, 3):
@@ -432,7 +435,8 @@ async def test_autocreate(root: Path, backend_factory: BackendMaker) -> None:
     mb = await backend_factory().open_mailbox("carol")
     assert list(mb.messages) == []
     await mb.aclose()
-    assert sorted(os.listdir(root / "carol")) == ["cur", "new", "tmp"]
+    # The fcntl lock's file stays (auto and fcntl modes); the dotlock is gone.
+    assert sorted(os.listdir(root / "carol")) == ["cur", "new", "pypop-pop3.flock", "tmp"]
 
 
 def test_fast_uid_check_equals_contract() -> None:
@@ -469,8 +473,8 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     backend.threads._run = counting_run  # type: ignore[method-assign,assignment]  # instrumentation only
     got = [await _fetch(box, i) for i in range(len(bodies))]
     assert got == bodies
-    # 0..19 in one hop, the big one alone (two blocks), then 21..40 in one hop.
-    assert hops == 4
+    # 0..19 in one hop, the big one alone (one LARGE_BLOCK read), then 21..40 in one hop.
+    assert hops == 3
     await box.aclose()
 
 

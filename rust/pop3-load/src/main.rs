@@ -32,10 +32,10 @@ use tokio_rustls::TlsConnector;
 const USAGE: &str = "\
 usage: pop3-load --port PORT --scenario NAME [options]
 
-scenarios: login | retr-all | top | pipelined | idle | tls-login
+scenarios: login | retr-all | top | pipelined | idle | tls-login | tls-retr-all
 
   --host HOST            loopback address to connect to (default 127.0.0.1)
-  --port PORT            server port (for tls-login: the implicit-TLS port)
+  --port PORT            server port (for tls-*: the implicit-TLS port)
   --scenario NAME        what each session does (see above)
   --users FILE           one 'user<TAB or :>password' per line
   --user-pattern PAT     user name pattern, %d = index (default user%d)
@@ -50,9 +50,9 @@ scenarios: login | retr-all | top | pipelined | idle | tls-login
   --noop-interval SECS   idle: NOOP period per connection (default 5)
   --server-pid PID       report the server's CPU time and memory (process tree)
   --server-core N        report how busy core N was with work other than the server
-  --ca FILE              tls-login: PEM CA to trust
-  --sni NAME             tls-login: server name to verify (default localhost)
-  --tls-resumption       tls-login: allow TLS session resumption (default off)
+  --ca FILE              tls-*: PEM CA to trust
+  --sni NAME             tls-*: server name to verify (default localhost)
+  --tls-resumption       tls-*: allow TLS session resumption (default off)
   --exact-sizes          every message ends with a line end: the unstuffed RETR
                          length must equal the LIST size (by default it may be 2
                          more, for the CRLF a server adds to a last line without one)
@@ -67,6 +67,8 @@ enum Scenario {
     Pipelined,
     Idle,
     TlsLogin,
+    /// retr-all over implicit TLS.
+    TlsRetrAll,
 }
 
 impl Scenario {
@@ -78,6 +80,7 @@ impl Scenario {
             "pipelined" => Scenario::Pipelined,
             "idle" => Scenario::Idle,
             "tls-login" => Scenario::TlsLogin,
+            "tls-retr-all" => Scenario::TlsRetrAll,
             _ => return None,
         })
     }
@@ -89,6 +92,7 @@ impl Scenario {
             Scenario::Pipelined => "pipelined",
             Scenario::Idle => "idle",
             Scenario::TlsLogin => "tls-login",
+            Scenario::TlsRetrAll => "tls-retr-all",
         }
     }
 }
@@ -268,8 +272,8 @@ fn parse_args() -> Config {
     if timeout.is_zero() {
         die("timeout must be positive");
     }
-    let tls = if scenario == Scenario::TlsLogin {
-        let ca = ca.unwrap_or_else(|| die("tls-login needs --ca"));
+    let tls = if matches!(scenario, Scenario::TlsLogin | Scenario::TlsRetrAll) {
+        let ca = ca.unwrap_or_else(|| die("tls-* scenarios need --ca"));
         let name = match sni.parse::<IpAddr>() {
             Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
             Err(_) => rustls_pki_types::ServerName::try_from(sni.clone())
@@ -592,7 +596,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut done = Done::default();
     match sc {
         Scenario::Login | Scenario::TlsLogin | Scenario::Idle => {}
-        Scenario::RetrAll => {
+        Scenario::RetrAll | Scenario::TlsRetrAll => {
             let sizes = list(c, n, total).await?;
             c.send(b"UIDL\r\n").await?;
             c.ok("UIDL").await?;

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
+import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import BinaryIO, Self
+from dataclasses import dataclass
+from typing import Self
 
 import trio
 from pypop.backend import Account, MessageInfo
@@ -25,6 +31,7 @@ from pypop.errors import (
     TemporaryFailure,
     UpdateFailed,
 )
+from pypop.wire import stuff
 
 from pypop_maildir import _store
 from pypop_maildir._config import (
@@ -36,7 +43,9 @@ from pypop_maildir._config import (
 )
 from pypop_maildir._lock import HeldLock, LockBusy, acquire
 
-__all__ = ["BLOCK_SIZE", "MaildirBackend", "MaildirMailbox"]
+__all__ = ["BLOCK_SIZE", "LARGE_BLOCK", "MaildirBackend", "MaildirMailbox"]
+
+log = logging.getLogger("pypop.maildir")
 
 # Read-ahead: the thread hop that reads a small message also reads the small messages
 # after it (clients RETR in order), up to this many octets per session; they are served
@@ -44,6 +53,63 @@ __all__ = ["BLOCK_SIZE", "MaildirBackend", "MaildirMailbox"]
 READ_AHEAD_OCTETS = 256 * 1024
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_TTL = 2.0
+# A message of BLOCK_SIZE or more (by its size in the listing) is read in blocks of
+# this size: each block costs a thread hop, and one hop per MiB is worth the memory
+# (this block and its stuffed copy, while a session streams one; TOP reads BLOCK_SIZE).
+LARGE_BLOCK = 1024 * 1024
+# The listing cache trusts a folder only if it last changed this long before the scan
+# that cached it: a change within one tick of the file system's clock would not move
+# its ctime (Dovecot's maildir sync keeps the same kind of margin).
+SETTLE_NS = 2_000_000_000
+_KEY = struct.Struct("=QqQq")
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """A maildir as a scan left it: shared by the sessions that open it afterwards
+    while cur/ and new/ are unchanged (read-only once made)."""
+
+    key: bytes  # cur/ and new/: (inode, ctime ns) each, packed (one per cached maildir)
+    entries: tuple[_store.Entry, ...]
+    messages: tuple[MessageInfo, ...]
+    # Entries whose size was counted from the content: (index, st_size, mtime ns, inode)
+    # as counted. A file rewritten in place does not change its folder: these are
+    # checked again at every open.
+    counted: tuple[tuple[int, int, int, int], ...]
+    # Octet i is 1 for a message in cur/ without the Seen flag (what UPDATE may have to
+    # rename): a byte each, where a set would cost some 30 times that.
+    unseen: bytes
+
+
+class _ListingCache:
+    """The latest :class:`_Listing` of recently opened maildirs, at most ``limit``
+    messages in all (least recently opened dropped first)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._listings: collections.OrderedDict[str, _Listing] = collections.OrderedDict()
+        self._total = 0
+        self._guard = threading.Lock()  # worker threads share it
+
+    def get(self, maildir: str) -> _Listing | None:
+        with self._guard:
+            listing = self._listings.get(maildir)
+            if listing is not None:
+                self._listings.move_to_end(maildir)
+            return listing
+
+    def put(self, maildir: str, listing: _Listing | None) -> None:
+        with self._guard:
+            old = self._listings.pop(maildir, None)
+            if old is not None:
+                self._total -= max(1, len(old.entries))
+            if listing is None or max(1, len(listing.entries)) > self.limit:
+                return
+            self._listings[maildir] = listing
+            self._total += max(1, len(listing.entries))
+            while self._total > self.limit:
+                _, dropped = self._listings.popitem(last=False)
+                self._total -= max(1, len(dropped.entries))
 
 
 class MaildirBackend:
@@ -69,6 +135,12 @@ class MaildirBackend:
         # This process's sessions: checked before the on-disk lock, which other
         # processes (and Dovecot) see.
         self.locks = LockSet()
+        # keep_message may change its mind without the folder changing: a subclass
+        # that overrides it scans at every login.
+        cacheable = type(self).keep_message is MaildirBackend.keep_message
+        self._listings = _ListingCache(config.listing_cache) if cacheable else None
+        if cacheable and config.listing_cache == 0:
+            self._listings = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Self:
@@ -124,62 +196,186 @@ class MaildirBackend:
             self.locks.release(maildir)
             raise
 
+    def _create_maildir(self, maildir: str) -> None:
+        if not self.config.autocreate:
+            raise PermanentFailure("maildir does not exist")
+        try:
+            for d in ("cur", "new", "tmp"):
+                os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise TemporaryFailure("cannot create maildir") from exc
+
     def _open_sync(self, user: str, maildir: str, threads: SessionThreads) -> MaildirMailbox:
         cfg = self.config
-        if not all(os.path.isdir(os.path.join(maildir, d)) for d in ("cur", "new", "tmp")):
-            if not cfg.autocreate:
-                raise PermanentFailure("maildir does not exist")
+        for attempt in (1, 2):
             try:
-                for d in ("cur", "new", "tmp"):
-                    os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
+                lock = acquire(maildir, cfg.lock, cfg.lock_stale_timeout)
+                break
+            except LockBusy:
+                raise MailboxLocked("maildrop is locked by another session") from None
+            except FileNotFoundError as exc:
+                if attempt == 2:
+                    raise TemporaryFailure("cannot lock maildir") from exc
+                self._create_maildir(maildir)
             except OSError as exc:
-                raise TemporaryFailure("cannot create maildir") from exc
+                raise TemporaryFailure("cannot lock maildir") from exc
         try:
-            lock = acquire(maildir, cfg.lock, cfg.lock_stale_timeout)
-        except LockBusy:
-            raise MailboxLocked("maildrop is locked by another session") from None
-        except OSError as exc:
-            raise TemporaryFailure("cannot lock maildir") from exc
-        try:
-            keep = self.keep_message
-            entries = [e for e in _store.list_messages(maildir) if keep(user, e.subdir, e.name)]
-            if cfg.flag_updates:
-                _store.move_new_to_cur(maildir, entries)
-            _store.fill_sizes(
-                maildir, entries, filename_sizes=cfg.filename_sizes, use_cache=cfg.size_cache
-            )
-            _store.assign_uids(entries)
-            if cfg.save_uidl:
-                _store.apply_uidlist(maildir, entries, fsync=cfg.fsync)
+            listing = self._listing(user, maildir)
         except BaseException as exc:
             lock.release()
             if isinstance(exc, OSError):
                 raise TemporaryFailure("cannot read maildir") from exc
             raise
-        return MaildirMailbox(self, maildir, entries, lock, threads)
+        return MaildirMailbox(self, maildir, listing, lock, threads)
+
+    def _listing(self, user: str, maildir: str) -> _Listing:
+        """The snapshot: the cached listing if cur/ and new/ are unchanged, else a scan."""
+        taken = time.time_ns()
+        try:
+            cur = os.stat(os.path.join(maildir, "cur"))
+            new = os.stat(os.path.join(maildir, "new"))
+        except FileNotFoundError:
+            self._create_maildir(maildir)
+            cur = os.stat(os.path.join(maildir, "cur"))
+            new = os.stat(os.path.join(maildir, "new"))
+        key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
+        cache = self._listings
+        if cache is not None:
+            listing = cache.get(maildir)
+            if listing is not None and listing.key == key and _counted_unchanged(maildir, listing):
+                return listing
+        listing, changed = self._scan(user, maildir, key)
+        if cache is not None:
+            # Cached only if this scan changed nothing (its moves would make the next
+            # open scan again anyway) and the folders had settled before it began.
+            settled = max(cur.st_ctime_ns, new.st_ctime_ns) < taken - SETTLE_NS
+            cache.put(maildir, listing if settled and not changed else None)
+        return listing
+
+    def _scan(self, user: str, maildir: str, key: bytes) -> tuple[_Listing, bool]:
+        cfg = self.config
+        keep = self.keep_message
+        entries = [e for e in _store.list_messages(maildir) if keep(user, e.subdir, e.name)]
+        changed = False
+        if cfg.flag_updates:
+            changed = _store.move_new_to_cur(maildir, entries)
+        entries = _store.fill_sizes(
+            maildir, entries, filename_sizes=cfg.filename_sizes, use_cache=cfg.size_cache
+        )
+        _store.assign_uids(entries)
+        if cfg.save_uidl:
+            _store.apply_uidlist(maildir, entries, fsync=cfg.fsync)
+        counted = []
+        for i, e in enumerate(entries):
+            if not cfg.filename_sizes or _store.filename_size(e.base) is None:
+                try:
+                    st = os.lstat(e.path(maildir))
+                except FileNotFoundError:
+                    continue
+                counted.append((i, st.st_size, st.st_mtime_ns, st.st_ino))
+        listing = _Listing(
+            key,
+            tuple(entries),
+            tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries),
+            tuple(counted),
+            bytes(e.subdir == "cur" and _store.with_seen_flag(e.name) is not None for e in entries),
+        )
+        return listing, changed
 
     async def aclose(self) -> None:
         """Nothing to release: every mailbox releases its own lock."""
 
 
+def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
+    entries = listing.entries
+    for i, size, mtime_ns, ino in listing.counted:
+        try:
+            st = os.lstat(entries[i].path(maildir))
+        except FileNotFoundError:
+            return False
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, ino):
+            return False
+    return True
+
+
+class _Reader:
+    """An open message file being streamed, read in worker threads.
+
+    :meth:`close` comes from the event loop and never waits: if a read is still
+    running (a call that timed out and was abandoned), the reading thread closes the
+    descriptor when it returns, so the number is never reused under it. ``left``
+    counts down from the size the file had when it was opened: a read that reaches it
+    is the last, with no read at end of file to find out.
+    """
+
+    __slots__ = ("_closing", "_fd", "_guard", "left")
+
+    def __init__(self, fd: int, left: int) -> None:
+        self._fd = fd
+        self._guard = threading.Lock()
+        self._closing = False
+        self.left = left
+
+    def read(self, size: int) -> bytes:
+        with self._guard:
+            try:
+                if self._fd < 0:
+                    raise OSError("message file is closed")
+                data = _store.read_message(self._fd, size)
+                self.left = 0 if len(data) < size else self.left - len(data)
+                return data
+            finally:
+                if self._closing and self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+
+    def close(self) -> None:
+        self._closing = True
+        if self._guard.acquire(blocking=False):
+            try:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+            finally:
+                self._guard.release()
+
+
 class MaildirMailbox(SnapshotMailbox):
-    """One locked maildir snapshot (pypop.backend.Mailbox)."""
+    """One locked maildir snapshot (pypop.backend.Mailbox, and WireCache for messages
+    already read ahead)."""
+
+    __slots__ = (
+        "_ahead",
+        "_ahead_until",
+        "_backend",
+        "_entries",
+        "_found",
+        "_lock",
+        "_retrieved",
+        "_threads",
+        "_unseen",
+        "maildir",
+    )
 
     def __init__(
         self,
         backend: MaildirBackend,
         maildir: str,
-        entries: list[_store.Entry],
+        listing: _Listing,
         lock: HeldLock,
         threads: SessionThreads,
     ) -> None:
-        super().__init__(tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries))
+        super().__init__(listing.messages)
         self._backend = backend
         self.maildir = maildir
-        self._entries = entries
-        self._lock: HeldLock | None = lock
+        self._entries = listing.entries  # shared with the cache: never changed
+        self._unseen = listing.unseen
+        self._lock = lock
         self._threads = threads
-        self._ahead: dict[int, bytes] = {}
+        # Made on first use (an idle session holds only the above).
+        self._found: dict[int, _store.Entry] | None = None  # renamed from outside
+        self._retrieved: set[int] | None = None
+        self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
 
     def received(self, index: int) -> float | None:
@@ -191,89 +387,137 @@ class MaildirMailbox(SnapshotMailbox):
     def _entry(self, index: int) -> _store.Entry:
         if not 0 <= index < len(self._entries):
             raise NoSuchMessage(f"no message at index {index}")
+        found = self._found
+        if found is not None and index in found:
+            return found[index]
         return self._entries[index]
 
-    def _open_and_read(self, entry: _store.Entry) -> tuple[BinaryIO | None, bytes]:
-        """Open and read the first block; (None, data) when that was the whole file."""
-        f = self._open_file(entry)
-        try:
-            block = f.read(BLOCK_SIZE)
-        except BaseException:
-            f.close()
-            raise
-        if len(block) < BLOCK_SIZE:
-            f.close()
-            return None, block
-        return f, block
+    def _mark_retrieved(self, index: int) -> None:
+        if self._retrieved is None:
+            self._retrieved = set()
+        self._retrieved.add(index)
 
-    def _read_with_ahead(self, index: int) -> tuple[BinaryIO | None, bytes, dict[int, bytes]]:
-        """Message ``index`` as :meth:`_open_and_read` gives it, and, if it was small,
-        the whole of the small messages after it (within the read-ahead budget)."""
-        f, block = self._open_and_read(self._entries[index])
-        ahead: dict[int, bytes] = {}
-        if f is not None:
-            return f, block, ahead
-        budget = READ_AHEAD_OCTETS - len(block)
-        for j in range(index + 1, min(len(self._entries), index + 1 + READ_AHEAD_MESSAGES)):
-            entry = self._entries[j]
-            # The POP3 size is never below the file size (line ends only grow).
-            if entry.size >= BLOCK_SIZE or entry.size > budget:
-                break
-            try:
-                g, data = self._open_and_read(entry)
-            except (OSError, NoSuchMessage):
-                break
-            if g is not None:  # grew since the snapshot
-                g.close()
-                break
-            ahead[j] = data
-            budget -= len(data)
-        return None, block, ahead
+    def _from_ahead(self, index: int, top_lines: int | None) -> bytes | None:
+        ahead = self._ahead
+        if ahead is None:
+            return None
+        if trio.current_time() >= self._ahead_until:
+            self._ahead = None
+            return None
+        # RETR takes it; TOP leaves it for a RETR of the same message.
+        return ahead.get(index) if top_lines is not None else ahead.pop(index, None)
 
-    def _open_file(self, entry: _store.Entry) -> BinaryIO:
-        lock = self._lock
-        if lock is not None:
-            lock.refresh()
+    def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
+        """pypop.backend.WireCache: a message read ahead goes out without a thread hop
+        or an async generator (stuffed here, in Rust); None for any other."""
+        data = self._from_ahead(index, top_lines)
+        if data is None:
+            return None
+        if top_lines is None:
+            self._mark_retrieved(index)
+        return stuff(data, top_lines)
+
+    # -- in worker threads --
+
+    def _open(self, index: int) -> int:
+        """A descriptor of message ``index`` (found again if renamed from outside)."""
+        entry = self._entry(index)
         try:
-            return open(entry.path(self.maildir), "rb")
+            return _store.open_message(entry.path(self.maildir))
+        except _store.NotAMessage:
+            raise NoSuchMessage("message is not a regular file") from None
         except FileNotFoundError:
             pass
         # Renamed from outside (an IMAP client set a flag)? Find it by base name.
         found = _store.find_by_base(self.maildir, entry.base)
         if found is None:
             raise NoSuchMessage("message was removed") from None
-        entry.subdir, entry.name = found.subdir, found.name
+        found.size, found.uid, found.others = entry.size, entry.uid, entry.others
+        if self._found is None:
+            self._found = {}
+        self._found[index] = found
         try:
-            return open(entry.path(self.maildir), "rb")
-        except FileNotFoundError:
+            return _store.open_message(found.path(self.maildir))
+        except (FileNotFoundError, _store.NotAMessage):
             raise NoSuchMessage("message was removed") from None
 
+    def _read_first(self, index: int, first: int) -> tuple[_Reader | None, bytes, dict[int, bytes]]:
+        """Open message ``index`` and read up to ``first`` octets: (None, data, ahead)
+        when that was the whole file, with ``ahead`` the whole of the small messages
+        after it (within the read-ahead budget); else (reader, first block, {})."""
+        self._lock.refresh()
+        fd = self._open(index)
+        try:
+            left = os.fstat(fd).st_size
+            block = _store.read_message(fd, first)
+        except BaseException:
+            os.close(fd)
+            raise
+        if len(block) == first and len(block) < left:
+            return _Reader(fd, left - len(block)), block, {}
+        os.close(fd)
+        if first > BLOCK_SIZE:
+            return None, block, {}  # a large message: nothing to read ahead
+        ahead: dict[int, bytes] = {}
+        budget = READ_AHEAD_OCTETS - len(block)
+        entries = self._entries
+        for j in range(index + 1, min(len(entries), index + 1 + READ_AHEAD_MESSAGES)):
+            entry = self._entry(j)
+            # The POP3 size is never below the file size (line ends only grow).
+            if entry.size >= BLOCK_SIZE or entry.size > budget:
+                break
+            try:
+                fd = _store.open_message(entry.path(self.maildir))
+            except (OSError, _store.NotAMessage):
+                break
+            try:
+                data = _store.read_message(fd, BLOCK_SIZE)
+            except OSError:
+                break
+            finally:
+                os.close(fd)
+            if len(data) == BLOCK_SIZE:  # grew since the snapshot
+                break
+            ahead[j] = data
+            budget -= len(data)
+        return None, block, ahead
+
+    # -- on the event loop --
+
     async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
-        """Stream the stored octets in 64 KiB blocks, each read in a worker thread.
+        """Stream the stored octets: the first 64 KiB, then 256 KiB blocks, each read
+        in a worker thread (a message read ahead needs none).
 
         With ``top_lines`` it stops after the header and that many body lines (counting
         LF line ends, which never stops earlier than the server's TOP cut).
         """
-        entry = self._entry(index)
-        now = trio.current_time()
-        data = self._ahead.pop(index, None) if now < self._ahead_until else None
-        if data is not None:
-            f: BinaryIO | None = None
-            block = data
+        self._entry(index)  # NoSuchMessage before any I/O
+        reader: _Reader | None = None
+        block: bytes
+        cached = self._from_ahead(index, top_lines)
+        if cached is not None:
+            block = cached
         else:
             try:
                 # One thread hop opens and reads the first block (a message that fits
                 # in one block costs no other hop), and reads ahead.
-                f, block, ahead = await self._threads.run(self._read_with_ahead, index)
+                entry = self._entries[index]
+                first = (
+                    BLOCK_SIZE
+                    if top_lines is not None or entry.size < BLOCK_SIZE
+                    else (LARGE_BLOCK)
+                )
+                reader, block, ahead = await self._threads.run(self._read_first, index, first)
             except OSError as exc:
                 raise TemporaryFailure("cannot open message") from exc
-            self._ahead = ahead
-            self._ahead_until = now + READ_AHEAD_TTL
+            if ahead:
+                self._ahead = ahead
+                self._ahead_until = trio.current_time() + READ_AHEAD_TTL
         cutter = TopCut(top_lines) if top_lines is not None else None
         complete = False
         try:
             while True:
-                last = f is None or len(block) < BLOCK_SIZE  # a short read is EOF
+                last = reader is None or reader.left <= 0
                 if cutter is not None:
                     block, stop = cutter.feed(block)
                     if block:
@@ -285,30 +529,55 @@ class MaildirMailbox(SnapshotMailbox):
                 if last:
                     complete = True
                     break
-                assert f is not None
+                assert reader is not None
                 try:
-                    block = await self._threads.run(f.read, BLOCK_SIZE)
+                    block = await self._threads.run(reader.read, LARGE_BLOCK)
                 except OSError as exc:
                     raise TemporaryFailure("cannot read message") from exc
         finally:
-            if f is not None:
-                f.close()
+            if reader is not None:
+                reader.close()
         if complete and top_lines is None:
-            entry.retrieved = True
-        lock = self._lock
-        if lock is not None:
-            lock.refresh()
+            self._mark_retrieved(index)
+
+    def _to_flag(self, marked: Sequence[int]) -> list[int]:
+        """Retrieved messages in cur/ that UPDATE marks Seen (none without flag_updates)."""
+        retrieved = self._retrieved
+        if not retrieved or not self._backend.config.flag_updates:
+            return []
+        done = set(marked)
+        found = self._found or {}
+        out = []
+        for i in sorted(retrieved):
+            if i in done:
+                continue
+            if i in found:  # renamed from outside: judge its new name
+                entry = found[i]
+                if entry.subdir == "cur" and _store.with_seen_flag(entry.name) is not None:
+                    out.append(i)
+            elif self._unseen[i]:
+                out.append(i)
+        return out
 
     async def update(self, deleted: Sequence[int]) -> None:
-        """UPDATE: unlink exactly the marked files, set Seen flags, fsync the folders."""
-        await self._threads.run(self._commit_sync, deleted)
+        """UPDATE: unlink exactly the marked files, set Seen flags, fsync the folders,
+        and release the lock in the same thread hop. Nothing to change: no hop."""
+        flag = self._to_flag(deleted)
+        if deleted or flag:
+            await self._threads.run(self._commit_sync, deleted, flag)
 
-    def _commit_sync(self, marked: Sequence[int]) -> None:
+    def _commit_sync(self, marked: Sequence[int], flag: Sequence[int]) -> None:
+        try:
+            self._commit_files(marked, flag)
+        finally:
+            self._lock.release()
+
+    def _commit_files(self, marked: Sequence[int], flag: Sequence[int]) -> None:
         cfg = self._backend.config
         failed = 0
         removed: set[str] = set()
         for i in marked:
-            entry = self._entries[i]
+            entry = self._entry(i)
             try:
                 os.unlink(entry.path(self.maildir))
             except FileNotFoundError:
@@ -324,22 +593,26 @@ class MaildirMailbox(SnapshotMailbox):
             except OSError:
                 failed += 1
                 continue
+            for other in entry.others:  # the same file's other names (a crash left them)
+                try:
+                    os.unlink(os.path.join(self.maildir, other))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed += 1
             removed.add(entry.base)
         renamed = False
-        if cfg.flag_updates:
+        for i in flag:
             # Dovecot (pop3_no_flag_updates = no) marks RETR-ed messages \Seen.
-            done = set(marked)
-            for i, entry in enumerate(self._entries):
-                if i in done or not entry.retrieved or entry.subdir != "cur":
-                    continue
-                target = _store.with_seen_flag(entry.name)
-                if target is None:
-                    continue
-                dst = os.path.join(self.maildir, "cur", target)
-                with contextlib.suppress(OSError):
-                    if not os.path.exists(dst):
-                        os.rename(entry.path(self.maildir), dst)
-                        renamed = True
+            entry = self._entry(i)
+            target = _store.with_seen_flag(entry.name)
+            if target is None:
+                continue
+            dst = os.path.join(self.maildir, "cur", target)
+            with contextlib.suppress(OSError):
+                if not os.path.lexists(dst):
+                    os.rename(entry.path(self.maildir), dst)
+                    renamed = True
         synced = True
         if cfg.fsync and (marked or renamed):
             for sub in ("cur", "new"):
@@ -356,9 +629,17 @@ class MaildirMailbox(SnapshotMailbox):
             raise UpdateFailed("removals could not be made durable (fsync failed)")
 
     async def release(self) -> None:
-        lock, self._lock = self._lock, None
+        lock = self._lock
         try:
-            if lock is not None:
-                await self._threads.run(lock.release)
+            if not lock.released:
+                # Outside this session's thread bound: its own stuck calls must not
+                # keep the lock. If even this does not finish, forget the lock here so
+                # this process can take the maildir again (our pid in a dotlock that
+                # our registry does not list reads as stale).
+                try:
+                    await self._backend.threads.run(lock.release)
+                except TemporaryFailure:
+                    lock.forget()
+                    log.warning("lock release of %s timed out: left to its thread", self.maildir)
         finally:
             self._backend.locks.release(self.maildir)

@@ -41,6 +41,7 @@ class MaildirConfig:
     io_timeout: float = 30.0
     expire_days: int | None = None
     home_maildir: str = "Maildir"
+    listing_cache: int = 100_000
 
 
 def _check_template(opts: Options, template: str) -> None:
@@ -97,6 +98,7 @@ def parse_options(options: Mapping[str, object]) -> MaildirConfig:
         io_timeout=opts.number("io_timeout", 30.0, minimum=0.1),
         expire_days=opts.expire_days(),
         home_maildir=opts.text("home_maildir", "Maildir"),
+        listing_cache=opts.integer("listing_cache", 100_000, minimum=0),
     )
     opts.finish()
     return config

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ __all__ = [
     "SIZE_CACHE_NAME",
     "UIDLIST_NAME",
     "Entry",
+    "NotAMessage",
     "base_name",
     "count_size",
     "delivery_key",
@@ -28,6 +31,8 @@ __all__ = [
     "fsync_dir",
     "list_messages",
     "mapped_uid",
+    "open_message",
+    "read_message",
     "write_atomically",
 ]
 
@@ -39,6 +44,12 @@ UIDLIST_NAME = "pypop-uidlist"
 _SIZE_CACHE_MAGIC = "pypop-sizes 2"
 _UIDLIST_MAGIC = "pypop-uidlist 1"
 COUNT_BLOCK = 256 * 1024
+# Never follow a link to a message, never block opening one (a FIFO would).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class NotAMessage(Exception):
+    """The name is not a regular file (any more): a symlink, a FIFO, a directory."""
 
 
 @dataclass(slots=True)
@@ -50,10 +61,54 @@ class Entry:
     base: str
     size: int = 0
     uid: str = ""
-    retrieved: bool = False
+    # Other names of the same file ("sub/name"), left by a crash between link() and
+    # unlink() (ours before rename(), or another tool's): removed with the message.
+    others: tuple[str, ...] = ()
 
     def path(self, maildir: str) -> str:
         return os.path.join(maildir, self.subdir, self.name)
+
+
+def open_message(path: str) -> int:
+    """A descriptor of the message file at ``path``, which must be a regular file.
+
+    ``O_NOFOLLOW``: a symlink is refused, never followed (a maildir's owner must not
+    read /etc/shadow through it). ``O_NONBLOCK``: opening a FIFO returns at once
+    instead of hanging a thread; the type is then checked on the descriptor, so a
+    file swapped after any earlier check is caught too. Raises FileNotFoundError if
+    it is gone, :class:`NotAMessage` if it is not a regular file.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):
+            raise NotAMessage(path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAMessage(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_message(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` octets from ``fd``; fewer only at end of file."""
+    data = os.read(fd, limit)
+    if len(data) == limit or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < limit:  # a short read that is not EOF (rare: network file systems)
+        more = os.read(fd, limit - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def base_name(name: str) -> str:
@@ -118,43 +173,86 @@ def filename_size(base: str) -> int | None:
 
 
 def list_messages(maildir: str) -> list[Entry]:
-    """Regular files of new/ and cur/ (not dot-files), in delivery order."""
+    """Regular files of new/ and cur/ (not dot-files), in delivery order.
+
+    Symlinks, FIFOs and everything else that is not a regular file are left out (the
+    directory entry's type, no link followed). Several names of one file, which a
+    crash between ``link()`` and ``unlink()`` leaves, are one message: the cur/ name
+    is listed and the others are kept in :attr:`Entry.others`. Different files that
+    share a base name (a copy) stay separate messages.
+    """
     entries: list[Entry] = []
-    for sub in ("new", "cur"):
+    by_base: dict[str, Entry] = {}
+    shared: list[tuple[Entry, Entry]] = []
+    for sub in ("cur", "new"):  # cur/ first: the name a duplicate is listed under
         with os.scandir(os.path.join(maildir, sub)) as it:
             for de in it:
-                if de.name.startswith("."):
+                name = de.name
+                if name.startswith("."):
                     continue
                 try:
-                    if not de.is_file():
+                    if not de.is_file(follow_symlinks=False):
                         continue
                 except OSError:
                     continue
-                entries.append(Entry(sub, de.name, base_name(de.name)))
+                entry = Entry(sub, name, base_name(name))
+                first = by_base.setdefault(entry.base, entry)
+                if first is not entry:
+                    shared.append((first, entry))
+                entries.append(entry)
+    if shared:
+        _merge_links(maildir, entries, shared)
     entries.sort(key=lambda e: delivery_key(e.name))
     return entries
+
+
+def _merge_links(maildir: str, entries: list[Entry], shared: list[tuple[Entry, Entry]]) -> None:
+    """Fold names that are hard links of one file into one entry (rare: a base name
+    seen twice costs two lstat calls)."""
+    dropped: set[int] = set()
+    for first, entry in shared:
+        try:
+            a = os.lstat(first.path(maildir))
+            b = os.lstat(entry.path(maildir))
+        except OSError:
+            continue
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            first.others += (f"{entry.subdir}/{entry.name}",)
+            dropped.add(id(entry))
+    if dropped:
+        entries[:] = [e for e in entries if id(e) not in dropped]
 
 
 def find_by_base(maildir: str, base: str) -> Entry | None:
     """Find a message again after an outside rename (flag change, new/ -> cur/)."""
     for sub in ("cur", "new"):
         try:
-            names = os.listdir(os.path.join(maildir, sub))
+            it = os.scandir(os.path.join(maildir, sub))
         except OSError:
             continue
-        for name in names:
-            if base_name(name) == base and not name.startswith("."):
-                return Entry(sub, name, base)
+        with it:
+            for de in it:
+                name = de.name
+                if name.startswith(".") or base_name(name) != base:
+                    continue
+                with contextlib.suppress(OSError):
+                    if de.is_file(follow_symlinks=False):
+                        return Entry(sub, name, base)
     return None
 
 
-def count_size(path: str) -> int:
-    """The POP3 size of a file, streamed through SizeCounter (never read whole)."""
-    counter = SizeCounter()
-    with open(path, "rb") as f:
-        while block := f.read(COUNT_BLOCK):
+def count_size(path: str) -> tuple[int, os.stat_result]:
+    """The POP3 size of a message file, streamed through SizeCounter (never read
+    whole), and the file's stat. Raises like :func:`open_message`."""
+    fd = open_message(path)
+    try:
+        st = os.fstat(fd)
+        counter = SizeCounter()
+        while block := os.read(fd, COUNT_BLOCK):
             counter.feed(block)
-    return counter.finish()
+        return counter.finish(), st
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: str, lines: Iterable[str], *, fsync: bool) -> None:
@@ -218,34 +316,45 @@ def size_cache_lines(cache: dict[str, tuple[int, int, int, int]]) -> Iterable[st
 
 def fill_sizes(
     maildir: str, entries: list[Entry], *, filename_sizes: bool, use_cache: bool
-) -> None:
+) -> list[Entry]:
     """Set ``Entry.size`` for every entry: ``,W=``, else a valid cache entry, else count.
 
     A cache entry is used only if the file's size, mtime (ns) and inode all match; a
     flag rename keeps all three, a rewrite changes at least one. The cache is
-    rewritten (atomically) only when it changed.
+    rewritten (atomically) only when it changed. Returns the entries that are still
+    messages: one removed or swapped for a non-regular file since the listing is left
+    out (it is not a message of this snapshot), never followed or waited for.
     """
     cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
     old = read_size_cache(cache_path) if use_cache else {}
     new: dict[str, tuple[int, int, int, int]] = {}
+    kept: list[Entry] = []
     for e in entries:
         if filename_sizes:
             w = filename_size(e.base)
             if w is not None:
                 e.size = w
+                kept.append(e)
                 continue
         path = e.path(maildir)
-        st = os.stat(path)
-        hit = old.get(e.base)
-        if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-            e.size = hit[3]
-        else:
-            e.size = count_size(path)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            hit = old.get(e.base)
+            if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
+                e.size = hit[3]
+            else:
+                e.size, st = count_size(path)
+        except (FileNotFoundError, NotAMessage):
+            continue
+        kept.append(e)
         if use_cache and _cacheable(e.base):
             new[e.base] = (st.st_size, st.st_mtime_ns, st.st_ino, e.size)
     if use_cache and new != old:
         with contextlib.suppress(OSError):  # the cache is an optimisation only
             write_atomically(cache_path, size_cache_lines(new), fsync=False)
+    return kept
 
 
 # ---------------------------------------------------------------- UIDLs
@@ -292,7 +401,7 @@ def apply_uidlist(maildir: str, entries: list[Entry], *, fsync: bool) -> None:
     new: dict[str, tuple[str, int, int]] = {}
     used: set[str] = set()
     for e in entries:
-        st = os.stat(e.path(maildir))
+        st = os.lstat(e.path(maildir))
         ident = (st.st_ino, st.st_mtime_ns)
         rec = old.get(e.base)
         uid: str | None = None
@@ -343,39 +452,37 @@ def with_seen_flag(name: str) -> str | None:
     return f"{base}:2,{''.join(sorted(flags + 'S'))}"
 
 
-def move_new_to_cur(maildir: str, entries: list[Entry]) -> None:
+def move_new_to_cur(maildir: str, entries: list[Entry]) -> bool:
     """Move new/ messages to cur/ with an empty ``:2,`` info, as Dovecot does.
 
-    ``link`` + ``unlink`` so that an existing cur/ file is never overwritten; a failed
-    move leaves the message in new/, where it is still served.
+    One ``rename()`` each: atomic, so a crash leaves the message under one name or the
+    other, never both (``link()`` + ``unlink()`` left both, and the message was listed
+    twice). A name already taken in cur/ is never overwritten: that message stays in
+    new/, where it is still served. Names of the same file left by an earlier crash
+    (:attr:`Entry.others` in new/) are removed: the cur/ name keeps the file. Returns
+    whether anything was renamed or removed.
     """
+    changed = False
     for e in entries:
+        if e.others and e.subdir == "cur":
+            for other in e.others:
+                if other.startswith("new/"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(maildir, other))
+                        e.others = tuple(o for o in e.others if o != other)
+                        changed = True
         if e.subdir != "new":
             continue
         target = e.name if ":" in e.name else e.name + ":2,"
-        src = e.path(maildir)
         dst = os.path.join(maildir, "cur", target)
         try:
-            os.link(src, dst)
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                if os.path.samefile(src, dst):  # an earlier move died half-way
-                    os.unlink(src)
-                    e.subdir, e.name = "cur", target
-            continue
-        except OSError:
-            try:
-                if os.path.exists(dst):
-                    continue
-                os.rename(src, dst)
-            except OSError:
+            # Another writer could take the name between this check and the rename:
+            # only a deliverer reusing a unique name could, which Maildir rules out.
+            if os.path.lexists(dst):
                 continue
-            e.subdir, e.name = "cur", target
-            continue
-        try:
-            os.unlink(src)
+            os.rename(e.path(maildir), dst)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(dst)  # keep exactly one copy
             continue
         e.subdir, e.name = "cur", target
+        changed = True
+    return changed

@@ -1,0 +1,356 @@
+"""Hostile maildirs (issue 15): symlinks, FIFOs, stuck I/O, a crash half-way through a move.
+
+A maildir is writable by its user, who must not read /etc/shadow through it nor hang
+the server for everyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import poplib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from pypop.backend import Mailbox, NoSuchMessage
+from pypop.errors import TemporaryFailure
+
+from pypop_maildir import MaildirBackend, MaildirMailbox, _store, create
+from pypop_maildir._lock import DOTLOCK_NAME
+
+from .conftest import BackendMaker, deliver, make_maildir
+
+SECRET = b"root:$6$secret-hash:19000:0:99999:7:::\n"
+HELLO = b"Subject: hello\n\nhello\n"
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "shadow"
+    path.write_bytes(SECRET)
+    return path
+
+
+async def fetch(mb: Mailbox, index: int) -> bytes:
+    return b"".join([b async for b in mb.retrieve(index)])
+
+
+def wall(limit: float) -> contextlib.AbstractContextManager[trio.CancelScope]:
+    """A deadline (these tests run on Trio's real clock and wait for real threads)."""
+    return trio.fail_after(limit)
+
+
+# ------------------------------------------------------------------ item 5: symlinks
+
+
+async def test_symlinked_message_is_never_listed_or_served(
+    alice: Path, secret: Path, backend_factory: BackendMaker
+) -> None:
+    deliver(alice, "1700000001.M1P1.h:2,", HELLO, sub="cur")
+    os.symlink(secret, alice / "cur" / "1700000100.evil:2,")
+    os.symlink(secret, alice / "new" / "1700000101.evil")
+    mb = await backend_factory().open_mailbox("alice")
+    try:
+        assert [m.uid for m in mb.messages] == ["1700000001.M1P1.h"]
+        assert await fetch(mb, 0) == HELLO
+    finally:
+        await mb.aclose()
+    # The links were neither followed nor moved: new/ -> cur/ skips them too.
+    assert (alice / "new" / "1700000101.evil").is_symlink()
+
+
+@pytest.mark.parametrize("filename_sizes", [True, False])
+async def test_message_swapped_for_a_symlink_after_login_is_not_served(
+    alice: Path, secret: Path, backend_factory: BackendMaker, filename_sizes: bool
+) -> None:
+    path = deliver(alice, "1700000001.M1P1.h,S=22,W=25:2,", HELLO, sub="cur")
+    mb = await backend_factory(filename_sizes=filename_sizes).open_mailbox("alice")
+    try:
+        os.unlink(path)
+        os.symlink(secret, path)
+        with pytest.raises(NoSuchMessage):
+            await fetch(mb, 0)
+    finally:
+        await mb.aclose()
+
+
+class SwapDuringListing(MaildirBackend):
+    """Replaces every file it is asked about, between the listing and the sizes."""
+
+    make: str = "symlink"
+    target: Path
+
+    def keep_message(self, user: str, subdir: str, name: str) -> bool:
+        path = Path(self.config.root, user, subdir, name)
+        path.unlink()
+        if self.make == "symlink":
+            path.symlink_to(self.target)
+        else:
+            os.mkfifo(path)
+        return True
+
+
+@pytest.mark.parametrize("make", ["symlink", "fifo"])
+async def test_file_swapped_before_its_size_is_counted_is_left_out(
+    alice: Path, root: Path, secret: Path, make: str
+) -> None:
+    deliver(alice, "1700000001.M1P1.h", HELLO, sub="cur")  # no ,W=: the size is counted
+    backend = SwapDuringListing.from_options({"root": str(root)})
+    backend.make, backend.target = make, secret
+    with wall(5):
+        mb = await backend.open_mailbox("alice")
+    assert list(mb.messages) == []  # vanished as a message, and nobody hung
+    await mb.aclose()
+
+
+# ------------------------------------------------------------------ item 2: FIFOs
+
+
+async def test_fifo_is_never_listed(alice: Path, backend_factory: BackendMaker) -> None:
+    os.mkfifo(alice / "cur" / "1700000001.fifo:2,")
+    os.mkfifo(alice / "new" / "1700000002.fifo")
+    deliver(alice, "1700000003.M3P1.h", HELLO)
+    with wall(5):
+        mb = await backend_factory().open_mailbox("alice")
+    assert len(mb.messages) == 1
+    await mb.aclose()
+
+
+async def test_message_swapped_for_a_fifo_is_refused_at_once(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    paths = [deliver(alice, f"170000000{i}.M{i}P1.h:2,", HELLO, sub="cur") for i in range(6)]
+    # io_timeout is far above the deadline below: only a non-blocking open passes.
+    backend = backend_factory(io_threads=4, io_timeout=60)
+    mb = await backend.open_mailbox("alice")
+    try:
+        for path in paths:
+            path.unlink()
+            os.mkfifo(path)
+        with wall(5):
+            for i in range(len(paths)):
+                with pytest.raises(NoSuchMessage):
+                    await fetch(mb, i)
+    finally:
+        with wall(5):
+            await mb.aclose()
+    # No thread was left hanging: others log in at once.
+    make_maildir(alice.parent / "bob")
+    with wall(5):
+        other = await backend.open_mailbox("bob")
+        await other.aclose()
+
+
+CHILD_OPEN = """
+import sys, trio
+from pypop.backend import MailboxLocked
+from pypop_maildir import create
+
+async def main() -> None:
+    try:
+        mb = await create({"root": sys.argv[1], "lock": sys.argv[2]}).open_mailbox("alice")
+    except MailboxLocked:
+        print("locked")
+        return
+    await mb.aclose()
+    print("free")
+
+trio.run(main)
+"""
+
+
+def lock_state_elsewhere(root: Path, lock: str) -> str:
+    """What another process sees: "locked" or "free"."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_OPEN, str(root), lock],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+class _Blocker:
+    """Fault injection: message opens block on a FIFO nobody writes to (a hung NFS
+    server, a stuck disk) until :meth:`release`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.fifo = tmp / "stuck"
+        os.mkfifo(self.fifo)
+        self.entered = threading.Semaphore(0)
+
+    def open_message(self, path: str) -> int:
+        self.entered.release()
+        fd = os.open(self.fifo, os.O_RDONLY)  # blocks until a writer appears
+        os.close(fd)
+        raise OSError("gave up")
+
+    def release(self) -> None:
+        # Unblock every stuck open: a writer that opens and closes.
+        for _ in range(8):
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                break
+            os.close(fd)
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("lock", ["auto", "dotlock"])
+async def test_stuck_io_frees_the_session_and_its_lock(
+    alice: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str
+) -> None:
+    """io_timeout frees the session and its lock, and one user's stuck I/O leaves the
+    other users' logins alone, even with every thread of that session stuck."""
+    for i in range(4):
+        deliver(alice, f"170000000{i}.M{i}P1.h:2,", b"x" * 70_000 + b"\n", sub="cur")
+    make_maildir(root / "bob")
+    deliver(root / "bob", "1700000009.M9P1.h", HELLO)
+    backend = create({"root": str(root), "io_threads": 4, "io_timeout": 0.5, "lock": lock})
+    blocker = _Blocker(tmp_path)
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    monkeypatch.setattr(_store, "open_message", blocker.open_message)
+    try:
+        with wall(10):
+            # More stuck reads than the session's share of threads.
+            for i in range(3):
+                with pytest.raises(TemporaryFailure):
+                    await fetch(mb, i)
+            assert (alice / DOTLOCK_NAME).is_symlink() is (lock == "dotlock")
+            assert await trio.to_thread.run_sync(lock_state_elsewhere, root, lock) == "locked"
+            await mb.aclose()  # frees the lock although the session's threads are stuck
+        assert not (alice / DOTLOCK_NAME).is_symlink()
+        assert await trio.to_thread.run_sync(lock_state_elsewhere, root, lock) == "free"
+        monkeypatch.undo()
+        with wall(5):
+            again = await backend.open_mailbox("alice")  # the same user, at once
+            await again.aclose()
+            other = await backend.open_mailbox("bob")
+            assert await fetch(other, 0) == HELLO
+            await other.aclose()
+    finally:
+        blocker.release()
+
+
+# ---------------------------------------------------- item 10: crash during new -> cur
+
+
+@pytest.mark.parametrize("flag_updates", [True, False])
+async def test_crash_between_link_and_unlink_lists_the_message_once(
+    alice: Path, backend_factory: BackendMaker, flag_updates: bool
+) -> None:
+    """An earlier move died between link() and unlink(): both names of one file."""
+    new = deliver(alice, "1700000001.M1P1.h", HELLO)
+    cur = alice / "cur" / "1700000001.M1P1.h:2,"
+    os.link(new, cur)
+    deliver(alice, "1700000002.M2P1.h", b"Subject: two\n\n2\n")
+    backend = backend_factory(flag_updates=flag_updates)
+    mb = await backend.open_mailbox("alice")
+    try:
+        assert [m.uid for m in mb.messages] == ["1700000001.M1P1.h", "1700000002.M2P1.h"]
+        assert await fetch(mb, 0) == HELLO
+        await mb.commit([0])  # DELE 1, QUIT: the message goes, under both names
+    finally:
+        await mb.aclose()
+    left = sorted(p.name for sub in ("new", "cur") for p in (alice / sub).iterdir())
+    assert left == ["1700000002.M2P1.h" + (":2," if flag_updates else "")]
+
+
+async def test_new_to_cur_is_one_rename(alice: Path, backend_factory: BackendMaker) -> None:
+    """rename(), never link() + unlink(): no moment with two names, and the inode,
+    its link count and a second hard link elsewhere are untouched."""
+    new = deliver(alice, "1700000001.M1P1.h", HELLO)
+    ino = new.stat().st_ino
+    linked: list[tuple[str, str]] = []
+    real_link = os.link
+
+    def spy_link(src: str, dst: str, *args: object, **kwargs: object) -> None:
+        linked.append((src, dst))
+        real_link(src, dst)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "link", spy_link)
+    try:
+        mb = await backend_factory(lock="fcntl").open_mailbox("alice")
+        await mb.aclose()
+    finally:
+        mp.undo()
+    assert linked == []
+    moved = alice / "cur" / "1700000001.M1P1.h:2,"
+    assert moved.stat().st_ino == ino
+    assert moved.stat().st_nlink == 1
+    assert not new.exists()
+
+
+async def test_same_base_name_different_files_both_listed(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    """Two different files sharing a base name are two messages (a copy): neither may
+    be hidden, or DELE would leave one behind unseen."""
+    deliver(alice, "1700000001.M1P1.h", HELLO)
+    deliver(alice, "1700000001.M1P1.h:2,S", b"Subject: other\n\nother\n", sub="cur")
+    mb = await backend_factory(flag_updates=False).open_mailbox("alice")
+    try:
+        assert len(mb.messages) == 2
+        assert len({m.uid for m in mb.messages}) == 2
+    finally:
+        await mb.aclose()
+
+
+async def test_stuck_io_through_the_server(
+    alice: Path,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """End to end: RETR of a message whose storage hangs gets -ERR [SYS/TEMP] after
+    io_timeout, with a log line and no traceback; the user logs in again at once."""
+    from .test_e2e import PASSWORD, running
+
+    deliver(alice, "1700000001.M1P1.h:2,", b"x" * 70_000 + b"\n", sub="cur")
+    blocker = _Blocker(tmp_path)
+    backend = create({"root": str(root), "io_timeout": 0.5})
+    try:
+        async with running(backend) as server:
+            host, port = server.addresses[0]
+
+            def client() -> tuple[bytes, tuple[int, int]]:
+                pop = poplib.POP3(host, port, timeout=30)
+                try:
+                    pop.user("alice")
+                    pop.pass_(PASSWORD)
+                    monkeypatch.setattr(_store, "open_message", blocker.open_message)
+                    with pytest.raises(poplib.error_proto) as err:
+                        pop.retr(1)
+                    monkeypatch.undo()
+                finally:
+                    pop.close()
+                again = poplib.POP3(host, port, timeout=30)
+                try:
+                    again.user("alice")
+                    again.pass_(PASSWORD)
+                    stat = again.stat()
+                    again.quit()
+                finally:
+                    again.close()
+                reply = err.value.args[0]
+                assert isinstance(reply, bytes)
+                return reply, stat
+
+            with wall(20):
+                error, stat = await trio.to_thread.run_sync(client)
+    finally:
+        blocker.release()
+    assert error.startswith(b"-ERR [SYS/TEMP] ")
+    assert stat == (1, 70002)  # 70,000 octets and a line end made CRLF
+    assert "read message 1 of alice: blocking I/O did not finish" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]

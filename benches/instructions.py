@@ -1,0 +1,348 @@
+"""Instructions per operation on the server, a cost figure that noise cannot move.
+
+``python -m benches.instructions`` runs ``pypop serve`` under ``valgrind
+--tool=callgrind`` (instrumentation off during start-up), drives it with a fixed
+session script from one client, and reads the server's instruction count (all its
+threads, user space only: the kernel's work in system calls is not counted) around
+each phase with ``callgrind_control``:
+
+- ``login``: USER, PASS, STAT, QUIT (the suite's login scenario);
+- ``retr``: log in, STAT, RETR every message one at a time, QUIT;
+- ``pipelined``: log in, STAT, every RETR in one write, QUIT.
+
+Each phase runs ``--sessions`` sessions over users that were all opened once before
+(the warm-up), as in the suite. Per RETR = (instructions per retr session - per login
+session) / messages; the same for pipelined. Every reply is checked (+OK, the
+terminator, the unstuffed length = the LIST size).
+
+``--check FILE`` compares with a committed baseline (benches/instructions-baseline.json)
+and exits 1 if instructions per RETR (one at a time or pipelined) rose by more than
+``--tolerance`` (15%): CI's regression check, which times nothing. ``--write FILE``
+records a new baseline. Needs valgrind (Debian: ``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benches.fixtures import Fixture, UserSet
+from benches.servers import REPO, free_port
+
+__all__ = ["main", "measure"]
+
+BASELINE = Path(__file__).resolve().parent / "instructions-baseline.json"
+CHECKED = ("retr", "pipelined")  # figures the regression check judges
+
+
+class ScriptError(RuntimeError):
+    pass
+
+
+class Client:
+    """A blocking POP3 client that checks every reply it reads."""
+
+    def __init__(self, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+        self.status()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ScriptError("server closed the connection")
+        self.buf += data
+
+    def status(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        if not line.startswith(b"+OK"):
+            raise ScriptError(f"expected +OK, got {line[:80]!r}")
+        return line
+
+    def body(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n.\r\n")
+            if end >= 0 or self.buf.startswith(b".\r\n"):
+                break
+            self._fill()
+        if self.buf.startswith(b".\r\n"):
+            data, self.buf = b"", self.buf[3:]
+        else:
+            data, self.buf = self.buf[: end + 2], self.buf[end + 5 :]
+        lines = data.split(b"\r\n")
+        return b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines)
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.status()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def session(port: int, user: str, password: str, kind: str, timeout: float) -> int:
+    """One scripted session; returns the number of messages retrieved."""
+    c = Client(port, timeout)
+    try:
+        c.command(b"USER " + user.encode())
+        c.command(b"PASS " + password.encode())
+        count = int(c.command(b"STAT").split()[1])
+        got = 0
+        if kind != "login":
+            c.command(b"LIST")
+            sizes = [int(ln.split()[1]) for ln in c.body().split(b"\r\n") if ln]
+            if kind == "retr":
+                for k in range(1, count + 1):
+                    c.command(b"RETR %d" % k)
+                    got += _check(c.body(), sizes[k - 1], k)
+            else:
+                c.sock.sendall(b"".join(b"RETR %d\r\n" % k for k in range(1, count + 1)))
+                for k in range(1, count + 1):
+                    c.status()
+                    got += _check(c.body(), sizes[k - 1], k)
+        c.command(b"QUIT")
+        return got
+    finally:
+        c.close()
+
+
+def _check(body: bytes, size: int, k: int) -> int:
+    if len(body) != size:
+        raise ScriptError(f"RETR {k}: {len(body)} octets, LIST said {size}")
+    return 1
+
+
+class Callgrind:
+    """A server process under callgrind, and its counters."""
+
+    def __init__(self, cmd: list[str], out_dir: Path, log: Path) -> None:
+        self.out_dir = out_dir
+        self.valgrind = shutil.which("valgrind")
+        self.control = shutil.which("callgrind_control")
+        if self.valgrind is None or self.control is None:
+            raise ScriptError("valgrind is not installed (apt-get install valgrind)")
+        out = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                self.valgrind,
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={out_dir}/callgrind.out.%p",
+                *cmd,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        out.close()
+
+    def _ctl(self, *args: str) -> str:
+        assert self.control is not None
+        p = subprocess.run(
+            [self.control, *args, str(self.proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if p.returncode != 0:
+            raise ScriptError(f"callgrind_control {' '.join(args)}: {p.stderr or p.stdout}")
+        return p.stdout
+
+    def instrument(self) -> None:
+        self._ctl("--instr=on")
+
+    def zero(self) -> None:
+        self._ctl("--zero")
+
+    def dump(self, label: str) -> int:
+        """Dump the counters since the last zero; returns the instructions (Ir)."""
+        before = set(self.out_dir.iterdir())
+        self._ctl(f"--dump={label}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = [p for p in self.out_dir.iterdir() if p not in before]
+            for path in new:
+                m = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.M)
+                if m:
+                    return int(m.group(1))
+            time.sleep(0.1)
+        raise ScriptError("callgrind wrote no dump")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ScriptError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                if s.recv(512).startswith(b"+OK"):
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise ScriptError("server did not start")
+
+
+def measure(
+    backend: str, *, users: int, messages: int, sessions: int, work: Path
+) -> dict[str, Any]:
+    """Instructions per login, per RETR and per pipelined RETR for one backend."""
+    fx = Fixture(work / "fixture", [UserSet("small", "user", users, messages, 4096)])
+    fx.build(["pypop"])
+    creds = [line.split("\t") for line in fx.users_file("small").read_text().splitlines()]
+    port = free_port()
+    if backend == "memory":
+        section = f'name = "memory"\nseed = "{fx.eml}"\n'
+    else:
+        section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
+        section += os.environ.get("PYPOP_INSTR_EXTRA", "")
+    conf = work / f"{backend}.toml"
+    conf.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\n'
+        f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
+        f"[backend]\n{section}"
+    )
+    out_dir = work / f"cg-{backend}"
+    out_dir.mkdir()
+    server = Callgrind(
+        [sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
+        out_dir,
+        work / f"{backend}.log",
+    )
+    timeout = 120.0
+    try:
+        _wait_port(port, server.proc, 300)
+        server.instrument()
+        for user, password in creds:  # warm-up: every mailbox opened and read once
+            session(port, user, password, "retr", timeout)
+        # Maildir folders changed by the warm-up (Seen flags) settle before the
+        # listing cache trusts them, then every mailbox is opened once more: the
+        # phases measure the steady state, as the suite's 10-second runs mostly do.
+        time.sleep(2.5)
+        for user, password in creds:
+            session(port, user, password, "login", timeout)
+        result: dict[str, Any] = {"backend": backend, "messages": messages, "sessions": sessions}
+        per_session: dict[str, float] = {}
+        for kind in ("login", "retr", "pipelined"):
+            server.zero()
+            got = 0
+            for k in range(sessions):
+                user, password = creds[k % len(creds)]
+                got += session(port, user, password, kind, timeout)
+            if got != (0 if kind == "login" else sessions * messages):
+                raise ScriptError(f"{kind}: retrieved {got} messages")
+            per_session[kind] = server.dump(kind) / sessions
+        result["login"] = round(per_session["login"])
+        for kind in ("retr", "pipelined"):
+            result[kind] = round((per_session[kind] - per_session["login"]) / messages)
+        return result
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benches.instructions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--backends", default="memory,maildir")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--messages", type=int, default=20, help="messages per user (4 KiB each)")
+    p.add_argument("--sessions", type=int, default=24, help="sessions per phase")
+    p.add_argument("--check", type=Path, nargs="?", const=BASELINE, metavar="BASELINE")
+    p.add_argument("--tolerance", type=float, default=0.15)
+    p.add_argument("--write", type=Path, nargs="?", const=BASELINE, metavar="BASELINE")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the callgrind dumps here (callgrind_annotate DIR/BACKEND/cg-BACKEND/*)",
+    )
+    args = p.parse_args(argv)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pypop-instr-") as tmp:
+        for backend in [b for b in args.backends.split(",") if b]:
+            work = (args.keep or Path(tmp)) / backend
+            work.mkdir(parents=True)
+            t0 = time.monotonic()
+            try:
+                r = measure(
+                    backend,
+                    users=args.users,
+                    messages=args.messages,
+                    sessions=args.sessions,
+                    work=work,
+                )
+            except (ScriptError, OSError, subprocess.SubprocessError) as exc:
+                print(f"benches.instructions: {backend}: {exc}", file=sys.stderr)
+                return 1
+            r["wall_s"] = round(time.monotonic() - t0, 1)
+            results[backend] = r
+    print(f"instructions on the server (callgrind, user space; commit {commit or '?'})")
+    print(f"{'backend':<10} {'per login':>12} {'per RETR':>12} {'per pipelined RETR':>20}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['login']:>12,} {r['retr']:>12,} {r['pipelined']:>20,}")
+    doc = {"commit": commit, "python": sys.version, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.write:
+        args.write.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"baseline written: {args.write}")
+    if args.check:
+        recorded = json.loads(args.check.read_text())
+        if recorded.get("python") != sys.version:
+            # Another interpreter build runs other code: its counts are not comparable.
+            print(
+                f"check skipped: the baseline was recorded with Python {recorded.get('python')!r}, "
+                f"this is {sys.version!r}; record one here with --write"
+            )
+            return 0
+        base = recorded["results"]
+        failed = []
+        for name, r in results.items():
+            for kind in CHECKED:
+                if name not in base or kind not in base[name]:
+                    continue
+                ratio = r[kind] / base[name][kind]
+                verdict = "ok" if ratio <= 1 + args.tolerance else "REGRESSION"
+                print(
+                    f"check {name}/{kind}: {r[kind]:,} vs baseline {base[name][kind]:,} "
+                    f"({ratio:.2f}x, limit {1 + args.tolerance:.2f}x): {verdict}"
+                )
+                if verdict != "ok":
+                    failed.append(f"{name}/{kind}")
+        if failed:
+            print(f"FAILED: instructions per RETR rose over the baseline: {', '.join(failed)}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
