@@ -31,7 +31,9 @@ from benches.progress import Progress
 from benches.servers import (
     REPO,
     DovecotServer,
+    PypopPostgresServer,
     PypopServer,
+    PypopSqliteServer,
     Server,
     ServerError,
     dovecot_available,
@@ -39,6 +41,7 @@ from benches.servers import (
     pin_prefix,
     pypop_available,
     pypop_maildir_available,
+    pypop_sql_available,
 )
 
 __all__ = ["SCENARIOS", "Scenario", "main"]
@@ -94,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default="",
-        help="comma list of dovecot,pypop-memory,pypop-maildir (default: all available)",
+        help="comma list of dovecot,pypop-memory,pypop-maildir,pypop-sql-sqlite,"
+        "pypop-sql-postgresql (default: all available)",
     )
     p.add_argument(
         "--scenarios",
@@ -333,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         servers.append("pypop-memory")
         ok, why = pypop_maildir_available()
         (servers.append("pypop-maildir") if ok else skipped.__setitem__("pypop-maildir", why))
+        for engine in ("sqlite", "postgresql"):
+            ok, why = pypop_sql_available(engine)
+            sql_name = f"pypop-sql-{engine}"
+            (servers.append(sql_name) if ok else skipped.__setitem__(sql_name, why))
     else:
-        skipped["pypop-memory"] = skipped["pypop-maildir"] = why
+        for gone in ("pypop-memory", "pypop-maildir", "pypop-sql-sqlite", "pypop-sql-postgresql"):
+            skipped[gone] = why
     if wanted:
         for s in servers:
             if s not in wanted:
@@ -392,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 conns = args.idle_connections_dovecot
             else:
-                srv = PypopServer(
+                cls = {
+                    "pypop-sql-sqlite": PypopSqliteServer,
+                    "pypop-sql-postgresql": PypopPostgresServer,
+                }.get(name, PypopServer)
+                srv = cls(
                     name.removeprefix("pypop-"),
                     work / name,
                     fx,
@@ -450,6 +463,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 for sc in run_scen:
+                    if sc.load == "idle" and name == "pypop-sql-postgresql":
+                        # A session holds a PostgreSQL connection (its advisory lock):
+                        # thousands of idle sessions would need thousands of backends.
+                        note = (
+                            "pypop-sql-postgresql idle: not run (a session holds one "
+                            "PostgreSQL connection for its lock)"
+                        )
+                        if note not in info.setdefault("notes", []):
+                            info["notes"].append(note)
+                        bar.advance(f"{name}: idle skipped")
+                        continue
                     reps = 1 if sc.load == "idle" else args.repeats
                     for k in range(reps):
                         bar.start(f"{name}: {sc.key} #{k + 1}")

@@ -34,6 +34,7 @@ __all__ = [
     "pin_prefix",
     "pypop_available",
     "pypop_maildir_available",
+    "pypop_sql_available",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -390,6 +391,22 @@ def pypop_maildir_available() -> tuple[bool, str]:
     return False, "pypop3-maildir is not installed (pip install -e backends/maildir)"
 
 
+def pypop_sql_available(engine: str) -> tuple[bool, str]:
+    """pypop-sql must be installed; PostgreSQL also needs psycopg and its binaries."""
+    eps = importlib.metadata.entry_points(group="pypop.backends")
+    if not any(ep.name == "sql" for ep in eps):
+        return False, "pypop-sql is not installed (pip install -e 'backends/sql[postgresql]')"
+    if engine == "postgresql":
+        if importlib.util.find_spec("psycopg") is None:
+            return False, "psycopg is not installed (pip install -e 'backends/sql[postgresql]')"
+        from pypop_sql.testing import pg_unavailable_reason
+
+        why = pg_unavailable_reason()
+        if why is not None:
+            return False, why
+    return True, ""
+
+
 class PypopServer(Server):
     """``python -m pypop serve`` with a config file equivalent to Dovecot's."""
 
@@ -413,6 +430,8 @@ class PypopServer(Server):
     def config_text(self) -> str:
         if self.backend == "memory":
             backend = f'name = "memory"\nseed = "{self.fixture.eml}"\n'
+        elif self.backend.startswith("sql-"):
+            backend = f'name = "sql"\nurl = "{self.sql_url()}"\n'
         else:
             backend = f'name = "maildir"\nroot = "{self.fixture.maildir("pypop")}"\n'
         n = self.max_connections
@@ -440,8 +459,15 @@ key = "{self.key}"
     def command(self, conf: Path) -> list[str]:
         return [*pin_prefix(0), self.python, "-m", "pypop", "serve", "--config", str(conf)]
 
+    def sql_url(self) -> str:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Before the start: anything the backend needs (a loaded database)."""
+
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         self.port, self.tls_port = free_port(), free_port()
         conf = self.workdir / "pypop.toml"
         conf.write_text(self.config_text())
@@ -457,3 +483,116 @@ key = "{self.key}"
         out.close()
         # Seeding 10,000 users may take a while.
         wait_port(self.port, self.proc, 120, self.log)
+
+
+# ---------------------------------------------------------------- pypop-sql
+
+
+def load_sql(url: str, fixture: Fixture, relaxed: dict[str, object]) -> int:
+    """Deliver every fixture message (eml/<user>/*.eml, in order) into the store.
+
+    ``relaxed`` engine options speed up the load only (the server runs with the
+    defaults). Returns the number of messages."""
+    from pypop_sql import parse_options
+    from pypop_sql._engine import make_engine
+
+    engine = make_engine(parse_options({"url": url, **relaxed}))
+    engine.start()
+    count = 0
+    try:
+        for user_dir in sorted(p for p in fixture.eml.iterdir() if p.is_dir()):
+            for eml in sorted(user_dir.glob("*.eml")):
+                engine.deliver(user_dir.name, eml.read_bytes(), None, None)
+                count += 1
+    finally:
+        engine.close()
+    return count
+
+
+class PypopSqliteServer(PypopServer):
+    """pypop-sql on an SQLite file in the work folder (WAL, synchronous=full)."""
+
+    def sql_url(self) -> str:
+        return f"sqlite://{self.workdir / 'mail.db'}"
+
+    def prepare(self) -> None:
+        if not (self.workdir / "mail.db").exists():
+            load_sql(self.sql_url(), self.fixture, {"synchronous": "normal"})
+
+
+# The supervisor: PostgreSQL and pypop as children of one process, so that the load
+# generator's process-tree CPU and memory figures count both (Dovecot's count all of
+# its processes too), and both run on the server's core.
+_SUPERVISOR = r"""
+import os, signal, socket, subprocess, sys, time
+pg_cmd, port, pypop_cmd = sys.argv[1].split("\x1f"), int(sys.argv[2]), sys.argv[3].split("\x1f")
+pg = subprocess.Popen(pg_cmd, stdin=subprocess.DEVNULL)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        break
+    except OSError:
+        if pg.poll() is not None:
+            sys.exit("postgres exited with %s" % pg.returncode)
+        time.sleep(0.1)
+srv = subprocess.Popen(pypop_cmd, stdin=subprocess.DEVNULL)
+def stop(*_):
+    srv.send_signal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+status = srv.wait()
+pg.send_signal(signal.SIGINT)
+try:
+    pg.wait(30)
+except subprocess.TimeoutExpired:
+    pg.kill()
+sys.exit(status)
+"""
+
+
+class PypopPostgresServer(PypopServer):
+    """pypop-sql on a PostgreSQL of its own (fsync on), started under one supervisor
+    with pypop, both pinned to the server's core."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        from pypop_sql.testing import PgServer
+
+        self.pg = PgServer(max_connections=400, durable=True, extra=["-c shared_buffers=256MB"])
+
+    def sql_url(self) -> str:
+        return self.pg.url("mail")
+
+    def prepare(self) -> None:
+        import psycopg
+
+        if self.pg.root is not None:
+            return
+        self.pg.start()
+        try:
+            with psycopg.connect(self.pg.url(), autocommit=True) as conn:
+                conn.execute("CREATE DATABASE mail")
+            load_sql(
+                self.pg.url("mail") + "?options=-c%20synchronous_commit%3Doff", self.fixture, {}
+            )
+            with psycopg.connect(self.pg.url("mail"), autocommit=True) as conn:
+                conn.execute("VACUUM ANALYZE")
+        finally:
+            self.pg.stop()
+
+    def command(self, conf: Path) -> list[str]:
+        pypop = [self.python, "-m", "pypop", "serve", "--config", str(conf)]
+        return [
+            *pin_prefix(0),
+            self.python,
+            "-c",
+            _SUPERVISOR,
+            "\x1f".join(self.pg.foreground_command()),
+            str(self.pg.port),
+            "\x1f".join(pypop),
+        ]
+
+    def stop(self, grace: float = 10.0) -> None:
+        super().stop(grace)
+        self.pg.cleanup()

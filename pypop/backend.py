@@ -51,8 +51,10 @@ from typing import Literal, Protocol, runtime_checkable
 from pypop.errors import (
     AuthFailed,
     BackendError,
+    DuplicateUid,
     MailboxLocked,
     NoSuchMessage,
+    NoSuchUser,
     PermanentFailure,
     TemporaryFailure,
     UpdateFailed,
@@ -67,11 +69,14 @@ __all__ = [
     "BackendFactory",
     "CredentialKind",
     "Credentials",
+    "Deliverer",
+    "DuplicateUid",
     "Mailbox",
     "MailboxLocked",
     "MessageInfo",
     "MessageTimes",
     "NoSuchMessage",
+    "NoSuchUser",
     "PermanentFailure",
     "SelfAuthenticating",
     "TemporaryFailure",
@@ -190,6 +195,39 @@ class MessageTimes(Protocol):
         """Seconds since the epoch when ``messages[index]`` arrived, None if unknown
         (such a message never expires)."""
         ...
+
+
+@runtime_checkable
+class Deliverer(Protocol):
+    """Optional: a backend that takes new mail (``pypop deliver``, ``pypop import``).
+
+    ``deliver`` appends ``message`` to ``user``'s maildrop and returns its UIDL only
+    once the message is durable: a crash after the return must not lose it, a crash
+    before it must not leave half a message that a session could see. Open sessions do
+    not see it (their snapshot is older). A backend may store another form of the
+    octets (CRLF line ends, say) as long as RETR, TOP and the POP3 size come out
+    exactly as for ``message``.
+
+    - ``uid``: keep this UIDL (an import from another store, so that clients do not
+      download everything again); ``ValueError`` if it is not a valid UIDL,
+      :class:`DuplicateUid` if the maildrop already has it. ``None``: the backend
+      makes a new one.
+    - ``received``: the delivery time (POSIX seconds) to record, for an import;
+      ``None`` is now.
+
+    Raises :class:`NoSuchUser` if the user has no maildrop and the backend does not
+    create one, :class:`TemporaryFailure` when the store cannot take mail now (the
+    MTA keeps it and retries), :class:`PermanentFailure` otherwise.
+    """
+
+    async def deliver(
+        self,
+        user: str,
+        message: bytes,
+        *,
+        uid: str | None = None,
+        received: float | None = None,
+    ) -> str: ...
 
 
 CredentialKind = Literal["password", "bearer"]

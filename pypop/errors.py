@@ -9,6 +9,10 @@ Each failure has one type (DESIGN rule 6); the server maps them to response code
 - :class:`PermanentFailure`: ``-ERR [SYS/PERM]`` (RFC 3206 §4).
 - :class:`UpdateFailed`: UPDATE removed some marked messages, never an unmarked one.
 
+Delivery (``pypop deliver``, ``pypop import``) adds two permanent failures:
+:class:`NoSuchUser` (no such maildrop, sysexits EX_NOUSER) and :class:`DuplicateUid`
+(the maildrop already holds a message with the UIDL an import wants to keep).
+
 The client (:mod:`pypop.client`) raises one :class:`ClientError` subclass per failure,
 carrying the server's reply text and RFC 2449/3206 response code when there was one.
 """
@@ -21,12 +25,14 @@ __all__ = [
     "BackendError",
     "ClientError",
     "CommandError",
+    "DuplicateUid",
     "InUseError",
     "LoginDelayError",
     "MailboxLocked",
     "NetworkError",
     "NoSuchMessage",
     "NoSuchMessageError",
+    "NoSuchUser",
     "OperationTimeout",
     "PermanentFailure",
     "ProtocolError",
@@ -69,6 +75,14 @@ class UpdateFailed(BackendError):
 
     It must never have removed a message that was not marked.
     """
+
+
+class NoSuchUser(PermanentFailure):
+    """Delivery: the user has no maildrop here and the backend will not create one."""
+
+
+class DuplicateUid(PermanentFailure):
+    """Delivery with a given UIDL: the maildrop already has a message with it."""
 
 
 # --------------------------------------------------------------------------- client

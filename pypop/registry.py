@@ -57,7 +57,7 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
 
 FIRST_PARTY_DISTRIBUTIONS: Mapping[str, Mapping[str, str]] = {
     BACKENDS: {"imap": "pypop3-imap", "maildir": "pypop3-maildir", "sql": "pypop3-sql"},
-    CREDENTIALS: {},
+    CREDENTIALS: {"sql": "pypop3-sql"},
 }
 """The plugins this project publishes outside pypop3, and their distributions on PyPI.
 

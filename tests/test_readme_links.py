@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DISTRIBUTIONS = [REPO, REPO / "backends" / "maildir", REPO / "backends" / "imap"]
+DISTRIBUTIONS = [
+    REPO,
+    REPO / "backends" / "maildir",
+    REPO / "backends" / "imap",
+    REPO / "backends" / "sql",
+]
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,}).*?^ {0,3}\1[`~]*[ \t]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)

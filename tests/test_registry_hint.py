@@ -29,7 +29,7 @@ def installed(group: str = BACKENDS) -> str:
 def test_the_table_is_the_published_names() -> None:
     assert {g: dict(t) for g, t in FIRST_PARTY_DISTRIBUTIONS.items()} == {
         BACKENDS: {"imap": "pypop3-imap", "maildir": "pypop3-maildir", "sql": "pypop3-sql"},
-        CREDENTIALS: {},
+        CREDENTIALS: {"sql": "pypop3-sql"},
     }
 
 
@@ -63,21 +63,46 @@ def test_other_names_get_no_distribution_to_install(name: str) -> None:
 
 def test_credential_stores_get_no_distribution_to_install() -> None:
     with pytest.raises(BackendLoadError) as info:
-        create_credential_store("sql", {})
+        create_credential_store("ldap", {})
     assert str(info.value) == (
-        f"no pypop credential store named 'sql' is installed "
+        f"no pypop credential store named 'ldap' is installed "
         f"(installed: {installed(CREDENTIALS)}); no first-party credential store has that "
-        "name (the pypop project publishes no credential store outside pypop3); "
+        "name (the pypop project publishes sql (pypop3-sql)); "
         "install the distribution that provides it"
     )
+
+
+def test_first_party_credential_store_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = registry._entry_points
+    monkeypatch.setattr(
+        registry,
+        "_entry_points",
+        lambda group: {k: v for k, v in real(group).items() if k != "sql"},
+    )
+    with pytest.raises(BackendLoadError) as info:
+        create_credential_store("sql", {})
+    assert str(info.value).endswith(
+        "the pypop project publishes it as pypop3-sql: pip install pypop3-sql"
+    )
+
+
+# The CLI, with pypop3-sql hidden whether it is installed or not.
+HIDE_SQL = """
+import sys
+import pypop.registry as registry
+real = registry._entry_points
+registry._entry_points = lambda group: {k: v for k, v in real(group).items() if k != "sql"}
+from pypop.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_cli_prints_the_hint_without_traceback() -> None:
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "pypop",
+            "-c",
+            HIDE_SQL,
             "serve",
             "--backend",
             "sql",

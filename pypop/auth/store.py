@@ -155,14 +155,17 @@ class _VerifyingStore:
 
     async def verify_password(self, user: str, password: str) -> bool:
         await self._refresh()
-        cred = self._entries.get(user)
-        known = cred is not None
+        return await self._verify(self._entries.get(user), password)
+
+    async def _verify(self, cred: StoredCredential | None, password: str) -> bool:
+        """Check ``password`` against ``cred``; an unknown user (None) is checked
+        against the dummy, at the same cost, and fails."""
         target = cred if cred is not None else self._dummy
         if target.heavy:
             ok = await trio.to_thread.run_sync(target.verify, password, limiter=self.limiter)
         else:
             ok = target.verify(password)
-        return ok and known
+        return ok and cred is not None
 
     async def lookup(self, user: str) -> StoredCredential | None:
         await self._refresh()

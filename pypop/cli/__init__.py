@@ -1,4 +1,6 @@
-"""The ``pypop`` command: ``pypop serve | passwd | fetch``; ``python -m pypop`` is the same.
+"""The ``pypop`` command: ``pypop serve | passwd | fetch | deliver | import``.
+
+``python -m pypop`` is the same.
 
 Each sub-command is a module with ``add_parser(sub)``, which registers its flags and
 its ``run(args) -> exit status``.
@@ -11,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from pypop import __version__
-from pypop.cli import fetch, passwd, serve
+from pypop.cli import deliver, fetch, import_, passwd, serve
 
 __all__ = ["main"]
 
@@ -23,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_parser(sub)
     passwd.add_parser(sub)
     fetch.add_parser(sub)
+    deliver.add_parser(sub)
+    import_.add_parser(sub)
     args = parser.parse_args(argv)
     status: int = args.run(args)
     return status

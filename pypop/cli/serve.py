@@ -14,6 +14,7 @@ import trio
 
 from pypop import __version__
 from pypop.config import ConfigError, ServerConfig, load_config, parse_address
+from pypop.errors import BackendError
 from pypop.registry import BackendLoadError
 
 if TYPE_CHECKING:
@@ -203,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if isinstance(leaf, OSError):
             print(f"pypop: cannot start: {_os_error(leaf)}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, BackendError):  # e.g. the database is down
+            print(f"pypop: cannot start: {leaf}", file=sys.stderr)
             return 1
         if isinstance(leaf, KeyboardInterrupt):
             return 130

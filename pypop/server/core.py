@@ -104,9 +104,11 @@ class Server:
             ssl_context = make_ssl_context(str(config.tls_cert), str(config.tls_key))
         self.ssl_context = ssl_context
         passthrough = self.backend if isinstance(self.backend, SelfAuthenticating) else None
+        own_store = store is None
         if store is None:
             store = _default_store(config, passthrough is not None)
         self.store = store
+        self._own_store = own_store
         apop = config.apop
         if passthrough is not None:
             _warn_passthrough(config, token_verifier is not None)
@@ -255,6 +257,13 @@ class Server:
                     await self.backend.aclose()
                 except Exception:
                     log.exception("backend failed to close")
+                # A store made from the config may hold connections (optional aclose).
+                store_aclose = getattr(self.store, "aclose", None) if self._own_store else None
+                if store_aclose is not None:
+                    try:
+                        await store_aclose()
+                    except Exception:
+                        log.exception("credential store failed to close")
             log.info("stopped after %s", _plural(self.total_sessions, "session"))
 
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Self
 
 import trio
-from pypop.backend import Account, MessageInfo
+from pypop.backend import Account, MessageInfo, is_valid_uid
 from pypop.backend_kit import (
     BLOCK_SIZE,
     IOThreads,
@@ -25,13 +27,15 @@ from pypop.backend_kit import (
 )
 from pypop.errors import (
     AuthFailed,
+    DuplicateUid,
     MailboxLocked,
     NoSuchMessage,
+    NoSuchUser,
     PermanentFailure,
     TemporaryFailure,
     UpdateFailed,
 )
-from pypop.wire import stuff
+from pypop.wire import stuff, wire_size
 
 from pypop_maildir import _store
 from pypop_maildir._config import (
@@ -46,6 +50,7 @@ from pypop_maildir._lock import HeldLock, LockBusy, acquire
 __all__ = ["BLOCK_SIZE", "LARGE_BLOCK", "MaildirBackend", "MaildirMailbox"]
 
 log = logging.getLogger("pypop.maildir")
+_delivery_counter = itertools.count(1)
 
 # Read-ahead: the thread hop that reads a small message also reads the small messages
 # after it (clients RETR in order), up to this many octets per session; they are served
@@ -281,6 +286,78 @@ class MaildirBackend:
             bytes(e.subdir == "cur" and _store.with_seen_flag(e.name) is not None for e in entries),
         )
         return listing, changed
+
+    async def deliver(
+        self,
+        user: str,
+        message: bytes,
+        *,
+        uid: str | None = None,
+        received: float | None = None,
+    ) -> str:
+        """pypop.backend.Deliverer: write tmp/NAME, fsync, link it into new/, fsync new/.
+
+        The message counts as delivered only after the link; a crash before leaves a
+        file in tmp/ that no session reads. ``uid`` becomes the file's base name (the
+        UIDL this backend serves), so it must also be a safe file name.
+        """
+        try:
+            maildir = self.maildir_path(user)
+        except AuthFailed:
+            raise NoSuchUser("user name cannot be mapped to a maildir") from None
+        if uid is not None and (
+            not is_valid_uid(uid) or "/" in uid or ":" in uid or uid.startswith(".")
+        ):
+            raise ValueError(f"UIDL {uid!r} cannot be a maildir file name")
+        return await self.threads.run(self._deliver_sync, maildir, bytes(message), uid, received)
+
+    def _deliver_sync(
+        self, maildir: str, data: bytes, uid: str | None, received: float | None
+    ) -> str:
+        cfg = self.config
+        try:
+            if not all(os.path.isdir(os.path.join(maildir, d)) for d in ("cur", "new", "tmp")):
+                if not cfg.autocreate:
+                    raise NoSuchUser("maildir does not exist")
+                for d in ("cur", "new", "tmp"):
+                    os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
+            if uid is not None and _store.find_by_base(maildir, uid) is not None:
+                raise DuplicateUid(f"the maildir already has {uid!r}")
+            when = time.time() if received is None else received
+            if uid is None:
+                host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+                base = (
+                    f"{int(when)}.M{int(when * 1e6) % 1_000_000}P{os.getpid()}"
+                    f"Q{next(_delivery_counter)}.{host},S={len(data)},W={wire_size(data)}"
+                )
+            else:
+                base = uid
+            tmp = os.path.join(maildir, "tmp", base)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if cfg.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            target = os.path.join(maildir, "new", base)
+            try:
+                os.link(tmp, target)  # never replaces an existing message
+            finally:
+                os.unlink(tmp)
+            if received is not None:
+                os.utime(target, (received, received))
+            if cfg.fsync:
+                _store.fsync_dir(os.path.join(maildir, "new"))
+        except FileExistsError:
+            if uid is not None:
+                raise DuplicateUid(f"the maildir already has {uid!r}") from None
+            raise TemporaryFailure("delivery name in use") from None
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot deliver: {exc.strerror or exc}") from exc
+        return base if _store.valid_uid(base) else _store.mapped_uid(base)
 
     async def aclose(self) -> None:
         """Nothing to release: every mailbox releases its own lock."""
