@@ -35,7 +35,7 @@ Optional abilities (looked up with ``getattr``, so a backend without them works)
   user database says it is (Dovecot's home and ``userdb_mail``). A user with such a
   location on a backend without it is refused (``-ERR [SYS/PERM]``, logged): serving
   some other maildrop instead would be wrong.
-- :class:`MessageTimes`: ``received(index)`` tells when a message arrived, so the
+- :class:`MessageTimes`: ``received_times()`` tells when each message arrived, so the
   server can enforce EXPIRE (RFC 2449 §6.7) at UPDATE for every backend alike.
 - :class:`WireCache`: messages ready for the wire.
 - an ``expire_days`` attribute (int or None): the backend's EXPIRE policy (its
@@ -191,9 +191,10 @@ class AccountBackend(Protocol):
 class MessageTimes(Protocol):
     """Optional: a mailbox that knows when each message arrived."""
 
-    def received(self, index: int) -> float | None:
-        """Seconds since the epoch when ``messages[index]`` arrived, None if unknown
-        (such a message never expires)."""
+    async def received_times(self) -> Sequence[float | None]:
+        """For each of ``messages``, in order: seconds since the epoch when it
+        arrived, None if unknown (such a message never expires). Asked once, at an
+        UPDATE with EXPIRE in force, so a store may read the times only then."""
         ...
 
 

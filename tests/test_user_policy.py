@@ -221,6 +221,29 @@ async def test_backend_expire_days_option(
     assert "expire: user=<alice> removed=1 days=30" in caplog.text
 
 
+async def test_unreadable_times_keep_the_marked_deletions(
+    start_server: ServerStarter,
+    passwd: Path,
+    backend: MemoryBackend,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pypop.backends.memory import MemoryMailbox
+
+    async def broken(self: MemoryMailbox) -> list[float | None]:
+        raise OSError("store unreachable")  # fault injection
+
+    monkeypatch.setattr(MemoryMailbox, "received_times", broken)
+    caplog.set_level(logging.INFO, "pypop.expire")
+    server = await start_server(backend=backend, passwd_file=passwd)
+    out = await talk(port_of(server), login("judy", "judy-pw") + b"DELE 2\r\nQUIT\r\n")
+    assert out.endswith(b"+OK Logging out\r\n")
+    assert [m.uid for m in await _peek(backend, "judy")] == ["judy-old"]  # DELE 2 done
+    assert (
+        'expire: user=<judy> skipped: arrival times unreadable ("store unreachable")' in caplog.text
+    )
+
+
 def test_backend_expire_and_policy_expire_must_agree() -> None:
     backend = create({"expire_days": 30})
     cfg = ServerConfig(listen=[("127.0.0.1", 0)], expire="7", passwd_file=None)

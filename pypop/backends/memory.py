@@ -89,9 +89,9 @@ class MemoryMailbox(SnapshotMailbox):
         self._user = user
         self._snapshot = snapshot
 
-    def received(self, index: int) -> float:
-        """pypop.backend.MessageTimes: when deliver() took the message."""
-        return self._snapshot[index].received
+    async def received_times(self) -> list[float | None]:
+        """pypop.backend.MessageTimes: when deliver() took each message."""
+        return [stored.received for stored in self._snapshot]
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes:
         """pypop.backend.WireCache: a RETR is one cached buffer (memory for speed)."""

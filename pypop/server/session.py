@@ -12,7 +12,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -698,37 +698,49 @@ class Session:
             return None if self.policy.expire < 0 else self.policy.expire
         return self.ctx.expire_days
 
-    def _expired(self, mailbox: Mailbox, deleted: tuple[int, ...]) -> list[int]:
+    async def _expired(self, mailbox: Mailbox, deleted: tuple[int, ...]) -> list[int]:
         """EXPIRE enforced (RFC 2449 §6.7): the messages UPDATE removes besides those
         marked. 0 days: what this session retrieved; N: what arrived more than N days
-        ago (backends with ``received``, pypop.backend.MessageTimes)."""
+        ago (backends with ``received_times``, pypop.backend.MessageTimes)."""
         days = self._expire_days()
         if days is None:
             return []
         marked = set(deleted)
         if days == 0:
             return sorted(self._retrieved_set - marked)
-        received = getattr(mailbox, "received", None)
-        if received is None:
+        received_times = getattr(mailbox, "received_times", None)
+        if received_times is None:
+            return []
+        times: Sequence[float | None] | None = None
+        problem = "timed out"
+        try:
+            with trio.move_on_after(30):
+                times = await received_times()
+        except Exception as exc:
+            problem = describe(exc)
+        if times is None:
+            # The marked messages still go; the expiry waits for a later UPDATE.
+            expire_log.warning(
+                "expire: user=<%s> skipped: arrival times unreadable (%s)", self.user, problem
+            )
             return []
         cutoff = time.time() - days * 86400
-        out = []
-        for i in range(len(mailbox.messages)):
-            if i not in marked:
-                when = received(i)
-                if when is not None and when < cutoff:
-                    out.append(i)
-        return out
+        return [
+            i
+            for i, when in enumerate(times[: len(mailbox.messages)])
+            if when is not None and when < cutoff and i not in marked
+        ]
 
     async def _update(self, deleted: tuple[int, ...]) -> Closing:
         assert self.mailbox is not None
         mailbox, self.mailbox = self.mailbox, None
         failed = False
-        expired = self._expired(mailbox, deleted)
+        expired: list[int] = []
         # Shielded: once UPDATE starts it finishes, even during shutdown.
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(60):
+                    expired = await self._expired(mailbox, deleted)
                     await mailbox.commit(tuple(sorted((*deleted, *expired))))
                 self.deleted = len(deleted)
                 if expired:

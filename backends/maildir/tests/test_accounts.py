@@ -46,6 +46,7 @@ async def test_open_account_and_received(tmp_path: Path) -> None:
         assert len(box.messages) == 2
         assert box.received(0) == 1700000000.0
         assert box.received(1) is None  # never expires
+        assert await box.received_times() == [1700000000.0, None]
     finally:
         await box.aclose()
     with pytest.raises(PermanentFailure, match="driver 'sdbox'"):

@@ -461,6 +461,11 @@ class MaildirMailbox(SnapshotMailbox):
         by EXPIRE)."""
         return _store.delivery_time(self._entry(index).name)
 
+    async def received_times(self) -> list[float | None]:
+        """pypop.backend.MessageTimes: :meth:`received` of every message (names are
+        in memory already: no I/O)."""
+        return [self.received(i) for i in range(len(self._entries))]
+
     def _entry(self, index: int) -> _store.Entry:
         if not 0 <= index < len(self._entries):
             raise NoSuchMessage(f"no message at index {index}")
