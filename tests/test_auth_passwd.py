@@ -79,13 +79,25 @@ def test_parse(caplog: pytest.LogCaptureFixture) -> None:
     assert result.entries["alice"] == StoredCredential("alice", "PLAIN", "wonderland")
     assert result.entries["carol"].scheme == "CRYPT"
     assert result.entries["walter"].value == "w"  # CRLF line end
-    assert result.errors == 5  # mallory, trent, peggy, victor, duplicate alice
+    assert result.errors == 3  # mallory, trent, duplicate alice
+    # No password field, or an empty one: users no password logs in (Kerberos only).
+    assert result.passwordless == frozenset({"peggy", "victor"})
     text = caplog.text
     assert "line 9" in text
     assert "unknown password scheme" in text
     assert "second-alice" not in text  # never log secrets
     assert "frperg" not in text
     assert "wonderland" not in repr(result.entries["alice"])
+
+
+async def test_passwordless_users_exist_for_kerberos_only(passwd: Path) -> None:
+    store = PasswdFileStore(passwd)
+    assert await store.has_account("victor")
+    assert await store.user_policy("victor") is not None  # the defaults
+    assert await store.lookup("victor") is None
+    assert not await store.verify_password("victor", "")
+    assert not await store.has_account("nobody")
+    assert await store.user_policy("nobody") is None
 
 
 def test_parse_non_utf8_and_control_chars() -> None:

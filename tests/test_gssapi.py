@@ -81,7 +81,11 @@ async def kserver(
     start_server: ServerStarter, krb_env: Realm, backend: MemoryBackend, tmp_path: Path
 ) -> Server:
     passwd = tmp_path / "passwd"
-    passwd.write_text("alice:{PLAIN}x\nbob:{PLAIN}y::::::nologin reason=Kerberos account frozen\n")
+    passwd.write_text(
+        "alice:{PLAIN}x\n"
+        "bob:{PLAIN}y::::::nologin reason=Kerberos account frozen\n"
+        "dora:\n"  # no password: Kerberos only
+    )
     return await start_server(
         backend=backend,
         passwd_file=passwd,
@@ -182,6 +186,30 @@ async def test_principal_with_an_instance(
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{krb_env.kinit('alice/admin')}")
     reply, c, _ = await gssapi_login(port_of(kserver), authzid="alice")
     assert reply == AUTH_FAILED
+    await c.aclose()
+
+
+async def test_principal_without_an_account(
+    kserver: Server, krb_env: Realm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A valid ticket of the realm is not an account (Dovecot's userdb lookup):
+    # carol has no passwd-file line; dora has one without a password.
+    for name in ("carol", "dora"):
+        if name not in krb_env.passwords:
+            krb_env.add_user(name, f"{name}-password")
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{krb_env.kinit('carol')}")
+    reply, c, _ = await gssapi_login(port_of(kserver))
+    assert reply == AUTH_FAILED
+    await c.aclose()
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{krb_env.kinit('dora')}")
+    reply, c, _ = await gssapi_login(port_of(kserver))
+    assert reply == b"+OK maildrop has 0 messages (0 octets)\r\n"
+    assert await c.cmd(b"QUIT\r\n") == b"+OK Logging out\r\n"
+    await c.aclose()
+    c = await Client.connect(port_of(kserver))
+    await c.line()
+    assert await c.cmd(b"USER dora\r\n") == b"+OK\r\n"
+    assert await c.cmd(b"PASS dora-password\r\n") == AUTH_FAILED  # no password logs in
     await c.aclose()
 
 

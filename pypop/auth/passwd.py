@@ -13,8 +13,9 @@ A password without a ``{SCHEME}`` prefix uses ``default_scheme``: ``CRYPT``,
 Dovecot's default, which reads the crypt(3) formats ``$2a$/$2b$/$2y$`` (bcrypt),
 ``$5$``, ``$6$`` (SHA-crypt) and ``$1$`` (MD5-crypt). User names are prepared with
 PRECIS (RFC 8265, :mod:`pypop.auth.prep`), as the names clients send are, so a
-name written in decomposed Unicode still matches. Malformed lines (no password,
-unknown scheme, a value the scheme can never verify, a user name PRECIS refuses, a
+name written in decomposed Unicode still matches. A line with an empty password
+field is a user no password logs in (Kerberos only: GSSAPI). Malformed lines (unknown
+scheme, a value the scheme can never verify, a user name PRECIS refuses, a
 malformed policy field, a duplicate user) are logged with their line number, never
 their content, and skipped: such users are unknown, and take the dummy
 verification.
@@ -54,6 +55,9 @@ class ParseResult:
     errors: int
     policies: dict[str, UserPolicy] = field(default_factory=dict)
     """Users whose line sets a policy (users without one have the default)."""
+    passwordless: frozenset[str] = frozenset()
+    """Users with an empty password field: no password logs them in, but they exist
+    for logins that prove the name another way (Kerberos, GSSAPI)."""
 
 
 def parse_passwd_file(
@@ -63,6 +67,7 @@ def parse_passwd_file(
     entries: dict[str, StoredCredential] = {}
     policies: dict[str, UserPolicy] = {}
     seen: set[str] = set()
+    passwordless: set[str] = set()
     errors = 0
 
     def bad(lineno: int, why: str) -> None:
@@ -100,7 +105,10 @@ def parse_passwd_file(
             bad(lineno, f"user {user!r}: {exc}")
             continue
         if not password:
-            bad(lineno, f"user {user!r} has no password")
+            # As in Dovecot's userdb: the user exists, only not for password logins.
+            passwordless.add(user)
+            if policy != DEFAULT:
+                policies[user] = policy
             continue
         try:
             entries[user] = StoredCredential.parse(user, password, default_scheme)
@@ -112,7 +120,7 @@ def parse_passwd_file(
             continue
         if policy != DEFAULT:
             policies[user] = policy
-    return ParseResult(entries, errors, policies)
+    return ParseResult(entries, errors, policies, frozenset(passwordless))
 
 
 class PasswdFileStore(_VerifyingStore):
@@ -143,6 +151,7 @@ class PasswdFileStore(_VerifyingStore):
         self._signature: tuple[int, int, int, int] | None = None
         self._last_check = clock()
         self._policies: dict[str, UserPolicy] = {}
+        self._passwordless: frozenset[str] = frozenset()
         self.per_user_capabilities: frozenset[str] = frozenset()
         self._load(initial=True)
 
@@ -167,7 +176,7 @@ class PasswdFileStore(_VerifyingStore):
             )
             return False
         result = parse_passwd_file(data, default_scheme=self.default_scheme, source=str(self.path))
-        if not result.entries and self._entries:
+        if not result.entries and not result.passwordless and self._entries:
             log.error(
                 "passwd-file %s: no valid entries after reload; keeping the previous %d users",
                 self.path,
@@ -176,6 +185,7 @@ class PasswdFileStore(_VerifyingStore):
             return False
         self._set_entries(result.entries)
         self._policies = result.policies
+        self._passwordless = result.passwordless
         varying = set()
         for policy in result.policies.values():
             if policy.expire is not None:
@@ -184,8 +194,9 @@ class PasswdFileStore(_VerifyingStore):
                 varying.add("LOGIN-DELAY")
         self.per_user_capabilities = frozenset(varying)
         self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-        if result.entries:
-            log.info("passwd-file %s: %s loaded", self.path, _plural(len(result.entries), "user"))
+        if result.entries or result.passwordless:
+            count = len(result.entries) + len(result.passwordless)
+            log.info("passwd-file %s: %s loaded", self.path, _plural(count, "user"))
         else:
             log.warning(
                 "passwd-file %s has NO valid users (%s): every login will fail",
@@ -212,9 +223,14 @@ class PasswdFileStore(_VerifyingStore):
     async def user_policy(self, user: str) -> UserPolicy | None:
         """The user's policy from the extra fields (None: unknown user)."""
         await self._refresh()
-        if user not in self._entries:
+        if user not in self._entries and user not in self._passwordless:
             return None
         return self._policies.get(user, DEFAULT)
+
+    async def has_account(self, user: str) -> bool:
+        """Is ``user`` a line of the file (with or without a password)?"""
+        await self._refresh()
+        return user in self._entries or user in self._passwordless
 
     async def _refresh(self) -> None:
         now = self._clock()

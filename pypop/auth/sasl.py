@@ -728,6 +728,16 @@ class Gssapi(SaslMechanism):
         answer = response
         user = await self._gss(lambda: established_acceptor.finish(answer))
         self.attempted_user = user
+        # A valid ticket is not an account: as Dovecot's userdb lookup, the user must
+        # be known to the credential store (a passwd-file line may have no password).
+        has_account = getattr(self.ctx.store, "has_account", None)
+        if has_account is not None:
+            known: bool = await has_account(user)
+        else:
+            known = await self.ctx.store.lookup(user) is not None
+        if not known:
+            log.info("GSSAPI: %r has a ticket but no account here", user)
+            return SaslFailure()
         return SaslSuccess(user)
 
     async def _offer_layer(self, acceptor: GssapiAcceptor) -> SaslResult:
