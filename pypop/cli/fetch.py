@@ -295,6 +295,13 @@ def _rows(client: Client, args: argparse.Namespace) -> int:
     if result.unknown_messages or result.unknown_uids:
         unknown = [str(n) for n in result.unknown_messages] + result.unknown_uids
         print(f"pypop fetch: not on the server: {', '.join(unknown)}", file=sys.stderr)
+    if result.needs_utf8:
+        listed = ", ".join(str(n) for n in result.needs_utf8)
+        print(
+            f"pypop fetch: the server sends these only to a client that uses UTF8 "
+            f"(-ERR [UTF8], 8-bit headers; drop --no-utf8): {listed}",
+            file=sys.stderr,
+        )
     return EXIT_MAIL if (result.rows or result.deleted) else EXIT_NOMAIL
 
 
@@ -323,7 +330,11 @@ def _print(result: Result, fmt: str | None, out: IO[str], action: str) -> None:
 
 
 def _unknown(result: Result) -> dict[str, list[Any]]:
-    return {"messages": list(result.unknown_messages), "uids": list(result.unknown_uids)}
+    return {
+        "messages": list(result.unknown_messages),
+        "uids": list(result.unknown_uids),
+        "needs_utf8": list(result.needs_utf8),
+    }
 
 
 def _table(rows: list[Row], out: IO[str]) -> None:

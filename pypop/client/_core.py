@@ -508,6 +508,9 @@ class Result:
     unknown_messages: list[int] = field(default_factory=list)
     unknown_uids: list[str] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
+    needs_utf8: list[int] = field(default_factory=list)
+    """Messages the server keeps from a session without UTF8 (RFC 6856 ``-ERR
+    [UTF8]``: 8-bit headers); they exist, unlike ``unknown_messages``."""
 
     def __iter__(self) -> Any:
         return iter(self.rows)
@@ -591,7 +594,8 @@ def select(
 
 def fetch(session: Session, targets: Sequence[Target], *, headers_only: bool) -> Op:
     """The messages of ``targets``: pipelined ``TOP n 0`` (RETR when there is no TOP),
-    or RETR. Returns ``[(target, octets or None for -ERR)]``; headers only when asked."""
+    or RETR. Returns ``[(target, octets or None for -ERR, the -ERR's response code)]``;
+    headers only when asked."""
     from pypop.client.rows import header_block
 
     use_top = headers_only and session.has_top()
@@ -600,17 +604,17 @@ def fetch(session: Session, targets: Sequence[Target], *, headers_only: bool) ->
     if use_top and session.capabilities is None and replies and not replies[0].status.ok:
         replies = yield from session.pipeline([Retr(t.number) for t in targets])
         use_top = False
-    fetched: list[tuple[Target, bytes | None]] = []
+    fetched: list[tuple[Target, bytes | None, str | None]] = []
     for target, reply in zip(targets, replies, strict=True):
         raw = reply.body or b"" if reply.status.ok else None
         if raw is not None and headers_only and not use_top:
             raw = header_block(raw)
-        fetched.append((target, raw))
+        fetched.append((target, raw, reply.status.code))
     return fetched
 
 
 def make_rows(
-    fetched: Sequence[tuple[Target, bytes | None]],
+    fetched: Sequence[tuple[Target, bytes | None, str | None]],
     result: Result,
     *,
     headers_only: bool,
@@ -621,9 +625,12 @@ def make_rows(
     no network: the async client runs it in a worker thread."""
     from pypop.client.rows import build_row
 
-    for target, raw in fetched:
+    for target, raw, code in fetched:
         if raw is None:
-            result.unknown_messages.append(target.number)
+            if code == "UTF8":
+                result.needs_utf8.append(target.number)
+            else:
+                result.unknown_messages.append(target.number)
             continue
         result.rows.append(
             build_row(
