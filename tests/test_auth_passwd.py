@@ -79,9 +79,9 @@ def test_parse(caplog: pytest.LogCaptureFixture) -> None:
     assert result.entries["alice"] == StoredCredential("alice", "PLAIN", "wonderland")
     assert result.entries["carol"].scheme == "CRYPT"
     assert result.entries["walter"].value == "w"  # CRLF line end
-    assert result.errors == 3  # mallory, trent, duplicate alice
-    # No password field, or an empty one: users no password logs in (Kerberos only).
-    assert result.passwordless == frozenset({"peggy", "victor"})
+    assert result.errors == 4  # mallory, trent, peggy (a name alone), duplicate alice
+    # An empty password field: a user no password logs in (Kerberos only).
+    assert result.passwordless == frozenset({"victor"})
     text = caplog.text
     assert "line 9" in text
     assert "unknown password scheme" in text

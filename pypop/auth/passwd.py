@@ -14,11 +14,11 @@ Dovecot's default, which reads the crypt(3) formats ``$2a$/$2b$/$2y$`` (bcrypt),
 ``$5$``, ``$6$`` (SHA-crypt) and ``$1$`` (MD5-crypt). User names are prepared with
 PRECIS (RFC 8265, :mod:`pypop.auth.prep`), as the names clients send are, so a
 name written in decomposed Unicode still matches. A line with an empty password
-field is a user no password logs in (Kerberos only: GSSAPI). Malformed lines (unknown
-scheme, a value the scheme can never verify, a user name PRECIS refuses, a
-malformed policy field, a duplicate user) are logged with their line number, never
-their content, and skipped: such users are unknown, and take the dummy
-verification.
+field (``alice:``) is a user no password logs in (Kerberos only: GSSAPI). Malformed
+lines (a name alone, an unknown scheme, a value the scheme can never verify, a user
+name PRECIS refuses, a malformed policy field, a duplicate user) are logged with
+their line number, never their content, and skipped: such users are unknown, and
+take the dummy verification.
 
 The file is re-read when its (mtime, size, inode, device) changes, checked at most
 once a second on the next lookup. The new table replaces the old one in one
@@ -97,7 +97,10 @@ def parse_passwd_file(
             bad(lineno, f"user {user!r} exists more than once (the first line wins)")
             continue
         seen.add(user)
-        password = fields[1] if len(fields) > 1 else ""
+        if len(fields) < 2:
+            bad(lineno, f"user {user!r} has no password field")
+            continue
+        password = fields[1]
         home = fields[5] if len(fields) > 5 else ""
         try:
             policy = parse_extra_fields(fields[7] if len(fields) > 7 else "", home=home)
