@@ -62,9 +62,13 @@ class ServeProcess:
     port: int
     log: Path
 
-    def login(self, user: str = "alice") -> poplib.POP3:
+    def login(self, user: str = "alice", *, utf8: bool = False) -> poplib.POP3:
+        """poplib logged in; ``utf8``: send UTF8 first (RFC 6856), which a message with
+        8-bit header octets needs."""
         pop = poplib.POP3("127.0.0.1", self.port, timeout=30)
         try:
+            if utf8:
+                pop.utf8()
             pop.user(user)
             pop.pass_(PASSWORD)
         except BaseException:
