@@ -27,11 +27,19 @@ Rules every backend follows (``pypop.testing`` checks them):
   Anything else a backend raises is a bug: the server ends that session with
   ``-ERR [SYS/TEMP]`` and logs it.
 
-Optional capabilities, found on the backend or mailbox object:
+Optional abilities (looked up with ``getattr``, so a backend without them works):
 
-- :class:`WireCache`: a mailbox that holds messages ready for the wire.
 - :class:`SelfAuthenticating`: a backend that checks the client's credentials itself
   (a passthrough to another server) instead of the server's credential store.
+- :class:`AccountBackend`: ``open_account(account)`` opens the maildrop where the
+  user database says it is (Dovecot's home and ``userdb_mail``). A user with such a
+  location on a backend without it is refused (``-ERR [SYS/PERM]``, logged): serving
+  some other maildrop instead would be wrong.
+- :class:`MessageTimes`: ``received_times()`` tells when each message arrived, so the
+  server can enforce EXPIRE (RFC 2449 §6.7) at UPDATE for every backend alike.
+- :class:`WireCache`: messages ready for the wire.
+- an ``expire_days`` attribute (int or None): the backend's EXPIRE policy (its
+  ``expire_days`` option, :meth:`pypop.backend_kit.Options.expire_days`).
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ from pypop.errors import (
 )
 
 __all__ = [
+    "Account",
+    "AccountBackend",
     "AuthFailed",
     "Backend",
     "BackendError",
@@ -64,6 +74,7 @@ __all__ = [
     "Mailbox",
     "MailboxLocked",
     "MessageInfo",
+    "MessageTimes",
     "NoSuchMessage",
     "NoSuchUser",
     "PermanentFailure",
@@ -154,6 +165,42 @@ class WireCache(Protocol):
     """
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Where the user database puts a user's mail (None: the backend's default)."""
+
+    user: str
+    home: str | None = None
+    """The home directory (passwd-file field 6 or ``userdb_home``)."""
+    mail: str | None = None
+    """Dovecot's mail location (``userdb_mail``), e.g. ``maildir:~/Maildir``."""
+
+    @property
+    def located(self) -> bool:
+        return self.home is not None or self.mail is not None
+
+
+@runtime_checkable
+class AccountBackend(Protocol):
+    """Optional: a backend that opens a maildrop at a per-user location."""
+
+    async def open_account(self, account: Account) -> Mailbox:
+        """Like :meth:`Backend.open_mailbox`, at ``account``'s location; raises
+        :class:`PermanentFailure` for a location it cannot serve."""
+        ...
+
+
+@runtime_checkable
+class MessageTimes(Protocol):
+    """Optional: a mailbox that knows when each message arrived."""
+
+    async def received_times(self) -> Sequence[float | None]:
+        """For each of ``messages``, in order: seconds since the epoch when it
+        arrived, None if unknown (such a message never expires). Asked once, at an
+        UPDATE with EXPIRE in force, so a store may read the times only then."""
+        ...
 
 
 @runtime_checkable

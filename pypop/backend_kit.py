@@ -206,6 +206,19 @@ class Options:
             raise self.error(f"option {name!r} must be one of {listed}, got {value!r}")
         return value
 
+    def expire_days(self) -> int | None:
+        """The ``expire_days`` option every shipped backend takes: remove messages
+        older than this many days at UPDATE (0: those retrieved in the session),
+        RFC 2449 §6.7 EXPIRE enforced. None when not set (mail is kept: NEVER).
+
+        The server does the removing, for every backend alike: it reads the
+        backend's ``expire_days`` attribute, announces ``EXPIRE n`` in CAPA, and at
+        UPDATE adds the expired messages to those marked (message times come from
+        :class:`pypop.backend.MessageTimes`), logging how many it removed."""
+        if not self.has("expire_days"):
+            return None
+        return self.integer("expire_days", 0, minimum=0, maximum=36500)
+
     def finish(self) -> None:
         """Refuse every option that was not asked for (a misspelt key is an error)."""
         unknown = sorted(k for k in self._options if k not in self._asked)

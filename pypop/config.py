@@ -34,6 +34,10 @@ Example ``pypop.toml`` (every key optional)::
     tokens_file = "/etc/pypop/tokens"   # user:token lines for OAUTHBEARER/XOAUTH2
     login_delay = 0                     # RFC 2449 LOGIN-DELAY, seconds; 0 = off
     secret_file = "/etc/pypop/passwd.secret"   # default: <passwd_file>.secret
+    gssapi_keytab = "/etc/pypop/pop.keytab"     # Kerberos (SASL GSSAPI, RFC 4752);
+                                        # needs pip install 'pypop3[gssapi]'
+    gssapi_hostname = "mail.example.org"  # accept pop/<this>; "*": any key in the
+                                        # keytab; default: server.hostname
 
     [tls]
     cert = "/etc/pypop/cert.pem"        # PEM chain; both files are read again on
@@ -50,6 +54,8 @@ Example ``pypop.toml`` (every key optional)::
 
     [policy]
     expire = "NEVER"                    # CAPA EXPIRE; "" hides it
+    utf8_headers = "refuse"             # RFC 6856: 8-bit headers to non-UTF8 clients:
+                                        # "refuse" (-ERR [UTF8]) or "send"
 
     [metrics]
     listen = "127.0.0.1:9110"           # Prometheus /metrics and /healthz; off if unset
@@ -117,6 +123,7 @@ class ServerConfig:
     implementation: str = "pypop"
     greeting: str = "POP3 server ready"
     expire: str = "NEVER"
+    utf8_headers: str = "refuse"
 
     idle_timeout: float = 600.0
     line_timeout: float = 60.0
@@ -140,6 +147,8 @@ class ServerConfig:
     mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
     tokens_file: Path | None = None
     login_delay: int = 0
+    gssapi_keytab: Path | None = None
+    gssapi_hostname: str | None = None
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -222,6 +231,10 @@ class ServerConfig:
             raise ConfigError(f'log.format must be "text" or "json", got {self.log_format!r}')
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log.level must be DEBUG, INFO, WARNING or ERROR")
+        if self.utf8_headers not in ("refuse", "send"):
+            raise ConfigError('policy.utf8_headers must be "refuse" or "send"')
+        if self.expire and self.expire != "NEVER" and not self.expire.isdigit():
+            raise ConfigError('policy.expire must be a number of days, "NEVER" or ""')
 
     def worker_count(self) -> int:
         """``server.workers``, with 0 resolved to the number of usable cores."""
@@ -236,7 +249,7 @@ class ServerConfig:
 # Keys handled by hand in _apply, beside those of _SECTIONS.
 _SPECIAL: dict[str, tuple[str, ...]] = {
     "server": ("listen", "listen_tls", "proxy_from"),
-    "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file"),
+    "auth": ("passwd_file", "tokens_file", "mechanisms", "secret_file", "gssapi_keytab"),
 }
 
 _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
@@ -252,7 +265,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "format": ("log_format", str),
         "level": ("log_level", str),
     },
-    "policy": {"expire": ("expire", str)},
+    "policy": {"expire": ("expire", str), "utf8_headers": ("utf8_headers", str)},
     "limits": {
         "idle_timeout": ("idle_timeout", (int, float)),
         "line_timeout": ("line_timeout", (int, float)),
@@ -272,6 +285,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "allow_plaintext": ("allow_plaintext", bool),
         "loopback_is_secure": ("loopback_is_secure", bool),
         "login_delay": ("login_delay", int),
+        "gssapi_hostname": ("gssapi_hostname", str),
     },
 }
 
@@ -353,6 +367,8 @@ def _apply(data: dict[str, Any], cfg: ServerConfig, base: Path) -> None:
                 cfg.tokens_file = _path(base, value, where)
             elif section == "auth" and key == "secret_file":
                 cfg.secret_file = _path(base, value, where)
+            elif section == "auth" and key == "gssapi_keytab":
+                cfg.gssapi_keytab = _path(base, value, where)
             elif section == "auth" and key == "mechanisms":
                 mechs = _check(value, list, where)
                 cfg.mechanisms = [str(_check(m, str, where)).upper() for m in mechs]

@@ -257,6 +257,9 @@ class BackendConformance:
         def run() -> T:
             pop = poplib.POP3(host, port, timeout=30)
             try:
+                # RFC 6856: a UTF8 client gets 8-bit headers as stored (the kit checks
+                # exact bytes; a client that never sends UTF8 gets -ERR [UTF8]).
+                pop.utf8()
                 pop.user(user)
                 pop.pass_(password)
                 return fn(pop)

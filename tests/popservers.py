@@ -206,9 +206,15 @@ def write_maildir(root: Path, messages: list[bytes], uid: int, gid: int) -> None
 
 
 def dovecot_server(
-    workdir: Path, certs: Certs, mail: Mapping[str, list[bytes]], *, mechanisms: str = ""
+    workdir: Path,
+    certs: Certs,
+    mail: Mapping[str, list[bytes]],
+    *,
+    mechanisms: str = "",
+    extra_config: str = "",
 ) -> PopServer:
-    """Dovecot 2.3 POP3, PLAIN passwords, maildir per user; STLS + implicit TLS."""
+    """Dovecot 2.3 POP3, PLAIN passwords, maildir per user; STLS + implicit TLS.
+    ``extra_config`` is appended to dovecot.conf (e.g. Kerberos settings)."""
     binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)  # noqa: S103 - Dovecot's unprivileged users read it
@@ -267,6 +273,7 @@ service pop3-login {{
     ssl = yes
   }}
 }}
+{extra_config}
 """
     )
     check = subprocess.run([binary, "-n", "-c", str(conf)], capture_output=True, text=True)

@@ -71,17 +71,33 @@ def passwd(tmp_path: Path) -> Path:
 def test_parse(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "pypop.auth")
     result = parse_passwd_file(FILE.encode())
-    assert sorted(result.entries) == ["alice", "bob", "carol", "dave", "walter"]
+    # eve has nologin: her entry stays, with the policy (the session refuses her login
+    # after the password verifies, with the reason; pypop.auth.userdb)
+    assert sorted(result.entries) == ["alice", "bob", "carol", "dave", "eve", "walter"]
+    assert result.policies["eve"].nologin
+    assert sorted(result.policies) == ["alice", "bob", "eve"]  # alice, bob: a home
     assert result.entries["alice"] == StoredCredential("alice", "PLAIN", "wonderland")
     assert result.entries["carol"].scheme == "CRYPT"
     assert result.entries["walter"].value == "w"  # CRLF line end
-    assert result.errors == 5  # mallory, trent, peggy, victor, duplicate alice
+    assert result.errors == 4  # mallory, trent, peggy (a name alone), duplicate alice
+    # An empty password field: a user no password logs in (Kerberos only).
+    assert result.passwordless == frozenset({"victor"})
     text = caplog.text
     assert "line 9" in text
     assert "unknown password scheme" in text
     assert "second-alice" not in text  # never log secrets
     assert "frperg" not in text
     assert "wonderland" not in repr(result.entries["alice"])
+
+
+async def test_passwordless_users_exist_for_kerberos_only(passwd: Path) -> None:
+    store = PasswdFileStore(passwd)
+    assert await store.has_account("victor")
+    assert await store.user_policy("victor") is not None  # the defaults
+    assert await store.lookup("victor") is None
+    assert not await store.verify_password("victor", "")
+    assert not await store.has_account("nobody")
+    assert await store.user_policy("nobody") is None
 
 
 def test_parse_non_utf8_and_control_chars() -> None:
@@ -99,7 +115,11 @@ async def test_verify_and_lookup(passwd: Path) -> None:
     assert not await store.verify_password("bob", "wonderland")
     assert await store.verify_password("carol", "secret")  # default scheme CRYPT
     assert await store.verify_password("dave", "secret")  # CRAM-MD5 state checks a password
-    for user in ["eve", "mallory", "trent", "nobody", ""]:
+    assert await store.verify_password("eve", "blocked")  # nologin: refused in the session
+    policy = await store.user_policy("eve")
+    assert policy is not None
+    assert policy.nologin
+    for user in ["mallory", "trent", "nobody", ""]:
         assert not await store.verify_password(user, "blocked")
         assert await store.lookup(user) is None
     alice = await store.lookup("alice")

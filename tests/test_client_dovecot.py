@@ -125,3 +125,17 @@ def test_fetch_into_maildir(dovecot: PopServer, tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "M" / "new").iterdir())) == len(CORPUS)
+
+
+def test_no_utf8_with_dovecot(dovecot: PopServer) -> None:
+    """Dovecot 2.3 offers no UTF8 (RFC 6856): the client does not send it, and gets
+    the 8-bit header message as Dovecot stores it."""
+    headers = [m.replace(b"\r\n", b"\n").split(b"\n\n")[0] for m in CORPUS]
+    eight_bit = next(i for i, h in enumerate(headers, 1) if not h.isascii())
+    with Client(dovecot.url(), password=PASSWORD, cafile=dovecot.certs.ca_file) as pop:
+        assert pop.capabilities is not None
+        assert "UTF8" not in pop.capabilities
+        assert not pop.utf8
+        assert pop.retr(eight_bit) == CORPUS[eight_bit - 1].replace(b"\r\n", b"\n").replace(
+            b"\n", b"\r\n"
+        )

@@ -75,7 +75,7 @@ def test_rows_table_json_csv(server: PopServer, certs: Certs) -> None:
     assert "Große Grüße" in lines[2]
     js = fetch(server.url(), *ca, "--json", "--uid", "0004,zzz")
     data = json.loads(js.stdout)
-    assert data["unknown"] == {"messages": [], "uids": ["zzz"]}
+    assert data["unknown"] == {"messages": [], "uids": ["zzz"], "needs_utf8": []}
     [row] = data["rows"]
     assert row["Subject"].startswith("nested multiparts")
     assert row["Body"] is None  # headers only
@@ -213,3 +213,26 @@ def test_killed_at_random_points_loses_nothing(
     assert duplicates <= (0 if kind == "maildir" else kills)
     with Client(server.url("bob"), password=PASSWORD, cafile=certs.ca_file) as pop:
         assert pop.stat() == (0, 0)
+
+
+def test_utf8_when_offered_and_no_utf8(server: PopServer, certs: Certs) -> None:
+    """RFC 6856: pypop fetch sends UTF8 when the server offers it, so message 5 (raw
+    UTF-8 in From and Subject) comes out; with --no-utf8 the server refuses it with
+    -ERR [UTF8], and fetch says so instead of calling it missing."""
+    ca = ["--cafile", str(certs.ca_file)]
+    js = fetch(server.url(), *ca, "--json", "--msg", "5")
+    assert js.returncode == 0, js.stderr
+    [row] = json.loads(js.stdout)["rows"]
+    assert row["Subject"] == "Ünïcödé without encoded words"
+    assert row["From"] == "Zoë Çelik <zoe@example.org>"
+    legacy = fetch(server.url(), *ca, "--json", "--msg", "5,99", "--no-utf8")
+    assert json.loads(legacy.stdout) == {
+        "rows": [],
+        "unknown": {"messages": [99], "uids": [], "needs_utf8": [5]},
+    }
+    assert legacy.stderr == (
+        "pypop fetch: not on the server: 99\n"
+        "pypop fetch: the server sends these only to a client that uses UTF8 "
+        "(-ERR [UTF8], 8-bit headers; drop --no-utf8): 5\n"
+    )
+    assert legacy.returncode == 1  # no mail listed

@@ -569,6 +569,14 @@ async def test_no_traceback_from_any_hostile_line(
         b"\xff" * 300 + b"\r\n",
         b"TOP 1 " + b"9" * 240 + b"\r\n",
         b"\r\n" * 19,
+        # RFC 6856: language tags, UTF8 twice, names and passwords PRECIS refuses or
+        # that are not UTF-8 at all, long UTF-8 names.
+        b"LANG " + b"a-" * 120 + b"\r\nLANG \xff\xfe\r\nLANG *\r\n",
+        b"UTF8\r\nUTF8\r\nLANG de\r\nLANG es-419\r\nFOO\r\nLANG en\r\n",
+        b"USER \xc3\x28\r\nPASS \xff\xfe\r\n",
+        "UTF8\r\nUSER {}\r\nPASS {}\r\n".format("ü" * 120, "ß" * 120).encode(),
+        "USER jürgen\u202e\r\nPASS pässwörd\u0007\r\n".encode(),
+        b"UTF8\r\nAUTH PLAIN " + b64("\x00\u1100\x00\ufffe") + b"\r\n",
     ]
     with caplog.at_level(logging.INFO):
         for line in lines:

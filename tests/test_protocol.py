@@ -427,9 +427,10 @@ def test_capa_by_state_and_policy() -> None:
     assert out == (
         b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
         b"AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN CRAM-MD5\r\nSTLS\r\n"
-        b"EXPIRE NEVER\r\nLOGIN-DELAY 30\r\nIMPLEMENTATION pypop\r\n.\r\n"
+        b"EXPIRE NEVER\r\nLOGIN-DELAY 30\r\nUTF8 USER\r\nLANG\r\nIMPLEMENTATION pypop\r\n.\r\n"
     )
     out = converse(b"CAPA\r\n", lambda: server(cfg, mechs, plaintext_allowed=False))
+    assert b"\r\nUTF8\r\n" in out  # no USER/PASS, no APOP: no UTF-8 names to take
     assert b"USER\r\n" not in out
     assert b"SASL CRAM-MD5\r\n" in out
     out = converse(b"CAPA\r\n", lambda: server(cfg, mechs), login=True)

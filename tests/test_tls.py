@@ -337,6 +337,8 @@ async def test_cleartext_hidden_until_stls_when_loopback_is_not_secure(
         b"SASL SCRAM-SHA-256",
         b"STLS",
         b"EXPIRE NEVER",
+        b"UTF8",
+        b"LANG",
         b"IMPLEMENTATION pypop",
     ]
     refused = (
@@ -361,6 +363,8 @@ async def test_cleartext_hidden_until_stls_when_loopback_is_not_secure(
         b"USER",
         b"SASL SCRAM-SHA-256 PLAIN LOGIN",
         b"EXPIRE NEVER",
+        b"UTF8 USER",
+        b"LANG",
         b"IMPLEMENTATION pypop",
     ]
     assert await c.cmd(b"AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=\r\n") == MAILDROP_OK

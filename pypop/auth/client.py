@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 from pypop import wire
+from pypop.auth.kerberos import GssapiClient, GssapiError
 from pypop.auth.sasl import _PRINTABLE_NONCE, _Abort, _attrs, _xor
 from pypop.auth.schemes import scram_derive
 from pypop.errors import AuthError, ProtocolError
@@ -35,6 +36,7 @@ __all__ = [
     "PASSWORD_PREFERENCE",
     "TOKEN_PREFERENCE",
     "ClientCramMd5",
+    "ClientGssapi",
     "ClientLogin",
     "ClientMechanism",
     "ClientOAuthBearer",
@@ -291,9 +293,41 @@ class ClientXOAuth2(_ClientOAuth):
         return b""
 
 
+class ClientGssapi(ClientMechanism):
+    """RFC 4752 GSSAPI (Kerberos V5) with the caller's credential cache
+    (``KRB5CCNAME``): no password. ``user``, if given, is sent as the authorization
+    identity (the server checks it against the principal); ``host`` names the
+    service ``pop@host``. Needs the ``gssapi`` extra."""
+
+    name = "GSSAPI"
+    plaintext = False
+
+    def __init__(self, user: str, secret: str = "", *, host: str = "localhost") -> None:
+        super().__init__(user, secret)
+        try:
+            self._gss = GssapiClient(host, authzid=user)
+        except ImportError:
+            raise AuthError("GSSAPI needs python-gssapi: pip install 'pypop3[gssapi]'") from None
+        except GssapiError as exc:
+            raise AuthError(f"GSSAPI: {exc}") from None
+
+    def initial(self) -> bytes:
+        try:
+            return self._gss.initial()
+        except GssapiError as exc:
+            raise AuthError(f"GSSAPI: {exc}") from None
+
+    def step(self, challenge: bytes) -> bytes:
+        try:
+            return self._gss.step(challenge)
+        except GssapiError as exc:
+            raise AuthError(f"GSSAPI: {exc}") from None
+
+
 CLIENT_MECHANISMS: dict[str, type[ClientMechanism]] = {
     m.name: m
     for m in (
+        ClientGssapi,
         ClientScramSha256Plus,
         ClientScramSha256,
         ClientCramMd5,

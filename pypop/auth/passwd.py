@@ -4,14 +4,21 @@ File format (Dovecot's ``passwd-file``), one user a line::
 
     user:{SCHEME}data:uid:gid:gecos:home:shell:extra fields
 
-Only the first two fields matter for authentication. Blank lines and lines starting
-with ``#`` are skipped; so is a line starting with ``:`` (no user name), as Dovecot
-does. A password without a ``{SCHEME}`` prefix uses ``default_scheme``: ``CRYPT``,
+The first two fields are for authentication; the home field and the extra fields
+(everything after the seventh ``:``, colons included) carry per-user policies
+(:mod:`pypop.auth.userdb`: ``nologin`` and ``reason``, ``allow_nets``,
+``userdb_mail``, ``login_delay``, ``expire``). Blank lines and lines starting with
+``#`` are skipped; so is a line starting with ``:`` (no user name), as Dovecot does.
+A password without a ``{SCHEME}`` prefix uses ``default_scheme``: ``CRYPT``,
 Dovecot's default, which reads the crypt(3) formats ``$2a$/$2b$/$2y$`` (bcrypt),
-``$5$``, ``$6$`` (SHA-crypt) and ``$1$`` (MD5-crypt). The extra field ``nologin``
-disables the user. Malformed lines (no password, unknown scheme, a value the scheme
-can never verify, a duplicate user) are logged with their line number, never their
-content, and skipped: such users are unknown, and take the dummy verification.
+``$5$``, ``$6$`` (SHA-crypt) and ``$1$`` (MD5-crypt). User names are prepared with
+PRECIS (RFC 8265, :mod:`pypop.auth.prep`), as the names clients send are, so a
+name written in decomposed Unicode still matches. A line with an empty password
+field (``alice:``) is a user no password logs in (Kerberos only: GSSAPI). Malformed
+lines (a name alone, an unknown scheme, a value the scheme can never verify, a user
+name PRECIS refuses, a malformed policy field, a duplicate user) are logged with
+their line number, never their content, and skipped: such users are unknown, and
+take the dummy verification.
 
 The file is re-read when its (mtime, size, inode, device) changes, checked at most
 once a second on the next lookup. The new table replaces the old one in one
@@ -26,13 +33,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from pypop.auth import schemes
+from pypop.auth.prep import try_username
 from pypop.auth.store import StoredCredential, _VerifyingStore
+from pypop.auth.userdb import DEFAULT, UserPolicy, parse_extra_fields
 from pypop.backend_kit import Options
 
 __all__ = ["PasswdFileStore", "create", "parse_passwd_file"]
@@ -44,6 +53,11 @@ log = logging.getLogger("pypop.auth")
 class ParseResult:
     entries: dict[str, StoredCredential]
     errors: int
+    policies: dict[str, UserPolicy] = field(default_factory=dict)
+    """Users whose line sets a policy (users without one have the default)."""
+    passwordless: frozenset[str] = frozenset()
+    """Users with an empty password field: no password logs them in, but they exist
+    for logins that prove the name another way (Kerberos, GSSAPI)."""
 
 
 def parse_passwd_file(
@@ -51,7 +65,9 @@ def parse_passwd_file(
 ) -> ParseResult:
     """Parse a passwd-file; malformed lines are logged and skipped."""
     entries: dict[str, StoredCredential] = {}
+    policies: dict[str, UserPolicy] = {}
     seen: set[str] = set()
+    passwordless: set[str] = set()
     errors = 0
 
     def bad(lineno: int, why: str) -> None:
@@ -68,29 +84,46 @@ def parse_passwd_file(
         except UnicodeDecodeError:
             bad(lineno, "not UTF-8")
             continue
-        fields = line.split(":")
-        user = fields[0]
-        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in user):
+        fields = line.split(":", 7)
+        raw_user = fields[0]
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in raw_user):
             bad(lineno, "user name contains white space or control characters")
+            continue
+        user = try_username(raw_user)
+        if user is None:
+            bad(lineno, "user name is not a valid PRECIS user name (RFC 8265)")
             continue
         if user in seen:
             bad(lineno, f"user {user!r} exists more than once (the first line wins)")
             continue
         seen.add(user)
-        password = fields[1] if len(fields) > 1 else ""
-        extra = " ".join(fields[7:]).split() if len(fields) > 7 else []
-        if "nologin" in extra:
-            continue  # a disabled user: known to the admin, unknown to logins
+        if len(fields) < 2:
+            bad(lineno, f"user {user!r} has no password field")
+            continue
+        password = fields[1]
+        home = fields[5] if len(fields) > 5 else ""
+        try:
+            policy = parse_extra_fields(fields[7] if len(fields) > 7 else "", home=home)
+        except ValueError as exc:
+            bad(lineno, f"user {user!r}: {exc}")
+            continue
         if not password:
-            bad(lineno, f"user {user!r} has no password")
+            # As in Dovecot's userdb: the user exists, only not for password logins.
+            passwordless.add(user)
+            if policy != DEFAULT:
+                policies[user] = policy
             continue
         try:
             entries[user] = StoredCredential.parse(user, password, default_scheme)
         except schemes.UnknownSchemeError:
             bad(lineno, f"user {user!r} has an unknown password scheme")
+            continue
         except ValueError:
             bad(lineno, f"user {user!r} has a malformed password for its scheme")
-    return ParseResult(entries, errors)
+            continue
+        if policy != DEFAULT:
+            policies[user] = policy
+    return ParseResult(entries, errors, policies, frozenset(passwordless))
 
 
 class PasswdFileStore(_VerifyingStore):
@@ -120,6 +153,9 @@ class PasswdFileStore(_VerifyingStore):
         self._clock = clock
         self._signature: tuple[int, int, int, int] | None = None
         self._last_check = clock()
+        self._policies: dict[str, UserPolicy] = {}
+        self._passwordless: frozenset[str] = frozenset()
+        self.per_user_capabilities: frozenset[str] = frozenset()
         self._load(initial=True)
 
     def _load(self, *, initial: bool = False) -> bool:
@@ -143,7 +179,7 @@ class PasswdFileStore(_VerifyingStore):
             )
             return False
         result = parse_passwd_file(data, default_scheme=self.default_scheme, source=str(self.path))
-        if not result.entries and self._entries:
+        if not result.entries and not result.passwordless and self._entries:
             log.error(
                 "passwd-file %s: no valid entries after reload; keeping the previous %d users",
                 self.path,
@@ -151,9 +187,19 @@ class PasswdFileStore(_VerifyingStore):
             )
             return False
         self._set_entries(result.entries)
+        self._policies = result.policies
+        self._passwordless = result.passwordless
+        varying = set()
+        for policy in result.policies.values():
+            if policy.expire is not None:
+                varying.add("EXPIRE")
+            if policy.login_delay is not None:
+                varying.add("LOGIN-DELAY")
+        self.per_user_capabilities = frozenset(varying)
         self._signature = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-        if result.entries:
-            log.info("passwd-file %s: %s loaded", self.path, _plural(len(result.entries), "user"))
+        if result.entries or result.passwordless:
+            count = len(result.entries) + len(result.passwordless)
+            log.info("passwd-file %s: %s loaded", self.path, _plural(count, "user"))
         else:
             log.warning(
                 "passwd-file %s has NO valid users (%s): every login will fail",
@@ -176,6 +222,18 @@ class PasswdFileStore(_VerifyingStore):
         if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) == self._signature:
             return False
         return self._load()
+
+    async def user_policy(self, user: str) -> UserPolicy | None:
+        """The user's policy from the extra fields (None: unknown user)."""
+        await self._refresh()
+        if user not in self._entries and user not in self._passwordless:
+            return None
+        return self._policies.get(user, DEFAULT)
+
+    async def has_account(self, user: str) -> bool:
+        """Is ``user`` a line of the file (with or without a password)?"""
+        await self._refresh()
+        return user in self._entries or user in self._passwordless
 
     async def _refresh(self) -> None:
         now = self._clock()

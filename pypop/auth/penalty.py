@@ -197,6 +197,7 @@ class LoginDelay:
         self._max_users = max_users
         self._clock = clock
         self._last: OrderedDict[str, float] = OrderedDict()
+        self._longest_seen = 0.0
 
     @property
     def varies_per_user(self) -> bool:
@@ -206,20 +207,25 @@ class LoginDelay:
         """The delay of ``user`` (what CAPA shows in TRANSACTION state)."""
         return self._per_user.get(user, self.seconds)
 
-    def remaining(self, user: str) -> float:
-        """Seconds until ``user`` may log in again (0.0 = now)."""
+    def remaining(self, user: str, seconds: float | None = None) -> float:
+        """Seconds until ``user`` may log in again (0.0 = now); ``seconds``: the
+        user's own delay (a user database's), else :meth:`seconds_for`."""
         last = self._last.get(user)
         if last is None:
             return 0.0
-        return max(0.0, last + self.seconds_for(user) - self._clock())
+        delay = self.seconds_for(user) if seconds is None else seconds
+        return max(0.0, last + delay - self._clock())
 
-    def try_login(self, user: str) -> float:
+    def try_login(self, user: str, seconds: float | None = None) -> float:
         """Record a login of ``user`` if allowed and return 0.0; else the seconds left.
 
         Call it after the credentials were verified, before opening the mailbox; a
-        positive result means ``-ERR [LOGIN-DELAY]`` and no login.
+        positive result means ``-ERR [LOGIN-DELAY]`` and no login. ``seconds`` is
+        the user's own delay, when a user database sets one (RFC 2449 §6.5 USER).
         """
-        left = self.remaining(user)
+        if seconds is not None and seconds > self._longest_seen:
+            self._longest_seen = seconds
+        left = self.remaining(user, seconds)
         if left > 0:
             return left
         now = self._clock()
@@ -231,7 +237,7 @@ class LoginDelay:
     def _prune(self, now: float) -> None:
         # Oldest logins are at the front; drop those whose delay has passed, then any
         # beyond the cap.
-        longest = max([self.seconds, *self._per_user.values()])
+        longest = max([self.seconds, self._longest_seen, *self._per_user.values()])
         while self._last:
             user, when = next(iter(self._last.items()))
             if when + longest <= now or len(self._last) > self._max_users:

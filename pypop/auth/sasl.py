@@ -18,7 +18,8 @@ oversized payloads are failures. After a success or failure every further call i
 failure.
 
 Mechanisms: PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195), SCRAM-SHA-256 and
-SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), OAUTHBEARER (RFC 7628) and XOAUTH2.
+SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), OAUTHBEARER (RFC 7628), XOAUTH2, and GSSAPI
+(Kerberos V5, RFC 4752; :mod:`pypop.auth.kerberos`, with the ``gssapi`` extra).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import trio
 
 from pypop import wire
+from pypop.auth.kerberos import GssapiAcceptor, GssapiError, GssapiSettings
+from pypop.auth.prep import try_password, try_username
 from pypop.auth.schemes import SCRAM_ITERATIONS, ScramKeys, scram_keys_from_password
 from pypop.auth.store import CredentialStore
 from pypop.auth.tokens import TokenVerifier
@@ -49,6 +52,7 @@ __all__ = [
     "ALL_MECHANISMS",
     "DEFAULT_MECHANISMS",
     "CramMd5",
+    "Gssapi",
     "Login",
     "OAuthBearer",
     "Plain",
@@ -66,6 +70,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pypop.auth")
+
+T = TypeVar("T")
 
 MAX_FIELD = 255
 """Longest user name, password, authzid or token part we take (RFC 4616 §2: at least 255)."""
@@ -118,6 +124,9 @@ class SaslContext:
     salts of unknown users change while real ones do not. None: a per-process key."""
     oauth_scope: str | None = None
     """Reported in the OAUTHBEARER/XOAUTH2 error JSON when set."""
+    gssapi: GssapiSettings | None = None
+    """The Kerberos service key (``auth.gssapi_keytab``); GSSAPI is offered only
+    with it."""
 
 
 class _Abort(Exception):
@@ -177,8 +186,22 @@ def _text(data: bytes, limit: int = MAX_FIELD) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """A user name as the store keys it (RFC 8265 UsernameCasePreserved); an empty
+    name stays empty (the caller refuses it), one PRECIS refuses aborts."""
+    if not text:
+        return text
+    name = try_username(text)
+    if name is None:
+        raise _Abort
+    return name
+
+
 async def _check_password(ctx: SaslContext, user: str, password: str) -> bool:
-    return await ctx.store.verify_password(user, password)
+    prepared = try_password(password)
+    if prepared is None:  # RFC 8265 OpaqueString refuses it: it matches nothing
+        return False
+    return await ctx.store.verify_password(user, prepared)
 
 
 # --------------------------------------------------------------------------- PLAIN, LOGIN
@@ -200,7 +223,9 @@ class Plain(SaslMechanism):
         parts = response.split(b"\0")
         if len(parts) != 3:
             return SaslFailure()
-        authzid, authcid = _text(parts[0]), _text(parts[1])
+        raw_authzid, raw_authcid = _text(parts[0]), _text(parts[1])
+        self.attempted_user = raw_authcid  # as sent, for the log
+        authzid, authcid = _name(raw_authzid), _name(raw_authcid)
         if len(parts[2]) > MAX_FIELD or not parts[2] or not authcid:
             return SaslFailure()
         password = parts[2].decode("utf-8")
@@ -235,7 +260,8 @@ class Login(SaslMechanism):
         if response is None:
             return SaslFailure()
         if self._stage < 2:
-            self._user = _text(response)
+            self.attempted_user = _text(response)  # as sent, for the log
+            self._user = _name(self.attempted_user)
             self.attempted_user = self._user
             self._stage = 2
             return SaslChallenge(b"Password:")
@@ -285,7 +311,7 @@ class CramMd5(SaslMechanism):
         user_b, sep, digest = response.rpartition(b" ")
         if not sep or not _HEX32.fullmatch(digest):
             return SaslFailure()
-        user = _text(user_b)
+        user = _name(_text(user_b))
         if not user:
             return SaslFailure()
         self.attempted_user = user
@@ -460,7 +486,7 @@ class ScramSha256(SaslMechanism):
         attrs = _attrs(bare)
         if len(attrs) < 2 or attrs[0][0] != "n" or attrs[1][0] != "r":
             return SaslFailure()  # includes a leading m= (RFC 5802 §5.1: must fail)
-        user = _decode_saslname(attrs[0][1])
+        user = _name(_decode_saslname(attrs[0][1]))
         nonce = attrs[1][1]
         if not user or len(user.encode()) > MAX_FIELD or len(nonce) > MAX_NONCE:
             return SaslFailure()
@@ -469,7 +495,7 @@ class ScramSha256(SaslMechanism):
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
             return SaslFailure()
         if authzid_part and (
-            not authzid_part.startswith("a=") or _decode_saslname(authzid_part[2:]) != user
+            not authzid_part.startswith("a=") or _name(_decode_saslname(authzid_part[2:])) != user
         ):
             return SaslFailure()  # no proxy authorization
         self.attempted_user = user
@@ -596,7 +622,7 @@ class OAuthBearer(_OAuthBase):
             return SaslFailure()  # no channel binding with OAUTHBEARER
         if not authzid.startswith("a="):
             return SaslFailure()  # we need the user name to check the token against
-        user = _text(_decode_saslname(authzid[2:]).encode("utf-8"))
+        user = _name(_text(_decode_saslname(authzid[2:]).encode("utf-8")))
         if not user:
             return SaslFailure()
         pairs = _kvpairs(rest)
@@ -632,7 +658,7 @@ class XOAuth2(_OAuthBase):
         if len(response) > MAX_TOKEN + 1024:
             return SaslFailure()
         pairs = _kvpairs(response)
-        user = _text(pairs.get("user", "").encode("utf-8"))
+        user = _name(_text(pairs.get("user", "").encode("utf-8")))
         if not user:
             return SaslFailure()
         token = _bearer_token(pairs.get("auth"))
@@ -642,14 +668,93 @@ class XOAuth2(_OAuthBase):
         return SaslChallenge(self._error_json("401"))
 
 
+# --------------------------------------------------------------------------- GSSAPI
+
+
+class Gssapi(SaslMechanism):
+    """RFC 4752 (Kerberos V5) server side: the SASL framing around
+    :class:`pypop.auth.kerberos.GssapiAcceptor`, whose GSS calls (keytab, replay
+    cache) run in worker threads."""
+
+    name = "GSSAPI"
+    plaintext = False
+
+    def __init__(self, ctx: SaslContext) -> None:
+        super().__init__(ctx)
+        self._stage = 0  # 0: context tokens; 1: final token sent; 2: layer offered
+        self._asked = False
+        self._acceptor: GssapiAcceptor | None = None
+
+    async def _gss(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.ctx.hash_limiter)
+
+    async def _step(self, response: bytes | None) -> SaslResult:
+        settings = self.ctx.gssapi
+        if settings is None:
+            return SaslFailure()
+        try:
+            return await self._gss_step(settings, response)
+        except GssapiError as exc:
+            log.info("GSSAPI: %s", exc)  # the client gets -ERR [AUTH], no details
+            return SaslFailure()
+
+    async def _gss_step(self, settings: GssapiSettings, response: bytes | None) -> SaslResult:
+        if self._stage == 0:
+            if not response:
+                if self._asked:  # RFC 4752: the client sends the first token
+                    return SaslFailure()
+                self._asked = True
+                return SaslChallenge(b"")
+            if self._acceptor is None:
+                self._acceptor = await self._gss(lambda: GssapiAcceptor(settings))
+            acceptor = self._acceptor
+            token = response
+            out, established = await self._gss(lambda: acceptor.accept(token))
+            if not established:
+                return SaslChallenge(out)
+            self.attempted_user = acceptor.principal
+            if out:  # the last context token; the client answers it with nothing
+                self._stage = 1
+                return SaslChallenge(out)
+            return await self._offer_layer(acceptor)
+        established_acceptor = self._acceptor
+        assert established_acceptor is not None
+        if self._stage == 1:
+            if response:
+                return SaslFailure()
+            return await self._offer_layer(established_acceptor)
+        if response is None:
+            return SaslFailure()
+        answer = response
+        user = await self._gss(lambda: established_acceptor.finish(answer))
+        self.attempted_user = user
+        # A valid ticket is not an account: as Dovecot's userdb lookup, the user must
+        # be known to the credential store (a passwd-file line may have no password).
+        has_account = getattr(self.ctx.store, "has_account", None)
+        if has_account is not None:
+            known: bool = await has_account(user)
+        else:
+            known = await self.ctx.store.lookup(user) is not None
+        if not known:
+            log.info("GSSAPI: %r has a ticket but no account here", user)
+            return SaslFailure()
+        return SaslSuccess(user)
+
+    async def _offer_layer(self, acceptor: GssapiAcceptor) -> SaslResult:
+        self._stage = 2
+        return SaslChallenge(await self._gss(acceptor.offer_layer))
+
+
 # --------------------------------------------------------------------------- registry
 
 
 ALL_MECHANISMS: dict[str, type[SaslMechanism]] = {
-    m.name: m for m in (ScramSha256Plus, ScramSha256, Plain, Login, CramMd5, OAuthBearer, XOAuth2)
+    m.name: m
+    for m in (Gssapi, ScramSha256Plus, ScramSha256, Plain, Login, CramMd5, OAuthBearer, XOAuth2)
 }
 
 DEFAULT_MECHANISMS: tuple[str, ...] = (
+    "GSSAPI",
     "SCRAM-SHA-256-PLUS",
     "SCRAM-SHA-256",
     "PLAIN",
@@ -658,7 +763,8 @@ DEFAULT_MECHANISMS: tuple[str, ...] = (
     "XOAUTH2",
 )
 """Offered when the configuration names none (CRAM-MD5 is opt-in: it needs
-plaintext-equivalent secrets on the server). OAuth ones only with a token verifier."""
+plaintext-equivalent secrets on the server). OAuth ones only with a token verifier,
+GSSAPI only with a keytab."""
 
 
 _SCRAM_SCHEMES = frozenset({"PLAIN", "SCRAM-SHA-256"})
@@ -678,6 +784,7 @@ def available_mechanisms(
       peers, or the admin's explicit consent; RFC 2595 §3);
     - OAUTHBEARER/XOAUTH2 only with ``ctx.token_verifier``;
     - SCRAM-SHA-256-PLUS only with ``ctx.channel_binding``;
+    - GSSAPI only with ``ctx.gssapi`` (a keytab);
     - CRAM-MD5 and SCRAM only if the store can serve them: a store with
       ``reveals_secrets = False`` cannot; a store that says which password schemes it
       holds (``stored_schemes``, a frozenset) serves SCRAM-SHA-256 only if it holds
@@ -702,6 +809,8 @@ def available_mechanisms(
         if issubclass(cls, _OAuthBase) and ctx.token_verifier is None:
             continue
         if cls is ScramSha256Plus and ctx.channel_binding is None:
+            continue
+        if cls is Gssapi and ctx.gssapi is None:
             continue
         if cls is CramMd5 and not cram_ok:
             continue

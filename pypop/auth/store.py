@@ -41,6 +41,7 @@ import trio
 
 from pypop import wire
 from pypop.auth import schemes
+from pypop.auth.prep import try_password, try_username
 from pypop.auth.schemes import ScramKeys
 
 __all__ = [
@@ -82,6 +83,10 @@ class StoredCredential:
         """From ``{SCHEME}data``; ``ValueError`` (incl. ``UnknownSchemeError``) if unusable."""
         scheme, value = schemes.parse_stored(stored, default_scheme)
         schemes.validate_value(scheme, value)
+        if scheme == "PLAIN":
+            # Compared with prepared passwords (APOP, CRAM-MD5 and SCRAM use it as
+            # the password itself): RFC 6856 / RFC 8265 OpaqueString.
+            value = try_password(value) or value
         return cls(user, scheme, value)
 
     def plaintext(self) -> str | None:
@@ -217,6 +222,7 @@ class MemoryCredentialStore(_VerifyingStore):
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         super().__init__(limiter)
+        prepared = {(try_username(u) or u): s for u, s in entries.items()}
         self._set_entries(
-            {u: StoredCredential.parse(u, s, default_scheme) for u, s in entries.items()}
+            {u: StoredCredential.parse(u, s, default_scheme) for u, s in prepared.items()}
         )

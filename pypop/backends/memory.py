@@ -7,6 +7,10 @@ Options (``[backend]`` in the config file):
   a restart as long as the files do.
 - ``sample_users`` / ``sample_messages``: generate ``user1``..``userN`` with that many
   sample messages each (for demos and benchmarks).
+- ``expire_days``: RFC 2449 EXPIRE, enforced at UPDATE (:meth:`Options.expire_days`).
+
+A user whose user database entry names a maildrop (``userdb_mail=memory:NAME``) is
+served the maildrop ``NAME`` (:meth:`MemoryBackend.open_account`).
 
 Mail lives for the life of the process. Locks and UPDATE behave as in any backend.
 """
@@ -16,15 +20,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
-from pypop.backend import Mailbox, MessageInfo, is_valid_uid
+from pypop.backend import Account, Mailbox, MessageInfo, is_valid_uid
 from pypop.backend_kit import LockSet, Options, SnapshotMailbox, blocks
-from pypop.errors import MailboxLocked
+from pypop.errors import MailboxLocked, PermanentFailure
 from pypop.wire import stuff, wire_size
 
 __all__ = ["MemoryBackend", "MemoryMailbox", "create", "sample_message"]
@@ -37,6 +42,7 @@ class _Stored:
     uid: str
     data: bytes
     size: int
+    received: float
     wire: bytes | None = None  # stuff(data), made at the first RETR
 
 
@@ -83,6 +89,10 @@ class MemoryMailbox(SnapshotMailbox):
         self._user = user
         self._snapshot = snapshot
 
+    async def received_times(self) -> list[float | None]:
+        """pypop.backend.MessageTimes: when deliver() took each message."""
+        return [stored.received for stored in self._snapshot]
+
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes:
         """pypop.backend.WireCache: a RETR is one cached buffer (memory for speed)."""
         stored = self._snapshot[index]
@@ -118,7 +128,8 @@ class MemoryBackend:
     # their own (pypop serve refuses --workers > 1 for a backend that says this).
     process_local = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, expire_days: int | None = None) -> None:
+        self.expire_days = expire_days
         self._mail: dict[str, list[_Stored]] = {}
         # Immutable snapshots per user, rebuilt only after the maildrop changes, so
         # an open costs no per-message work.
@@ -126,13 +137,17 @@ class MemoryBackend:
         self._locks = LockSet()
         self._seq = itertools.count(1)
 
-    def deliver(self, user: str, data: bytes, *, uid: str | None = None) -> str:
-        """Append a message to ``user``'s maildrop; returns its UIDL."""
+    def deliver(
+        self, user: str, data: bytes, *, uid: str | None = None, received: float | None = None
+    ) -> str:
+        """Append a message to ``user``'s maildrop; returns its UIDL. ``received``:
+        when it arrived (seconds since the epoch; default now)."""
         if uid is None:
             uid = f"{next(self._seq):08d}.{hashlib.sha256(data).hexdigest()[:16]}"
         elif not is_valid_uid(uid):
             raise ValueError(f"invalid UIDL {uid!r}")
-        self._mail.setdefault(user, []).append(_Stored(uid, data, wire_size(data)))
+        when = time.time() if received is None else received
+        self._mail.setdefault(user, []).append(_Stored(uid, data, wire_size(data), when))
         self._views.pop(user, None)
         return uid
 
@@ -145,6 +160,16 @@ class MemoryBackend:
 
     def users(self) -> list[str]:
         return sorted(self._mail)
+
+    async def open_account(self, account: Account) -> Mailbox:
+        """pypop.backend.AccountBackend: ``memory:NAME`` serves maildrop NAME; a home
+        directory means nothing here (the default maildrop)."""
+        if account.mail is None:
+            return await self.open_mailbox(account.user)
+        driver, sep, name = account.mail.partition(":")
+        if driver != "memory" or not sep or not name:
+            raise PermanentFailure(f"the memory backend cannot serve {account.mail!r}")
+        return await self.open_mailbox(name)
 
     async def open_mailbox(self, user: str) -> Mailbox:
         if not self._locks.acquire(user):
@@ -167,8 +192,9 @@ def create(options: Mapping[str, object]) -> MemoryBackend:
     users = opts.integer("sample_users", 0, minimum=0)
     count = opts.integer("sample_messages", 3, minimum=0)
     size = opts.integer("sample_size", 400, minimum=0)
+    expire_days = opts.expire_days()
     opts.finish()
-    backend = MemoryBackend()
+    backend = MemoryBackend(expire_days=expire_days)
     if seed is not None:
         backend.seed_folder(Path(seed))
     for u in range(1, users + 1):

@@ -96,12 +96,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "never delivered twice anyway)",
     )
     p.add_argument("--state", metavar="FILE", help="UIDL state file (default: per account)")
-    p.add_argument("--auth", default="auto", help="USER, +APOP, a SASL name, or auto")
+    p.add_argument(
+        "--auth",
+        default="auto",
+        help="USER, +APOP, a SASL name (GSSAPI: your Kerberos tickets, no password), or auto",
+    )
     p.add_argument("--tls", choices=["implicit", "require", "auto", "off"])
     p.add_argument("--cafile", help="trust these CA certificates (PEM)")
     p.add_argument("--token-env", metavar="VAR", help="read an OAuth token from this variable")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--no-pipelining", action="store_true")
+    p.add_argument(
+        "--no-utf8",
+        action="store_true",
+        help="do not send UTF8 (RFC 6856) even if the server offers it",
+    )
     p.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument(
         "--progress",
@@ -196,11 +205,13 @@ def run(args: argparse.Namespace) -> int:
             cafile=args.cafile,
             timeout=args.timeout,
             pipelining=not args.no_pipelining,
+            utf8=not args.no_utf8,
         )
     except ValueError as exc:
         print(f"pypop fetch: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if client.options.password is None and token is None and sys.stdin.isatty():
+    kerberos = client.options.auth == "GSSAPI"  # the ticket cache, not a password
+    if client.options.password is None and token is None and not kerberos and sys.stdin.isatty():
         client.options.password = getpass.getpass(
             f"Password for {client.options.user}@{client.options.host}: "
         )
@@ -284,6 +295,13 @@ def _rows(client: Client, args: argparse.Namespace) -> int:
     if result.unknown_messages or result.unknown_uids:
         unknown = [str(n) for n in result.unknown_messages] + result.unknown_uids
         print(f"pypop fetch: not on the server: {', '.join(unknown)}", file=sys.stderr)
+    if result.needs_utf8:
+        listed = ", ".join(str(n) for n in result.needs_utf8)
+        print(
+            f"pypop fetch: the server sends these only to a client that uses UTF8 "
+            f"(-ERR [UTF8], 8-bit headers; drop --no-utf8): {listed}",
+            file=sys.stderr,
+        )
     return EXIT_MAIL if (result.rows or result.deleted) else EXIT_NOMAIL
 
 
@@ -312,7 +330,11 @@ def _print(result: Result, fmt: str | None, out: IO[str], action: str) -> None:
 
 
 def _unknown(result: Result) -> dict[str, list[Any]]:
-    return {"messages": list(result.unknown_messages), "uids": list(result.unknown_uids)}
+    return {
+        "messages": list(result.unknown_messages),
+        "uids": list(result.unknown_uids),
+        "needs_utf8": list(result.needs_utf8),
+    }
 
 
 def _table(rows: list[Row], out: IO[str]) -> None:

@@ -7,6 +7,7 @@ import getpass
 import sys
 
 from pypop.auth import schemes
+from pypop.auth.prep import try_password
 
 __all__ = ["add_parser", "run"]
 
@@ -57,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
     if not password:
         print("pypop passwd: empty passwords are not allowed", file=sys.stderr)
         return 1
+    prepared = try_password(password)
+    if prepared is None:
+        # RFC 8265 OpaqueString (what the server compares): control characters,
+        # unassigned code points and the like can never be typed in by a client.
+        print("pypop passwd: the password has characters a login cannot use", file=sys.stderr)
+        return 2
+    password = prepared
 
     if args.test is not None:
         try:

@@ -47,10 +47,12 @@ class AsyncClient:
         pipelining: bool = True,
         window: int = 64,
         netrc: bool | str | Path = True,
+        utf8: bool = True,
     ) -> None:
         self.options = resolve(
             host, port, user, password, token, auth, tls, netrc, pipelining, window
         )
+        self.options.utf8 = utf8
         self.timeout = timeout
         self._ssl_context = ssl_context
         self._cafile = cafile
@@ -80,6 +82,11 @@ class AsyncClient:
     @property
     def mechanism(self) -> str | None:
         return self.session.mechanism_used
+
+    @property
+    def utf8(self) -> bool:
+        """True once the server took UTF8 (RFC 6856)."""
+        return self.session.utf8
 
     async def connect(self) -> Self:
         opts = self.options

@@ -18,11 +18,14 @@ from typing import Any, Literal
 
 from pypop.auth.client import (
     CLIENT_MECHANISMS,
+    ClientGssapi,
     ClientMechanism,
     ClientScramSha256,
     apop_digest,
     choose_mechanism,
 )
+from pypop.auth.kerberos import available as kerberos_available
+from pypop.auth.prep import try_password, try_username
 from pypop.errors import (
     AuthError,
     ClientError,
@@ -54,6 +57,7 @@ from pypop.protocol.commands import (
     Top,
     Uidl,
     User,
+    Utf8,
 )
 from pypop.protocol.events import ConnectionClosed, NeedData
 from pypop.protocol.replies import (
@@ -128,6 +132,8 @@ class Options:
     tls: TLSMode
     pipelining: bool
     window: int
+    utf8: bool = True
+    """RFC 6856: send UTF8 when the server offers it (8-bit headers as stored)."""
 
 
 def error_for(
@@ -144,6 +150,8 @@ def error_for(
             kind = LoginDelayError
         case "SYS/TEMP":
             kind = ServerTemporaryError
+        case "UTF8":  # RFC 6856: the message needs UTF8 (it exists; .code says why)
+            kind = CommandError
         case _ if login:
             kind = AuthError
         case _ if message:
@@ -164,6 +172,7 @@ class Session:
         self.greeting: Greeting | None = None
         self.capabilities: dict[str, list[str]] | None = None
         self.mechanism_used: str | None = None
+        self.utf8 = False  # RFC 6856 UTF-8 mode is on
         self.logged_in = False
         self.closed = False
 
@@ -275,6 +284,11 @@ class Session:
                 )
         if self.capabilities is not None and "PIPELINING" in self.capabilities:
             self.conn.pipelining = self.opts.pipelining
+        if self.opts.utf8 and self.capabilities is not None and "UTF8" in self.capabilities:
+            # RFC 6856: after STLS (never before it), before logging in.
+            self.conn.send(Utf8())
+            reply = yield from self._reply()
+            self.utf8 = reply.status.ok
         yield from self._login()
 
     def _capa(self) -> Op:
@@ -298,6 +312,13 @@ class Session:
         want = self.opts.auth
         if want not in ("auto", "*"):
             return want
+        if (
+            self.opts.password is None
+            and self.opts.token is None
+            and "GSSAPI" in (m.upper() for m in sasl)
+            and kerberos_available()
+        ):
+            return "GSSAPI"  # no secret given: the caller's Kerberos tickets
         secure = self._plaintext_ok()
         order = None
         if not secure:  # cleartext to a remote host, allowed by tls="auto": no secrets
@@ -317,10 +338,16 @@ class Session:
 
     def _login(self) -> Op:
         opts = self.opts
-        if opts.user is None:
-            raise AuthError("no user name given (in the URL, the arguments or ~/.netrc)")
         method = self._choose()
         self.mechanism_used = method
+        if method == "GSSAPI":
+            # The principal comes from the credential cache; a user name, if given,
+            # is the authorization identity.
+            yield from self._sasl(method, opts.user or "", "")
+            self.logged_in = True
+            return
+        if opts.user is None:
+            raise AuthError("no user name given (in the URL, the arguments or ~/.netrc)")
         secret = opts.token if opts.token is not None else opts.password
         if secret is None:
             raise AuthError(
@@ -334,8 +361,12 @@ class Session:
                 f"{method} would send the secret in the clear to {opts.host}; "
                 "use TLS, or tls='off' to accept the risk"
             )
+        # RFC 6856 / RFC 8265: UTF-8 names and passwords prepared as the server does.
+        user = try_username(opts.user) or opts.user
+        if opts.token is None:
+            secret = try_password(secret) or secret
         if method == "USER":
-            replies = yield from self.pipeline([User(opts.user), Pass(secret)])
+            replies = yield from self.pipeline([User(user), Pass(secret)])
             for reply in replies:
                 if not reply.status.ok:
                     raise error_for(reply.status, "login failed", login=True)
@@ -344,9 +375,9 @@ class Session:
             if timestamp is None:
                 raise AuthError("the server's greeting has no APOP timestamp")
             digest = apop_digest(timestamp, secret)
-            yield from self.command(Apop(opts.user, digest), "APOP login failed")
+            yield from self.command(Apop(user, digest), "APOP login failed")
         else:
-            yield from self._sasl(method, opts.user, secret)
+            yield from self._sasl(method, user, secret)
         self.logged_in = True
 
     def _sasl(self, name: str, user: str, secret: str) -> Op:
@@ -358,6 +389,8 @@ class Session:
             if name.endswith("-PLUS") and self.channel_binding is None:
                 raise AuthError(f"{name} needs TLS 1.2 channel binding, not available here")
             mech = cls(user, secret, channel_binding=self.channel_binding)
+        elif cls is ClientGssapi:
+            mech = ClientGssapi(user, host=self.opts.host)
         else:
             mech = cls(user, secret)
         initial = mech.initial()
@@ -475,6 +508,9 @@ class Result:
     unknown_messages: list[int] = field(default_factory=list)
     unknown_uids: list[str] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
+    needs_utf8: list[int] = field(default_factory=list)
+    """Messages the server keeps from a session without UTF8 (RFC 6856 ``-ERR
+    [UTF8]``: 8-bit headers); they exist, unlike ``unknown_messages``."""
 
     def __iter__(self) -> Any:
         return iter(self.rows)
@@ -558,7 +594,8 @@ def select(
 
 def fetch(session: Session, targets: Sequence[Target], *, headers_only: bool) -> Op:
     """The messages of ``targets``: pipelined ``TOP n 0`` (RETR when there is no TOP),
-    or RETR. Returns ``[(target, octets or None for -ERR)]``; headers only when asked."""
+    or RETR. Returns ``[(target, octets or None for -ERR, the -ERR's response code)]``;
+    headers only when asked."""
     from pypop.client.rows import header_block
 
     use_top = headers_only and session.has_top()
@@ -567,17 +604,17 @@ def fetch(session: Session, targets: Sequence[Target], *, headers_only: bool) ->
     if use_top and session.capabilities is None and replies and not replies[0].status.ok:
         replies = yield from session.pipeline([Retr(t.number) for t in targets])
         use_top = False
-    fetched: list[tuple[Target, bytes | None]] = []
+    fetched: list[tuple[Target, bytes | None, str | None]] = []
     for target, reply in zip(targets, replies, strict=True):
         raw = reply.body or b"" if reply.status.ok else None
         if raw is not None and headers_only and not use_top:
             raw = header_block(raw)
-        fetched.append((target, raw))
+        fetched.append((target, raw, reply.status.code))
     return fetched
 
 
 def make_rows(
-    fetched: Sequence[tuple[Target, bytes | None]],
+    fetched: Sequence[tuple[Target, bytes | None, str | None]],
     result: Result,
     *,
     headers_only: bool,
@@ -588,9 +625,12 @@ def make_rows(
     no network: the async client runs it in a worker thread."""
     from pypop.client.rows import build_row
 
-    for target, raw in fetched:
+    for target, raw, code in fetched:
         if raw is None:
-            result.unknown_messages.append(target.number)
+            if code == "UTF8":
+                result.needs_utf8.append(target.number)
+            else:
+                result.unknown_messages.append(target.number)
             continue
         result.rows.append(
             build_row(

@@ -35,10 +35,17 @@ class Client:
       the loopback default), ``"off"``.
     - ``auth``: ``"auto"`` (the strongest method the server offers), ``"USER"``,
       ``"+APOP"``, or a SASL name (PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-256[-PLUS],
-      OAUTHBEARER, XOAUTH2 with ``token``).
+      OAUTHBEARER, XOAUTH2 with ``token``, GSSAPI with the caller's Kerberos
+      tickets: ``KRB5CCNAME``, the ``gssapi`` extra). With ``"auto"``, no password
+      and no token, GSSAPI is used when the server offers it; ``user`` is then the
+      authorization identity (may be None).
     - Without ``password`` or ``token``, ``~/.netrc`` is read (``netrc=False`` not to).
     - ``timeout`` (seconds) bounds connecting, the TLS handshake and every wait for the
       server.
+    - ``utf8``: send UTF8 (RFC 6856) when the server offers it, so UTF-8 user names
+      work everywhere and messages with 8-bit headers arrive as stored (:attr:`utf8`
+      says whether it is on). User names and passwords are prepared with PRECIS
+      (RFC 8265) either way.
     """
 
     def __init__(
@@ -57,10 +64,12 @@ class Client:
         pipelining: bool = True,
         window: int = 64,
         netrc: bool | str | Path = True,
+        utf8: bool = True,
     ) -> None:
         self.options = resolve(
             host, port, user, password, token, auth, tls, netrc, pipelining, window
         )
+        self.options.utf8 = utf8
         self.timeout = timeout
         self._ssl_context = ssl_context
         self._cafile = cafile
@@ -93,6 +102,12 @@ class Client:
     def mechanism(self) -> str | None:
         """The login method used (``USER``, ``+APOP`` or a SASL name)."""
         return self.session.mechanism_used
+
+    @property
+    def utf8(self) -> bool:
+        """True once the server took UTF8 (RFC 6856): names, passwords and message
+        headers may be UTF-8, and 8-bit headers arrive as stored."""
+        return self.session.utf8
 
     def connect(self) -> Self:
         opts = self.options

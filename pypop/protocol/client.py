@@ -35,6 +35,7 @@ from pypop.protocol.commands import (
     Auth,
     Capa,
     Command,
+    Lang,
     List,
     Quit,
     Retr,
@@ -103,7 +104,7 @@ def is_multiline(command: Command) -> bool:
     match command:
         case Retr() | Top() | Capa():
             return True
-        case List(msg=None) | Uidl(msg=None) | Auth(mechanism=None):
+        case List(msg=None) | Uidl(msg=None) | Auth(mechanism=None) | Lang(language_range=None):
             return True
     return False
 

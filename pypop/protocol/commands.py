@@ -20,6 +20,7 @@ __all__ = [
     "Capa",
     "Command",
     "Dele",
+    "Lang",
     "List",
     "Noop",
     "ParseError",
@@ -32,6 +33,7 @@ __all__ = [
     "Top",
     "Uidl",
     "User",
+    "Utf8",
     "decode_base64",
     "encode_command",
     "parse_command",
@@ -134,6 +136,18 @@ class Uidl:
     msg: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Utf8:
+    """RFC 6856 §2.1 UTF8: switch the session to UTF-8 mode."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lang:
+    """RFC 6856 §3.1 LANG [language-range]: list the languages, or choose one."""
+
+    language_range: str | None
+
+
 Command = (
     User
     | Pass
@@ -150,6 +164,8 @@ Command = (
     | Rset
     | Top
     | Uidl
+    | Utf8
+    | Lang
 )
 
 
@@ -167,6 +183,24 @@ BAD_BASE64: Final = ParseError(Text.BAD_BASE64)
 
 # A TOP line count beyond this is the same as "the whole message" (§7).
 MAX_TOP_LINES: Final = 1 << 32
+
+# RFC 4647 §2.1 language-range: (1*8ALPHA *("-" 1*8alphanum)) / "*". Bounded to the
+# RFC 5646 §4.4.1 length a tag needs to be supported.
+MAX_LANGUAGE_RANGE: Final = 35
+
+
+def _language_range(arg: bytes) -> str | None:
+    if arg == b"*":
+        return "*"
+    if len(arg) > MAX_LANGUAGE_RANGE or not arg.isascii():
+        return None
+    parts = arg.decode("ascii").split("-")
+    first, rest = parts[0], parts[1:]
+    if not (1 <= len(first) <= 8 and first.isalpha()):
+        return None
+    if not all(1 <= len(p) <= 8 and p.isalnum() for p in rest):
+        return None
+    return arg.decode("ascii")
 
 
 def _number(arg: bytes) -> int | None:
@@ -284,6 +318,13 @@ def parse_command(line: bytes) -> Command | ParseError:
             if m is None:
                 return SYNTAX
             return Retr(m) if keyword == "RETR" else Dele(m)
+        case "UTF8":
+            return _no_args(Utf8(), args)
+        case "LANG":
+            if not args:
+                return Lang(None)
+            tag = _language_range(args[0]) if len(args) == 1 else None
+            return Lang(tag) if tag is not None else SYNTAX
         case "TOP":
             if len(args) != 2:
                 return SYNTAX
@@ -322,6 +363,8 @@ def encode_command(cmd: Command) -> bytes:
             line = f"{type(cmd).__name__.upper()} {msg}"
         case Top(msg=msg, lines=lines):
             line = f"TOP {msg} {lines}"
+        case Lang(language_range=str(language_range)):
+            line = f"LANG {language_range}"
         case _:
             line = type(cmd).__name__.upper()
     encoded = line.encode("utf-8")

@@ -1,29 +1,41 @@
-"""Every POP3 reply, for both roles: the text table, status lines, multi-line bodies.
+"""Every POP3 reply, for both roles: the text tables, status lines, multi-line bodies.
 
 The server formats its replies here and the client parses them here, so the two
-cannot drift. The human-readable texts live in one table, :data:`TEXTS`, keyed by
-:class:`Text`; a translation (RFC 6856 LANG) is another table with the same keys.
-Response codes (RFC 2449 §8, RFC 3206) and the machine-readable parts of a reply
-(STAT's counts, LIST and UIDL lines) never come from the table.
+cannot drift. The human-readable texts live in one table per language, keyed by
+:class:`Text`: :data:`TEXTS` (English, also ``i-default``) and the translations in
+:data:`LANGUAGES`, which RFC 6856 ``LANG`` switches between. Response codes (RFC 2449
+§8, RFC 3206, RFC 6856) and the machine-readable parts of a reply (STAT's counts,
+LIST and UIDL lines, the language tag of a LANG reply) never come from a table.
+
+Until a client sends ``UTF8`` the server's replies are US-ASCII (RFC 1939, RFC 6856
+§3): every language has an ASCII form of its table (:func:`ascii_fold`, e.g. "ä" as
+"ae"), used before UTF8; after it the table is sent as written.
 """
 
 from __future__ import annotations
 
 import enum
+import string
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
     "CRLF",
+    "DEFAULT_LANGUAGE",
+    "LANGUAGES",
     "MAX_STATUS_LINE",
     "RESP_CODES",
     "TEXTS",
+    "Language",
     "ReplyLineError",
     "StatusLine",
     "Text",
+    "ascii_fold",
     "encode_multiline",
     "encode_status",
+    "match_language",
     "parse_capabilities",
     "parse_listing",
     "parse_scan",
@@ -37,7 +49,9 @@ CRLF: Final = b"\r\n"
 # RFC 2449 §4: the first line of a response is at most 512 octets with its CRLF.
 MAX_STATUS_LINE: Final = 512
 # The response codes this server sends (RFC 2449 §8.1, RFC 3206 §4).
-RESP_CODES: Final = frozenset({"AUTH", "IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"})
+RESP_CODES: Final = frozenset(
+    {"AUTH", "IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM", "UTF8"}  # UTF8: RFC 6856
+)
 
 
 class Text(enum.Enum):
@@ -80,10 +94,176 @@ class Text(enum.Enum):
     MESSAGE_TEMPORARY = "Message temporarily unavailable"
     NOT_REMOVED = "Some deleted messages not removed"
     TOO_MANY_CONNECTIONS = "Too many connections, try again later"
+    ACCOUNT_DISABLED = "Account disabled"
+    # RFC 6856
+    UTF8_ENABLED = "UTF-8 mode enabled"
+    UTF8_NEEDED = "Message has UTF-8 header fields; it needs a client that sends UTF8"
+    STLS_AFTER_UTF8 = "STLS is not allowed after UTF8"
+    LANG_LIST = "Language listing follows"
+    LANG_CHANGED = "Language changed"
+    LANG_UNKNOWN = "Language {lang} is not supported"
 
 
 TEXTS: Final[Mapping[Text, str]] = {t: t.value for t in Text}
-"""English, the default language."""
+"""English, the default language (``en`` and ``i-default``)."""
+
+_GERMAN: Final[Mapping[Text, str]] = {
+    Text.GREETING: "POP3-Server bereit",
+    Text.CAPA: "Liste der Fähigkeiten folgt",
+    Text.LOGGING_OUT: "Abmeldung",
+    Text.MAILDROP: "Postfach enthält {count} Nachrichten ({octets} Oktette)",
+    Text.SCAN_LISTING: "{count} Nachrichten ({octets} Oktette)",
+    Text.OCTETS: "{size} Oktette",
+    Text.MARKED: "Zum Löschen markiert",
+    Text.BEGIN_TLS: "TLS-Aushandlung beginnt",
+    Text.UNKNOWN_COMMAND: "Unbekannter Befehl",
+    Text.BAD_ARGUMENTS: "Ungültige Argumente",
+    Text.BAD_CHARACTERS: "Ungültige Zeichen im Befehl",
+    Text.BAD_BASE64: "Ungültige Base64-Daten",
+    Text.LINE_TOO_LONG: "Zeile zu lang",
+    Text.WRONG_STATE: "Befehl in diesem Zustand nicht erlaubt",
+    Text.TOO_MANY_BAD: "Zu viele ungültige Befehle, Verbindung wird geschlossen",
+    Text.NO_SUCH_MESSAGE: "Keine solche Nachricht",
+    Text.ALREADY_DELETED: "Nachricht ist bereits gelöscht",
+    Text.NO_USERNAME: "Kein Benutzername angegeben",
+    Text.APOP_UNAVAILABLE: "APOP nicht verfügbar",
+    Text.UNSUPPORTED_MECHANISM: "Nicht unterstütztes Anmeldeverfahren",
+    Text.PLAINTEXT_REFUSED: "Klartext-Anmeldung nur über sichere (SSL/TLS) Verbindungen",
+    Text.AUTH_FAILED: "Anmeldung fehlgeschlagen",
+    Text.AUTH_CANCELLED: "Anmeldung abgebrochen",
+    Text.AUTH_TEMPORARY: "Vorübergehender Fehler bei der Anmeldung",
+    Text.LOGIN_DELAY: "Mindestabstand zwischen Anmeldungen noch nicht erreicht",
+    Text.STLS_UNAVAILABLE: "STLS nicht verfügbar",
+    Text.TLS_ACTIVE: "TLS ist bereits aktiv",
+    Text.IN_USE: "Postfach ist von einer anderen Sitzung gesperrt",
+    Text.MAILBOX_PERMANENT: "Postfach kann nicht geöffnet werden",
+    Text.MAILBOX_TEMPORARY: "Postfach vorübergehend nicht verfügbar",
+    Text.MESSAGE_TEMPORARY: "Nachricht vorübergehend nicht verfügbar",
+    Text.NOT_REMOVED: "Einige gelöschte Nachrichten wurden nicht entfernt",
+    Text.TOO_MANY_CONNECTIONS: "Zu viele Verbindungen, bitte später erneut versuchen",
+    Text.ACCOUNT_DISABLED: "Konto gesperrt",
+    Text.UTF8_ENABLED: "UTF-8-Modus eingeschaltet",
+    Text.UTF8_NEEDED: "Nachricht hat UTF-8-Kopfzeilen; sie braucht ein Programm, das UTF8 sendet",
+    Text.STLS_AFTER_UTF8: "STLS ist nach UTF8 nicht erlaubt",
+    Text.LANG_LIST: "Liste der Sprachen folgt",
+    Text.LANG_CHANGED: "Sprache geändert",
+    Text.LANG_UNKNOWN: "Sprache {lang} wird nicht unterstützt",
+}
+
+_SPANISH: Final[Mapping[Text, str]] = {
+    Text.GREETING: "Servidor POP3 listo",
+    Text.CAPA: "Sigue la lista de capacidades",
+    Text.LOGGING_OUT: "Cerrando la sesión",
+    Text.MAILDROP: "El buzón tiene {count} mensajes ({octets} octetos)",
+    Text.SCAN_LISTING: "{count} mensajes ({octets} octetos)",
+    Text.OCTETS: "{size} octetos",
+    Text.MARKED: "Marcado para borrar",
+    Text.BEGIN_TLS: "Comienza la negociación TLS",
+    Text.UNKNOWN_COMMAND: "Orden desconocida",
+    Text.BAD_ARGUMENTS: "Argumentos no válidos",
+    Text.BAD_CHARACTERS: "Caracteres no válidos en la orden",
+    Text.BAD_BASE64: "Datos base64 no válidos",
+    Text.LINE_TOO_LONG: "Línea demasiado larga",
+    Text.WRONG_STATE: "Orden no válida en este estado",
+    Text.TOO_MANY_BAD: "Demasiadas órdenes no válidas, se cierra la conexión",
+    Text.NO_SUCH_MESSAGE: "No existe ese mensaje",
+    Text.ALREADY_DELETED: "El mensaje ya está borrado",
+    Text.NO_USERNAME: "Falta el nombre de usuario",
+    Text.APOP_UNAVAILABLE: "APOP no disponible",
+    Text.UNSUPPORTED_MECHANISM: "Mecanismo de autenticación no admitido",
+    Text.PLAINTEXT_REFUSED: "Autenticación en claro no permitida sin conexión segura (SSL/TLS)",
+    Text.AUTH_FAILED: "Falló la autenticación",
+    Text.AUTH_CANCELLED: "Autenticación cancelada",
+    Text.AUTH_TEMPORARY: "Fallo temporal de autenticación",
+    Text.LOGIN_DELAY: "Aún no ha pasado el tiempo mínimo entre accesos",
+    Text.STLS_UNAVAILABLE: "STLS no disponible",
+    Text.TLS_ACTIVE: "TLS ya está activo",
+    Text.IN_USE: "El buzón está bloqueado por otra sesión",
+    Text.MAILBOX_PERMANENT: "No se puede abrir el buzón",
+    Text.MAILBOX_TEMPORARY: "Buzón no disponible temporalmente",
+    Text.MESSAGE_TEMPORARY: "Mensaje no disponible temporalmente",
+    Text.NOT_REMOVED: "Algunos mensajes borrados no se eliminaron",
+    Text.TOO_MANY_CONNECTIONS: "Demasiadas conexiones, inténtelo más tarde",
+    Text.ACCOUNT_DISABLED: "Cuenta desactivada",
+    Text.UTF8_ENABLED: "Modo UTF-8 activado",
+    Text.UTF8_NEEDED: "El mensaje tiene cabeceras UTF-8; necesita un cliente que envíe UTF8",
+    Text.STLS_AFTER_UTF8: "STLS no está permitido después de UTF8",
+    Text.LANG_LIST: "Sigue la lista de idiomas",
+    Text.LANG_CHANGED: "Idioma cambiado",
+    Text.LANG_UNKNOWN: "El idioma {lang} no está disponible",
+}
+
+# German transliteration (DIN 5007-2); everything else loses its accents.
+_FOLD: Final = str.maketrans(
+    {"ä": "ae", "ö": "oe", "ü": "ue", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "ß": "ss"}
+)
+
+
+def ascii_fold(text: str) -> str:
+    """``text`` in US-ASCII for a client that has not sent UTF8: German umlauts
+    transliterated, other accents dropped, anything left as ``?``."""
+    if text.isascii():
+        return text
+    decomposed = unicodedata.normalize("NFKD", text.translate(_FOLD))
+    kept = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return kept.encode("ascii", "replace").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Language:
+    """One language of the reply texts (RFC 6856 §3)."""
+
+    tag: str
+    """RFC 5646 language tag, lower case."""
+    name: str
+    """What the language calls itself (the LANG listing's description)."""
+    texts: Mapping[Text, str]
+    """Its table, as written (sent after UTF8)."""
+    ascii_texts: Mapping[Text, str]
+    """The same table folded to US-ASCII (sent before UTF8)."""
+
+    @classmethod
+    def build(cls, tag: str, name: str, texts: Mapping[Text, str]) -> Language:
+        missing = [t.name for t in Text if t not in texts]
+        if missing:
+            raise ValueError(f"language {tag}: no text for {', '.join(missing)}")
+        for key, value in texts.items():
+            if _fields(value) != _fields(key.value):
+                raise ValueError(f"language {tag}: {key.name} has other fields than English")
+        folded = {key: ascii_fold(value) for key, value in texts.items()}
+        return cls(tag, name, dict(texts), folded)
+
+
+def _fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+DEFAULT_LANGUAGE: Final = "i-default"
+"""RFC 2277 / RFC 6856 §3: the language of a session until LANG changes it."""
+
+LANGUAGES: Final[Mapping[str, Language]] = {
+    lang.tag: lang
+    for lang in (
+        Language.build("en", "English", TEXTS),
+        Language.build("de", "Deutsch", _GERMAN),
+        Language.build("es", "Español", _SPANISH),
+        Language.build(DEFAULT_LANGUAGE, "Default language (English)", TEXTS),
+    )
+}
+"""Every language LANG offers, by lower-case tag, in listing order."""
+
+
+def match_language(language_range: str) -> Language | None:
+    """The language a LANG argument selects (RFC 4647 §3.3.1 basic filtering, case
+    insensitive, the first tag in :data:`LANGUAGES` order that the range matches);
+    ``*`` selects English. None if no language matches."""
+    wanted = language_range.lower()
+    if wanted == "*":
+        return LANGUAGES["en"]
+    for tag, lang in LANGUAGES.items():
+        if tag == wanted or tag.startswith(wanted + "-"):
+            return lang
+    return None
 
 
 class ReplyLineError(ValueError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pypop.protocol.commands import (
@@ -31,6 +31,7 @@ from pypop.protocol.commands import (
     Capa,
     Command,
     Dele,
+    Lang,
     List,
     Noop,
     ParseError,
@@ -43,6 +44,7 @@ from pypop.protocol.commands import (
     Top,
     Uidl,
     User,
+    Utf8,
     decode_base64,
     parse_command,
 )
@@ -63,13 +65,17 @@ from pypop.protocol.events import (
     Update,
 )
 from pypop.protocol.replies import (
+    DEFAULT_LANGUAGE,
+    LANGUAGES,
     MAX_STATUS_LINE,
     RESP_CODES,
-    TEXTS,
+    Language,
     ReplyLineError,
     Text,
+    ascii_fold,
     encode_multiline,
     encode_status,
+    match_language,
 )
 from pypop.protocol.state import State, allowed
 from pypop.wire import DEFAULT_MAX_LINE, LineFramer
@@ -95,6 +101,8 @@ class ProtocolConfig:
     max_bad_commands: int = 20
     max_auth_failures: int = 5
     implementation: str | None = "pypop"
+    # RFC 2449 §6.7 / §6.5: the server-wide values; per-user ones come with
+    # login_succeeded, and ServerConnection.per_user adds "USER" before login.
     expire: str | None = "NEVER"
     login_delay: int | None = None
     stls_available: bool = False
@@ -120,14 +128,27 @@ class ServerConnection:
         tls_active: bool = False,
         plaintext_allowed: bool = True,
         apop_timestamp: bytes | None = None,
-        texts: dict[Text, str] | None = None,
+        texts: Mapping[Text, str] | None = None,
     ) -> None:
         self.config = config if config is not None else ProtocolConfig()
         self.state = State.AUTHORIZATION
         self.tls_active = tls_active
         self.plaintext_allowed = plaintext_allowed
         self.apop_timestamp = apop_timestamp
-        self.texts = texts if texts is not None else TEXTS
+        # RFC 6856: UTF-8 mode (after UTF8) and the language of the reply texts.
+        # ``texts`` replaces the default language's table (an operator's wording);
+        # LANG switches to a table of replies.LANGUAGES.
+        self.utf8 = False
+        self.language: Language = LANGUAGES[DEFAULT_LANGUAGE]
+        self._custom_texts = texts
+        self.texts: Mapping[Text, str] = self.language.ascii_texts
+        self._select_texts()
+        # RFC 2449 §6.5/§6.7: capabilities whose value varies per user ("EXPIRE",
+        # "LOGIN-DELAY"; set by the session from the store), and this user's values
+        # once logged in.
+        self.per_user: frozenset[str] = frozenset()
+        self.user_expire: str | None = None
+        self.user_login_delay: int | None = None
         self.user: str | None = None
         self.bad_commands = 0
         self.auth_failures = 0
@@ -262,6 +283,20 @@ class ServerConnection:
         template = self.texts.get(text, text.value)
         return template.format(**fields) if fields else template
 
+    def _select_texts(self) -> None:
+        """The table for the language and mode: US-ASCII until UTF8 (RFC 6856)."""
+        lang = self.language
+        if self._custom_texts is not None and lang.tag == DEFAULT_LANGUAGE:
+            custom = self._custom_texts
+            self.texts = custom if self.utf8 else {k: ascii_fold(v) for k, v in custom.items()}
+        else:
+            self.texts = lang.texts if self.utf8 else lang.ascii_texts
+
+    def human(self, text: str) -> str:
+        """Free text for a reply (an operator's reason): as it is in UTF-8 mode,
+        folded to US-ASCII before it."""
+        return text if self.utf8 else ascii_fold(text)
+
     def _status(self, ok: bool, text: str, code: str | None = None) -> None:
         if code is not None and code not in RESP_CODES:
             raise LocalProtocolError(f"unknown response code {code!r}")
@@ -286,8 +321,7 @@ class ServerConnection:
 
     def greeting(self, text: str | None = None) -> None:
         """§4: the one-line greeting, with the APOP timestamp when there is one."""
-        if text is None:
-            text = self._text(Text.GREETING)
+        text = self._text(Text.GREETING) if text is None else self.human(text)
         if self.apop_timestamp is not None:
             text = f"{text} {self.apop_timestamp.decode('ascii')}"
         self._ok(text)
@@ -407,8 +441,29 @@ class ServerConnection:
                     self._err(Text.STLS_UNAVAILABLE)
                 elif self.tls_active:
                     self._err(Text.TLS_ACTIVE)
+                elif self.utf8:
+                    # RFC 6856 §2.1: clients MUST NOT send STLS after UTF8; servers
+                    # MAY refuse it.
+                    self._err(Text.STLS_AFTER_UTF8)
                 else:
                     return StartTLS()
+            case Utf8():
+                self.utf8 = True
+                self._select_texts()
+                self._ok(Text.UTF8_ENABLED)
+            case Lang(language_range=None):
+                lines = [f"{lang.tag} {self.human(lang.name)}" for lang in LANGUAGES.values()]
+                self._multiline(Text.LANG_LIST, lines)
+            case Lang(language_range=str(wanted)):
+                chosen = match_language(wanted)
+                if chosen is None:
+                    # RFC 6856 §3.1: the language stays; the reply starts with its tag.
+                    text = self._text(Text.LANG_UNKNOWN, lang=wanted)
+                    self._status(False, f"{self.language.tag} {text}")
+                else:
+                    self.language = chosen
+                    self._select_texts()
+                    self._ok(f"{chosen.tag} {self._text(Text.LANG_CHANGED)}")
             case Noop():
                 self._ok()
             case Stat():
@@ -515,10 +570,35 @@ class ServerConnection:
             caps.append("SASL " + " ".join(self.sasl_usable))
         if self.config.stls_available and not self.tls_active and self.state is State.AUTHORIZATION:
             caps.append("STLS")
-        if self.config.expire is not None:
-            caps.append(f"EXPIRE {self.config.expire}")
-        if self.config.login_delay is not None:
-            caps.append(f"LOGIN-DELAY {self.config.login_delay}")
+        expire, delay = self.config.expire, self.config.login_delay
+        if self.state is State.AUTHORIZATION:
+            # RFC 2449 §6.5/§6.7: "USER" says the value varies per user; the user's
+            # own value is announced after login.
+            if "EXPIRE" in self.per_user:
+                caps.append(f"EXPIRE {expire or 'NEVER'} USER")
+            elif expire is not None:
+                caps.append(f"EXPIRE {expire}")
+            if "LOGIN-DELAY" in self.per_user:
+                caps.append(f"LOGIN-DELAY {delay or 0} USER")
+            elif delay is not None:
+                caps.append(f"LOGIN-DELAY {delay}")
+        else:
+            # The user's values; one that was announced "USER" is announced now
+            # whatever it is (the server's, or none: NEVER / 0).
+            expire = self.user_expire if self.user_expire is not None else expire
+            delay = self.user_login_delay if self.user_login_delay is not None else delay
+            if expire is None and "EXPIRE" in self.per_user:
+                expire = "NEVER"
+            if delay is None and "LOGIN-DELAY" in self.per_user:
+                delay = 0
+            if expire is not None:
+                caps.append(f"EXPIRE {expire}")
+            if delay is not None:
+                caps.append(f"LOGIN-DELAY {delay}")
+        # RFC 6856: "UTF8 USER" when USER/PASS (or APOP) take UTF-8 names.
+        usable = self.plaintext_allowed or self.apop_timestamp is not None
+        caps.append("UTF8 USER" if usable else "UTF8")
+        caps.append("LANG")
         if self.config.implementation:
             caps.append(f"IMPLEMENTATION {self.config.implementation}")
         return caps
@@ -529,15 +609,26 @@ class ServerConnection:
         if not isinstance(self._busy, kinds):
             raise LocalProtocolError(f"no {'/'.join(k.__name__ for k in kinds)} event is open")
 
-    def login_succeeded(self, user: str, sizes: Sequence[int], uids: Sequence[str]) -> None:
+    def login_succeeded(
+        self,
+        user: str,
+        sizes: Sequence[int],
+        uids: Sequence[str],
+        *,
+        expire: str | None = None,
+        login_delay: int | None = None,
+    ) -> None:
         """§4: the maildrop is locked and snapshotted (message n has ``sizes[n - 1]``
-        and ``uids[n - 1]``); enter TRANSACTION."""
+        and ``uids[n - 1]``); enter TRANSACTION. ``expire``/``login_delay``: this
+        user's values for CAPA (RFC 2449 §6.5, §6.7), None for the server's."""
         self._require(PasswordLogin, ApopLogin, SaslStart, SaslResponse)
         if len(sizes) != len(uids):
             raise LocalProtocolError("sizes and uids differ in length")
         self._busy = None
         self._sasl_end()
         self.user = user
+        self.user_expire = expire
+        self.user_login_delay = login_delay
         self.state = State.TRANSACTION
         self._sizes = list(sizes)
         self._uids = list(uids)
@@ -546,7 +637,7 @@ class ServerConnection:
         self._ok(Text.MAILDROP, count=self._count, octets=self._octets)
 
     def login_failed(
-        self, code: str | None = "AUTH", text: Text = Text.AUTH_FAILED
+        self, code: str | None = "AUTH", text: Text | str = Text.AUTH_FAILED
     ) -> Closing | None:
         """Stay in AUTHORIZATION; after ``max_auth_failures`` the connection closes.
 
@@ -558,7 +649,13 @@ class ServerConnection:
         counts = code == "AUTH" or isinstance(self._busy, SaslAborted)
         self._busy = None
         self._sasl_end()
-        self._err(text, code)
+        if isinstance(text, Text):
+            self._err(text, code)
+        else:  # free text (an account's nologin reason): one line, at most 512 octets
+            line = " ".join(self.human(text).split())
+            while len(line.encode("utf-8")) > 400:
+                line = line[:-1]
+            self._status(False, line, code)
         if counts:
             self.auth_failures += 1
             if self.auth_failures >= self.config.max_auth_failures:

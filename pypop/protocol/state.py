@@ -12,6 +12,7 @@ from pypop.protocol.commands import (
     Capa,
     Command,
     Dele,
+    Lang,
     List,
     Noop,
     Pass,
@@ -23,6 +24,7 @@ from pypop.protocol.commands import (
     Top,
     Uidl,
     User,
+    Utf8,
 )
 
 __all__ = ["ALLOWED", "State", "allowed"]
@@ -55,6 +57,8 @@ ALLOWED: Final[Mapping[type[Command], frozenset[State]]] = {
     Rset: _TRANS,
     Top: _TRANS,  # §7
     Uidl: _TRANS,  # §7
+    Utf8: _AUTH,  # RFC 6856 §2.1
+    Lang: _BOTH,  # RFC 6856 §3.1
 }
 
 

@@ -29,6 +29,7 @@ from pypop.auth import (
     StaticTokenVerifier,
     TokenVerifier,
 )
+from pypop.auth.kerberos import GssapiSettings, check_settings
 from pypop.auth.secret import load_or_create
 from pypop.backend import Backend, SelfAuthenticating
 from pypop.config import ConfigError, ServerConfig
@@ -119,17 +120,19 @@ class Server:
         if passthrough is not None:
             _warn_passthrough(config, token_verifier is not None)
             apop = False  # APOP never reveals the password: it cannot be passed on
+        expire_days = _expire_days(config, self.backend)
         protocol = ProtocolConfig(
             max_bad_commands=config.max_bad_commands,
             max_auth_failures=config.max_auth_failures,
             implementation=config.implementation or None,
-            expire=config.expire or None,
+            expire=(config.expire or None) if expire_days is None else str(expire_days),
             login_delay=config.login_delay or None,
             stls_available=ssl_context is not None,
             refuse_proxy_header=bool(config.proxy_from),
         )
         self.proxies = TrustedProxies(config.proxy_from)
         self._given = listeners
+        gssapi = _gssapi_settings(config)
         if token_verifier is None and config.tokens_file is not None:
             token_verifier = StaticTokenVerifier.from_file(config.tokens_file)
         penalty_max = config.auth_penalty_max
@@ -156,9 +159,11 @@ class Server:
                 clock=trio.current_time,
             ),
             per_client=PerClientLimiter(config.max_auth_per_client),
-            login_delay=LoginDelay(config.login_delay, clock=trio.current_time)
-            if config.login_delay
-            else None,
+            # Always there: a user database may give some users a delay of their own.
+            login_delay=LoginDelay(config.login_delay, clock=trio.current_time),
+            utf8_headers=config.utf8_headers,
+            expire_days=expire_days,
+            gssapi=gssapi,
             passthrough=passthrough,
             limits=limits,
             connections=self.limits,
@@ -450,6 +455,41 @@ def _server_secret(config: ServerConfig) -> bytes | None:
             "will change when the server restarts, which tells them from real users"
         )
     return None
+
+
+def _gssapi_settings(config: ServerConfig) -> GssapiSettings | None:
+    """Kerberos for SASL GSSAPI, checked at start-up (package, keytab, service key)."""
+    if config.gssapi_keytab is None:
+        if "GSSAPI" in (m.upper() for m in config.mechanisms) and config.mechanisms != list(
+            DEFAULT_MECHANISMS
+        ):
+            log.warning("auth.mechanisms lists GSSAPI, but no auth.gssapi_keytab is set")
+        return None
+    hostname = config.gssapi_hostname or config.hostname
+    settings = GssapiSettings(
+        keytab=str(config.gssapi_keytab), hostname=None if hostname == "*" else hostname
+    )
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return settings
+
+
+def _expire_days(config: ServerConfig, backend: Backend) -> int | None:
+    """The EXPIRE the backend enforces (its ``expire_days`` option), which CAPA then
+    announces; a different explicit ``policy.expire`` is a configuration error."""
+    days = getattr(backend, "expire_days", None)
+    if days is None:
+        return None
+    if not isinstance(days, int) or isinstance(days, bool) or days < 0:
+        raise ConfigError(f"backend expire_days must be a whole number of days, got {days!r}")
+    if config.expire not in ("NEVER", "", str(days)):
+        raise ConfigError(
+            f"policy.expire = {config.expire!r} but the backend removes mail after "
+            f"{days} days (expire_days): leave policy.expire out, or make them agree"
+        )
+    return days
 
 
 def _plural(n: int, word: str) -> str:

@@ -20,8 +20,8 @@ from typing import Final
 
 import trio
 
-from pypop.backend import Backend, Mailbox
-from pypop.errors import MailboxLocked
+from pypop.backend import Account, Backend, Mailbox
+from pypop.errors import MailboxLocked, PermanentFailure
 
 __all__ = ["REASONS", "MaildropHolders", "clean", "describe", "log_failed_login"]
 
@@ -35,6 +35,8 @@ REASONS: Final = {
     "malformed": "bad base64 or an overlong line in a SASL exchange",
     "in-use": "the maildrop is locked by another session",
     "login-delay": "RFC 2449 LOGIN-DELAY not yet over",
+    "network": "the user may not log in from this address (allow_nets)",
+    "disabled": "the account has nologin (the reason goes to the client)",
     "temporary": "a server-side failure, -ERR [SYS/TEMP] (cause= says which)",
     "permanent": "the account cannot be served, -ERR [SYS/PERM] (cause= says why)",
 }
@@ -126,12 +128,24 @@ class MaildropHolders:
         if self._released.get(user) is event:
             del self._released[user]
 
-    async def open(self, backend: Backend, user: str) -> Mailbox:
-        """``backend.open_mailbox(user)``, waiting up to ``wait`` seconds for a lock."""
+    async def open(self, backend: Backend, user: str, account: Account | None = None) -> Mailbox:
+        """``backend.open_mailbox(user)`` (``open_account(account)`` for a user with a
+        location of their own), waiting up to ``wait`` seconds for a lock."""
         deadline = trio.current_time() + self.wait
         pause = 0.01
+        opener = None
+        if account is not None and account.located:
+            opener = getattr(backend, "open_account", None)
+            if opener is None:
+                raise PermanentFailure(
+                    f"{type(backend).__name__} cannot open per-user maildrop locations "
+                    "(home, userdb_mail)"
+                )
         while True:
             try:
+                if opener is not None:
+                    mailbox: Mailbox = await opener(account)
+                    return mailbox
                 return await backend.open_mailbox(user)
             except MailboxLocked:
                 left = deadline - trio.current_time()

@@ -12,7 +12,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -32,7 +32,10 @@ from pypop.auth import (
     create_mechanism,
     verify_apop,
 )
-from pypop.backend import Backend, Mailbox, SelfAuthenticating
+from pypop.auth.kerberos import GssapiSettings
+from pypop.auth.prep import try_password, try_username
+from pypop.auth.userdb import UserPolicy, allowed_from
+from pypop.backend import Account, Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
     AuthFailed,
     MailboxLocked,
@@ -61,6 +64,7 @@ from pypop.protocol import (
 )
 from pypop.server import metrics
 from pypop.server.anvil import Limits, LocalLimits
+from pypop.server.intl import HeaderCheck, wire_header_is_ascii
 from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import MaildropHolders, describe, log_failed_login
@@ -73,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = ["Session", "SessionContext"]
 
 log = logging.getLogger("pypop.session")
+expire_log = logging.getLogger("pypop.expire")
 
 RECV_SIZE: Final = 65536
 # Flush queued replies once this much is waiting: bounds memory per session while a
@@ -108,9 +113,16 @@ class SessionContext:
     login_delay: LoginDelay | None = None
     hash_limiter: trio.CapacityLimiter | None = None
     salt_key: bytes | None = None  # the server secret (pypop.auth.secret)
+    gssapi: GssapiSettings | None = None  # auth.gssapi_keytab (pypop.auth.kerberos)
     mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
+    # RFC 6856: what a client that never sent UTF8 gets for a message with 8-bit
+    # header octets: "refuse" (-ERR [UTF8]) or "send" (as stored; the operator's call).
+    utf8_headers: str = "refuse"
+    # EXPIRE enforced at UPDATE, days (None: never; 0: what was retrieved); a
+    # passwd-file "expire=" overrides it per user. From the backend's expire_days.
+    expire_days: int | None = None
     # The backend itself when it checks credentials (pypop.server.passthrough).
     passthrough: SelfAuthenticating | None = None
     # Connection caps, penalty and auth slots as the whole server sees them: the
@@ -155,6 +167,8 @@ class Session:
         )
         self.mailbox: Mailbox | None = None
         self.user: str | None = None
+        self.policy: UserPolicy | None = None
+        self._retrieved_set: set[int] = set()
         self.retrieved = 0
         self.retrieved_octets = 0
         self.deleted = 0
@@ -179,6 +193,7 @@ class Session:
         if ctx.passthrough is not None:
             self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
+        self.conn.per_user = getattr(ctx.store, "per_user_capabilities", frozenset())
 
     def _plaintext_allowed(self, tls: bool) -> bool:
         # RFC 2595 §3 / RFC 8314: no cleartext passwords outside TLS unless the admin
@@ -209,6 +224,7 @@ class Session:
             channel_binding=binding,
             hash_limiter=self.ctx.hash_limiter,
             salt_key=self.ctx.salt_key,
+            gssapi=self.ctx.gssapi,
         )
 
     def _update_mechanisms(self) -> None:
@@ -378,13 +394,25 @@ class Session:
                 finally:
                     if event.top_lines is None:
                         self._retr_seconds.observe(time.monotonic() - started)
-            case PasswordLogin(user=user, password=password):
+            case PasswordLogin(user=raw_user, password=raw_password):
+                # RFC 6856 §2 / RFC 8265: UTF-8 names and passwords are prepared
+                # first (as SASL PLAIN's are, RFC 4616), for the store and for a
+                # passthrough's upstream alike; one PRECIS refuses fails like a wrong
+                # password, at the same cost (the verification still runs).
                 store = self.ctx.store if self._passthrough is None else self._passthrough
-                return await self._login(
-                    "USER", user, lambda: store.verify_password(user, password), password
-                )
-            case ApopLogin(user=user, digest=digest, timestamp=timestamp):
+                prepared_user = try_username(raw_user)
+                password = try_password(raw_password)
+                user = prepared_user or raw_user
+                usable = prepared_user is not None and password is not None
+
+                async def verify() -> bool:
+                    ok = await store.verify_password(user, password or raw_password)
+                    return ok and usable
+
+                return await self._login("USER", user, verify, raw_password)
+            case ApopLogin(user=raw_user, digest=digest, timestamp=timestamp):
                 store = self.ctx.store
+                user = try_username(raw_user) or raw_user
                 return await self._login(
                     "APOP", user, lambda: verify_apop(store, user, timestamp, digest), digest
                 )
@@ -440,7 +468,8 @@ class Session:
         log_failed_login(user, method, self.peer.host, reason)
         self._login_done(method, reason)
         await trio.sleep(await self.ctx.guard.failure(self.peer.host, user, secret))
-        return self.conn.login_failed("AUTH" if reason == "credentials" else None, text)
+        code = "AUTH" if reason in ("credentials", "network") else None
+        return self.conn.login_failed(code, text)
 
     def _server_failure(
         self, method: str, user: str | None, exc: BaseException, code: str, text: Text
@@ -455,21 +484,55 @@ class Session:
         self._login_done(method, reason)
         return self.conn.login_failed(code, text)
 
+    async def _user_policy(self, method: str, user: str) -> UserPolicy | Closing | None:
+        """The user database's policy for ``user`` (None: the defaults), or the
+        failure that ends this login (a store error)."""
+        lookup = getattr(self.ctx.store, "user_policy", None)
+        if lookup is None:
+            return None
+        try:
+            policy: UserPolicy | None = await lookup(user)
+        except Exception as exc:
+            return self._server_failure(method, user, exc, "SYS/TEMP", Text.AUTH_TEMPORARY)
+        return policy
+
     async def _open(self, method: str, user: str) -> Closing | None:
-        """§4: lock and snapshot the maildrop, then TRANSACTION."""
+        """§4: per-user policies, then lock and snapshot the maildrop, then
+        TRANSACTION. Every way of logging in ends here, after the credentials (or
+        the Kerberos ticket) were verified."""
         conn = self.conn
-        if self.ctx.login_delay is not None and self.ctx.login_delay.try_login(user) > 0:
+        found = await self._user_policy(method, user)
+        if isinstance(found, Closing):
+            return found
+        policy = found if found is not None else UserPolicy()
+        if not allowed_from(policy, self.peer.host):
+            # Dovecot's allow_nets: fails the way a wrong password does.
+            if self._passthrough is not None:
+                await self._passthrough.discard()
+            return await self._auth_failed(method, user, None, "network")
+        if policy.nologin:
+            # Only now, with the password verified, does the client learn why.
+            if self._passthrough is not None:
+                await self._passthrough.discard()
+            log_failed_login(user, method, self.peer.host, "disabled")
+            return conn.login_failed("SYS/PERM", policy.reason or Text.ACCOUNT_DISABLED)
+        if self.ctx.login_delay is not None and (
+            self.ctx.login_delay.try_login(user, policy.login_delay) > 0
+        ):
             # RFC 2449 §8.1.1
             if self._passthrough is not None:
                 await self._passthrough.discard()
             log_failed_login(user, method, self.peer.host, "login-delay")
             self._login_done(method, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
+        account = Account(user, policy.home, policy.mail)
         try:
-            # A passthrough's check has opened the maildrop already (it opens again
-            # only while waiting for a lock).
-            opener = self.ctx.backend if self._passthrough is None else self._passthrough
-            mailbox = await self.ctx.maildrops.open(opener, user)
+            if self._passthrough is None:
+                mailbox = await self.ctx.maildrops.open(self.ctx.backend, user, account)
+            else:
+                # A passthrough's check has opened the maildrop already (it opens
+                # again only while waiting for a lock); the upstream decides where.
+                mailbox = await self.ctx.maildrops.open(self._passthrough, user)
         except MailboxLocked:
             log_failed_login(user, method, self.peer.host, "in-use")
             self._login_done(method, "in-use")
@@ -481,14 +544,20 @@ class Session:
         except Exception as exc:
             return self._server_failure(method, user, exc, "SYS/TEMP", Text.MAILBOX_TEMPORARY)
         self._released = self.ctx.maildrops.hold(user)
-        self.mailbox, self.user = mailbox, user
+        self.mailbox, self.user, self.policy = mailbox, user, policy
         # getattr, not isinstance: a runtime Protocol check costs more than the login.
         wire: Callable[[int, int | None], bytes | None] | None = getattr(
             mailbox, "wire_message", None
         )
         self._wire = wire
         messages = mailbox.messages
-        conn.login_succeeded(user, [m.size for m in messages], [m.uid for m in messages])
+        conn.login_succeeded(
+            user,
+            [m.size for m in messages],
+            [m.uid for m in messages],
+            expire=policy.expire_capa,
+            login_delay=policy.login_delay,
+        )
         self._login_done(method, "ok")
         return None
 
@@ -590,23 +659,46 @@ class Session:
 
     # -- RETR / TOP --
 
+    def _refuse_8bit(self) -> bool:
+        """RFC 6856: must an 8-bit header be kept from this client? (pypop.server.intl)"""
+        return not self.conn.utf8 and self.ctx.utf8_headers == "refuse"
+
     async def _retrieve_message(self, event: Retrieve) -> None:
         assert self.mailbox is not None
         conn = self.conn
+        # Both ways out (the wire cache and the stream) pass the RFC 6856 check.
         if self._wire is not None:
             wire = self._wire(event.index, event.top_lines)
             if wire is not None:
+                if self._refuse_8bit() and not wire_header_is_ascii(wire):
+                    conn.reply_err(Text.UTF8_NEEDED, "UTF8")
+                    return
                 conn.message_header()
                 conn.send_raw(wire)
                 self._message_sent(event)
                 return
         stuffer = DotStuffer(event.top_lines)
         blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)
+        held: list[bytes] = []
         try:
-            # The first block decides between +OK and -ERR; after +OK there is no way
+            # The first block decides between +OK and -ERR (with the 8-bit check, the
+            # blocks up to the end of the header do); after +OK there is no way
             # back, so a later failure can only end the session.
             try:
                 block: bytes | None = await anext(blocks, None)
+                if self._refuse_8bit():
+                    check = HeaderCheck()
+                    while block is not None:
+                        held.append(block)
+                        check.feed(block)
+                        if check.decided:
+                            break
+                        block = await anext(blocks, None)
+                    check.finish()
+                    if not check.ascii:
+                        conn.reply_err(Text.UTF8_NEEDED, "UTF8")
+                        return
+                    block = held.pop(0) if held else None
             except NoSuchMessage:
                 conn.reply_err(Text.NO_SUCH_MESSAGE)
                 return
@@ -624,7 +716,7 @@ class Session:
                         break
                     if conn.pending_output >= FLUSH_AT:
                         await self._flush()
-                    block = await anext(blocks, None)
+                    block = held.pop(0) if held else await anext(blocks, None)
             except _SessionEnd:
                 raise
             except Exception as exc:
@@ -648,19 +740,68 @@ class Session:
         if event.top_lines is None:  # TOP is not a retrieval in the session summary
             self.retrieved += 1
             self.retrieved_octets += event.size
+            self._retrieved_set.add(event.index)
 
     # -- UPDATE (RFC 1939 §6) --
+
+    def _expire_days(self) -> int | None:
+        """This user's enforced EXPIRE in days (None: never)."""
+        if self.policy is not None and self.policy.expire is not None:
+            return None if self.policy.expire < 0 else self.policy.expire
+        return self.ctx.expire_days
+
+    async def _expired(self, mailbox: Mailbox, deleted: tuple[int, ...]) -> list[int]:
+        """EXPIRE enforced (RFC 2449 §6.7): the messages UPDATE removes besides those
+        marked. 0 days: what this session retrieved; N: what arrived more than N days
+        ago (backends with ``received_times``, pypop.backend.MessageTimes)."""
+        days = self._expire_days()
+        if days is None:
+            return []
+        marked = set(deleted)
+        if days == 0:
+            return sorted(self._retrieved_set - marked)
+        received_times = getattr(mailbox, "received_times", None)
+        if received_times is None:
+            return []
+        times: Sequence[float | None] | None = None
+        problem = "timed out"
+        try:
+            with trio.move_on_after(30):
+                times = await received_times()
+        except Exception as exc:
+            problem = describe(exc)
+        if times is None:
+            # The marked messages still go; the expiry waits for a later UPDATE.
+            expire_log.warning(
+                "expire: user=<%s> skipped: arrival times unreadable (%s)", self.user, problem
+            )
+            return []
+        cutoff = time.time() - days * 86400
+        return [
+            i
+            for i, when in enumerate(times[: len(mailbox.messages)])
+            if when is not None and when < cutoff and i not in marked
+        ]
 
     async def _update(self, deleted: tuple[int, ...]) -> Closing:
         assert self.mailbox is not None
         mailbox, self.mailbox = self.mailbox, None
         failed = False
+        expired: list[int] = []
         # Shielded: once UPDATE starts it finishes, even during shutdown.
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(60):
-                    await mailbox.commit(deleted)
+                    expired = await self._expired(mailbox, deleted)
+                    await mailbox.commit(tuple(sorted((*deleted, *expired))))
                 self.deleted = len(deleted)
+                if expired:
+                    expire_log.info(
+                        "expire: user=<%s> removed=%d days=%s",
+                        self.user,
+                        len(expired),
+                        self._expire_days(),
+                    )
             except Exception as exc:
                 metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
                 # The backend's own report is one line with its cause (the client gets

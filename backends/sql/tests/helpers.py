@@ -62,9 +62,13 @@ class ServeProcess:
     port: int
     log: Path
 
-    def login(self, user: str = "alice") -> poplib.POP3:
+    def login(self, user: str = "alice", *, utf8: bool = False) -> poplib.POP3:
+        """poplib logged in; ``utf8``: send UTF8 first (RFC 6856), which a message with
+        8-bit header octets needs."""
         pop = poplib.POP3("127.0.0.1", self.port, timeout=30)
         try:
+            if utf8:
+                pop.utf8()
             pop.user(user)
             pop.pass_(PASSWORD)
         except BaseException:
@@ -92,9 +96,20 @@ class ServeProcess:
             return ""
 
 
-def write_config(tmp: Path, url: str, name: str, port: int, credentials: str = "passwd") -> Path:
+def write_config(
+    tmp: Path,
+    url: str,
+    name: str,
+    port: int,
+    credentials: str = "passwd",
+    *,
+    passwd_text: str | None = None,
+    backend_extra: str = "",
+) -> Path:
     passwd = tmp / "passwd"
-    passwd.write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in USERS))
+    if passwd_text is None:
+        passwd_text = "".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in USERS)
+    passwd.write_text(passwd_text, encoding="utf-8")
     auth = (
         f'[auth]\npasswd_file = "{passwd}"\n'
         if credentials == "passwd"
@@ -118,6 +133,7 @@ shutdown_timeout = 2
 [backend]
 name = "sql"
 url = "{url}"
+{backend_extra}
 """
     )
     return conf
@@ -130,10 +146,15 @@ def start_serve(
     *,
     prelude: str = "",
     credentials: str = "passwd",
+    passwd_text: str | None = None,
+    backend_extra: str = "",
 ) -> ServeProcess:
-    """``pypop serve`` on a free port; ``prelude`` is Python run first (fault injection)."""
+    """``pypop serve`` on a free port; ``prelude`` is Python run first (fault injection);
+    ``passwd_text`` replaces the passwd-file, ``backend_extra`` adds [backend] lines."""
     port = free_port()
-    conf = write_config(tmp, url, name, port, credentials)
+    conf = write_config(
+        tmp, url, name, port, credentials, passwd_text=passwd_text, backend_extra=backend_extra
+    )
     log = tmp / f"{name}.log"
     code = f"{prelude}\nimport sys\nfrom pypop.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     with log.open("wb") as out:

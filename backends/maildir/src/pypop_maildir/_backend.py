@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Self
 
 import trio
-from pypop.backend import MessageInfo, is_valid_uid
+from pypop.backend import Account, MessageInfo, is_valid_uid
 from pypop.backend_kit import (
     BLOCK_SIZE,
     IOThreads,
@@ -38,7 +38,13 @@ from pypop.errors import (
 from pypop.wire import stuff, wire_size
 
 from pypop_maildir import _store
-from pypop_maildir._config import MaildirConfig, UnsafeUser, expand_template, parse_options
+from pypop_maildir._config import (
+    MaildirConfig,
+    UnsafeUser,
+    expand_template,
+    location_path,
+    parse_options,
+)
 from pypop_maildir._lock import HeldLock, LockBusy, acquire
 
 __all__ = ["BLOCK_SIZE", "LARGE_BLOCK", "MaildirBackend", "MaildirMailbox"]
@@ -128,6 +134,8 @@ class MaildirBackend:
 
     def __init__(self, config: MaildirConfig) -> None:
         self.config = config
+        # RFC 2449 EXPIRE, enforced by the server at UPDATE (pypop.backend_kit).
+        self.expire_days = config.expire_days
         self.threads = IOThreads(config.io_threads, timeout=config.io_timeout)
         # This process's sessions: checked before the on-disk lock, which other
         # processes (and Dovecot) see.
@@ -163,8 +171,25 @@ class MaildirBackend:
         """
         return True
 
+    async def open_account(self, account: Account) -> MaildirMailbox:
+        """pypop.backend.AccountBackend: the maildir the user database names
+        (``userdb_mail=maildir:~/Maildir``, or the home + ``home_maildir``)."""
+        if not account.located:
+            return await self.open_mailbox(account.user)
+        try:
+            maildir = location_path(
+                account.mail, account.home, account.user, self.config.home_maildir
+            )
+        except UnsafeUser:
+            raise AuthFailed("user name cannot be mapped to a maildir") from None
+        except ValueError as exc:
+            raise PermanentFailure(f"cannot serve this mail location: {exc}") from None
+        return await self._open_at(account.user, maildir)
+
     async def open_mailbox(self, user: str) -> MaildirMailbox:
-        maildir = self.maildir_path(user)
+        return await self._open_at(user, self.maildir_path(user))
+
+    async def _open_at(self, user: str, maildir: str) -> MaildirMailbox:
         if not self.locks.acquire(maildir):
             raise MailboxLocked("maildrop is locked by another session of this process")
         try:
@@ -429,6 +454,17 @@ class MaildirMailbox(SnapshotMailbox):
         self._retrieved: set[int] | None = None
         self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
+
+    def received(self, index: int) -> float | None:
+        """pypop.backend.MessageTimes: the delivery time at the start of the Maildir
+        name (``1700000000.M1P2.host``); None for a name without one (never expired
+        by EXPIRE)."""
+        return _store.delivery_time(self._entry(index).name)
+
+    async def received_times(self) -> list[float | None]:
+        """pypop.backend.MessageTimes: :meth:`received` of every message (names are
+        in memory already: no I/O)."""
+        return [self.received(i) for i in range(len(self._entries))]
 
     def _entry(self, index: int) -> _store.Entry:
         if not 0 <= index < len(self._entries):

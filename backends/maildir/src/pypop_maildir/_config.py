@@ -9,7 +9,14 @@ from typing import Literal, cast
 
 from pypop.backend_kit import OptionError, Options
 
-__all__ = ["MaildirConfig", "OptionError", "UnsafeUser", "expand_template", "parse_options"]
+__all__ = [
+    "MaildirConfig",
+    "OptionError",
+    "UnsafeUser",
+    "expand_template",
+    "location_path",
+    "parse_options",
+]
 
 LockMethod = Literal["auto", "dotlock", "fcntl"]
 
@@ -32,6 +39,8 @@ class MaildirConfig:
     fsync: bool = True
     io_threads: int = 16
     io_timeout: float = 30.0
+    expire_days: int | None = None
+    home_maildir: str = "Maildir"
     listing_cache: int = 100_000
 
 
@@ -87,6 +96,8 @@ def parse_options(options: Mapping[str, object]) -> MaildirConfig:
         fsync=opts.flag("fsync", True),
         io_threads=opts.integer("io_threads", 16, minimum=1),
         io_timeout=opts.number("io_timeout", 30.0, minimum=0.1),
+        expire_days=opts.expire_days(),
+        home_maildir=opts.text("home_maildir", "Maildir"),
         listing_cache=opts.integer("listing_cache", 100_000, minimum=0),
     )
     opts.finish()
@@ -125,3 +136,37 @@ def expand_template(template: str, user: str) -> str:
         if not part or part.startswith("."):
             raise UnsafeUser("user name maps to an empty or dot-prefixed path component")
     return path
+
+
+def location_path(mail: str | None, home: str | None, user: str, home_maildir: str) -> str:
+    """The maildir a user database names (:class:`pypop.backend.Account`).
+
+    ``mail`` is Dovecot's mail location: ``maildir:PATH[:KEY=VALUE...]`` or a bare
+    path; ``~`` at its start is the home directory, and ``%u``, ``%n``, ``%d``
+    expand as in the template. Without ``mail``, ``home`` + ``home_maildir``.
+    Raises ``ValueError`` for another driver (``mbox:``, ``sdbox:`` ...), a relative
+    result, or a ``~`` without a home; :class:`UnsafeUser` for a user name that
+    cannot go into a path.
+    """
+    if mail is None:
+        if home is None:
+            raise ValueError("no mail location and no home")
+        mail = f"~/{home_maildir}"
+    driver, sep, rest = mail.partition(":")
+    if sep and "/" not in driver and driver != "~":
+        if driver != "maildir":
+            raise ValueError(f"mail location driver {driver!r} is not maildir")
+        mail = rest.split(":", 1)[0]  # options (LAYOUT=, INDEX= ...) mean nothing here
+    if "%" in mail:
+        if not user or _unsafe_char(user):
+            raise UnsafeUser("user name holds '/', '\\' or a control character")
+        local, _, domain = user.partition("@")
+        mail = mail.replace("%%", "\0").replace("%u", user).replace("%n", local)
+        mail = mail.replace("%d", domain).replace("\0", "%")
+    if mail == "~" or mail.startswith("~/"):
+        if not home:
+            raise ValueError("mail location uses ~ but the user has no home")
+        mail = home.rstrip("/") + mail[1:]
+    if not os.path.isabs(mail):
+        raise ValueError("mail location is not an absolute path")
+    return os.path.normpath(mail)

@@ -145,6 +145,12 @@ def delivery_key(name: str) -> tuple[int, int, int, str]:
     return (0, int(m.group(1)), usec, name)
 
 
+def delivery_time(name: str) -> float | None:
+    """The delivery time (seconds) a Maildir name starts with, or None."""
+    m = _TIME_RE.match(name)
+    return float(m.group(1)) if m is not None else None
+
+
 def valid_uid(uid: str) -> bool:
     """``pypop.backend.is_valid_uid`` with str methods (hot on 100,000 names)."""
     return 1 <= len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Self
 
-from pypop.backend import MessageInfo
+from pypop.backend import Account, MessageInfo
 from pypop.backend_kit import IOThreads, SessionThreads, SnapshotMailbox, TopCut
-from pypop.errors import NoSuchMessage, TemporaryFailure, UpdateFailed
+from pypop.errors import NoSuchMessage, PermanentFailure, TemporaryFailure, UpdateFailed
 from pypop.wire import stuff
 
 from pypop_sql._config import SqlConfig, parse_options
@@ -33,6 +33,8 @@ class SqlBackend:
         self.config = config
         self.engine = engine if engine is not None else make_engine(config)
         self.threads = IOThreads(config.io_threads, timeout=config.io_timeout)
+        # The server enforces and announces it (pypop.backend: expire_days).
+        self.expire_days = config.expire_days
         self._closed = False
 
     @classmethod
@@ -48,6 +50,17 @@ class SqlBackend:
         # One thread call that returns a locked snapshot or raises with no lock held.
         handle, rows = await threads.run(self.engine.open, user, create)
         return SqlMailbox(self, handle, rows, threads)
+
+    async def open_account(self, account: Account) -> SqlMailbox:
+        """pypop.backend.AccountBackend: maildrops are named, not placed, so a home
+        directory changes nothing; ``userdb_mail=sql:NAME`` serves maildrop NAME.
+        Any other mail location is refused rather than served from here."""
+        if account.mail is None:
+            return await self.open_mailbox(account.user)
+        driver, sep, name = account.mail.partition(":")
+        if driver != "sql" or not sep or not name:
+            raise PermanentFailure(f"the sql backend cannot serve {account.mail!r}")
+        return await self.open_mailbox(name)
 
     async def deliver(
         self,
@@ -67,7 +80,8 @@ class SqlBackend:
 
 
 class SqlMailbox(SnapshotMailbox):
-    """One locked maildrop (pypop.backend.Mailbox, and WireCache for read-ahead)."""
+    """One locked maildrop (pypop.backend.Mailbox, WireCache for read-ahead, and
+    MessageTimes for EXPIRE)."""
 
     def __init__(
         self, backend: SqlBackend, handle: Handle, rows: list[Row], threads: SessionThreads
@@ -78,6 +92,11 @@ class SqlMailbox(SnapshotMailbox):
         self._rows = rows
         self._threads = threads
         self._ahead: dict[int, bytes] = {}
+
+    async def received_times(self) -> list[float | None]:
+        """pypop.backend.MessageTimes: one query, only at an UPDATE with EXPIRE."""
+        times = await self._threads.run(self._engine.received, self._handle)
+        return [times.get(row.id) for row in self._rows]
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
         """pypop.backend.WireCache: messages already read ahead need no thread hop."""

@@ -31,6 +31,8 @@ class SqlConfig:
     connect_timeout: float = 5.0
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout: float = 5.0
+    expire_days: int | None = None
+    """RFC 2449 EXPIRE enforced at UPDATE (``Options.expire_days``); None: never."""
 
 
 def parse_url(opts: Options, url: str) -> tuple[Engine, str]:
@@ -65,8 +67,11 @@ def parse_options(options: Mapping[str, object]) -> SqlConfig:
     opts = Options("sql", options)
     config = read_engine_options(opts)
     autocreate = opts.choice("autocreate", "yes", ("yes", "no", "users"))
+    expire_days = opts.expire_days()
     opts.finish()
-    return dataclasses.replace(config, autocreate=cast(Autocreate, autocreate))
+    return dataclasses.replace(
+        config, autocreate=cast(Autocreate, autocreate), expire_days=expire_days
+    )
 
 
 def read_engine_options(opts: Options) -> SqlConfig:

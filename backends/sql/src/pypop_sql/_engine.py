@@ -129,6 +129,7 @@ _SNAPSHOT_BY_NAME = (
     " JOIN mailboxes b ON b.id = m.mailbox_id WHERE b.name = %s ORDER BY m.id"
 )
 _READ = "SELECT data FROM chunks WHERE message_id = ? AND seq >= ? AND seq <= ? ORDER BY seq"
+_RECEIVED = "SELECT id, received FROM messages WHERE mailbox_id = ?"
 _LOOKUP = "SELECT password, enabled FROM users WHERE name = ?"
 _SAMPLE = "SELECT password FROM users WHERE enabled LIMIT ?"
 
@@ -198,6 +199,11 @@ class Engine(ABC):
     @abstractmethod
     def read_small(self, handle: Handle, message_ids: Sequence[int]) -> dict[int, bytes]:
         """The only chunk of each of these one-chunk messages."""
+
+    @abstractmethod
+    def received(self, handle: Handle) -> dict[int, float]:
+        """Message id -> delivery time (POSIX seconds) for the locked mailbox; read
+        only at an UPDATE with EXPIRE in force (the snapshot index leaves it out)."""
 
     @abstractmethod
     def delete(self, handle: Handle, message_ids: Sequence[int]) -> None:
@@ -422,6 +428,11 @@ class SqliteEngine(Engine):
                 tuple(message_ids),
             )
             return {int(mid): data for mid, data in cur}
+
+    def received(self, handle: Handle) -> dict[int, float]:
+        with _sqlite_errors("cannot read arrival times"):
+            cur = self._conn().execute(_RECEIVED, (handle.mailbox_id,))
+            return {int(mid): float(when) for mid, when in cur}
 
     def delete(self, handle: Handle, message_ids: Sequence[int]) -> None:
         with _sqlite_errors("UPDATE failed"), self._write() as conn:
@@ -658,6 +669,15 @@ class PostgresEngine(Engine):
                 binary=True,
             )
             return {int(mid): data for mid, data in cur}
+
+    def received(self, handle: Handle) -> dict[int, float]:
+        with self._errors("cannot read arrival times"):
+            cur = handle.conn.execute(
+                "SELECT id, extract(epoch FROM received)::float8 FROM messages"
+                " WHERE mailbox_id = %s",
+                (handle.mailbox_id,),
+            )
+            return {int(mid): float(when) for mid, when in cur}
 
     def delete(self, handle: Handle, message_ids: Sequence[int]) -> None:
         conn = handle.conn
