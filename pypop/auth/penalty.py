@@ -32,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pypop.netaddr import client_address
+
 __all__ = ["AuthPenalty", "LoginDelay", "client_key"]
 
 
@@ -43,13 +45,10 @@ def client_key(ip: str) -> str:
     changing addresses. IPv4-mapped IPv6 addresses count as IPv4. Anything that is not
     an address is used as it is.
     """
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 

@@ -34,6 +34,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Final
 
+from pypop.netaddr import in_networks
+
 __all__ = [
     "MAX_EXPIRE_DAYS",
     "MAX_LOGIN_DELAY",
@@ -147,10 +149,4 @@ def allowed_from(policy: UserPolicy, host: str) -> bool:
     nets = policy.allow_nets
     if nets is None:
         return True
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in nets)
+    return in_networks(host, nets)

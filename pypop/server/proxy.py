@@ -24,6 +24,7 @@ from typing import Final
 
 import trio
 
+from pypop.netaddr import in_networks
 from pypop.wire import PROXY_HEADER_MAX, parse_proxy_header
 
 __all__ = ["HEADER_TIMEOUT", "ProxyHeader", "ProxyHeaderError", "TrustedProxies", "read_header"]
@@ -72,13 +73,7 @@ class TrustedProxies:
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 (one instance per server)
     def trusts(self, host: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return in_networks(host, self.networks)
 
 
 def _address(raw: bytes) -> str | None:
