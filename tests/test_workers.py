@@ -193,6 +193,10 @@ def refused(port: int) -> bool:
             Pop(port).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            # Queued in the backlog just before the last listener closed: the kernel
+            # resets those. The next connection must find the port closed.
+            pass
         time.sleep(0.05)
     return False
 

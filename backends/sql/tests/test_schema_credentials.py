@@ -162,3 +162,21 @@ async def test_backend_deliver_rejects_bad_uids(tmp_path: Path) -> None:
             await backend.deliver("a", b"y", uid="u1")
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize(("given", "expected"), [({}, 256 * 1024 * 1024), ({"mmap_size": "0"}, 0)])
+def test_sqlite_reads_through_mmap(tmp_path: Path, given: dict[str, str], expected: int) -> None:
+    """Every SQLite connection gets the mmap_size option (PRAGMA mmap_size)."""
+    from pypop_sql._config import parse_options
+    from pypop_sql._engine import SqliteEngine, make_engine
+
+    eng = make_engine(parse_options({"url": f"sqlite://{tmp_path / 'm.db'}", **given}))
+    assert isinstance(eng, SqliteEngine)
+    eng.start()
+    try:
+        (size,) = eng._conn().execute("PRAGMA mmap_size").fetchone()
+        assert size == expected
+    finally:
+        eng.close()
+    with pytest.raises(OptionError, match="mmap_size"):
+        create({"url": f"sqlite://{tmp_path / 'm.db'}", "mmap_size": "-1"})

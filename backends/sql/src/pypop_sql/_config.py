@@ -31,6 +31,8 @@ class SqlConfig:
     connect_timeout: float = 5.0
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout: float = 5.0
+    mmap_size: int = 256 * 1024 * 1024
+    """SQLite: bytes of the database read through mmap (0: through read(2))."""
     expire_days: int | None = None
     """RFC 2449 EXPIRE enforced at UPDATE (``Options.expire_days``); None: never."""
 
@@ -97,6 +99,7 @@ def read_engine_options(opts: Options) -> SqlConfig:
             Literal["full", "normal"], opts.choice("synchronous", "full", ("full", "normal"))
         ),
         busy_timeout=opts.number("busy_timeout", 5.0, minimum=0),
+        mmap_size=opts.integer("mmap_size", 256 * 1024 * 1024, minimum=0, maximum=1 << 40),
     )
     if engine == "sqlite":
         folder = os.path.dirname(config.path)
