@@ -171,11 +171,15 @@ class Pop:
             self.sock.bind((source, 0))
             self.sock.settimeout(30)
             self.sock.connect(("127.0.0.1", port))
+            self.file = self.sock.makefile("rb")
+            try:
+                self.greeting = self.file.readline()
+            except OSError:
+                self.file.close()
+                raise
         except OSError:
             self.sock.close()
             raise
-        self.file = self.sock.makefile("rb")
-        self.greeting = self.file.readline()
 
     def cmd(self, line: bytes) -> bytes:
         self.sock.sendall(line + b"\r\n")
