@@ -275,22 +275,7 @@ class AsyncClient:
         start_row: int = 1,
         max_rows: int | None = None,
     ) -> Result:
-        targets, result = await self._run(
-            _core.select(self.session, messages, uids, start_row, max_rows)
-        )
-        fetched = await self._run(_core.fetch(self.session, targets, headers_only=True))
-        # MIME parsing and attachment files are blocking work: not on the event loop.
-        out: Result = await anyio.to_thread.run_sync(
-            functools.partial(
-                _core.make_rows,
-                fetched,
-                result,
-                headers_only=True,
-                attachment_path=None,
-                unique_filenames=False,
-            )
-        )
-        return out
+        return await self._rows(messages, uids, start_row, max_rows, headers_only=True)
 
     async def get_all(
         self,
@@ -302,19 +287,41 @@ class AsyncClient:
         attachment_path: str | Path | None = None,
         generate_unique_filenames: bool = False,
     ) -> Result:
+        return await self._rows(
+            messages,
+            uids,
+            start_row,
+            max_rows,
+            headers_only=False,
+            attachment_path=attachment_path,
+            unique_filenames=generate_unique_filenames,
+        )
+
+    async def _rows(
+        self,
+        messages: Sequence[int] | None,
+        uids: Sequence[str] | None,
+        start_row: int,
+        max_rows: int | None,
+        *,
+        headers_only: bool,
+        attachment_path: str | Path | None = None,
+        unique_filenames: bool = False,
+    ) -> Result:
+        """The selection fetched (pipelined TOP n 0 or RETR), then made into rows."""
         targets, result = await self._run(
             _core.select(self.session, messages, uids, start_row, max_rows)
         )
-        fetched = await self._run(_core.fetch(self.session, targets, headers_only=False))
+        fetched = await self._run(_core.fetch(self.session, targets, headers_only=headers_only))
         # MIME parsing and attachment files are blocking work: not on the event loop.
         out: Result = await anyio.to_thread.run_sync(
             functools.partial(
                 _core.make_rows,
                 fetched,
                 result,
-                headers_only=False,
+                headers_only=headers_only,
                 attachment_path=attachment_path,
-                unique_filenames=generate_unique_filenames,
+                unique_filenames=unique_filenames,
             )
         )
         return out

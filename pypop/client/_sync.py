@@ -298,15 +298,7 @@ class Client:
         max_rows: int | None = None,
     ) -> Result:
         """Rows with the header columns, by pipelined ``TOP n 0``."""
-        targets, result = self._run(_core.select(self.session, messages, uids, start_row, max_rows))
-        fetched = self._run(_core.fetch(self.session, targets, headers_only=True))
-        return _core.make_rows(
-            fetched,
-            result,
-            headers_only=True,
-            attachment_path=None,
-            unique_filenames=False,
-        )
+        return self._rows(messages, uids, start_row, max_rows, headers_only=True)
 
     def get_all(
         self,
@@ -319,14 +311,36 @@ class Client:
         generate_unique_filenames: bool = False,
     ) -> Result:
         """Whole rows (bodies, attachments saved under ``attachment_path``)."""
-        targets, result = self._run(_core.select(self.session, messages, uids, start_row, max_rows))
-        fetched = self._run(_core.fetch(self.session, targets, headers_only=False))
-        return _core.make_rows(
-            fetched,
-            result,
+        return self._rows(
+            messages,
+            uids,
+            start_row,
+            max_rows,
             headers_only=False,
             attachment_path=attachment_path,
             unique_filenames=generate_unique_filenames,
+        )
+
+    def _rows(
+        self,
+        messages: Sequence[int] | None,
+        uids: Sequence[str] | None,
+        start_row: int,
+        max_rows: int | None,
+        *,
+        headers_only: bool,
+        attachment_path: str | Path | None = None,
+        unique_filenames: bool = False,
+    ) -> Result:
+        """The selection fetched (pipelined TOP n 0 or RETR), then made into rows."""
+        targets, result = self._run(_core.select(self.session, messages, uids, start_row, max_rows))
+        fetched = self._run(_core.fetch(self.session, targets, headers_only=headers_only))
+        return _core.make_rows(
+            fetched,
+            result,
+            headers_only=headers_only,
+            attachment_path=attachment_path,
+            unique_filenames=unique_filenames,
         )
 
     def delete(

@@ -582,27 +582,10 @@ class PostgresEngine(Engine):
             self.pool.putconn(conn)
 
     def open(self, user: str, create: bool) -> tuple[Handle, list[Row]]:
-        import psycopg
-
-        pool = self.pool
-        for attempt in (1, 2):
-            with self._errors("cannot open the mailbox"):
-                conn = pool.getconn()
-                try:
-                    return self._open_on(conn, user, create)
-                except psycopg.OperationalError:
-                    broken = conn.broken
-                    self._put(conn)
-                    if broken and attempt == 1:
-                        # Pooled connections from before a server restart: test them
-                        # all now (dead ones are replaced), then try again.
-                        pool.check()
-                        continue
-                    raise
-                except BaseException:
-                    self._put(conn)
-                    raise
-        raise AssertionError("unreachable")
+        # The connection stays with the session: it holds the advisory lock.
+        return self._read(
+            "cannot open the mailbox", lambda conn: self._open_on(conn, user, create), keep=True
+        )
 
     def _open_on(
         self, conn: psycopg.Connection[Any], user: str, create: bool
@@ -713,9 +696,12 @@ class PostgresEngine(Engine):
             mailbox_id = self._mailbox_for_delivery(fetch, user)
             return self._insert(fetch, chunks, mailbox_id, data, uid, received)
 
-    def _read(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+    def _read(
+        self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, keep: bool = False
+    ) -> T:
         """``fn(conn)`` on a pooled connection; once more on a fresh one if the first
-        was broken (a pooled connection from before a server restart). Reads only."""
+        was broken (a pooled connection from before a server restart). Reads only.
+        ``keep``: on success the connection is not given back (the caller owns it)."""
         import psycopg
 
         pool = self.pool
@@ -728,13 +714,16 @@ class PostgresEngine(Engine):
                     broken = conn.broken
                     self._put(conn)
                     if broken and attempt == 1:
+                        # Pooled connections from before a server restart: test them
+                        # all now (dead ones are replaced), then try again.
                         pool.check()
                         continue
                     raise
                 except BaseException:
                     self._put(conn)
                     raise
-                self._put(conn)
+                if not keep:
+                    self._put(conn)
                 return result
         raise AssertionError("unreachable")
 
