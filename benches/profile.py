@@ -1,6 +1,6 @@
 """Where pypop's time goes, per scenario: ``python -m benches.profile SCENARIO``.
 
-Starts ``pypop serve`` (``--backend memory`` or ``maildir``; the suite's fixture:
+Starts ``pypop serve`` (``--backend memory``, ``maildir`` or ``sql-sqlite``; the suite's fixture:
 100 users x 50 x 4 KiB, or 10 x 20 x 1 MiB for retr-all-1m) pinned to core 0, warms
 it up as the suite does, drives it with the load generator on core 1, and samples the
 server with py-spy (``pip install py-spy``). Prints the throughput, then
@@ -83,7 +83,7 @@ def summarize(raw: Path, top: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.profile")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--backend", choices=("memory", "maildir"), default="memory")
+    parser.add_argument("--backend", choices=("memory", "maildir", "sql-sqlite"), default="memory")
     parser.add_argument(
         "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="backend option"
     )
@@ -103,6 +103,12 @@ def main() -> int:
         users_file = fx.users_file("bench")
         if args.backend == "memory":
             backend = f'name = "memory"\nseed = "{fx.eml}"\n'
+        elif args.backend == "sql-sqlite":
+            from benches.servers import load_sql
+
+            url = f"sqlite://{root / 'mail.db'}"
+            load_sql(url, fx, {"synchronous": "normal"})
+            backend = f'name = "sql"\nurl = "{url}"\n'
         else:
             backend = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
         for opt in args.option:

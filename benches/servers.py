@@ -563,7 +563,14 @@ class PypopPostgresServer(PypopServer):
         self.pg = PgServer(max_connections=400, durable=True, extra=["-c shared_buffers=256MB"])
 
     def sql_url(self) -> str:
-        return self.pg.url("mail")
+        # One machine: pypop reaches its PostgreSQL through the Unix socket, as a
+        # host does its own database (Debian's default). Over TCP loopback both sides
+        # pay the TCP stack on this one core: docs/performance.md has that figure.
+        return (
+            self.pg.url("mail")
+            if os.environ.get("PYPOP_BENCH_PG_TCP")
+            else self.pg.socket_url("mail")
+        )
 
     def prepare(self) -> None:
         import psycopg

@@ -257,6 +257,7 @@ async def watch_signals(
 
 def run(args: argparse.Namespace) -> int:
     from pypop.server.logsetup import configure
+    from pypop.server.malloc import tune as tune_malloc
 
     logging.basicConfig(
         level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
             _apply_flags(args, cfg)
             cfg.validate()
             configure(cfg.log_target, cfg.log_format, cfg.log_level)
+            tune_malloc()
             status = trio.run(_run, cfg, args.demo)
     except BaseException as exc:
         # Errors from inside trio's nurseries arrive wrapped in exception groups;

@@ -372,11 +372,13 @@ async def _worker(config: ServerConfig, sock: socket.socket, hello: dict[str, An
 
 def worker_main(argv: list[str]) -> int:
     from pypop.server.logsetup import configure
+    from pypop.server.malloc import tune as tune_malloc
 
     sock = socket.socket(fileno=int(argv[0]))
     hello = _read_handshake(sock)
     config: ServerConfig = hello["config"]
     configure(config.log_target, config.log_format, config.log_level, with_pid=True)
+    tune_malloc()
     try:
         return trio.run(_worker, config, sock, hello)
     except ConfigError as exc:

@@ -154,6 +154,12 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://pypop@127.0.0.1:{self.port}/{database}"
 
+    def socket_url(self, database: str = "postgres") -> str:
+        """The same server through its Unix socket (how a host reaches its own
+        PostgreSQL: no TCP stack on either side)."""
+        assert self.root is not None, "server not initialised"
+        return f"postgresql://pypop@/{database}?host={self.root}&port={self.port}"
+
     def create_database(self, prefix: str = "t") -> str:
         """A new empty database; returns its URL."""
         import psycopg
