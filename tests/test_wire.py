@@ -516,6 +516,29 @@ def test_stuff_accepts_bytes_like(wire: ModuleType) -> None:
     assert stuffer.finish() == b"\r\n.\r\n"
 
 
+def test_stuff_wire_form_is_not_copied(wire: ModuleType) -> None:
+    """Mail stored in the wire form (CRLF, no dot line) is sent as it is: the Rust
+    codec returns the very object (no copy); both return the same octets, and the
+    state afterwards is the same as after any other feed."""
+    body = b"Subject: x\r\n\r\n" + b"a line of text\r\n" * 5000
+    half = len(body) // 2 + 3  # mid-line
+    for chunks in ([body], [body[:half], body[half:]]):
+        stuffer = wire.DotStuffer()
+        out = [stuffer.feed(c) for c in chunks]
+        assert out == chunks
+        if wire.__name__ == RUST:
+            assert all(o is c for o, c in zip(out, chunks, strict=True))
+        assert stuffer.feed(b".dot\r\n") == b"..dot\r\n"  # at a line start
+        assert stuffer.finish() == b".\r\n"
+    stuffer = wire.DotStuffer()
+    assert stuffer.feed(b"x\r\ny") == b"x\r\ny"
+    assert stuffer.feed(b".z\r") == b".z"  # mid-line dot; the CR is held
+    assert stuffer.feed(b"\n.") == b"\r\n.."
+    assert stuffer.finish() == b"\r\n.\r\n"
+    stuffer = wire.DotStuffer(top_lines=0)  # a TOP cut counts lines: never verbatim
+    assert stuffer.feed(b"A: b\r\n\r\nbody\r\n") == b"A: b\r\n\r\n"
+
+
 MAIL = b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n.line 2\r\nline 3\r\n"
 MAIL_WIRE = b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n"
 

@@ -318,6 +318,47 @@ impl DotStuffer {
         self.state.feed(data, out)
     }
 
+    /// If the stuffed form of `data` is `data` itself (CRLF line ends only, no line
+    /// that begins with `.`, no CR held back on either side, no TOP cut), advances the
+    /// state exactly as [`DotStuffer::feed`] would and returns true; otherwise changes
+    /// nothing and returns false. Lets a caller send mail stored in the wire form
+    /// without copying it. A read-only scan that stops at the first octet to rewrite.
+    pub fn feed_verbatim(&mut self, data: &[u8]) -> bool {
+        let s = &mut self.state;
+        let len = data.len();
+        if s.finished
+            || s.top != Top::Off
+            || s.pending_cr
+            || len == 0
+            || data[len - 1] == b'\r'
+            || data[0] == b'\n'
+            || (s.at_line_start && data[0] == b'.')
+            || (data[0] == b'\r' && data[1] != b'\n')
+        {
+            return false;
+        }
+        // Octets 1.. in whole blocks, then the tail one by one (same three rules).
+        let mut i = skip_verbatim_blocks(data, 1);
+        if i + BLOCK < len {
+            return false;
+        }
+        while i < len {
+            let (prev, cur) = (data[i - 1], data[i]);
+            let bad = match cur {
+                b'\n' => prev != b'\r',
+                b'\r' => i + 1 == len || data[i + 1] != b'\n',
+                b'.' => prev == b'\n',
+                _ => false,
+            };
+            if bad {
+                return false;
+            }
+            i += 1;
+        }
+        s.at_line_start = data[len - 1] == b'\n';
+        true
+    }
+
     /// The stuffed form of `data`. Fails with [`WireError::Finished`] after
     /// [`DotStuffer::finish`].
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, WireError> {

@@ -94,6 +94,24 @@ fn stuff_chunks(chunks: &[&[u8]], top: Option<u64>) -> Vec<u8> {
     out
 }
 
+/// As a server that sends a chunk as it is whenever `feed_verbatim` allows.
+/// Returns the output and how many chunks went verbatim.
+fn stuff_chunks_verbatim(chunks: &[&[u8]], top: Option<u64>) -> (Vec<u8>, usize) {
+    let mut s = DotStuffer::new(top);
+    let mut out = Vec::new();
+    let mut verbatim = 0;
+    for c in chunks {
+        if s.feed_verbatim(c) {
+            out.extend_from_slice(c);
+            verbatim += 1;
+        } else {
+            out.extend(s.feed(c).unwrap());
+        }
+    }
+    out.extend(s.finish().unwrap());
+    (out, verbatim)
+}
+
 fn size_chunks(chunks: &[&[u8]]) -> u64 {
     let mut c = SizeCounter::new();
     for ch in chunks {
@@ -480,7 +498,8 @@ fn exhaustive_short_messages_match_reference() {
         for top in [None, Some(0), Some(1), Some(2)] {
             let want = ref_stuff(m, top);
             for_all_chunkings(m, |c| {
-                assert_eq!(stuff_chunks(c, top), want, "{c:?} {top:?}")
+                assert_eq!(stuff_chunks(c, top), want, "{c:?} {top:?}");
+                assert_eq!(stuff_chunks_verbatim(c, top).0, want, "{c:?} {top:?}");
             });
         }
         let size = ref_size(m);
@@ -613,6 +632,7 @@ fn random_long_messages_match_reference() {
             rest = &rest[n..];
         }
         assert_eq!(stuff_chunks(&chunks, top), want, "{chunks:?} {top:?}");
+        assert_eq!(stuff_chunks_verbatim(&chunks, top).0, want, "{chunks:?} {top:?}");
         assert_eq!(size_chunks(&chunks), ref_size(&m), "{chunks:?}");
         assert_eq!(wire_size(&m), ref_size(&m));
         let wire = ref_stuff(&m, None);
@@ -621,4 +641,38 @@ fn random_long_messages_match_reference() {
             ref_size(&m) + closing_crlf(&m)
         );
     }
+}
+
+/// Mail stored in the wire form (CRLF, no dot lines) goes out verbatim in every chunk,
+/// whatever the chunk size; one dot line or bare LF sends only its chunk the long way.
+#[test]
+fn wire_form_chunks_go_verbatim() {
+    let mut m = Vec::new();
+    for i in 0..20_000u32 {
+        m.extend_from_slice(format!("line {i} of a message in the wire form\r\n").as_bytes());
+    }
+    let want = ref_stuff(&m, None);
+    for size in [1, 63, 64, 65, 100, 4096, 65536] {
+        let chunks: Vec<&[u8]> = m.chunks(size).collect();
+        let (out, verbatim) = stuff_chunks_verbatim(&chunks, None);
+        assert_eq!(out, want, "chunk size {size}");
+        // A chunk that ends inside a CRLF (with its CR) must take the long way, and
+        // so must the chunk after it (the held CR).
+        let split = chunks.iter().filter(|c| c.last() == Some(&b'\r')).count();
+        assert!(verbatim + 2 * split >= chunks.len(), "chunk size {size}: {verbatim}");
+        if size >= 64 {
+            assert!(verbatim * 10 >= chunks.len() * 9, "chunk size {size}: {verbatim}");
+        }
+    }
+    let mut dotted = m.clone();
+    dotted[70_000..70_002].copy_from_slice(b"\r\n");
+    let pos = dotted[70_002..].iter().position(|&b| b == b'\n').unwrap() + 70_003;
+    dotted[pos] = b'.';
+    let chunks: Vec<&[u8]> = dotted.chunks(65536).collect();
+    let (out, verbatim) = stuff_chunks_verbatim(&chunks, None);
+    assert_eq!(out, ref_stuff(&dotted, None));
+    assert_eq!(verbatim, chunks.len() - 1);
+    // With a TOP cut nothing goes verbatim (lines must be counted).
+    let chunks: Vec<&[u8]> = m.chunks(65536).collect();
+    assert_eq!(stuff_chunks_verbatim(&chunks, Some(5)).1, 0);
 }

@@ -211,6 +211,10 @@ impl DotStuffer {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let data = as_bytes(data)?;
         let DotStuffer { inner, scratch } = self;
+        // Mail stored in the wire form goes out as the same object, not a copy.
+        if run(py, data.as_bytes(), |d| inner.feed_verbatim(d)) {
+            return Ok(data);
+        }
         reset(scratch);
         run(py, data.as_bytes(), |d| inner.feed_into(d, scratch)).map_err(value_error)?;
         Ok(PyBytes::new(py, scratch))
