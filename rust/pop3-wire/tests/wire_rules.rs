@@ -632,7 +632,11 @@ fn random_long_messages_match_reference() {
             rest = &rest[n..];
         }
         assert_eq!(stuff_chunks(&chunks, top), want, "{chunks:?} {top:?}");
-        assert_eq!(stuff_chunks_verbatim(&chunks, top).0, want, "{chunks:?} {top:?}");
+        assert_eq!(
+            stuff_chunks_verbatim(&chunks, top).0,
+            want,
+            "{chunks:?} {top:?}"
+        );
         assert_eq!(size_chunks(&chunks), ref_size(&m), "{chunks:?}");
         assert_eq!(wire_size(&m), ref_size(&m));
         let wire = ref_stuff(&m, None);
@@ -659,9 +663,15 @@ fn wire_form_chunks_go_verbatim() {
         // A chunk that ends inside a CRLF (with its CR) must take the long way, and
         // so must the chunk after it (the held CR).
         let split = chunks.iter().filter(|c| c.last() == Some(&b'\r')).count();
-        assert!(verbatim + 2 * split >= chunks.len(), "chunk size {size}: {verbatim}");
+        assert!(
+            verbatim + 2 * split >= chunks.len(),
+            "chunk size {size}: {verbatim}"
+        );
         if size >= 64 {
-            assert!(verbatim * 10 >= chunks.len() * 9, "chunk size {size}: {verbatim}");
+            assert!(
+                verbatim * 10 >= chunks.len() * 9,
+                "chunk size {size}: {verbatim}"
+            );
         }
     }
     let mut dotted = m.clone();

@@ -147,6 +147,10 @@ class SqlMailbox(SnapshotMailbox):
                     raise NoSuchMessage("message was removed")
                 raise TemporaryFailure("message chunks are missing")
             seq = last + 1
+            if cutter is None:
+                for b in blocks:
+                    yield b
+                continue
             for i in range(0, len(blocks), CHUNKS_PER_BLOCK):
                 block = b"".join(blocks[i : i + CHUNKS_PER_BLOCK])
                 if cutter is None:
