@@ -119,9 +119,9 @@ frank:{{PLAIN}}{PASSWORD}:1000:1000::/home/frank::
 
 def _uids(url: str, user: str) -> list[str]:
     with open_engine(url) as e:
-        handle, rows = e.open(user, True)
+        handle, snapshot = e.open(user, True)
         e.release(handle)
-        return [r.uidl for r in rows]
+        return [r.uidl for r in snapshot.rows]
 
 
 def test_expire_days_and_per_user_policies(db_url: str, tmp_path: Path) -> None:

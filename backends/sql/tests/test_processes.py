@@ -30,9 +30,9 @@ def _deliver(url: str, user: str, n: int) -> list[str]:
 
 def _uids(url: str, user: str) -> list[str]:
     with open_engine(url) as e:
-        handle, rows = e.open(user, True)
+        handle, snapshot = e.open(user, True)
         e.release(handle)
-        return [r.uidl for r in rows]
+        return [r.uidl for r in snapshot.rows]
 
 
 def test_lock_across_processes_kill9_and_shared_updates(db_url: str, tmp_path: Path) -> None:

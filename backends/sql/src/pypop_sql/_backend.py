@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Self
 
-from pypop.backend import Account, MessageInfo
+from pypop.backend import Account
 from pypop.backend_kit import IOThreads, SessionThreads, SnapshotMailbox, TopCut
 from pypop.errors import NoSuchMessage, PermanentFailure, TemporaryFailure, UpdateFailed
 from pypop.wire import stuff
 
 from pypop_sql._config import SqlConfig, parse_options
-from pypop_sql._engine import Engine, Handle, Row, make_engine
+from pypop_sql._engine import Engine, Handle, Snapshot, make_engine
 
 __all__ = ["SqlBackend", "SqlMailbox"]
 
@@ -48,8 +48,8 @@ class SqlBackend:
         threads = self.threads.session()
         create = self.config.autocreate != "no"
         # One thread call that returns a locked snapshot or raises with no lock held.
-        handle, rows = await threads.run(self.engine.open, user, create)
-        return SqlMailbox(self, handle, rows, threads)
+        handle, snapshot = await threads.run(self.engine.open, user, create)
+        return SqlMailbox(self, handle, snapshot, threads)
 
     async def open_account(self, account: Account) -> SqlMailbox:
         """pypop.backend.AccountBackend: maildrops are named, not placed, so a home
@@ -84,12 +84,13 @@ class SqlMailbox(SnapshotMailbox):
     MessageTimes for EXPIRE)."""
 
     def __init__(
-        self, backend: SqlBackend, handle: Handle, rows: list[Row], threads: SessionThreads
+        self, backend: SqlBackend, handle: Handle, snapshot: Snapshot, threads: SessionThreads
     ) -> None:
-        super().__init__(tuple(MessageInfo(r.size, r.uidl) for r in rows))
+        # Shared with other sessions through the engine's SnapshotCache: read only.
+        super().__init__(snapshot.infos)
         self._engine = backend.engine
         self._handle = handle
-        self._rows = rows
+        self._rows = snapshot.rows
         self._threads = threads
         self._ahead: dict[int, bytes] = {}
 
@@ -147,10 +148,6 @@ class SqlMailbox(SnapshotMailbox):
                     raise NoSuchMessage("message was removed")
                 raise TemporaryFailure("message chunks are missing")
             seq = last + 1
-            if cutter is None:
-                for b in blocks:
-                    yield b
-                continue
             for i in range(0, len(blocks), CHUNKS_PER_BLOCK):
                 block = b"".join(blocks[i : i + CHUNKS_PER_BLOCK])
                 if cutter is None:

@@ -35,6 +35,8 @@ class SqlConfig:
     """SQLite: bytes of the database read through mmap (0: through read(2))."""
     expire_days: int | None = None
     """RFC 2449 EXPIRE enforced at UPDATE (``Options.expire_days``); None: never."""
+    snapshot_cache: int = 100_000
+    """Messages, over all mailboxes, whose login snapshot is kept for reuse (0: none)."""
 
 
 def parse_url(opts: Options, url: str) -> tuple[Engine, str]:
@@ -70,9 +72,13 @@ def parse_options(options: Mapping[str, object]) -> SqlConfig:
     config = read_engine_options(opts)
     autocreate = opts.choice("autocreate", "yes", ("yes", "no", "users"))
     expire_days = opts.expire_days()
+    snapshot_cache = opts.integer("snapshot_cache", 100_000, minimum=0)
     opts.finish()
     return dataclasses.replace(
-        config, autocreate=cast(Autocreate, autocreate), expire_days=expire_days
+        config,
+        autocreate=cast(Autocreate, autocreate),
+        expire_days=expire_days,
+        snapshot_cache=snapshot_cache,
     )
 
 

@@ -13,6 +13,7 @@ each engine has its own method.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import secrets
@@ -21,11 +22,11 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
-from pypop.backend import is_valid_uid
+from pypop.backend import MessageInfo, is_valid_uid
 from pypop.backend_kit import BLOCK_SIZE
 from pypop.errors import (
     DuplicateUid,
@@ -88,6 +89,61 @@ class Handle:
     conn: Any = None
 
 
+class Snapshot(NamedTuple):
+    """A mailbox as a login sees it: what the server lists, and where to read it."""
+
+    infos: tuple[MessageInfo, ...]
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def of(cls, rows: Iterable[tuple[Any, ...]]) -> Snapshot:
+        made = tuple(Row(*r) for r in rows)
+        return cls(tuple(MessageInfo(r.size, r.uidl) for r in made), made)
+
+
+class SnapshotCache:
+    """Snapshots of recently opened mailboxes, each with the ``mailboxes.version`` it
+    was read at; at most ``limit`` messages in all, least recently used out first.
+
+    The triggers of schema 2 raise ``version`` in the transaction of every change to
+    a mailbox's messages, so a snapshot is reused only if the version read after the
+    lock is the one it was read at: nothing was added or removed since. A snapshot
+    read after that version was read may hold later changes too; the next change
+    raises the version again, so such a snapshot is never reused stale. Shared by
+    the worker threads (a lock), read-only once stored.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: collections.OrderedDict[int, tuple[int, Snapshot]] = (
+            collections.OrderedDict()
+        )
+        self._held = 0
+        self._guard = threading.Lock()
+
+    def get(self, mailbox_id: int, version: int) -> Snapshot | None:
+        with self._guard:
+            entry = self._entries.get(mailbox_id)
+            if entry is None or entry[0] != version:
+                return None
+            self._entries.move_to_end(mailbox_id)
+            return entry[1]
+
+    def put(self, mailbox_id: int, version: int, snapshot: Snapshot) -> None:
+        size = len(snapshot.rows) + 1
+        if size > self.limit:
+            return
+        with self._guard:
+            old = self._entries.pop(mailbox_id, None)
+            if old is not None:
+                self._held -= len(old[1].rows) + 1
+            self._entries[mailbox_id] = (version, snapshot)
+            self._held += size
+            while self._held > self.limit:
+                _, (_, gone) = self._entries.popitem(last=False)
+                self._held -= len(gone.rows) + 1
+
+
 def new_uid() -> str:
     """A fresh UIDL: delivery time (hex seconds) and 64 random bits, 25 characters."""
     return f"{int(time.time()):x}.{secrets.token_hex(8)}"
@@ -128,6 +184,7 @@ _SNAPSHOT_BY_NAME = (
     "SELECT m.id, m.size, m.uidl, m.octets, m.chunks FROM messages m"
     " JOIN mailboxes b ON b.id = m.mailbox_id WHERE b.name = %s ORDER BY m.id"
 )
+_VERSION = "SELECT id, version FROM mailboxes WHERE name = ?"
 _READ = "SELECT data FROM chunks WHERE message_id = ? AND seq >= ? AND seq <= ? ORDER BY seq"
 _RECEIVED = "SELECT id, received FROM messages WHERE mailbox_id = ?"
 _LOOKUP = "SELECT password, enabled FROM users WHERE name = ?"
@@ -144,6 +201,7 @@ class Engine(ABC):
 
     def __init__(self, config: SqlConfig) -> None:
         self.config = config
+        self.snapshots = SnapshotCache(config.snapshot_cache)
 
     # -- life cycle --
 
@@ -184,7 +242,7 @@ class Engine(ABC):
     # -- sessions --
 
     @abstractmethod
-    def open(self, user: str, create: bool) -> tuple[Handle, list[Row]]:
+    def open(self, user: str, create: bool) -> tuple[Handle, Snapshot]:
         """Lock ``user``'s mailbox and read its snapshot. :class:`MailboxLocked` if
         someone holds it; :class:`PermanentFailure` if it does not exist and
         ``create`` is false."""
@@ -311,6 +369,8 @@ class SqliteEngine(Engine):
         self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._guard = threading.Lock()
         self._locks: LockFile | None = None
+        # name -> mailbox id, for mailboxes opened before (ids are never reused).
+        self._ids: dict[str, int] = {}
 
     def _connect(self) -> _Connection:
         # Autocommit (isolation_level None): reads are single statements, writes say
@@ -386,34 +446,56 @@ class SqliteEngine(Engine):
             self._locks.release_file()
             self._locks = None
 
-    def open(self, user: str, create: bool) -> tuple[Handle, list[Row]]:
+    def open(self, user: str, create: bool) -> tuple[Handle, Snapshot]:
         locks = self._locks
         assert locks is not None, "engine not started"
         with _sqlite_errors("cannot open the mailbox"):
             conn = self._conn()
-            row = conn.execute("SELECT id FROM mailboxes WHERE name = ?", (user,)).fetchone()
-            if row is None:
-                if not create:
-                    raise PermanentFailure("no such mailbox")
-                with self._write() as c:
-                    c.execute(
-                        "INSERT INTO mailboxes (name) VALUES (?) ON CONFLICT (name) DO NOTHING",
-                        (user,),
-                    )
-                    row = c.execute("SELECT id FROM mailboxes WHERE name = ?", (user,)).fetchone()
-            mailbox_id = int(row[0])
-            try:
-                taken = locks.try_lock(mailbox_id)
-            except OSError as exc:
-                raise TemporaryFailure(f"cannot lock {locks.path}: {exc.strerror}") from exc
-            if not taken:
-                raise MailboxLocked("maildrop is locked by another session")
-            try:
-                rows = [Row(*r) for r in conn.execute(_SNAPSHOT, (mailbox_id,))]
-            except BaseException:
+            # Ids never change, so a known one is locked first and checked after:
+            # a login the cache serves runs one statement.
+            mailbox_id = self._ids.get(user)
+            if mailbox_id is None:
+                mailbox_id = self._mailbox_id(conn, user, create)
+            for _attempt in (1, 2):
+                try:
+                    taken = locks.try_lock(mailbox_id)
+                except OSError as exc:
+                    raise TemporaryFailure(f"cannot lock {locks.path}: {exc.strerror}") from exc
+                if not taken:
+                    raise MailboxLocked("maildrop is locked by another session")
+                try:
+                    # After the lock: sees every UPDATE the previous holder committed.
+                    row = conn.execute(_VERSION, (user,)).fetchone()
+                    if row is not None and int(row[0]) == mailbox_id:
+                        version = int(row[1])
+                        snapshot = self.snapshots.get(mailbox_id, version)
+                        if snapshot is None:
+                            snapshot = Snapshot.of(conn.execute(_SNAPSHOT, (mailbox_id,)))
+                            self.snapshots.put(mailbox_id, version, snapshot)
+                        self._ids[user] = mailbox_id
+                        return Handle(mailbox_id), snapshot
+                except BaseException:
+                    locks.unlock(mailbox_id)
+                    raise
+                # The name now has another id (or none): an administrator removed
+                # the mailbox. Start again from the name.
                 locks.unlock(mailbox_id)
-                raise
-        return Handle(mailbox_id), rows
+                self._ids.pop(user, None)
+                mailbox_id = self._mailbox_id(conn, user, create)
+            raise TemporaryFailure("the mailbox changed while it was opened")
+
+    def _mailbox_id(self, conn: sqlite3.Connection, user: str, create: bool) -> int:
+        row = conn.execute("SELECT id FROM mailboxes WHERE name = ?", (user,)).fetchone()
+        if row is None:
+            if not create:
+                raise PermanentFailure("no such mailbox")
+            with self._write() as c:
+                c.execute(
+                    "INSERT INTO mailboxes (name) VALUES (?) ON CONFLICT (name) DO NOTHING",
+                    (user,),
+                )
+                row = c.execute("SELECT id FROM mailboxes WHERE name = ?", (user,)).fetchone()
+        return int(row[0])
 
     def release(self, handle: Handle) -> None:
         if self._locks is not None:
@@ -581,7 +663,7 @@ class PostgresEngine(Engine):
         with contextlib.suppress(Exception):
             self.pool.putconn(conn)
 
-    def open(self, user: str, create: bool) -> tuple[Handle, list[Row]]:
+    def open(self, user: str, create: bool) -> tuple[Handle, Snapshot]:
         # The connection stays with the session: it holds the advisory lock.
         return self._read(
             "cannot open the mailbox", lambda conn: self._open_on(conn, user, create), keep=True
@@ -589,13 +671,17 @@ class PostgresEngine(Engine):
 
     def _open_on(
         self, conn: psycopg.Connection[Any], user: str, create: bool
-    ) -> tuple[Handle, list[Row]]:
+    ) -> tuple[Handle, Snapshot]:
         lock = "SELECT id, pg_try_advisory_lock(%s, id) FROM mailboxes WHERE name = %s"
         # Lock and snapshot in one round trip (pipeline mode). The server runs them in
         # order, so the snapshot statement starts after the lock is taken and sees
         # every UPDATE the previous holder committed; without the lock it is unused.
+        # The version statement also runs after the lock: a cached snapshot of that
+        # version is used, and the rows sent by the snapshot statement are not
+        # made into Python objects.
         with conn.pipeline():
             locked = conn.execute(lock, (LOCK_NAMESPACE, user))
+            version = conn.execute(_pg(_VERSION), (user,))
             snapshot = conn.execute(_SNAPSHOT_BY_NAME, (user,))
         row = locked.fetchone()
         if row is not None:
@@ -603,7 +689,17 @@ class PostgresEngine(Engine):
             if not taken:
                 raise MailboxLocked("maildrop is locked by another session")
             try:
-                return Handle(mailbox_id, conn), [Row(*r) for r in snapshot]
+                seen = version.fetchone()
+                if seen is None or int(seen[0]) != mailbox_id:
+                    # Removed and made again between the statements: no cache.
+                    return Handle(mailbox_id, conn), Snapshot.of(
+                        conn.execute(_pg(_SNAPSHOT), (mailbox_id,))
+                    )
+                cached = self.snapshots.get(mailbox_id, int(seen[1]))
+                if cached is None:
+                    cached = Snapshot.of(snapshot)
+                    self.snapshots.put(mailbox_id, int(seen[1]), cached)
+                return Handle(mailbox_id, conn), cached
             except BaseException:
                 with contextlib.suppress(Exception):
                     conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, mailbox_id))
@@ -623,12 +719,12 @@ class PostgresEngine(Engine):
         try:
             # A statement after the lock: its snapshot sees every UPDATE committed
             # by the previous holder.
-            rows = [Row(*r) for r in conn.execute(_pg(_SNAPSHOT), (mailbox_id,))]
+            snap = Snapshot.of(conn.execute(_pg(_SNAPSHOT), (mailbox_id,)))
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, mailbox_id))
             raise
-        return Handle(mailbox_id, conn), rows
+        return Handle(mailbox_id, conn), snap
 
     def release(self, handle: Handle) -> None:
         conn, handle.conn = handle.conn, None

@@ -20,6 +20,11 @@ Why it looks like this (README.md has the long form):
 - ``users``: optional credentials for the ``sql`` credential store, ``{SCHEME}hash``
   as in Dovecot's SQL passdb.
 - ``pypop_meta``: ``schema_version``.
+- ``mailboxes.version`` (schema 2): a counter that triggers on ``messages`` raise in
+  the transaction of every insert, delete or update of a mailbox's messages, whoever
+  writes them (pypop, ``pypop deliver``, an administrator's SQL). A server keeps the
+  snapshot of a mailbox it opened and reuses it at the next login while the counter
+  is unchanged: a login then reads one row, not one per message.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Final
 
 __all__ = ["LOCK_NAMESPACE", "MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 LOCK_NAMESPACE: Final = 0x706F7033
 """First key of PostgreSQL's two-key advisory locks ("pop3"): keeps our keys apart
@@ -101,8 +106,49 @@ _POSTGRESQL_V1 = [
     )""",
 ]
 
+_SQLITE_V2 = [
+    "ALTER TABLE mailboxes ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+    """CREATE TRIGGER messages_inserted AFTER INSERT ON messages BEGIN
+        UPDATE mailboxes SET version = version + 1 WHERE id = NEW.mailbox_id;
+    END""",
+    """CREATE TRIGGER messages_deleted AFTER DELETE ON messages BEGIN
+        UPDATE mailboxes SET version = version + 1 WHERE id = OLD.mailbox_id;
+    END""",
+    """CREATE TRIGGER messages_updated AFTER UPDATE ON messages BEGIN
+        UPDATE mailboxes SET version = version + 1
+            WHERE id IN (OLD.mailbox_id, NEW.mailbox_id);
+    END""",
+]
+
+# Statement-level triggers: an UPDATE that deletes 500 messages bumps the counter
+# once, not 500 times (each would leave a dead row version behind).
+_POSTGRESQL_V2 = [
+    "ALTER TABLE mailboxes ADD COLUMN version bigint NOT NULL DEFAULT 0",
+    """CREATE FUNCTION pypop_messages_changed() RETURNS trigger LANGUAGE plpgsql AS $f$
+    BEGIN
+        IF TG_OP IN ('DELETE', 'UPDATE') THEN
+            UPDATE mailboxes SET version = version + 1
+                WHERE id IN (SELECT mailbox_id FROM old_rows);
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            UPDATE mailboxes SET version = version + 1
+                WHERE id IN (SELECT mailbox_id FROM new_rows);
+        END IF;
+        RETURN NULL;
+    END $f$""",
+    """CREATE TRIGGER messages_inserted AFTER INSERT ON messages
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION pypop_messages_changed()""",
+    """CREATE TRIGGER messages_deleted AFTER DELETE ON messages
+        REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION pypop_messages_changed()""",
+    """CREATE TRIGGER messages_updated AFTER UPDATE ON messages
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION pypop_messages_changed()""",
+]
+
 MIGRATIONS: Final[dict[str, dict[int, list[str]]]] = {
     # version -> statements that bring version-1 to it; 1 creates everything.
-    "sqlite": {1: _SQLITE_V1},
-    "postgresql": {1: _POSTGRESQL_V1},
+    "sqlite": {1: _SQLITE_V1, 2: _SQLITE_V2},
+    "postgresql": {1: _POSTGRESQL_V1, 2: _POSTGRESQL_V2},
 }
