@@ -68,3 +68,38 @@ async def test_multi_chunk_retr_and_top(db_url: str, chunks: int) -> None:
             await box.aclose()
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("given", "policy"), [({}, "SCHED_BATCH"), ({"batch_scheduling": "no"}, "SCHED_OTHER")]
+)
+def test_postgresql_reader_threads_run_batch(
+    pg_url: str, given: dict[str, str], policy: str
+) -> None:
+    """A thread that read a message from PostgreSQL runs SCHED_BATCH (batch_scheduling)."""
+    import os
+    import threading
+
+    from pypop_sql import parse_options
+    from pypop_sql._engine import make_engine
+
+    engine = make_engine(parse_options({"url": pg_url, **given}))
+    engine.start()
+    seen: list[int] = []
+    try:
+        engine.deliver("alice", _message(2), None, None)
+        handle, snapshot = engine.open("alice", True)
+
+        def worker() -> None:
+            before = os.sched_getscheduler(0)
+            engine.read(handle, snapshot.rows[0].id, 0, 1)
+            seen.extend([before, os.sched_getscheduler(0)])
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        engine.release(handle)
+    finally:
+        engine.close()
+    assert seen == [os.SCHED_OTHER, getattr(os, policy)]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only that thread

@@ -33,6 +33,8 @@ class SqlConfig:
     busy_timeout: float = 5.0
     mmap_size: int = 256 * 1024 * 1024
     """SQLite: bytes of the database read through mmap (0: through read(2))."""
+    batch_scheduling: bool = True
+    """PostgreSQL: worker threads that read messages run SCHED_BATCH."""
     expire_days: int | None = None
     """RFC 2449 EXPIRE enforced at UPDATE (``Options.expire_days``); None: never."""
     snapshot_cache: int = 100_000
@@ -106,6 +108,7 @@ def read_engine_options(opts: Options) -> SqlConfig:
         ),
         busy_timeout=opts.number("busy_timeout", 5.0, minimum=0),
         mmap_size=opts.integer("mmap_size", 256 * 1024 * 1024, minimum=0, maximum=1 << 40),
+        batch_scheduling=opts.flag("batch_scheduling", True),
     )
     if engine == "sqlite":
         folder = os.path.dirname(config.path)
