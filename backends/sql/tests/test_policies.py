@@ -26,8 +26,8 @@ from tests.helpers import PASSWORD, open_engine, start_serve
 DAY = 86400.0
 ASCII = b"Subject: plain\r\n\r\nfirst\r\n"
 EIGHT_BIT = "From: Jürgen <j@example.org>\r\nSubject: Grüße\r\n\r\nHallo\r\n".encode()
-# Many chunks (64 KiB each): streamed, never read ahead.
-LARGE = "Subject: Größe\r\n\r\n".encode() + (b"y" * 78 + b"\r\n") * 3000
+# 320 KB, two chunks (256 KiB each): streamed, never read ahead.
+LARGE = "Subject: Größe\r\n\r\n".encode() + (b"y" * 78 + b"\r\n") * 4000
 BODY_8BIT = "Subject: plain\r\n\r\nÜber den Körper\r\n".encode()
 UTF8_NEEDED = b"-ERR [UTF8] Message has UTF-8 header fields; it needs a client that sends UTF8\r\n"
 

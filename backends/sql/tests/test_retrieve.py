@@ -1,31 +1,49 @@
 """RETR and TOP of multi-chunk messages: every chunk count around the read plan.
 
-A hop reads 16 chunks, plus a tail of up to 4 (``CHUNKS_PER_READ``); TOP reads the
-first chunk alone. Messages of 1 to 40 chunks come back exactly, in blocks, on both
-engines, and the read plan's hop count is the one the plan promises.
+A hop reads about 1 MiB of chunks, plus a tail of up to a quarter of that
+(``read_plan``); TOP reads the first chunk alone. Messages of 1 to 40 chunks, in
+today's 256 KiB chunks and in the 64 KiB chunks of earlier databases, come back
+exactly on both engines, in the hops the plan promises.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 from pypop.wire import stuff, unstuff
 
 from pypop_sql import SqlBackend, create
-from pypop_sql._backend import CHUNKS_PER_READ
+from pypop_sql import _engine as engine_module
+from pypop_sql._backend import read_plan
 from pypop_sql._engine import CHUNK_SIZE, Engine
 
-COUNTS = (1, 2, 16, 17, 20, 21, 36, 37, 40)
+# chunk size -> chunk count -> hops for RETR
+HOPS = {
+    65536: {1: 0, 2: 1, 16: 1, 17: 1, 20: 1, 21: 2, 36: 2, 37: 3, 40: 3},
+    CHUNK_SIZE: {1: 0, 2: 1, 4: 1, 5: 1, 6: 2, 9: 2, 10: 3},
+}
+CASES = [(size, n) for size, counts in HOPS.items() for n in counts]
 
 
-def _message(chunks: int) -> bytes:
-    """CRLF text of exactly ``chunks`` chunks, with dot lines to stuff."""
+def _message(chunks: int, size: int) -> bytes:
+    """CRLF text of exactly ``chunks`` chunks of ``size``, with dot lines to stuff."""
     line = b"0123456789 text of a line.\r\n.dotted line\r\n"
-    body = b"Subject: big\r\n\r\n" + line * (chunks * CHUNK_SIZE // len(line) + 1)
-    return body[: (chunks - 1) * CHUNK_SIZE + 100]
+    body = b"Subject: big\r\n\r\n" + line * (chunks * size // len(line) + 1)
+    return body[: (chunks - 1) * size + 100]
 
 
-@pytest.mark.parametrize("chunks", COUNTS)
-async def test_multi_chunk_retr_and_top(db_url: str, chunks: int) -> None:
+def test_read_plan() -> None:
+    assert CHUNK_SIZE == 256 * 1024
+    assert read_plan(17 * 65536 - 5000, 17) == (16, 4)  # earlier databases
+    assert read_plan(4 * CHUNK_SIZE + 70_000, 5) == (4, 1)
+
+
+@pytest.mark.parametrize(("size", "chunks"), CASES)
+async def test_multi_chunk_retr_and_top(
+    db_url: str, size: int, chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "CHUNK_SIZE", size)  # as that version stored it
     backend = create({"url": db_url})
     assert isinstance(backend, SqlBackend)
     engine: Engine = backend.engine
@@ -37,7 +55,7 @@ async def test_multi_chunk_retr_and_top(db_url: str, chunks: int) -> None:
         return real_read(handle, message_id, first, last)  # type: ignore[arg-type]
 
     engine.read = counting_read  # type: ignore[method-assign]
-    message = _message(chunks)
+    message = _message(chunks, size)
     try:
         await backend.deliver("alice", message)
         box = await backend.open_mailbox("alice")
@@ -45,24 +63,18 @@ async def test_multi_chunk_retr_and_top(db_url: str, chunks: int) -> None:
             assert box._rows[0].chunks == chunks
             got = [b async for b in box.retrieve(0)]
             assert b"".join(got) == message
-            assert all(len(b) <= 4 * CHUNK_SIZE for b in got)
-            if chunks > 1:
-                plan = []
-                seq = 0
-                while seq < chunks:
-                    last = min(chunks, seq + CHUNKS_PER_READ) - 1
-                    if chunks - 1 - last <= CHUNKS_PER_READ // 4:
-                        last = chunks - 1
-                    plan.append((seq, last))
-                    seq = last + 1
-                assert reads == plan
-                assert len(plan) == {2: 1, 16: 1, 17: 1, 20: 1, 21: 2, 36: 2, 37: 3, 40: 3}[chunks]
+            assert all(len(b) <= 256 * 1024 for b in got)
+            assert len(reads) == HOPS[size][chunks]
+            if reads:
+                assert reads[0][0] == 0
+                assert reads[-1][1] == chunks - 1
+                assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(reads))
             reads.clear()
             top = b"".join([b async for b in box.retrieve(0, top_lines=2)])
             wire, _ = unstuff(stuff(message, 2))
             assert top.startswith(b"Subject: big\r\n\r\n0123456789")
             assert wire == b"Subject: big\r\n\r\n0123456789 text of a line.\r\n.dotted line\r\n"
-            assert len(top) < 2 * CHUNK_SIZE
+            assert len(top) <= size
             assert reads in ([], [(0, 0)])  # the first chunk alone
         finally:
             await box.aclose()
@@ -87,7 +99,7 @@ def test_postgresql_reader_threads_run_batch(
     engine.start()
     seen: list[int] = []
     try:
-        engine.deliver("alice", _message(2), None, None)
+        engine.deliver("alice", _message(2, CHUNK_SIZE), None, None)
         handle, snapshot = engine.open("alice", True)
 
         def worker() -> None:

@@ -10,7 +10,8 @@ Why it looks like this (README.md has the long form):
   ``(mailbox_id, id)`` answers the snapshot from the index alone; ``id`` order is
   delivery order. ``UNIQUE (mailbox_id, uidl)`` makes a UIDL unique in its maildrop.
   Ids are never reused (AUTOINCREMENT / identity), nor are UIDLs.
-- ``chunks``: the message octets, exactly as delivered, in 64 KiB rows keyed by
+- ``chunks``: the message octets in the CRLF form, in 256 KiB rows (64 KiB in
+  databases of earlier versions; readers plan by each message's size) keyed by
   ``(message_id, seq)``: RETR streams them a few at a time, TOP reads the first
   one(s) only, delivery and deletion are plain rows in one transaction. (PostgreSQL
   large objects would need ``lo_unlink`` bookkeeping outside the row's life, and
