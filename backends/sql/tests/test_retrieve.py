@@ -16,7 +16,7 @@ from pypop.wire import stuff, unstuff
 from pypop_sql import SqlBackend, create
 from pypop_sql import _engine as engine_module
 from pypop_sql._backend import read_plan
-from pypop_sql._engine import CHUNK_SIZE, Engine
+from pypop_sql._engine import CHUNK_SIZE, Engine, PostgresEngine, SqliteEngine
 
 # chunk size -> chunk count -> hops for RETR
 HOPS = {
@@ -115,3 +115,23 @@ def test_postgresql_reader_threads_run_batch(
         engine.close()
     assert seen == [os.SCHED_OTHER, getattr(os, policy)]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only that thread
+
+
+async def test_aclose_in_a_cancelled_scope_closes_the_engine(db_url: str) -> None:
+    """A server that stops (or a test that ends) closes its backend in a cancelled
+    scope: the engine must close all the same, or its pool and threads leak."""
+    import trio
+    from pypop.errors import TemporaryFailure
+
+    backend = create({"url": db_url})
+    assert isinstance(backend, SqlBackend)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await backend.aclose()
+    engine = backend.engine
+    if isinstance(engine, PostgresEngine):
+        with pytest.raises(TemporaryFailure, match="closed"):
+            engine.pool  # noqa: B018
+    else:
+        assert isinstance(engine, SqliteEngine)
+        assert engine._locks is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Self
 
+import trio
 from pypop.backend import Account
 from pypop.backend_kit import IOThreads, SessionThreads, SnapshotMailbox, TopCut
 from pypop.errors import NoSuchMessage, PermanentFailure, TemporaryFailure, UpdateFailed
@@ -84,7 +85,10 @@ class SqlBackend:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            await self.threads.run(self.engine.close)
+            # Even in a cancelled scope (a server stopping, a test ending): otherwise
+            # the connections and the pool's threads outlive the backend.
+            with trio.CancelScope(shield=True):
+                await self.threads.run(self.engine.close)
 
 
 class SqlMailbox(SnapshotMailbox):

@@ -93,7 +93,8 @@ class SqlCredentialStore(_VerifyingStore):
         raise NotImplementedError("the sql store does not list users")
 
     async def aclose(self) -> None:
-        await self.threads.run(self.engine.close)
+        with trio.CancelScope(shield=True):  # as SqlBackend.aclose
+            await self.threads.run(self.engine.close)
 
 
 def create_credentials(options: Mapping[str, object]) -> SqlCredentialStore:
