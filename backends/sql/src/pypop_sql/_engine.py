@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -131,6 +132,16 @@ class SnapshotCache:
                 return None
             self._entries.move_to_end(mailbox_id)
             return entry[1]
+
+    def get_or_make(
+        self, mailbox_id: int, version: int, rows: Callable[[], Iterable[tuple[Any, ...]]]
+    ) -> Snapshot:
+        """The cached snapshot of this version, else one made of ``rows()`` and kept."""
+        snapshot = self.get(mailbox_id, version)
+        if snapshot is None:
+            snapshot = Snapshot.of(rows())
+            self.put(mailbox_id, version, snapshot)
+        return snapshot
 
     def put(self, mailbox_id: int, version: int, snapshot: Snapshot) -> None:
         size = len(snapshot.rows) + 1
@@ -470,11 +481,11 @@ class SqliteEngine(Engine):
                     # After the lock: sees every UPDATE the previous holder committed.
                     row = conn.execute(_VERSION, (user,)).fetchone()
                     if row is not None and int(row[0]) == mailbox_id:
-                        version = int(row[1])
-                        snapshot = self.snapshots.get(mailbox_id, version)
-                        if snapshot is None:
-                            snapshot = Snapshot.of(conn.execute(_SNAPSHOT, (mailbox_id,)))
-                            self.snapshots.put(mailbox_id, version, snapshot)
+                        snapshot = self.snapshots.get_or_make(
+                            mailbox_id,
+                            int(row[1]),
+                            functools.partial(conn.execute, _SNAPSHOT, (mailbox_id,)),
+                        )
                         self._ids[user] = mailbox_id
                         return Handle(mailbox_id), snapshot
                 except BaseException:
@@ -702,10 +713,7 @@ class PostgresEngine(Engine):
                     return Handle(mailbox_id, conn), Snapshot.of(
                         conn.execute(_pg(_SNAPSHOT), (mailbox_id,))
                     )
-                cached = self.snapshots.get(mailbox_id, int(seen[1]))
-                if cached is None:
-                    cached = Snapshot.of(snapshot)
-                    self.snapshots.put(mailbox_id, int(seen[1]), cached)
+                cached = self.snapshots.get_or_make(mailbox_id, int(seen[1]), lambda: snapshot)
                 return Handle(mailbox_id, conn), cached
             except BaseException:
                 with contextlib.suppress(Exception):
