@@ -211,12 +211,19 @@ impl DotStuffer {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let data = as_bytes(data)?;
         let DotStuffer { inner, scratch } = self;
-        // Mail stored in the wire form goes out as the same object, not a copy.
-        if run(py, data.as_bytes(), |d| inner.feed_verbatim(d)) {
+        reset(scratch);
+        // One GIL release for both: mail stored in the wire form goes out as the same
+        // object (no copy); anything else is stuffed into scratch.
+        let verbatim = run(py, data.as_bytes(), |d| {
+            if inner.feed_verbatim(d) {
+                return Ok(true);
+            }
+            inner.feed_into(d, scratch).map(|()| false)
+        })
+        .map_err(value_error)?;
+        if verbatim {
             return Ok(data);
         }
-        reset(scratch);
-        run(py, data.as_bytes(), |d| inner.feed_into(d, scratch)).map_err(value_error)?;
         Ok(PyBytes::new(py, scratch))
     }
 
