@@ -43,11 +43,15 @@ print(json.dumps({"tuned": tuned, "mmapped": during - before}))
 """
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without the variables that would stop tune()."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+
+
 def _probe(mode: str, **env: str) -> dict[str, object]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, mode],
-        env={**clean, **env},
+        env={**_clean_env(), **env},
         capture_output=True,
         text=True,
         check=True,
@@ -80,11 +84,10 @@ def test_the_administrators_settings_win(env: dict[str, str]) -> None:
 def test_pypop_serve_tunes_itself(tmp_path: Path) -> None:
     """The server process says so in its debug log, before it listens."""
     (tmp_path / "passwd").write_text("alice:{PLAIN}pw::::::\n")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pypop", "serve", "--listen", "127.0.0.1:0",
          "--passwd-file", str(tmp_path / "passwd"), "--log-level", "DEBUG"],
-        stderr=subprocess.PIPE, text=True, env=clean,
+        stderr=subprocess.PIPE, text=True, env=_clean_env(),
     )  # fmt: skip
     assert proc.stderr is not None
     log = ""
