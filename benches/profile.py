@@ -49,6 +49,12 @@ def _fixture(root: Path, users: int, messages: int, octets: int) -> Fixture:
 _IDLE = {"IOThreads._work", "IOThreads._watch", "WorkerThread._work", "Condition.wait"}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summarize(raw: Path, top: int) -> str:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -167,6 +173,7 @@ def main() -> int:
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(0.5)
+            cpu_before = cpu_seconds(server.pid)
             result = loadgen.run(
                 binary,
                 [
@@ -185,6 +192,7 @@ def main() -> int:
                 ],
                 timeout=args.duration + 120,
             )
+            cpu = cpu_seconds(server.pid) - cpu_before
             if sampler is not None:
                 sampler.wait(timeout=60)
         finally:
@@ -204,6 +212,12 @@ def main() -> int:
                         "mb_per_s",
                         "server_cpu_util",
                     )
+                }
+                # CPU per unit of work moves less with the machine's noise than
+                # throughput does (a sampler, if any, adds to it).
+                | {
+                    "server_cpu_us_per_message": 1e6 * cpu / max(1, d.get("messages") or 0),
+                    "server_cpu_us_per_session": 1e6 * cpu / max(1, d.get("sessions") or 0),
                 }
             )
         )

@@ -135,3 +135,46 @@ async def test_aclose_in_a_cancelled_scope_closes_the_engine(db_url: str) -> Non
     else:
         assert isinstance(engine, SqliteEngine)
         assert engine._locks is None
+
+
+def test_sqlite_read_failure_leaves_no_transaction(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reads chunks through blob handles in one read transaction: a read that
+    fails part way ends that transaction, and the thread's next read works."""
+    import sqlite3
+
+    from pypop.errors import TemporaryFailure
+
+    from pypop_sql import parse_options
+    from pypop_sql._engine import make_engine
+
+    engine = make_engine(parse_options({"url": sqlite_url}))
+    assert isinstance(engine, SqliteEngine)
+    engine.start()
+    try:
+        message = _message(3, CHUNK_SIZE)
+        engine.deliver("alice", message, None, None)
+        handle, snapshot = engine.open("alice", True)
+        message_id = snapshot.rows[0].id
+        real = engine_module._Connection.blobopen
+        calls = 0
+
+        def failing(self: sqlite3.Connection, *args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # after one chunk was read
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(engine_module._Connection, "blobopen", failing)
+        with pytest.raises(TemporaryFailure, match="cannot read a message: OperationalError"):
+            engine.read(handle, message_id, 0, 2)
+        assert not engine._conn().in_transaction
+        assert b"".join(engine.read(handle, message_id, 0, 2)) == message
+        second = message[CHUNK_SIZE : 2 * CHUNK_SIZE]
+        assert engine.read(handle, message_id, 1, 1) == [second]
+        assert engine.read(handle, message_id + 1, 0, 2) == []  # no such message
+        engine.release(handle)
+    finally:
+        engine.close()
