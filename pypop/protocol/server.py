@@ -21,7 +21,6 @@ Nothing here imports trio, socket or ssl; a test proves it.
 from __future__ import annotations
 
 import base64
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -80,7 +79,7 @@ from pypop.protocol.replies import (
 from pypop.protocol.state import State, allowed
 from pypop.wire import DEFAULT_MAX_LINE, LineFramer
 
-__all__ = ["ProtocolConfig", "ServerConnection"]
+__all__ = ["NO_CAPABILITIES", "ProtocolConfig", "ServerConnection"]
 
 # Input is framed at most this many octets at a time (whole lines), so one large read
 # never becomes tens of thousands of queued line objects.
@@ -118,8 +117,56 @@ class ProtocolConfig:
     refuse_proxy_header: bool = False
 
 
+_NO_LINES: list[bytes | None] = []  # shared, never appended to
+# Shared: each frozenset() call makes a new 216-octet set (idle memory per session).
+NO_CAPABILITIES: frozenset[str] = frozenset()
+
+
 class ServerConnection:
     """One POP3 server session's protocol state."""
+
+    # Slots: a session holds one of these for its whole life (idle memory).
+    __slots__ = (
+        "_busy",
+        "_count",
+        "_custom_texts",
+        "_deleted",
+        "_eof",
+        "_framer",
+        "_line_at",
+        "_lines",
+        "_listing",
+        "_next_max_line",
+        "_octets",
+        "_out",
+        "_out_len",
+        "_pending_user",
+        "_raw",
+        "_raw_pos",
+        "_sasl_waiting",
+        "_sizes",
+        "_skipping",
+        "_uids",
+        "apop_timestamp",
+        "auth_failures",
+        "bad_commands",
+        "commands",
+        "config",
+        "language",
+        "per_user",
+        "plaintext_allowed",
+        "sasl_refused_plaintext",
+        "sasl_usable",
+        "sent_octets",
+        "state",
+        "texts",
+        "tls_active",
+        "user",
+        "user_expire",
+        "user_login_delay",
+        "utf8",
+        "verbs",
+    )
 
     def __init__(
         self,
@@ -146,7 +193,7 @@ class ServerConnection:
         # RFC 2449 §6.5/§6.7: capabilities whose value varies per user ("EXPIRE",
         # "LOGIN-DELAY"; set by the session from the store), and this user's values
         # once logged in.
-        self.per_user: frozenset[str] = frozenset()
+        self.per_user: frozenset[str] = NO_CAPABILITIES
         self.user_expire: str | None = None
         self.user_login_delay: int | None = None
         self.user: str | None = None
@@ -157,7 +204,10 @@ class ServerConnection:
         self.verbs: dict[type, int] = {}
         self.sent_octets = 0
         self._framer = LineFramer(DEFAULT_MAX_LINE)
-        self._lines: deque[bytes | None] = deque()
+        # Framed lines not handled yet: _lines[_line_at:] (None: an overlong line). A
+        # framer's list, not a deque: an empty deque keeps a 500-octet block per session.
+        self._lines: list[bytes | None] = _NO_LINES
+        self._line_at = 0
         # Input not framed yet (never more than one read plus a partial line), where
         # _raw_pos starts; _skipping: the framer is inside an overlong line.
         self._raw = b""
@@ -184,7 +234,7 @@ class ServerConnection:
 
     # -- bytes in / out --
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; ``b""`` means end of input.
 
         Call it after :data:`NEED_DATA`: what is fed is framed lazily, a window at a
@@ -210,7 +260,7 @@ class ServerConnection:
         """Frame the next window of input into whole lines (an incomplete line shorter
         than the limit stays unframed, so a framer swap applies to it)."""
         raw, pos, n = self._raw, self._raw_pos, len(self._raw)
-        while pos < n and not self._lines:
+        while pos < n and self._line_at >= len(self._lines):
             framer = self._framer
             if self._skipping:
                 # Inside an overlong line: everything up to its LF is dropped.
@@ -236,7 +286,9 @@ class ServerConnection:
                 self._skipping = True
             else:
                 break  # an incomplete line: wait for the rest
-            self._lines.extend(framer.feed(raw if pos == 0 and end == n else raw[pos:end]))
+            lines = framer.feed(raw if pos == 0 and end == n else raw[pos:end])
+            if lines:
+                self._lines, self._line_at = lines, 0
             pos = end
         if pos >= n:
             self._raw, self._raw_pos = b"", 0
@@ -341,14 +393,18 @@ class ServerConnection:
             if self._listing is not None:
                 self._listing_slice()
                 continue
-            if not self._lines:
+            lines, at = self._lines, self._line_at
+            if at >= len(lines):
+                self._lines, self._line_at = _NO_LINES, 0  # the framer's list goes
                 self._frame()
-                if not self._lines:
+                lines, at = self._lines, 0
+                if not lines:
                     break
             if budget == 0:
                 return SEND_DATA
             budget -= 1
-            line = self._lines.popleft()
+            line = lines[at]
+            self._line_at = at + 1
             self.commands += 1
             event = self._handle_line(line)
             if event is not None:
@@ -394,7 +450,7 @@ class ServerConnection:
 
     def _close(self, reason: str) -> Closing:
         self.state = State.CLOSED
-        self._lines.clear()
+        self._lines, self._line_at = _NO_LINES, 0
         self._raw, self._raw_pos = b"", 0
         return Closing(reason)
 
@@ -668,7 +724,7 @@ class ServerConnection:
         self._require(StartTLS)
         self._busy = None
         self._ok(Text.BEGIN_TLS)
-        self._lines.clear()
+        self._lines, self._line_at = _NO_LINES, 0
         self._raw, self._raw_pos = b"", 0
         self._skipping = False
         self._framer.clear()

@@ -54,6 +54,7 @@ TOO_MANY: bytes = encode_status(False, Text.TOO_MANY_CONNECTIONS.value, "SYS/TEM
 _SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF_MAX = 1.0
 ACCEPT_LOG_EVERY = 60.0
+SESSION_TASK = "pypop.server.core.Server._connection"
 
 
 class TLSConfigError(ValueError):
@@ -329,7 +330,10 @@ class Server:
             if failures:
                 log.warning("accept works again after %d failed attempts", failures)
                 failures, backoff = 0, 0.0
-            nursery.start_soon(self._connection, stream, peer, listener.implicit_tls)
+            # A constant name: trio would format one string per task otherwise.
+            nursery.start_soon(
+                self._connection, stream, peer, listener.implicit_tls, name=SESSION_TASK
+            )
 
     def _refuse_with_spare(self, listener: Listener) -> bool:
         """Free the spare descriptor, accept one waiting connection, tell it
@@ -371,8 +375,40 @@ class Server:
             self._idle = trio.Event()
         metrics.SESSIONS.inc()
         metrics.SESSIONS_OPEN.inc()
+        # The session runs in this coroutine, not in one it awaits: one frame less
+        # for every idle session.
+        s: trio.abc.Stream = stream
         try:
-            await self._session(stream, peer, implicit_tls, secure)
+            try:
+                if implicit_tls:
+                    # Read once per connection: reload_tls() may swap it.
+                    assert self.ssl_context is not None
+                    tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    s = tls
+                    # RFC 8314 §3.3: the handshake comes first, then the greeting.
+                    try:
+                        with trio.move_on_after(60) as cs:
+                            await tls.do_handshake()
+                    except trio.BrokenResourceError:
+                        metrics.TLS_FAILURES.labels("implicit").inc()
+                        raise
+                    if cs.cancelled_caught:
+                        metrics.TLS_FAILURES.labels("implicit").inc()
+                        return
+                # auth.loopback_is_secure: a loopback peer may use cleartext logins.
+                secure_loopback = self.config.loopback_is_secure and peer.loopback
+                # TLS terminated at a trusted proxy (its v2 SSL TLV) is TLS to the client.
+                session = Session(
+                    self.context, s, peer, tls=implicit_tls or secure, loopback=secure_loopback
+                )
+                try:
+                    await session.run()
+                finally:
+                    s = session.stream  # the TLS stream after STLS: close it with close_notify
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                await _close(s)
         except Exception:
             # One session's bug never ends the server (DESIGN rule 5).
             log.exception("session with %s crashed", peer)
@@ -382,41 +418,6 @@ class Server:
             self._open_sessions -= 1
             if self._open_sessions == 0:
                 self._idle.set()
-
-    async def _session(
-        self, stream: SocketStream, peer: Peer, implicit_tls: bool, secure: bool = False
-    ) -> None:
-        s: trio.abc.Stream = stream
-        try:
-            if implicit_tls:
-                # Read once per connection: reload_tls() may swap it.
-                assert self.ssl_context is not None
-                tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
-                s = tls
-                # RFC 8314 §3.3: the handshake comes first, then the greeting.
-                try:
-                    with trio.move_on_after(60) as cs:
-                        await tls.do_handshake()
-                except trio.BrokenResourceError:
-                    metrics.TLS_FAILURES.labels("implicit").inc()
-                    raise
-                if cs.cancelled_caught:
-                    metrics.TLS_FAILURES.labels("implicit").inc()
-                    return
-            # auth.loopback_is_secure: a loopback peer may use cleartext logins.
-            secure_loopback = self.config.loopback_is_secure and peer.loopback
-            # TLS terminated at a trusted proxy (its v2 SSL TLV) is TLS to the client.
-            session = Session(
-                self.context, s, peer, tls=implicit_tls or secure, loopback=secure_loopback
-            )
-            try:
-                await session.run()
-            finally:
-                s = session.stream  # the TLS stream after STLS: close it with close_notify
-        except trio.BrokenResourceError:
-            pass
-        finally:
-            await _close(s)
 
     async def _refuse(self, stream: SocketStream, implicit_tls: bool) -> None:
         if not implicit_tls:

@@ -23,7 +23,7 @@ import trio
 from pypop.backend import Account, Backend, Mailbox
 from pypop.errors import MailboxLocked, PermanentFailure
 
-__all__ = ["REASONS", "MaildropHolders", "clean", "describe", "log_failed_login"]
+__all__ = ["REASONS", "Hold", "MaildropHolders", "clean", "describe", "log_failed_login"]
 
 log = logging.getLogger("pypop.login")
 
@@ -99,6 +99,16 @@ def log_failed_login(
     log.log(level, line, *args)
 
 
+class Hold:
+    """A session's hold on a maildrop. The event that wakes logins waiting for it is
+    made by the first such login: an idle session keeps 40 octets, not an Event."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: trio.Event | None = None
+
+
 class MaildropHolders:
     """The maildrops this server's sessions hold, and a bounded wait for one.
 
@@ -114,18 +124,19 @@ class MaildropHolders:
 
     def __init__(self, wait: float) -> None:
         self.wait = wait
-        self._released: dict[str, trio.Event] = {}
+        self._released: dict[str, Hold] = {}
 
-    def hold(self, user: str) -> trio.Event:
-        """Record that a session now holds ``user``'s maildrop; set the returned
-        event (see :meth:`let_go`) when it is released."""
-        event = trio.Event()
-        self._released[user] = event
-        return event
+    def hold(self, user: str) -> Hold:
+        """Record that a session now holds ``user``'s maildrop; pass the returned
+        :class:`Hold` to :meth:`let_go` when it is released."""
+        hold = Hold()
+        self._released[user] = hold
+        return hold
 
-    def let_go(self, user: str, event: trio.Event) -> None:
-        event.set()
-        if self._released.get(user) is event:
+    def let_go(self, user: str, hold: Hold) -> None:
+        if hold.event is not None:
+            hold.event.set()
+        if self._released.get(user) is hold:
             del self._released[user]
 
     async def open(self, backend: Backend, user: str, account: Account | None = None) -> Mailbox:
@@ -151,10 +162,12 @@ class MaildropHolders:
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise
-            released = self._released.get(user)
+            held = self._released.get(user)
             with trio.move_on_after(min(pause, left)):
-                if released is not None:
-                    await released.wait()
+                if held is not None:
+                    if held.event is None:
+                        held.event = trio.Event()
+                    await held.event.wait()
                 else:
                     await trio.sleep_forever()
             pause = min(pause * 2, 0.25)

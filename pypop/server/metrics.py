@@ -103,6 +103,9 @@ def session_done(verbs: Mapping[type, int], commands: int, sent: int) -> None:
         SENT.inc(sent)
 
 
+_BOUNDS: dict[Histogram, tuple[float, ...]] = {}
+
+
 class HistogramBatch:
     """One session's observations of ``histogram``, added to it when the session ends.
 
@@ -118,25 +121,33 @@ class HistogramBatch:
 
     def __init__(self, histogram: Histogram) -> None:
         self._histogram = histogram
-        self._bounds: tuple[float, ...] = tuple(histogram._upper_bounds)  # ends with +Inf
-        self._counts = [0] * len(self._bounds)
+        # Shared by every batch of this histogram; the counts are made at the first
+        # observation (an idle session holds neither).
+        bounds = _BOUNDS.get(histogram)
+        if bounds is None:
+            bounds = _BOUNDS[histogram] = tuple(histogram._upper_bounds)  # ends with +Inf
+        self._bounds: tuple[float, ...] = bounds
+        self._counts: list[int] | None = None
         self._sum = 0.0
 
     def observe(self, amount: float) -> None:
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = [0] * len(self._bounds)
         # Histogram.observe counts ``amount`` in the first bucket with amount <= bound.
-        self._counts[bisect_left(self._bounds, amount)] += 1
+        counts[bisect_left(self._bounds, amount)] += 1
         self._sum += amount
 
     def flush(self) -> None:
         counts = self._counts
-        if not any(counts):
+        if counts is None:
             return
         histogram = self._histogram
         histogram._sum.inc(self._sum)
         for i, n in enumerate(counts):
             if n:
                 histogram._buckets[i].inc(n)
-        self._counts = [0] * len(counts)
+        self._counts = None
         self._sum = 0.0
 
 

@@ -34,6 +34,7 @@ from pypop.auth import (
 )
 from pypop.auth.kerberos import GssapiSettings
 from pypop.auth.prep import try_password, try_username
+from pypop.auth.userdb import DEFAULT as DEFAULT_POLICY
 from pypop.auth.userdb import UserPolicy, allowed_from
 from pypop.backend import Account, Backend, Mailbox, SelfAuthenticating
 from pypop.errors import (
@@ -62,12 +63,13 @@ from pypop.protocol import (
     Text,
     Update,
 )
+from pypop.protocol.server import NO_CAPABILITIES
 from pypop.server import metrics
 from pypop.server.anvil import Limits, LocalLimits
 from pypop.server.intl import HeaderCheck, wire_header_is_ascii
 from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer, SocketStream
-from pypop.server.logins import MaildropHolders, describe, log_failed_login
+from pypop.server.logins import Hold, MaildropHolders, describe, log_failed_login
 from pypop.server.passthrough import Passthrough
 from pypop.wire import DotStuffer, make_challenge
 
@@ -168,32 +170,29 @@ class Session:
         self.mailbox: Mailbox | None = None
         self.user: str | None = None
         self.policy: UserPolicy | None = None
-        self._retrieved_set: set[int] = set()
+        self._retrieved_set: set[int] | None = None  # made at the first RETR
         self.retrieved = 0
         self.retrieved_octets = 0
         self.deleted = 0
         self.end = "?"
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
-        self._released: trio.Event | None = None  # set when our maildrop lock is gone
+        self._released: Hold | None = None  # let go when our maildrop lock is gone
         self._login_started: float | None = None  # for the login latency histogram
         self._retr_seconds = metrics.HistogramBatch(metrics.RETR_SECONDS)
         self._idle = trio.CancelScope()
         self._line_deadline = math.inf  # for the partial command line, if any
         self._line_mark = -1
         # Plain TCP gets the gathered write and the wait-first read; TLS does not.
-        self._send_many: Callable[[list[bytes]], Awaitable[None]] | None = None
-        self._recv_after_reply: Callable[[int], Awaitable[bytes]] | None = None
-        if isinstance(stream, SocketStream):
-            self._send_many = stream.send_many
-            self._recv_after_reply = stream.receive_after_reply
+        # (The stream itself, not its bound methods: two objects less per session.)
+        self._plain: SocketStream | None = stream if isinstance(stream, SocketStream) else None
         self._wire: Callable[[int, int | None], bytes | None] | None = None
         # A self-authenticating backend checks logins (pypop.server.passthrough).
         self._passthrough: Passthrough | None = None
         if ctx.passthrough is not None:
             self._passthrough = Passthrough(ctx.passthrough, peer.host)
         self._update_mechanisms()
-        self.conn.per_user = getattr(ctx.store, "per_user_capabilities", frozenset())
+        self.conn.per_user = getattr(ctx.store, "per_user_capabilities", NO_CAPABILITIES)
 
     def _plaintext_allowed(self, tls: bool) -> bool:
         # RFC 2595 §3 / RFC 8314: no cleartext passwords outside TLS unless the admin
@@ -267,35 +266,14 @@ class Session:
             return False
         self._touch()
         try:
-            if self._send_many is not None:
+            if self._plain is not None:
                 # A gathered write: a large message leaves without being copied.
-                await self._send_many(conn.take_output())
+                await self._plain.send_many(conn.take_output())
             else:
                 await self.stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _SessionEnd("send failed") from exc
         return True
-
-    async def _receive(self, replied: bool) -> bytes:
-        """Bytes from the peer, b"" at EOF. ``replied``: we just sent a reply, so the
-        next command is most likely not there yet."""
-        self._touch()
-        data: bytes | bytearray = b""
-        try:
-            if self._line_deadline == math.inf:
-                if replied and self._recv_after_reply is not None:
-                    data = await self._recv_after_reply(RECV_SIZE)
-                else:
-                    data = await self.stream.receive_some(RECV_SIZE)
-            else:
-                with trio.move_on_at(self._line_deadline) as cs:
-                    data = await self.stream.receive_some(RECV_SIZE)
-                if cs.cancelled_caught:
-                    # Like the §3 autologout: no UPDATE, no response.
-                    raise _SessionEnd("line timeout")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-        return data if isinstance(data, bytes) else bytes(data)
 
     def _watch_line(self) -> None:
         """Start the clock for a command line that has begun but not ended; a line
@@ -361,7 +339,26 @@ class Session:
             if event is NEED_DATA:
                 replied = await self._flush()
                 self._watch_line()
-                conn.receive_data(await self._receive(replied))
+                self._touch()
+                # Read here, not in a helper coroutine: one frame less per idle
+                # session, one coroutine less per command.
+                data: bytes | bytearray = b""  # b"": end of input
+                try:
+                    if self._line_deadline != math.inf:
+                        with trio.move_on_at(self._line_deadline) as cs:
+                            data = await self.stream.receive_some(RECV_SIZE)
+                        if cs.cancelled_caught:
+                            # Like the §3 autologout: no UPDATE, no response.
+                            raise _SessionEnd("line timeout")
+                    elif replied and self._plain is not None:
+                        # We just replied: the next command is most likely not
+                        # there yet, so wait for readiness before reading.
+                        data = await self._plain.receive_after_reply(RECV_SIZE)
+                    else:
+                        data = await self.stream.receive_some(RECV_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                conn.receive_data(data)  # (it takes a bytearray too)
                 continue
             if event is SEND_DATA:
                 # Backpressure: nothing more is read or answered until the peer has
@@ -504,7 +501,7 @@ class Session:
         found = await self._user_policy(method, user)
         if isinstance(found, Closing):
             return found
-        policy = found if found is not None else UserPolicy()
+        policy = found if found is not None else DEFAULT_POLICY
         if not allowed_from(policy, self.peer.host):
             # Dovecot's allow_nets: fails the way a wrong password does.
             if self._passthrough is not None:
@@ -651,8 +648,7 @@ class Session:
             metrics.TLS_FAILURES.labels("stls").inc()
             raise _SessionEnd("TLS handshake failed") from exc
         self.stream = tls_stream
-        self._send_many = None
-        self._recv_after_reply = None
+        self._plain = None
         self.tls = True
         self.conn.plaintext_allowed = self._plaintext_allowed(True)
         self._update_mechanisms()
@@ -741,6 +737,8 @@ class Session:
         if event.top_lines is None:  # TOP is not a retrieval in the session summary
             self.retrieved += 1
             self.retrieved_octets += event.size
+            if self._retrieved_set is None:
+                self._retrieved_set = set()
             self._retrieved_set.add(event.index)
 
     # -- UPDATE (RFC 1939 §6) --
@@ -760,7 +758,7 @@ class Session:
             return []
         marked = set(deleted)
         if days == 0:
-            return sorted(self._retrieved_set - marked)
+            return sorted((self._retrieved_set or set()) - marked)
         received_times = getattr(mailbox, "received_times", None)
         if received_times is None:
             return []
