@@ -555,6 +555,43 @@ async def test_a_lock_that_stays_held_is_in_use_after_lock_wait(
     await c.aclose()
 
 
+async def test_a_waiting_login_wakes_when_the_holder_lets_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A login that finds the maildrop locked by a session of this server wakes the
+    moment that session lets go, not at its next poll; the Event it waits on is made
+    by the waiter, so a session that nobody waits for holds none."""
+    from pypop.errors import MailboxLocked
+    from pypop.server.logins import MaildropHolders
+
+    holders = MaildropHolders(10.0)
+    hold = holders.hold("alice")
+    assert hold.event is None
+    locked = True
+
+    class Backend:
+        async def open_mailbox(self, user: str) -> str:
+            if locked:
+                raise MailboxLocked(user)
+            return "opened"
+
+    async def release_later() -> None:
+        nonlocal locked
+        await trio.sleep(0.3)  # between two polls (0.15 and 0.31 s)
+        locked = False
+        holders.let_go("alice", hold)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_later)
+        opened = await holders.open(Backend(), "alice")  # type: ignore[arg-type]
+    assert opened == "opened"
+    assert trio.current_time() - start == pytest.approx(0.3, abs=1e-6)
+    assert hold.event is not None
+    assert hold.event.is_set()
+    assert "alice" not in holders._released
+
+
 async def test_no_traceback_from_any_hostile_line(
     start_server: ServerStarter, caplog: pytest.LogCaptureFixture
 ) -> None:
