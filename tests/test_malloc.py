@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 # bytes object is one with the defaults, and comes from the heap once tuned.
 _PROBE = r"""
 import ctypes, json, os, sys
-from pypop.server.malloc import tune
+from pypop.server.malloc import tune, tuned as is_tuned
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (
@@ -39,7 +39,7 @@ before = libc.mallinfo2().hblks
 block = bytes(2 << 20)
 during = libc.mallinfo2().hblks
 del block
-print(json.dumps({"tuned": tuned, "mmapped": during - before}))
+print(json.dumps({"tuned": tuned, "mmapped": during - before, "says": is_tuned()}))
 """
 
 
@@ -62,11 +62,11 @@ def _probe(mode: str, **env: str) -> dict[str, object]:
 
 
 def test_defaults_mmap_a_large_block() -> None:
-    assert _probe("plain") == {"tuned": None, "mmapped": 1}
+    assert _probe("plain") == {"tuned": None, "mmapped": 1, "says": False}
 
 
 def test_tuned_large_blocks_come_from_the_heap() -> None:
-    assert _probe("tune") == {"tuned": True, "mmapped": 0}
+    assert _probe("tune") == {"tuned": True, "mmapped": 0, "says": True}
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_tuned_large_blocks_come_from_the_heap() -> None:
     ],
 )
 def test_the_administrators_settings_win(env: dict[str, str]) -> None:
-    assert _probe("tune", **env) == {"tuned": False, "mmapped": 1}
+    assert _probe("tune", **env) == {"tuned": False, "mmapped": 1, "says": False}
 
 
 def test_pypop_serve_tunes_itself(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Final
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune", "tuned"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ _M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
 
 _ENV: Final = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+_tuned = False
+
+
+def tuned() -> bool:
+    """True once :func:`tune` succeeded in this process: code that allocates a fresh
+    large block per read (SQLite's blob reads) may rely on the heap reusing it."""
+    return _tuned
 
 
 def tune() -> bool:
@@ -56,4 +64,6 @@ def tune() -> bool:
     log.debug(
         "malloc: mmap threshold %d, trim threshold %d: %s", MMAP_THRESHOLD, TRIM_THRESHOLD, done
     )
+    global _tuned
+    _tuned = _tuned or done
     return done

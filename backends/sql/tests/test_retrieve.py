@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from pypop.server import malloc
 from pypop.wire import stuff, unstuff
 
 from pypop_sql import SqlBackend, create
@@ -39,11 +40,15 @@ def test_read_plan() -> None:
     assert read_plan(4 * CHUNK_SIZE + 70_000, 5) == (4, 1)
 
 
+@pytest.mark.parametrize("tuned", [True, False], ids=["malloc-tuned", "malloc-default"])
 @pytest.mark.parametrize(("size", "chunks"), CASES)
 async def test_multi_chunk_retr_and_top(
-    db_url: str, size: int, chunks: int, monkeypatch: pytest.MonkeyPatch
+    db_url: str, size: int, chunks: int, tuned: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """(SQLite reads through blob handles in a process with malloc tuned, as pypop
+    serve is, and with a SELECT otherwise.)"""
     monkeypatch.setattr(engine_module, "CHUNK_SIZE", size)  # as that version stored it
+    monkeypatch.setattr(malloc, "_tuned", tuned)
     backend = create({"url": db_url})
     assert isinstance(backend, SqlBackend)
     engine: Engine = backend.engine
@@ -140,8 +145,9 @@ async def test_aclose_in_a_cancelled_scope_closes_the_engine(db_url: str) -> Non
 def test_sqlite_read_failure_leaves_no_transaction(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite reads chunks through blob handles in one read transaction: a read that
-    fails part way ends that transaction, and the thread's next read works."""
+    """SQLite reads chunks through blob handles in one read transaction (where malloc
+    is tuned): a read that fails part way ends that transaction, and the thread's next
+    read works."""
     import sqlite3
 
     from pypop.errors import TemporaryFailure
@@ -149,6 +155,7 @@ def test_sqlite_read_failure_leaves_no_transaction(
     from pypop_sql import parse_options
     from pypop_sql._engine import make_engine
 
+    monkeypatch.setattr(malloc, "_tuned", True)  # as in pypop serve
     engine = make_engine(parse_options({"url": sqlite_url}))
     assert isinstance(engine, SqliteEngine)
     engine.start()
