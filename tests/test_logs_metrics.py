@@ -176,3 +176,19 @@ def test_metrics_and_healthz_of_one_process(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", metrics), timeout=10) as s:
             s.sendall(b"GET /" + b"x" * 9000)
             assert s.recv(4096).startswith(b"HTTP/1.0 404")
+
+
+@pytest.mark.parametrize("created", [0.0, 0.9995, 1_700_000_000.5, 1_700_000_001.0])
+def test_text_formatter_writes_what_logging_writes(created: float) -> None:
+    """The text format's date is formatted once a second: the lines stay logging's own."""
+    import logging
+
+    from pypop.server.logsetup import TextFormatter
+
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    ours, theirs = TextFormatter(fmt), logging.Formatter(fmt)
+    for _ in range(2):  # the second time from the cached second
+        record = logging.LogRecord("pypop.session", logging.INFO, "x", 1, "a=%s", ("b",), None)
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == theirs.format(record)
