@@ -77,7 +77,27 @@ fn block_is_verbatim(w: &[u8; BLOCK + 2]) -> bool {
 /// unchanged and returns where the first other block starts. Used only without a TOP cut,
 /// where line ends need not be counted.
 #[inline]
-fn skip_verbatim_blocks(data: &[u8], mut i: usize) -> usize {
+#[allow(unsafe_code)] // the one call of an AVX2 function, after the CPU check
+fn skip_verbatim_blocks(data: &[u8], i: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU has AVX2 (checked just above, cached by std).
+        return unsafe { skip_verbatim_blocks_avx2(data, i) };
+    }
+    skip_verbatim_blocks_any(data, i)
+}
+
+/// [`skip_verbatim_blocks`] compiled for AVX2: the block check vectorises to 32 octets
+/// per compare instead of SSE2's 16 (the wheels target baseline x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
+unsafe fn skip_verbatim_blocks_avx2(data: &[u8], i: usize) -> usize {
+    skip_verbatim_blocks_any(data, i)
+}
+
+#[inline(always)]
+fn skip_verbatim_blocks_any(data: &[u8], mut i: usize) -> usize {
     while i + BLOCK < data.len() {
         let w: &[u8; BLOCK + 2] = data[i - 1..i + BLOCK + 1]
             .try_into()
@@ -657,6 +677,34 @@ mod tests {
             rest = &rest[n..];
         }
         out
+    }
+
+    /// The dispatched block skipping (AVX2 where the CPU has it) agrees with the
+    /// portable build at every start on random mail, CRLF mail and its wire form.
+    #[test]
+    fn block_skipping_builds_agree() {
+        let mut rng = Rng(0xB10C_5C1F);
+        for round in 0..3000 {
+            let mut m = message(&mut rng, 40);
+            if round % 3 == 0 {
+                // Mostly CRLF, where long skips happen.
+                m = m
+                    .split(|&b| b == b'\n')
+                    .flat_map(|l| l.iter().copied().chain(*b"\r\n"))
+                    .collect();
+            }
+            for _ in 0..8 {
+                if m.len() < 2 {
+                    break;
+                }
+                let i = 1 + rng.below(m.len() - 1);
+                assert_eq!(
+                    skip_verbatim_blocks(&m, i),
+                    skip_verbatim_blocks_any(&m, i),
+                    "round {round}, start {i}"
+                );
+            }
+        }
     }
 
     #[test]
