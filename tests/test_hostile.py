@@ -566,14 +566,16 @@ async def test_a_waiting_login_wakes_when_the_holder_lets_go(
 
     holders = MaildropHolders(10.0)
     hold = holders.hold("alice")
-    assert hold.event is None
+    assert holders._released["alice"].event is None  # (not narrowing hold.event)
     locked = True
 
+    box = MemoryMailbox(MemoryBackend(), "alice", [], [])
+
     class Backend:
-        async def open_mailbox(self, user: str) -> str:
+        async def open_mailbox(self, user: str) -> Mailbox:
             if locked:
                 raise MailboxLocked(user)
-            return "opened"
+            return box
 
     async def release_later() -> None:
         nonlocal locked
@@ -585,7 +587,7 @@ async def test_a_waiting_login_wakes_when_the_holder_lets_go(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(release_later)
         opened = await holders.open(Backend(), "alice")  # type: ignore[arg-type]
-    assert opened == "opened"
+    assert opened is box
     assert trio.current_time() - start == pytest.approx(0.3, abs=1e-6)
     assert hold.event is not None
     assert hold.event.is_set()
