@@ -519,13 +519,12 @@ class SqliteEngine(Engine):
 
     def read(self, handle: Handle, message_id: int, first: int, last: int) -> list[bytes]:
         conn = self._conn()
-        if not malloc.tuned():
-            # Each blob read is a fresh bytes of the chunk's size: with glibc's default
-            # trim threshold the heap gives it back and faults it in again every time
-            # (five times slower than the SELECT). pypop serve tunes malloc.
-            with _sqlite_errors("cannot read a message"):
-                return [r[0] for r in conn.execute(_READ, (message_id, first, last))]
         with _sqlite_errors("cannot read a message"):
+            if not malloc.tuned():
+                # Each blob read is a fresh bytes of the chunk's size: with glibc's
+                # default trim threshold the heap gives it back and faults it in again
+                # every time (five times slower than the SELECT). pypop serve tunes malloc.
+                return [r[0] for r in conn.execute(_READ, (message_id, first, last))]
             # Through blob handles: one copy, from the mapped file into the bytes
             # object (a SELECT copies twice, through SQLite's own buffer): a third
             # less CPU per MB. One read transaction, so the row ids and blobs agree.
