@@ -1,6 +1,7 @@
 """Where pypop's time goes, per scenario: ``python -m benches.profile SCENARIO``.
 
-Starts ``pypop serve`` (``--backend memory``, ``maildir`` or ``sql-sqlite``; the suite's fixture:
+Starts ``pypop serve`` (``--backend memory``, ``maildir`` or ``sql-sqlite``; ``trio-floor``
+runs benches/floor.py instead, the event loop's ceiling; the suite's fixture:
 100 users x 50 x 4 KiB, or 10 x 20 x 1 MiB for retr-all-1m) pinned to core 0, warms
 it up as the suite does, drives it with the load generator on core 1, and samples the
 server with py-spy (``pip install py-spy``). Prints the throughput, then
@@ -49,10 +50,11 @@ def _fixture(root: Path, users: int, messages: int, octets: int) -> Fixture:
 _IDLE = {"IOThreads._work", "IOThreads._watch", "WorkerThread._work", "Condition.wait"}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads (Linux /proc)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU of a process, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -89,7 +91,12 @@ def summarize(raw: Path, top: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.profile")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--backend", choices=("memory", "maildir", "sql-sqlite"), default="memory")
+    parser.add_argument(
+        "--backend",
+        choices=("memory", "maildir", "sql-sqlite", "trio-floor"),
+        default="memory",
+        help="trio-floor: benches/floor.py, no POP3 work (the event loop's ceiling)",
+    )
     parser.add_argument(
         "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="backend option"
     )
@@ -129,9 +136,13 @@ def main() -> int:
             f"[backend]\n{backend}"
         )
         log = root / "server.log"
+        command = [sys.executable, "-m", "pypop", "serve", "--config", str(conf)]
+        if args.backend == "trio-floor":
+            command = [sys.executable, "-m", "benches.floor", "--port", str(port)]
+            command += ["--eml", str(fx.eml), "--passwd", str(fx.passwd)]
         with log.open("wb") as out:
             server = subprocess.Popen(
-                [*pin_prefix(0), sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
+                [*pin_prefix(0), *command],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -192,7 +203,10 @@ def main() -> int:
                 ],
                 timeout=args.duration + 120,
             )
-            cpu = cpu_seconds(server.pid) - cpu_before
+            cpu_after = cpu_seconds(server.pid)
+            user = cpu_after[0] - cpu_before[0]
+            system = cpu_after[1] - cpu_before[1]
+            cpu = user + system
             if sampler is not None:
                 sampler.wait(timeout=60)
         finally:
@@ -218,6 +232,9 @@ def main() -> int:
                 | {
                     "server_cpu_us_per_message": 1e6 * cpu / max(1, d.get("messages") or 0),
                     "server_cpu_us_per_session": 1e6 * cpu / max(1, d.get("sessions") or 0),
+                    # The kernel's share (system calls, loopback TCP): what no
+                    # change to the Python side can remove.
+                    "server_system_share": system / cpu if cpu else 0.0,
                 }
             )
         )
