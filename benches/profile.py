@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benches import loadgen
 from benches.fixtures import Fixture, UserSet
-from benches.servers import free_port, pin_prefix, wait_port
+from benches.servers import free_port, make_cert, pin_prefix, wait_port
 
 SCENARIOS = {
     # name: (load-generator scenario, users, messages, octets, clients)
@@ -36,6 +36,8 @@ SCENARIOS = {
     "top": ("top", 100, 50, 4096, 8),
     "pipelined": ("pipelined", 100, 50, 4096, 8),
     "retr-all-1m": ("retr-all", 10, 20, 1 << 20, 4),
+    "tls-login": ("tls-login", 100, 50, 4096, 8),
+    "tls-retr-all-1m": ("tls-retr-all", 10, 20, 1 << 20, 4),
 }
 
 
@@ -128,12 +130,22 @@ def main() -> int:
             key, _, value = opt.partition("=")
             backend += f"{key} = {json.dumps(value)}\n"
         port = free_port()
+        tls = lg_scenario.startswith("tls-")
+        tls_conf = listen_tls = ""
+        tls_port = 0
+        tls_args: list[str] = []
+        if tls:
+            ca, cert, key = make_cert(root / "tls")
+            tls_port = free_port()
+            listen_tls = f'listen_tls = ["127.0.0.1:{tls_port}"]\n'
+            tls_conf = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+            tls_args = ["--ca", str(ca), "--sni", "localhost"]
         conf = root / "pypop.toml"
         conf.write_text(
-            f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
+            f'[server]\nlisten = ["127.0.0.1:{port}"]\n{listen_tls}'
             "[limits]\nmax_connections = 1000\nmax_connections_per_ip = 1000\n"
             f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
-            f"[backend]\n{backend}"
+            f"{tls_conf}[backend]\n{backend}"
         )
         log = root / "server.log"
         command = [sys.executable, "-m", "pypop", "serve", "--config", str(conf)]
@@ -188,8 +200,9 @@ def main() -> int:
             result = loadgen.run(
                 binary,
                 [
+                    *tls_args,
                     "--port",
-                    str(port),
+                    str(tls_port if tls else port),
                     "--scenario",
                     lg_scenario,
                     "--concurrency",
