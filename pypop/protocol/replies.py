@@ -57,6 +57,9 @@ RESP_CODES: Final = frozenset(
 class Text(enum.Enum):
     """The reply texts; each value is the English text (``str.format`` fields in braces)."""
 
+    # By identity, in C: every reply looks its text up by member (see State).
+    __hash__ = object.__hash__
+
     GREETING = "POP3 server ready"
     CAPA = "Capability list follows"
     LOGGING_OUT = "Logging out"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from pypop.protocol.commands import (
     Apop,
@@ -120,6 +121,7 @@ class ProtocolConfig:
 _NO_LINES: list[bytes | None] = []  # shared, never appended to
 # Shared: each frozenset() call makes a new 216-octet set (idle memory per session).
 NO_CAPABILITIES: frozenset[str] = frozenset()
+OCTETS_TEXT: Final = Text.OCTETS.value
 
 
 class ServerConnection:
@@ -742,10 +744,16 @@ class ServerConnection:
         busy = self._busy
         if not isinstance(busy, Retrieve):
             raise LocalProtocolError("no Retrieve event is open")
-        if busy.top_lines is None:
-            self._ok(Text.OCTETS, size=busy.size)
+        if busy.top_lines is not None:
+            line = b"+OK\r\n"
         else:
-            self._ok()
+            # _ok(Text.OCTETS, size=...) inlined: one reply per RETR.
+            text = self.texts.get(Text.OCTETS, OCTETS_TEXT).format(size=busy.size)
+            line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
+            if len(line) > MAX_STATUS_LINE:
+                raise LocalProtocolError("status line over 512 octets")
+        self._out.append(line)
+        self._out_len += len(line)
 
     def message_done(self) -> None:
         self._require(Retrieve)

@@ -36,6 +36,10 @@ class State(enum.Enum):
     UPDATE = "UPDATE"
     CLOSED = "CLOSED"
 
+    # Members compare by identity: hash them so too, in C (Enum's own __hash__ is a
+    # Python call, paid on every command's state check).
+    __hash__ = object.__hash__
+
 
 _AUTH = frozenset({State.AUTHORIZATION})
 _TRANS = frozenset({State.TRANSACTION})

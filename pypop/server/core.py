@@ -251,6 +251,7 @@ class Server:
                 self._spare_fd = None
 
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
+        self.context.now = trio.lowlevel.current_clock().current_time
         if self._given is not None:
             plain = [lst for lst in self._given if not lst.implicit_tls]
             tls = [lst for lst in self._given if lst.implicit_tls]

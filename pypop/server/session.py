@@ -118,6 +118,9 @@ class SessionContext:
     hash_limiter: trio.CapacityLimiter | None = None
     salt_key: bytes | None = None  # the server secret (pypop.auth.secret)
     gssapi: GssapiSettings | None = None  # auth.gssapi_keytab (pypop.auth.kerberos)
+    # The run's clock (trio.current_time is three Python calls): the server sets its
+    # clock's own method when it starts serving.
+    now: Callable[[], float] = trio.current_time
     mechanism_cache: dict[tuple[object, ...], tuple[list[str], list[str]]] = field(
         default_factory=dict
     )
@@ -183,6 +186,7 @@ class Session:
         self._login_started: float | None = None  # for the login latency histogram
         self._retr_seconds = metrics.HistogramBatch(metrics.RETR_SECONDS)
         self._idle = trio.CancelScope()
+        self._idle_until = math.inf  # its deadline, set by run()
         self._line_deadline = math.inf  # for the partial command line, if any
         self._line_mark = -1
         # Plain TCP gets the gathered write and the wait-first read; TLS does not.
@@ -256,10 +260,11 @@ class Session:
         One cancel scope per session instead of one per read and write; the deadline
         moves at most once a second and lands 0-1 s past the configured time, never
         before it."""
-        scope = self._idle
-        deadline = trio.current_time() + self.ctx.idle_timeout
-        if deadline > scope.deadline:
-            scope.deadline = deadline + 1.0
+        ctx = self.ctx
+        deadline = ctx.now() + ctx.idle_timeout
+        if deadline > self._idle_until:  # (the scope's deadline is a Python property)
+            self._idle_until = deadline + 1.0
+            self._idle.deadline = self._idle_until
 
     async def _flush(self) -> bool:
         """Send what is queued; False if there was nothing."""
@@ -284,7 +289,7 @@ class Session:
         if not conn.partial_line:
             self._line_deadline = math.inf
         elif self._line_deadline == math.inf or conn.commands != self._line_mark:
-            self._line_deadline = trio.current_time() + self.ctx.line_timeout
+            self._line_deadline = self.ctx.now() + self.ctx.line_timeout
             self._line_mark = conn.commands
 
     # -- the loop --
@@ -292,7 +297,8 @@ class Session:
     async def run(self) -> None:
         started = time.monotonic()
         self.conn.greeting(self.ctx.greeting)
-        self._idle.deadline = trio.current_time() + self.ctx.idle_timeout + 1.0
+        self._idle_until = self.ctx.now() + self.ctx.idle_timeout + 1.0
+        self._idle.deadline = self._idle_until
         try:
             with self._idle:
                 await self._loop()
