@@ -84,6 +84,14 @@ def test_a_session_batch_adds_what_observe_adds() -> None:
     batch.flush()  # a second flush adds nothing
     assert samples(batched) == samples(one)
     assert ("h_bucket", {"le": "0.001"}, 3.0) in samples(one)
+    # Many equal observations at once (RETRs the engine answered itself).
+    for _ in range(5):
+        direct.observe(0.0)
+    batch.observe_many(0.0, 5)
+    batch.observe_many(0.0, 0)
+    batch.flush()
+    assert samples(batched) == samples(one)
+    assert ("h_bucket", {"le": "0.001"}, 8.0) in samples(one)
 
 
 class Failing:

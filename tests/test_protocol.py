@@ -671,3 +671,77 @@ def test_padded_numbers_in_a_session() -> None:
         login=True,
     )
     assert out == b"+OK 1 120\r\n+OK 3 u3\r\n-ERR No such message\r\n"
+
+
+# ---- RETR and TOP answered from a wire source (serve_from) ---------------------------
+
+
+class Source:
+    """A WireCache stand-in: the wire form of some messages, and what was asked."""
+
+    def __init__(self, wire: dict[tuple[int, int | None], bytes]) -> None:
+        self.wire = wire
+        self.asked: list[tuple[int, int | None]] = []
+        self.fail: Exception | None = None
+
+    def __call__(self, index: int, top_lines: int | None) -> bytes | None:
+        self.asked.append((index, top_lines))
+        if self.fail is not None:
+            raise self.fail
+        return self.wire.get((index, top_lines))
+
+
+def test_wire_source_answers_retr_and_top_without_an_event() -> None:
+    conn = logged_in(UIDS[:3])
+    src = Source({(0, None): BODY, (1, 0): b"Subject: y\r\n\r\n.\r\n"})
+    conn.serve_from(src, refuse_8bit=True)
+    conn.receive_data(b"RETR 1\r\nTOP 2 0\r\nNOOP\r\nRETR 3\r\n")
+    ev = conn.next_event()
+    # Message 3 is not in the source: the event, after the three quick replies.
+    assert ev == Retrieve(2, 100, None)
+    assert conn.data_to_send() == (
+        b"+OK 100 octets\r\n" + BODY + b"+OK\r\nSubject: y\r\n\r\n.\r\n" + b"+OK\r\n"
+    )
+    assert src.asked == [(0, None), (1, 0), (2, None)]
+    conn.message_header()
+    conn.send_raw(BODY)
+    conn.message_done()
+    assert conn.next_event() is NEED_DATA
+    # RETRs count on both paths, TOP does not; only the first was quick.
+    assert (conn.retrieved, conn.retrieved_octets, conn.retrieved_indexes) == (2, 200, {0, 2})
+    assert conn.quick_retrievals == 1
+
+
+def test_wire_source_failure_or_8bit_takes_the_event_path() -> None:
+    conn = logged_in(UIDS[:3])
+    eight = b"Subject: \xc3\xa9\r\n\r\n.\r\n"
+    src = Source({(0, None): eight, (1, None): BODY})
+    conn.serve_from(src, refuse_8bit=True)
+    conn.receive_data(b"RETR 1\r\n")
+    assert conn.next_event() == Retrieve(0, 100, None)  # 8-bit before UTF8: the event
+    conn.reply_err(Text.UTF8_NEEDED, "UTF8")
+    src.fail = RuntimeError("backend bug")
+    conn.receive_data(b"RETR 2\r\n")
+    assert conn.next_event() == Retrieve(1, 100, None)  # the caller reports the failure
+    conn.reply_err(Text.MESSAGE_TEMPORARY, "SYS/TEMP")
+    assert conn.next_event() is NEED_DATA
+    assert b"RuntimeError" not in conn.data_to_send()
+    assert conn.retrieved == conn.quick_retrievals == 0
+    # Not refusing (the server's utf8_headers policy): 8-bit mail is answered at once.
+    src.fail = None
+    conn.serve_from(src, refuse_8bit=False)
+    conn.receive_data(b"RETR 1\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b"+OK 100 octets\r\n" + eight
+
+
+def test_wire_source_respects_deleted_messages_and_numbers() -> None:
+    conn = logged_in(UIDS[:3])
+    src = Source({(i, None): BODY for i in range(3)})
+    conn.serve_from(src, refuse_8bit=False)
+    conn.receive_data(b"DELE 1\r\nRETR 1\r\nRETR 4\r\nRETR 0\r\nRETR 2\r\n")
+    assert conn.next_event() is NEED_DATA
+    out = conn.data_to_send()
+    assert out.count(b"-ERR") == 3
+    assert out.endswith(b"+OK 100 octets\r\n" + BODY)
+    assert src.asked == [(1, None)]

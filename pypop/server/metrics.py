@@ -138,6 +138,16 @@ class HistogramBatch:
         counts[bisect_left(self._bounds, amount)] += 1
         self._sum += amount
 
+    def observe_many(self, amount: float, n: int) -> None:
+        """``n`` observations of ``amount``."""
+        if n <= 0:
+            return
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = [0] * len(self._bounds)
+        counts[bisect_left(self._bounds, amount)] += n
+        self._sum += amount * n
+
     def flush(self) -> None:
         counts = self._counts
         if counts is None:

@@ -175,9 +175,6 @@ class Session:
         self.mailbox: Mailbox | None = None
         self.user: str | None = None
         self.policy: UserPolicy | None = None
-        self._retrieved_set: set[int] | None = None  # made at the first RETR
-        self.retrieved = 0
-        self.retrieved_octets = 0
         self.deleted = 0
         self.end = "?"
         self._sasl: SaslMechanism | None = None
@@ -326,15 +323,17 @@ class Session:
             self._let_go()
             conn = self.conn
             metrics.session_done(conn.verbs, conn.commands, conn.sent_octets)
+            # RETRs the engine answered from the wire source took no measurable time.
+            self._retr_seconds.observe_many(0.0, conn.quick_retrievals)
             self._retr_seconds.flush()
             log.info(
                 "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
                 "duration=%.3f end=%s",
                 self.peer,
                 self.user or "-",
-                self.conn.commands,
-                self.retrieved,
-                self.retrieved_octets,
+                conn.commands,
+                conn.retrieved,
+                conn.retrieved_octets,
                 self.deleted,
                 time.monotonic() - started,
                 self.end,
@@ -555,6 +554,8 @@ class Session:
             mailbox, "wire_message", None
         )
         self._wire = wire
+        # RETR and TOP of what it holds are answered by the engine, without an event.
+        conn.serve_from(wire, refuse_8bit=self.ctx.utf8_headers == "refuse")
         messages = mailbox.messages
         conn.login_succeeded(
             user,
@@ -741,13 +742,7 @@ class Session:
                 await aclose()
 
     def _message_sent(self, event: Retrieve) -> None:
-        self.conn.message_done()
-        if event.top_lines is None:  # TOP is not a retrieval in the session summary
-            self.retrieved += 1
-            self.retrieved_octets += event.size
-            if self._retrieved_set is None:
-                self._retrieved_set = set()
-            self._retrieved_set.add(event.index)
+        self.conn.message_done()  # counts a RETR (TOP is not a retrieval)
 
     # -- UPDATE (RFC 1939 §6) --
 
@@ -766,7 +761,7 @@ class Session:
             return []
         marked = set(deleted)
         if days == 0:
-            return sorted((self._retrieved_set or set()) - marked)
+            return sorted((self.conn.retrieved_indexes or set()) - marked)
         received_times = getattr(mailbox, "received_times", None)
         if received_times is None:
             return []
