@@ -20,7 +20,8 @@ cannot be prepared never matches anything; the client gets the usual ``-ERR [AUT
 from __future__ import annotations
 
 import functools
-from typing import Any
+import re
+from typing import Any, Final
 
 __all__ = [
     "PrepError",
@@ -50,9 +51,13 @@ def _enforce(profile: str, text: str) -> str:
     return result
 
 
+_PRINTABLE: Final = re.compile("[!-~]*")
+_PRINTABLE_OR_SPACE: Final = re.compile("[ -~]*")
+
+
 def _printable_ascii(text: str, *, spaces: bool) -> bool:
-    low = " " if spaces else "!"
-    return text.isascii() and all(low <= c <= "~" for c in text)
+    pattern = _PRINTABLE_OR_SPACE if spaces else _PRINTABLE
+    return text.isascii() and pattern.fullmatch(text) is not None
 
 
 def prepare_username(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -223,13 +224,16 @@ def decode_base64(data: bytes) -> bytes | None:
         return None
 
 
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")  # (one C scan, not a loop per character)
+
+
 def _text(arg: bytes) -> str | None:
     """A name or password: UTF-8 (RFC 6856), no control characters."""
     try:
         text = arg.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if any(c < " " or c == "\x7f" for c in text):
+    if _CONTROL.search(text) is not None:
         return None
     return text
 
