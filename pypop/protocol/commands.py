@@ -275,7 +275,20 @@ def parse_command(line: bytes) -> Command | ParseError:
     if b"" in args:
         return SYNTAX
 
+    # The cases are tried in order: the commands of a mail download first.
     match keyword:
+        case "RETR" | "DELE":
+            m = _number(args[0]) if len(args) == 1 else None
+            if m is None:
+                return SYNTAX
+            return Retr(m) if keyword == "RETR" else Dele(m)
+        case "TOP":
+            if len(args) != 2:
+                return SYNTAX
+            m, n = _number(args[0]), _number(args[1])
+            if m is None or n is None:
+                return SYNTAX
+            return Top(m, min(n, MAX_TOP_LINES))
         case "USER":
             name = _text(args[0]) if len(args) == 1 else None
             return User(name) if name else SYNTAX
@@ -313,15 +326,10 @@ def parse_command(line: bytes) -> Command | ParseError:
         case "RSET":
             return _no_args(Rset(), args)
         case "LIST" | "UIDL":
-            n = _optional_msg(args)
-            if isinstance(n, ParseError):
-                return n
-            return List(n) if keyword == "LIST" else Uidl(n)
-        case "RETR" | "DELE":
-            m = _number(args[0]) if len(args) == 1 else None
-            if m is None:
-                return SYNTAX
-            return Retr(m) if keyword == "RETR" else Dele(m)
+            which = _optional_msg(args)
+            if isinstance(which, ParseError):
+                return which
+            return List(which) if keyword == "LIST" else Uidl(which)
         case "UTF8":
             return _no_args(Utf8(), args)
         case "LANG":
@@ -329,13 +337,6 @@ def parse_command(line: bytes) -> Command | ParseError:
                 return Lang(None)
             tag = _language_range(args[0]) if len(args) == 1 else None
             return Lang(tag) if tag is not None else SYNTAX
-        case "TOP":
-            if len(args) != 2:
-                return SYNTAX
-            m, n = _number(args[0]), _number(args[1])
-            if m is None or n is None:
-                return SYNTAX
-            return Top(m, min(n, MAX_TOP_LINES))
         case _:
             return UNKNOWN
 

@@ -122,6 +122,7 @@ _NO_LINES: list[bytes | None] = []  # shared, never appended to
 # Shared: each frozenset() call makes a new 216-octet set (idle memory per session).
 NO_CAPABILITIES: frozenset[str] = frozenset()
 OCTETS_TEXT: Final = Text.OCTETS.value
+_OCTETS_LINE: Final = b"+OK %d octets\r\n"
 
 
 class ServerConnection:
@@ -140,8 +141,8 @@ class ServerConnection:
         "_listing",
         "_next_max_line",
         "_octets",
+        "_octets_for",
         "_out",
-        "_out_len",
         "_pending_user",
         "_quick",
         "_raw",
@@ -156,6 +157,7 @@ class ServerConnection:
         "commands",
         "config",
         "language",
+        "pending_output",
         "per_user",
         "plaintext_allowed",
         "quick_retrievals",
@@ -232,7 +234,8 @@ class ServerConnection:
         self._next_max_line: int | None = None  # a framer swap waiting for a line end
         self._eof = False
         self._out: list[bytes] = []
-        self._out_len = 0
+        # Octets queued and not yet taken (a plain attribute: read on every flush).
+        self.pending_output = 0
         self._listing: tuple[Sequence[object], int] | None = None
         self._busy: Event | None = None
         self._pending_user: str | None = None
@@ -323,29 +326,25 @@ class ServerConnection:
             self._next_max_line = None
 
     def data_to_send(self) -> bytes:
-        self.sent_octets += self._out_len
+        self.sent_octets += self.pending_output
         out = b"".join(self._out)
         self._out.clear()
-        self._out_len = 0
+        self.pending_output = 0
         return out
 
     def take_output(self) -> list[bytes]:
         """Like :meth:`data_to_send`, as the queued chunks (for gathered writes)."""
         out = self._out
-        self.sent_octets += self._out_len
+        self.sent_octets += self.pending_output
         self._out = []
-        self._out_len = 0
+        self.pending_output = 0
         return out
-
-    @property
-    def pending_output(self) -> int:
-        return self._out_len
 
     def send_raw(self, data: bytes) -> None:
         """Queue message octets (already stuffed) after a message_header."""
         if data:
             self._out.append(data)
-            self._out_len += len(data)
+            self.pending_output += len(data)
 
     def _text(self, text: Text, **fields: object) -> str:
         template = self.texts.get(text, text.value)
@@ -359,6 +358,11 @@ class ServerConnection:
             self.texts = custom if self.utf8 else {k: ascii_fold(v) for k, v in custom.items()}
         else:
             self.texts = lang.texts if self.utf8 else lang.ascii_texts
+        # RETR's "+OK <size> octets" as a bytes format, while the table's text is the
+        # built-in one (a custom text goes the checked way).
+        self._octets_for: Mapping[Text, str] | None = (
+            self.texts if self.texts.get(Text.OCTETS) == OCTETS_TEXT else None
+        )
 
     def human(self, text: str) -> str:
         """Free text for a reply (an operator's reason): as it is in UTF-8 mode,
@@ -373,7 +377,7 @@ class ServerConnection:
         except ReplyLineError as exc:
             raise LocalProtocolError(str(exc)) from None
         self._out.append(line)
-        self._out_len += len(line)
+        self.pending_output += len(line)
 
     def _ok(self, text: Text | str = "", **fields: object) -> None:
         self._status(True, self._text(text, **fields) if isinstance(text, Text) else text)
@@ -385,7 +389,7 @@ class ServerConnection:
         self._ok(first, **fields)
         data = encode_multiline(lines)
         self._out.append(data)
-        self._out_len += len(data)
+        self.pending_output += len(data)
 
     def greeting(self, text: str | None = None) -> None:
         """§4: the one-line greeting, with the APOP timestamp when there is one."""
@@ -404,7 +408,7 @@ class ServerConnection:
         limit = self.config.output_limit
         budget = COMMAND_SLICE
         while True:
-            if self._out_len >= limit:
+            if self.pending_output >= limit:
                 return SEND_DATA
             if self._listing is not None:
                 self._listing_slice()
@@ -412,7 +416,8 @@ class ServerConnection:
             lines, at = self._lines, self._line_at
             if at >= len(lines):
                 self._lines, self._line_at = _NO_LINES, 0  # the framer's list goes
-                self._frame()
+                if self._raw_pos < len(self._raw):
+                    self._frame()
                 lines, at = self._lines, 0
                 if not lines:
                     break
@@ -590,7 +595,7 @@ class ServerConnection:
         line = self._header_line(self._sizes[i], top_lines)
         self._out.append(line)
         self._out.append(wire)
-        self._out_len += len(line) + len(wire)
+        self.pending_output += len(line) + len(wire)
         if top_lines is None:
             self.quick_retrievals += 1
             self._count_retrieval(i)
@@ -618,7 +623,7 @@ class ServerConnection:
             self._listing = (values, stop)
         data = "".join(parts).encode("ascii")
         self._out.append(data)
-        self._out_len += len(data)
+        self.pending_output += len(data)
 
     def _index(self, msg: int) -> int | None:
         """§4: message numbers 1..n; deleted ones may not be referred to."""
@@ -655,7 +660,7 @@ class ServerConnection:
         if len(line) > MAX_STATUS_LINE:
             raise LocalProtocolError("SASL challenge over 512 octets")
         self._out.append(line)
-        self._out_len += len(line)
+        self.pending_output += len(line)
         self._sasl_waiting = True
         # Continuation lines may exceed 255 octets (RFC 5034 §4).
         self._set_max_line(self.config.sasl_max_line)
@@ -791,11 +796,13 @@ class ServerConnection:
             raise LocalProtocolError("no Retrieve event is open")
         line = self._header_line(busy.size, busy.top_lines)
         self._out.append(line)
-        self._out_len += len(line)
+        self.pending_output += len(line)
 
     def _header_line(self, size: int, top_lines: int | None) -> bytes:
         if top_lines is not None:
             return b"+OK\r\n"
+        if self.texts is self._octets_for:
+            return _OCTETS_LINE % size
         # _ok(Text.OCTETS, size=...) inlined: one reply per RETR.
         text = self.texts.get(Text.OCTETS, OCTETS_TEXT).format(size=size)
         line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
