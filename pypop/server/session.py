@@ -345,7 +345,8 @@ class Session:
             event: Event = conn.next_event()
             if event is NEED_DATA:
                 replied = await self._flush()
-                self._watch_line()
+                if self._line_deadline != math.inf or conn.partial_line:
+                    self._watch_line()
                 self._touch()
                 # Read here, not in a helper coroutine: one frame less per idle
                 # session, one coroutine less per command.
