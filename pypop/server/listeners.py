@@ -241,7 +241,7 @@ class Listener(trio.abc.AsyncResource):
     """A listening socket; ``accept`` returns (stream, peer). ``implicit_tls``: the
     connections start with a TLS handshake (RFC 8314 §3.3)."""
 
-    __slots__ = ("_epoll", "implicit_tls", "socket")
+    __slots__ = ("_epoll", "_kind", "implicit_tls", "socket")
 
     def __init__(
         self, sock: socket.socket, *, implicit_tls: bool = False, shared: bool = False
@@ -253,6 +253,9 @@ class Listener(trio.abc.AsyncResource):
         sock.setblocking(False)
         self.socket = sock
         self.implicit_tls = implicit_tls
+        # socket.accept() converts family and type to enums on every call (Python
+        # code); the numbers are the listener's, read once.
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
         self._epoll: select.epoll | None = None
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
         if shared and exclusive and hasattr(select, "epoll"):
@@ -270,7 +273,7 @@ class Listener(trio.abc.AsyncResource):
         sock = self.socket
         while True:
             try:
-                conn, addr = sock.accept()
+                fd, addr = sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 if self._epoll is None:
                     await wait_readable(sock)
@@ -282,6 +285,8 @@ class Listener(trio.abc.AsyncResource):
                 if exc.errno in _ACCEPT_TRANSIENT:
                     raise
                 raise _error(sock, exc) from exc
+            family, kind, proto = self._kind
+            conn = socket.socket(family, kind, proto, fileno=fd)
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
