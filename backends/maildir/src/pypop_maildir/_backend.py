@@ -11,7 +11,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -425,6 +425,7 @@ class MaildirMailbox(SnapshotMailbox):
         "_ahead",
         "_ahead_until",
         "_backend",
+        "_clock",
         "_entries",
         "_found",
         "_lock",
@@ -454,6 +455,9 @@ class MaildirMailbox(SnapshotMailbox):
         self._retrieved: set[int] | None = None
         self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
+        # The run's clock, taken on the event loop with the first read-ahead
+        # (trio.current_time is three Python calls; this is one per message).
+        self._clock: Callable[[], float] | None = None
 
     def received(self, index: int) -> float | None:
         """pypop.backend.MessageTimes: the delivery time at the start of the Maildir
@@ -481,9 +485,9 @@ class MaildirMailbox(SnapshotMailbox):
 
     def _from_ahead(self, index: int, top_lines: int | None) -> bytes | None:
         ahead = self._ahead
-        if ahead is None:
+        if ahead is None or self._clock is None:
             return None
-        if trio.current_time() >= self._ahead_until:
+        if self._clock() >= self._ahead_until:
             self._ahead = None
             return None
         # RETR takes it; TOP leaves it for a RETR of the same message.
@@ -496,7 +500,9 @@ class MaildirMailbox(SnapshotMailbox):
         if data is None:
             return None
         if top_lines is None:
-            self._mark_retrieved(index)
+            if self._retrieved is None:
+                self._retrieved = set()
+            self._retrieved.add(index)  # (_mark_retrieved inlined: one per RETR)
         return stuff(data, top_lines)
 
     # -- in worker threads --
@@ -594,7 +600,8 @@ class MaildirMailbox(SnapshotMailbox):
                 raise TemporaryFailure("cannot open message") from exc
             if ahead:
                 self._ahead = ahead
-                self._ahead_until = trio.current_time() + READ_AHEAD_TTL
+                self._clock = trio.lowlevel.current_clock().current_time
+                self._ahead_until = self._clock() + READ_AHEAD_TTL
         cutter = TopCut(top_lines) if top_lines is not None else None
         complete = False
         try:

@@ -66,7 +66,9 @@ class Entry:
     others: tuple[str, ...] = ()
 
     def path(self, maildir: str) -> str:
-        return os.path.join(maildir, self.subdir, self.name)
+        # (os.path.join is Python code; a name never holds a slash, a subdir is
+        # "cur" or "new")
+        return f"{maildir}/{self.subdir}/{self.name}"
 
 
 def open_message(path: str) -> int:
