@@ -163,6 +163,37 @@ async def test_backend_errors_by_type_and_their_cause_in_the_log(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
+class HangingBox(FailingBox):
+    async def commit(self, deleted: Sequence[int]) -> None:
+        await trio.sleep_forever()
+
+
+class Hanging(Failing):
+    async def open_mailbox(self, user: str) -> Mailbox:
+        return HangingBox(await self.real.open_mailbox(user), self.fault)
+
+
+async def test_update_that_hangs_ends_with_sys_temp(
+    start_server: ServerStarter, memory_backend: MemoryBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit that never returns: after update_timeout the client gets [SYS/TEMP],
+    nothing was removed, the session ends and the maildrop is free again."""
+    caplog.set_level(logging.INFO)
+    server = await start_server(backend=Hanging(memory_backend, RuntimeError("unused")))
+    server.context.update_timeout = 0.3
+    errors = value("pypop_backend_errors_total", type="TooSlowError")
+    with trio.fail_after(10):
+        out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    assert out.endswith(b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n")
+    assert value("pypop_backend_errors_total", type="TooSlowError") == errors + 1
+    # Nothing was deleted, and the lock went with the session: the next login gets
+    # the maildrop, whole (its QUIT hangs in the same way).
+    with trio.fail_after(10):
+        again = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nSTAT\r\nQUIT\r\n")
+    assert again.split(b"\r\n")[3].startswith(b"+OK 3 "), again
+    assert any("backend failed in UPDATE for alice" in r.getMessage() for r in caplog.records)
+
+
 async def test_tls_handshake_failures(start_server: ServerStarter, tmp_path: Path) -> None:
     chain, key = write_cert(trustme.CA(), tmp_path)
     server = await start_server(

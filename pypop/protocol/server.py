@@ -5,7 +5,10 @@ command it can answer alone (STAT, LIST, UIDL, DELE, RSET, NOOP, CAPA, errors) s
 into the output buffer, and stops at the first one that needs the outside world (a
 login, a message body, STLS, UPDATE), which it returns as an event. The caller does the
 I/O, completes the event with one of the completion methods, and asks again. Replies
-therefore leave in command order whatever the pipelining (RFC 2449 §6.6).
+therefore leave in command order whatever the pipelining (RFC 2449 §6.6). A caller
+that holds messages ready for the wire (pypop.backend.WireCache) hands that source to
+:meth:`ServerConnection.serve_from`: RETR and TOP of those are then answered here too,
+without an event.
 :meth:`data_to_send` drains the output.
 
 Memory and time stay bounded whatever the peer pipelines: once ``output_limit``
@@ -380,7 +383,15 @@ class ServerConnection:
         self.pending_output += len(line)
 
     def _ok(self, text: Text | str = "", **fields: object) -> None:
-        self._status(True, self._text(text, **fields) if isinstance(text, Text) else text)
+        # _status(True, ...) and encode_status inlined: most replies are "+OK ...".
+        if isinstance(text, Text):
+            template = self.texts.get(text, text.value)
+            text = template.format(**fields) if fields else template
+        line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
+        if len(line) > MAX_STATUS_LINE:
+            raise LocalProtocolError("status line over 512 octets")
+        self._out.append(line)
+        self.pending_output += len(line)
 
     def _err(self, text: Text, code: str | None = None) -> None:
         self._status(False, self._text(text), code)

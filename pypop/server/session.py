@@ -118,6 +118,9 @@ class SessionContext:
     hash_limiter: trio.CapacityLimiter | None = None
     salt_key: bytes | None = None  # the server secret (pypop.auth.secret)
     gssapi: GssapiSettings | None = None  # auth.gssapi_keytab (pypop.auth.kerberos)
+    # UPDATE (EXPIRE and the commit) must end within this many seconds: a backend that
+    # hangs there cannot keep the session, shielded from shutdown, for ever.
+    update_timeout: float = 60.0
     # The run's clock (trio.current_time is three Python calls): the server sets its
     # clock's own method when it starts serving.
     now: Callable[[], float] = trio.current_time
@@ -794,9 +797,12 @@ class Session:
         # Shielded: once UPDATE starts it finishes, even during shutdown.
         with trio.CancelScope(shield=True):
             try:
-                with trio.fail_after(60):
+                # trio.fail_after without its context-manager wrapper (a login's QUIT).
+                with trio.CancelScope(deadline=self.ctx.now() + self.ctx.update_timeout) as limit:
                     expired = await self._expired(mailbox, deleted)
                     await mailbox.commit(tuple(sorted((*deleted, *expired))))
+                if limit.cancelled_caught:
+                    raise trio.TooSlowError
                 self.deleted = len(deleted)
                 if expired:
                     expire_log.info(
