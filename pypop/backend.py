@@ -161,7 +161,9 @@ class WireCache(Protocol):
     ``wire_message(index, top_lines)``; a non-None answer must be exactly what the
     server would send after the "+OK" line, i.e. ``pypop.wire.stuff(message,
     top_lines)``: dot-stuffed, CRLF line ends, the TOP cut, the terminator. It must not
-    block (no I/O). ``None`` means "use retrieve".
+    block (no I/O). ``None`` means "use retrieve". The protocol engine calls it as it
+    parses (``ServerConnection.serve_from``), so a pipelined batch of RETRs may ask for
+    many messages in a row; an exception means "use retrieve" too, which reports it.
     """
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None: ...
