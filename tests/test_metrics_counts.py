@@ -10,6 +10,7 @@ workers, aggregated) and tests/test_haproxy.py (behind HAProxy).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -232,3 +233,40 @@ async def test_refused_connections_by_reason(start_server: ServerStarter) -> Non
         assert await talk(port, b"") == TOO_MANY
     assert value("pypop_connections_refused_total", reason="max_connections") == total + 1
     await held.aclose()
+
+
+class WireRaisingBox(FailingBox):
+    """A WireCache whose wire_message fails (a bug): retrieve must answer instead."""
+
+    def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
+        raise RuntimeError("wire cache bug")
+
+    async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
+        blocks = self.real.retrieve(index, top_lines=top_lines)
+        async with contextlib.aclosing(blocks):  # type: ignore[type-var]
+            async for block in blocks:
+                yield block
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        await self.real.commit(deleted)
+
+
+class WireRaising(Failing):
+    async def open_mailbox(self, user: str) -> Mailbox:
+        return WireRaisingBox(await self.real.open_mailbox(user), self.fault)
+
+
+async def test_a_failing_wire_cache_falls_back_to_retrieve(
+    start_server: ServerStarter, memory_backend: MemoryBackend
+) -> None:
+    """The engine and the session both ask the wire cache; when it raises, the message
+    still goes out, whole, through retrieve, and the session goes on."""
+    server = await start_server(backend=WireRaising(memory_backend, RuntimeError("unused")))
+    plain = await start_server()
+    script = b"USER alice\r\nPASS wonderland\r\nRETR 2\r\nTOP 1 0\r\nRETR 3\r\nQUIT\r\n"
+    out = await talk(port_of(server), script)
+    assert b"RuntimeError" not in out
+    assert b"wire cache bug" not in out
+    # Byte for byte what the memory backend's own wire cache sends.
+    assert out == await talk(port_of(plain), script)
+    assert out.count(b"\r\n.\r\n") == 3

@@ -677,7 +677,10 @@ class Session:
         conn = self.conn
         # Both ways out (the wire cache and the stream) pass the RFC 6856 check.
         if self._wire is not None:
-            wire = self._wire(event.index, event.top_lines)
+            try:
+                wire = self._wire(event.index, event.top_lines)
+            except Exception:
+                wire = None  # retrieve() answers, and reports any failure
             if wire is not None:
                 # Most mail is all ASCII: one vectorised pass, no call, decides.
                 if not wire.isascii() and self._refuse_8bit() and not wire_header_is_ascii(wire):
