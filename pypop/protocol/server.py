@@ -128,6 +128,15 @@ OCTETS_TEXT: Final = Text.OCTETS.value
 _OCTETS_LINE: Final = b"+OK %d octets\r\n"
 
 
+def _ok_line(text: str) -> bytes:
+    """``encode_status(True, text)`` for the replies that are most of them: without
+    its response-code handling, with its bound (RFC 2449 §4)."""
+    line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
+    if len(line) > MAX_STATUS_LINE:
+        raise LocalProtocolError("status line over 512 octets")
+    return line
+
+
 class ServerConnection:
     """One POP3 server session's protocol state."""
 
@@ -383,13 +392,10 @@ class ServerConnection:
         self.pending_output += len(line)
 
     def _ok(self, text: Text | str = "", **fields: object) -> None:
-        # _status(True, ...) and encode_status inlined: most replies are "+OK ...".
         if isinstance(text, Text):
             template = self.texts.get(text, text.value)
             text = template.format(**fields) if fields else template
-        line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
-        if len(line) > MAX_STATUS_LINE:
-            raise LocalProtocolError("status line over 512 octets")
+        line = _ok_line(text)
         self._out.append(line)
         self.pending_output += len(line)
 
@@ -814,12 +820,7 @@ class ServerConnection:
             return b"+OK\r\n"
         if self.texts is self._octets_for:
             return _OCTETS_LINE % size
-        # _ok(Text.OCTETS, size=...) inlined: one reply per RETR.
-        text = self.texts.get(Text.OCTETS, OCTETS_TEXT).format(size=size)
-        line = (f"+OK {text}" if text else "+OK").encode() + b"\r\n"
-        if len(line) > MAX_STATUS_LINE:
-            raise LocalProtocolError("status line over 512 octets")
-        return line
+        return _ok_line(self.texts.get(Text.OCTETS, OCTETS_TEXT).format(size=size))
 
     def message_done(self) -> None:
         busy = self._busy

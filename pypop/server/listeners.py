@@ -157,11 +157,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _error(sock, exc) from exc
         if sent == len(data):
-            # (self._fair() inlined: one call less per reply)
-            self._budget -= 1
-            if self._budget <= 0:
-                self._budget = YIELD_EVERY
-                await cancel_shielded_checkpoint()
+            await self._fair()
             return
         with memoryview(data) as view:
             remaining = view[sent:]
@@ -201,10 +197,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     sent = 0
             if first < len(bufs):
                 await wait_writable(sock)
-        self._budget -= 1  # (self._fair() inlined)
-        if self._budget <= 0:
-            self._budget = YIELD_EVERY
-            await cancel_shielded_checkpoint()
+        await self._fair()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self.socket.fileno() == -1:

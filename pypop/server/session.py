@@ -688,7 +688,7 @@ class Session:
                     return
                 conn.message_header()
                 conn.send_raw(wire)
-                self._message_sent(event)
+                conn.message_done()  # counts a RETR (TOP is not a retrieval)
                 return
         stuffer = DotStuffer(event.top_lines)
         blocks: AsyncIterator[bytes] = self.mailbox.retrieve(event.index, top_lines=event.top_lines)
@@ -742,14 +742,11 @@ class Session:
                 await self._flush()
                 raise _SessionEnd("backend failure mid-message") from None
             conn.send_raw(stuffer.finish())
-            self._message_sent(event)
+            conn.message_done()  # counts a RETR (TOP is not a retrieval)
         finally:
             aclose = getattr(blocks, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-    def _message_sent(self, event: Retrieve) -> None:
-        self.conn.message_done()  # counts a RETR (TOP is not a retrieval)
 
     # -- UPDATE (RFC 1939 §6) --
 

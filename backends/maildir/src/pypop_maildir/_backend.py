@@ -455,9 +455,9 @@ class MaildirMailbox(SnapshotMailbox):
         self._retrieved: set[int] | None = None
         self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
-        # The run's clock, taken on the event loop with the first read-ahead
-        # (trio.current_time is three Python calls; this is one per message).
-        self._clock: Callable[[], float] | None = None
+        # The run's clock: its own method once the first read-ahead (on the event
+        # loop) takes it (trio.current_time is three Python calls, one per message).
+        self._clock: Callable[[], float] = trio.current_time
 
     def received(self, index: int) -> float | None:
         """pypop.backend.MessageTimes: the delivery time at the start of the Maildir
@@ -485,7 +485,7 @@ class MaildirMailbox(SnapshotMailbox):
 
     def _from_ahead(self, index: int, top_lines: int | None) -> bytes | None:
         ahead = self._ahead
-        if ahead is None or self._clock is None:
+        if ahead is None:
             return None
         if self._clock() >= self._ahead_until:
             self._ahead = None
@@ -500,9 +500,7 @@ class MaildirMailbox(SnapshotMailbox):
         if data is None:
             return None
         if top_lines is None:
-            if self._retrieved is None:
-                self._retrieved = set()
-            self._retrieved.add(index)  # (_mark_retrieved inlined: one per RETR)
+            self._mark_retrieved(index)
         return stuff(data, top_lines)
 
     # -- in worker threads --
