@@ -259,7 +259,9 @@ def _optional_msg(args: list[bytes]) -> int | ParseError | None:
 
 def parse_command(line: bytes) -> Command | ParseError:
     """Parse one command line (without its line end)."""
-    if b"\r" in line or b"\0" in line:
+    # An int needle: `b"\r" in line` raises and clears a TypeError inside CPython
+    # (it tries the needle as an integer first), about 2,000 instructions each.
+    if 13 in line or 0 in line:
         return BAD_CHARS
     keyword_b, sep, rest = line.partition(b" ")
     if not 3 <= len(keyword_b) <= 4 or not keyword_b.isalnum() or not keyword_b.isascii():

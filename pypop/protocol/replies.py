@@ -363,7 +363,7 @@ def split_lines(body: bytes) -> list[bytes]:
         raise ReplyLineError("multi-line reply does not end with CRLF")
     lines = body[:-2].split(CRLF)
     for line in lines:
-        if b"\r" in line or b"\n" in line:
+        if 13 in line or 10 in line:  # CR, LF (an int needle: see parse_command)
             raise ReplyLineError("bare CR or LF in a multi-line reply")
     return lines
 
