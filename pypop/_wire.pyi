@@ -4,6 +4,7 @@ The pure-Python twin in ``pypop._wire_py`` has exactly this API and behaviour;
 docs/wire.md is the specification both follow.
 """
 
+from collections.abc import Sequence
 from typing import Final, Self, final
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "cram_md5_verify_context",
     "make_challenge",
     "parse_proxy_header",
+    "read_small_files",
     "stuff",
     "unstuff",
     "wire_size",
@@ -118,3 +120,13 @@ def parse_proxy_header(
     source, source_port, destination, destination_port, ssl)``: addresses as 4 or 16
     octets, or b"" when the header carries none (v1 UNKNOWN, v2 LOCAL, AF_UNSPEC,
     AF_UNIX). ValueError for anything else, or for more than ``max_len`` octets."""
+
+def read_small_files(paths: Sequence[str], limit: int) -> list[bytes]:
+    """The contents of ``paths``, in order, while each is a whole small file.
+
+    Stops at the first path that cannot be opened (a symbolic link is never followed),
+    is not a regular file, cannot be read, has ``limit`` octets or more, or grew while
+    read: the result is the contents of the paths before it. Each file is read with one
+    system call when it is as large as fstat says. The extension releases the GIL once
+    for the whole list. TypeError for a path that is not ``str``, OverflowError for a
+    negative ``limit``."""

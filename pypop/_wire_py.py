@@ -17,7 +17,9 @@ import itertools
 import os
 import re
 import secrets
+import stat
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "cram_md5_verify_context",
     "make_challenge",
     "parse_proxy_header",
+    "read_small_files",
     "stuff",
     "unstuff",
     "wire_size",
@@ -698,3 +701,56 @@ def _proxy_v2(data: bytes, max_len: int) -> _ProxyTuple | None:
             ssl = not local and bool(value[0] & 0x01)
         pos += 3 + size
     return (length, 2, local, source, sport, destination, dport, ssl)
+
+
+# --------------------------------------------------------------------------------------
+# Whole small files (a backend's read-ahead)
+# --------------------------------------------------------------------------------------
+
+# O_NOFOLLOW: a symbolic link is refused; O_NONBLOCK: a FIFO opens at once.
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def read_small_files(paths: Sequence[str], limit: int) -> list[bytes]:
+    """See the stub: the contents of the leading paths that are whole small files."""
+    if isinstance(paths, str):
+        raise TypeError("paths must be a sequence of str, not a str")
+    if not 0 <= limit < 1 << 64:
+        raise OverflowError("limit must be between 0 and 2**64 - 1")
+    names = [os.fspath(p) for p in paths]
+    if not all(isinstance(p, str) for p in names):
+        raise TypeError("paths must be str or os.PathLike[str]")
+    out = []
+    for path in names:
+        data = _read_small_file(path, limit)
+        if data is None:
+            break
+        out.append(data)
+    return out
+
+
+def _read_small_file(path: str, limit: int) -> bytes | None:
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or size >= limit:
+            return None
+        parts = []
+        got = 0
+        while got < size:
+            more = os.read(fd, size + 1 - got)
+            if not more:
+                break  # shorter than fstat said: what is there
+            parts.append(more)
+            got += len(more)
+        if got > size:
+            return None  # grew since fstat
+        return b"".join(parts)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

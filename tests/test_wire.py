@@ -18,6 +18,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -258,6 +259,8 @@ API = {
     # the PROXY protocol header (tests/test_proxy_wire.py)
     "PROXY_HEADER_MAX",
     "parse_proxy_header",
+    # a backend's read-ahead
+    "read_small_files",
 }
 
 
@@ -1093,3 +1096,93 @@ def test_conformance_kit_sizes(wire: ModuleType) -> None:
     assert HARD_SIZES["no-final-newline"] == len(HARD_MESSAGES["no-final-newline"]) == 29
     assert HARD_SIZES["lf-no-final-newline"] == 42
     assert len(expected_retr(HARD_MESSAGES["lf-no-final-newline"])) == 44
+
+
+# --------------------------------------------------------------------------------------
+# read_small_files (a backend's read-ahead)
+# --------------------------------------------------------------------------------------
+
+
+def test_read_small_files_whole_files_in_order(wire: ModuleType, tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a.write_bytes(b"Subject: a\r\n\r\nbody\r\n")
+    b.write_bytes(b"")
+    c.write_bytes(bytes(range(256)) * 4)
+    got = wire.read_small_files([str(a), str(b), str(c)], 1025)
+    assert got == [a.read_bytes(), b"", c.read_bytes()]
+    assert wire.read_small_files([a, str(c)], 1025) == [a.read_bytes(), c.read_bytes()]  # PathLike
+    assert wire.read_small_files((), 10) == []
+
+
+def test_read_small_files_stops_at_the_limit(wire: ModuleType, tmp_path: Path) -> None:
+    a, big = tmp_path / "a", tmp_path / "big"
+    a.write_bytes(b"x" * 99)
+    big.write_bytes(b"y" * 100)
+    assert wire.read_small_files([str(a), str(big), str(a)], 100) == [b"x" * 99]
+    assert wire.read_small_files([str(a), str(big)], 101) == [b"x" * 99, b"y" * 100]
+    assert wire.read_small_files([str(a)], 0) == []
+
+
+def test_read_small_files_stops_at_what_is_not_a_small_file(
+    wire: ModuleType, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    a.write_bytes(b"hello")
+    link, fifo, folder = tmp_path / "link", tmp_path / "fifo", tmp_path / "dir"
+    link.symlink_to(a)
+    os.mkfifo(fifo)  # must not hang: opened non-blocking, then refused
+    folder.mkdir()
+    for stop in (link, fifo, folder, tmp_path / "gone", f"{a}\0x", ""):
+        assert wire.read_small_files([str(a), str(stop), str(a)], 100) == [b"hello"], stop
+
+
+def test_read_small_files_reads_what_fstat_reports(wire: ModuleType) -> None:
+    # /proc files are regular files of size 0 with content: one read of "all" of it.
+    assert wire.read_small_files(["/proc/self/status"], 100) == [b""]
+
+
+@pytest.mark.parametrize("paths", [[b"/etc/hostname"], "abc", [1], [None]])
+def test_read_small_files_refuses_paths_that_are_not_str(wire: ModuleType, paths: object) -> None:
+    with pytest.raises(TypeError):
+        wire.read_small_files(paths, 10)
+
+
+@pytest.mark.parametrize("limit", [-1, 1 << 64])
+def test_read_small_files_limit_out_of_range(wire: ModuleType, limit: int) -> None:
+    with pytest.raises(OverflowError):
+        wire.read_small_files([], limit)
+
+
+def test_read_small_files_twin_faults(twin: ModuleType, tmp_path: Path) -> None:
+    """Injected faults (the twin only: the extension's system calls cannot be mocked)."""
+    a = tmp_path / "a"
+    a.write_bytes(b"0123456789")
+    real_fstat, real_read = os.fstat, os.read
+
+    def shrunk_fstat(fd: int) -> os.stat_result:  # the file grew after fstat
+        st = list(real_fstat(fd))
+        st[6] = 5  # st_size
+        return os.stat_result(st)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fstat", shrunk_fstat)
+        assert twin.read_small_files([str(a)], 100) == []
+    with pytest.MonkeyPatch.context() as mp:  # short reads are read on to the end
+        mp.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 3)))
+        assert twin.read_small_files([str(a), str(a)], 100) == [b"0123456789"] * 2
+
+    def failing_read(fd: int, n: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "read", failing_read)
+        assert twin.read_small_files([str(a)], 100) == []
+
+
+def test_read_small_files_closes_every_descriptor(wire: ModuleType, tmp_path: Path) -> None:
+    a, big = tmp_path / "a", tmp_path / "big"
+    a.write_bytes(b"0123456789")
+    big.write_bytes(b"x" * 100)
+    before = len(os.listdir("/proc/self/fd"))
+    assert wire.read_small_files([str(a)] * 50 + [str(big)], 100) == [b"0123456789"] * 50
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -478,6 +478,35 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     await box.aclose()
 
 
+async def test_read_ahead_stops_at_a_file_that_is_not_a_message(
+    alice: Path, backend_factory: BackendMaker, tmp_path: Path
+) -> None:
+    """A message swapped for a symlink (or removed) after the snapshot: the read-ahead
+    stops before it, never reads through it, and the messages after it are read later."""
+    bodies = [b"Subject: %d\n\nbody %d\n" % (n, n) for n in range(5)]
+    for n, body in enumerate(bodies):
+        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: 2\n\nSECRET!\n")  # same size as message 2
+    box = await backend_factory().open_mailbox("alice")
+    assert isinstance(box, MaildirMailbox)
+    swapped = next((alice / "cur").glob("1700000002.*"))
+    swapped.unlink()
+    swapped.symlink_to(secret)
+    gone = next((alice / "cur").glob("1700000004.*"))
+    assert await _fetch(box, 0) == bodies[0]
+    assert sorted(box._ahead or {}) == [1]
+    gone.unlink()  # after the read-ahead from 0; 3 is read on its own, 4 is gone
+    assert await _fetch(box, 1) == bodies[1]
+    with pytest.raises(NoSuchMessage):
+        await _fetch(box, 2)
+    assert await _fetch(box, 3) == bodies[3]
+    assert sorted(box._ahead or {}) == []
+    with pytest.raises(NoSuchMessage):
+        await _fetch(box, 4)
+    await box.aclose()
+
+
 async def test_read_ahead_expires(
     alice: Path, backend_factory: BackendMaker, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -35,7 +35,7 @@ from pypop.errors import (
     TemporaryFailure,
     UpdateFailed,
 )
-from pypop.wire import stuff, wire_size
+from pypop.wire import read_small_files, stuff, wire_size
 
 from pypop_maildir import _store
 from pypop_maildir._config import (
@@ -544,29 +544,20 @@ class MaildirMailbox(SnapshotMailbox):
         os.close(fd)
         if first > BLOCK_SIZE:
             return None, block, {}  # a large message: nothing to read ahead
-        ahead: dict[int, bytes] = {}
+        paths = []
         budget = READ_AHEAD_OCTETS - len(block)
-        entries = self._entries
-        for j in range(index + 1, min(len(entries), index + 1 + READ_AHEAD_MESSAGES)):
+        maildir = self.maildir
+        for j in range(index + 1, min(len(self._entries), index + 1 + READ_AHEAD_MESSAGES)):
             entry = self._entry(j)
             # The POP3 size is never below the file size (line ends only grow).
             if entry.size >= BLOCK_SIZE or entry.size > budget:
                 break
-            try:
-                fd = _store.open_message(entry.path(self.maildir))
-            except (OSError, _store.NotAMessage):
-                break
-            try:
-                data = _store.read_message(fd, BLOCK_SIZE)
-            except OSError:
-                break
-            finally:
-                os.close(fd)
-            if len(data) == BLOCK_SIZE:  # grew since the snapshot
-                break
-            ahead[j] = data
-            budget -= len(data)
-        return None, block, ahead
+            paths.append(entry.path(maildir))
+            budget -= entry.size
+        # One call for all of them (the GIL released once, not per system call); it
+        # stops at the first that is gone, not a regular file, or grew past a block.
+        contents = read_small_files(paths, BLOCK_SIZE) if paths else []
+        return None, block, dict(enumerate(contents, index + 1))
 
     # -- on the event loop --
 
