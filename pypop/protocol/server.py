@@ -494,8 +494,46 @@ class ServerConnection:
 
     def _dispatch(self, cmd: Command) -> Event | None:
         match cmd:
-            case Capa():
-                self._multiline(Text.CAPA, self.capabilities())
+            # Class patterns are tried in order, one isinstance each: the commands of
+            # a mail download first (a RETR was the twentieth).
+            case Retr(msg=msg):
+                if (i := self._index(msg)) is not None:
+                    if self._quick is not None and self._answer_quick(i, None):
+                        return None
+                    return Retrieve(i, self._sizes[i], None)
+            case Top(msg=msg, lines=n):
+                if (i := self._index(msg)) is not None:
+                    if self._quick is not None and self._answer_quick(i, n):
+                        return None
+                    return Retrieve(i, self._sizes[i], n)
+            case Stat():
+                self._ok(f"{self._count} {self._octets}")
+            case List(msg=None):
+                self._ok(Text.SCAN_LISTING, count=self._count, octets=self._octets)
+                self._listing = (self._sizes, 0)
+            case List(msg=int(msg)):
+                if (i := self._index(msg)) is not None:
+                    self._ok(f"{msg} {self._sizes[i]}")
+            case Uidl(msg=None):
+                self._ok()
+                self._listing = (self._uids, 0)
+            case Uidl(msg=int(msg)):
+                if (i := self._index(msg)) is not None:
+                    self._ok(f"{msg} {self._uids[i]}")
+            case Dele(msg=msg):
+                if 1 <= msg <= len(self._deleted) and self._deleted[msg - 1]:
+                    self._err(Text.ALREADY_DELETED)
+                elif (i := self._index(msg)) is not None:
+                    self._deleted[i] = 1
+                    self._count -= 1
+                    self._octets -= self._sizes[i]
+                    self._ok(Text.MARKED)
+            case Noop():
+                self._ok()
+            case Rset():
+                self._deleted = bytearray(len(self._sizes))
+                self._count, self._octets = len(self._sizes), sum(self._sizes)
+                self._ok(Text.MAILDROP, count=self._count, octets=self._octets)
             case Quit():
                 if self.state is State.TRANSACTION:
                     self.state = State.UPDATE
@@ -516,6 +554,8 @@ class ServerConnection:
                     self._err(Text.NO_USERNAME)
                 else:
                     return PasswordLogin(user, password)
+            case Capa():
+                self._multiline(Text.CAPA, self.capabilities())
             case Apop(name=name, digest=digest):
                 if self.apop_timestamp is None:
                     self._err(Text.APOP_UNAVAILABLE)
@@ -558,44 +598,6 @@ class ServerConnection:
                     self.language = chosen
                     self._select_texts()
                     self._ok(f"{chosen.tag} {self._text(Text.LANG_CHANGED)}")
-            case Noop():
-                self._ok()
-            case Stat():
-                self._ok(f"{self._count} {self._octets}")
-            case List(msg=None):
-                self._ok(Text.SCAN_LISTING, count=self._count, octets=self._octets)
-                self._listing = (self._sizes, 0)
-            case List(msg=int(msg)):
-                if (i := self._index(msg)) is not None:
-                    self._ok(f"{msg} {self._sizes[i]}")
-            case Uidl(msg=None):
-                self._ok()
-                self._listing = (self._uids, 0)
-            case Uidl(msg=int(msg)):
-                if (i := self._index(msg)) is not None:
-                    self._ok(f"{msg} {self._uids[i]}")
-            case Dele(msg=msg):
-                if 1 <= msg <= len(self._deleted) and self._deleted[msg - 1]:
-                    self._err(Text.ALREADY_DELETED)
-                elif (i := self._index(msg)) is not None:
-                    self._deleted[i] = 1
-                    self._count -= 1
-                    self._octets -= self._sizes[i]
-                    self._ok(Text.MARKED)
-            case Rset():
-                self._deleted = bytearray(len(self._sizes))
-                self._count, self._octets = len(self._sizes), sum(self._sizes)
-                self._ok(Text.MAILDROP, count=self._count, octets=self._octets)
-            case Retr(msg=msg):
-                if (i := self._index(msg)) is not None:
-                    if self._quick is not None and self._answer_quick(i, None):
-                        return None
-                    return Retrieve(i, self._sizes[i], None)
-            case Top(msg=msg, lines=n):
-                if (i := self._index(msg)) is not None:
-                    if self._quick is not None and self._answer_quick(i, n):
-                        return None
-                    return Retrieve(i, self._sizes[i], n)
         return None
 
     def _answer_quick(self, i: int, top_lines: int | None) -> bool:
