@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use std::cell::RefCell;
 use std::fs::OpenOptions;
-use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -499,20 +499,27 @@ fn read_small_file(path: &Path, limit: usize) -> Option<Vec<u8>> {
     if size >= limit {
         return None;
     }
-    let mut buf = vec![0u8; size + 1];
-    let mut got = 0;
-    while got < size {
-        match (&file).read(&mut buf[got..]) {
+    // Read into uninitialised capacity: zeroing it first (vec![0; n]) cost more
+    // instructions than the rest of the call.
+    let mut buf: Vec<u8> = Vec::with_capacity(size + 1);
+    let fd = file.as_raw_fd();
+    while buf.len() < size {
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `spare.len()` octets owned by `buf`; the
+        // kernel writes at most that many, and only the `n` it reports are kept.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        match usize::try_from(n) {
             Ok(0) => break, // shorter than fstat said: what is there
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // SAFETY: the kernel initialised these `n` octets (n <= spare.len()).
+            Ok(n) => unsafe { buf.set_len(buf.len() + n) },
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
+            }
             Err(_) => return None,
         }
     }
-    if got > size {
+    if buf.len() > size {
         return None; // grew since fstat
     }
-    buf.truncate(got);
     Some(buf)
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -104,8 +105,11 @@ def parse_options(options: Mapping[str, object]) -> MaildirConfig:
     return config
 
 
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
 def _unsafe_char(value: str) -> bool:
-    return any(c in "/\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    return _UNSAFE.search(value) is not None
 
 
 def expand_template(template: str, user: str) -> str:
