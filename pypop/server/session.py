@@ -793,16 +793,14 @@ class Session:
         assert self.mailbox is not None
         mailbox, self.mailbox = self.mailbox, None
         failed = False
-        expired: list[int] = []
-        # Shielded: once UPDATE starts it finishes, even during shutdown.
-        with trio.CancelScope(shield=True):
+        # One scope (a login's QUIT enters it): shielded, since once UPDATE starts it
+        # finishes, even during shutdown; and UPDATE's own time limit.
+        with trio.CancelScope(
+            shield=True, deadline=self.ctx.now() + self.ctx.update_timeout
+        ) as limit:
             try:
-                # trio.fail_after without its context-manager wrapper (a login's QUIT).
-                with trio.CancelScope(deadline=self.ctx.now() + self.ctx.update_timeout) as limit:
-                    expired = await self._expired(mailbox, deleted)
-                    await mailbox.commit(tuple(sorted((*deleted, *expired))))
-                if limit.cancelled_caught:
-                    raise trio.TooSlowError
+                expired = await self._expired(mailbox, deleted)
+                await mailbox.commit(tuple(sorted((*deleted, *expired))))
                 self.deleted = len(deleted)
                 if expired:
                     expire_log.info(
@@ -812,21 +810,41 @@ class Session:
                         self._expire_days(),
                     )
             except Exception as exc:
-                metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
-                # The backend's own report is one line with its cause (the client gets
-                # only [SYS/TEMP]); anything else is a bug, with its traceback.
-                if isinstance(exc, UpdateFailed | TemporaryFailure | PermanentFailure):
-                    log.warning("UPDATE for %s failed: %s", self.user, describe(exc))
-                else:
-                    log.exception("backend failed in UPDATE for %s", self.user)
                 failed = True
+                self._update_failed(exc)
             finally:
-                try:
-                    await mailbox.aclose()
-                except Exception:
-                    log.exception("backend failed to release %s's maildrop", self.user)
-                self._let_go()
+                await self._release(mailbox, past_limit=limit.cancel_called)
+        if limit.cancelled_caught:
+            failed = True
+            self._update_failed(trio.TooSlowError())
         return self.conn.update_finished(failed)
+
+    def _update_failed(self, exc: Exception) -> None:
+        metrics.BACKEND_ERRORS.labels(type(exc).__name__).inc()
+        # The backend's own report is one line with its cause (the client gets only
+        # [SYS/TEMP]); anything else is a bug, with its traceback.
+        if isinstance(exc, UpdateFailed | TemporaryFailure | PermanentFailure):
+            log.warning("UPDATE for %s failed: %s", self.user, describe(exc))
+        elif isinstance(exc, trio.TooSlowError):
+            log.error(
+                "backend failed in UPDATE for %s: no end within %g s",
+                self.user,
+                self.ctx.update_timeout,
+            )
+        else:
+            log.error("backend failed in UPDATE for %s", self.user, exc_info=exc)
+
+    async def _release(self, mailbox: Mailbox, *, past_limit: bool) -> None:
+        """The maildrop lock goes, after UPDATE's time limit too."""
+        try:
+            if past_limit:  # our scope is cancelled: the release needs its own
+                with trio.CancelScope(shield=True):
+                    await mailbox.aclose()
+            else:
+                await mailbox.aclose()
+        except Exception:
+            log.exception("backend failed to release %s's maildrop", self.user)
+        self._let_go()
 
     def _let_go(self) -> None:
         """Our maildrop lock is released: wake a login waiting for it."""
