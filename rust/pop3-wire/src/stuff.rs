@@ -122,6 +122,7 @@ fn skip_verbatim_blocks_any(data: &[u8], mut i: usize) -> usize {
 }
 
 /// Octets per step of [`lf_lines_avx2`].
+#[cfg(target_arch = "x86_64")]
 const LANE: usize = 32;
 
 /// Maildir mail (LF line ends, no CR) without a line loop: from `data[i..]`, each LF
@@ -137,6 +138,8 @@ fn lf_lines(data: &[u8], i: usize, at_line_start: bool, out: &mut Vec<u8>) -> (u
         // SAFETY: this CPU has AVX2 (checked just above, cached by std).
         return unsafe { lf_lines_avx2(data, i, at_line_start, out) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, out); // the line loop does it all here
     (i, at_line_start)
 }
 
