@@ -195,6 +195,38 @@ async def test_update_that_hangs_ends_with_sys_temp(
     assert any("backend failed in UPDATE for alice" in r.getMessage() for r in caplog.records)
 
 
+class SlowBox(FailingBox):
+    """UPDATE takes most of its time limit, then the release takes longer than is left
+    (an unshielded await, as a third-party backend's may be)."""
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        await trio.sleep(0.5)
+
+    async def aclose(self) -> None:
+        await trio.sleep(0.8)
+        await self.real.aclose()
+
+
+class Slow(Failing):
+    async def open_mailbox(self, user: str) -> Mailbox:
+        return SlowBox(await self.real.open_mailbox(user), self.fault)
+
+
+async def test_release_is_not_cut_by_updates_time_limit(
+    start_server: ServerStarter, memory_backend: MemoryBackend
+) -> None:
+    """UPDATE's time limit bounds the commit, not the release after it: the maildrop
+    is let go, and the next login gets it."""
+    server = await start_server(backend=Slow(memory_backend, RuntimeError("unused")))
+    server.context.update_timeout = 1.0
+    with trio.fail_after(10):
+        out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nQUIT\r\n")
+    assert out.split(b"\r\n")[3].startswith(b"+OK"), out
+    with trio.fail_after(10):
+        again = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nSTAT\r\n")
+    assert again.split(b"\r\n")[3].startswith(b"+OK 3 "), again
+
+
 async def test_tls_handshake_failures(start_server: ServerStarter, tmp_path: Path) -> None:
     chain, key = write_cert(trustme.CA(), tmp_path)
     server = await start_server(

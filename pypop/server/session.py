@@ -813,6 +813,7 @@ class Session:
                 failed = True
                 self._update_failed(exc)
             finally:
+                limit.deadline = math.inf  # the limit bounds UPDATE, not the release
                 await self._release(mailbox, past_limit=limit.cancel_called)
         if limit.cancelled_caught:
             failed = True
