@@ -93,3 +93,60 @@ def test_random_sessions_never_break_the_engine(
     assert statuses[0] == b"+OK POP3 server ready <1.2@host>"
     assert all(len(ln) + 2 <= 512 for ln in statuses)
     assert conn.state in set(State)
+
+
+# ---- parse_command's quick path agrees with the general parser -----------------------
+
+_VERBS = [b"RETR", b"retr", b"Retr", b"DELE", b"dele", b"TOP", b"top", b"tOp", b"RETRX", b"TOPS"]
+_PARTS = [
+    b"",
+    b" ",
+    b"  ",
+    b"1",
+    b"0",
+    b"007",
+    b"12345678901234567890",
+    b"-1",
+    b"+1",
+    b"x",
+    b"1\r",
+    b"\x00",
+    b"\xd9\xa3",  # an Arabic-Indic digit (str.isdigit says yes; bytes must not)
+    b"\xef\xbc\x91",  # a fullwidth digit
+    b"\t1",
+    b"1.0",
+]
+
+
+def test_quick_path_matches_the_general_parser_exhaustively() -> None:
+    from pypop.protocol.commands import _parse, parse_command
+
+    seen_quick = 0
+    for verb in _VERBS:
+        for a in _PARTS:
+            for b in _PARTS:
+                for c in _PARTS:
+                    line = verb + a + b + c
+                    got, want = parse_command(line), _parse(line)
+                    assert got == want, line
+                    assert type(got) is type(want), line
+                    seen_quick += not hasattr(got, "text")
+    assert seen_quick > 100  # the valid shapes were among them
+
+
+@settings(max_examples=EXAMPLES * 3, deadline=None)
+@given(
+    st.sampled_from([b"RETR", b"DELE", b"TOP", b"retr", b"dele", b"top", b"RETR ", b"TOP "]),
+    st.lists(
+        st.one_of(
+            st.sampled_from([b" ", b"1", b"9", b"0", b"\r", b"\x00", b"-", b"\xd9\xa3"]),
+            st.binary(max_size=4),
+        ),
+        max_size=8,
+    ).map(b"".join),
+)
+def test_quick_path_matches_the_general_parser(verb: bytes, rest: bytes) -> None:
+    from pypop.protocol.commands import _parse, parse_command
+
+    line = verb + rest
+    assert parse_command(line) == _parse(line)
