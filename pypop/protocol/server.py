@@ -609,7 +609,7 @@ class ServerConnection:
             wire = self._quick(i, top_lines)
         except Exception:
             return False
-        if wire is None or (not wire.isascii() and self.refuse_8bit_headers and not self.utf8):
+        if wire is None or (self.refuse_8bit_headers and not self.utf8 and not wire.isascii()):
             return False
         line = self._header_line(self._sizes[i], top_lines)
         self._out.append(line)
