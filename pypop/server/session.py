@@ -350,7 +350,10 @@ class Session:
                 replied = await self._flush()
                 if self._line_deadline != math.inf or conn.partial_line:
                     self._watch_line()
-                self._touch()
+                if not replied:
+                    # (A reply touched it before its send, after the command: §3's
+                    # timer runs from the last command, so that suffices.)
+                    self._touch()
                 # Read here, not in a helper coroutine: one frame less per idle
                 # session, one coroutine less per command.
                 data: bytes | bytearray = b""  # b"": end of input
