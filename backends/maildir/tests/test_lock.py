@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 import trio
 from pypop.backend import MailboxLocked
 
-from pypop_maildir import create
-from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME
+from pypop_maildir import _lock, create
+from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME, LOCAL_FS_TYPES, HeldLock, fs_type
+
+from .test_hostile_maildir import lock_state_elsewhere
 
 METHODS = ["auto", "dotlock", "fcntl"]
 
@@ -226,3 +229,76 @@ def test_live_local_pid_is_respected(alice: Path, root: Path, method: str) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+# ------------------------------------------- where the release runs (a thread or not)
+
+
+def test_fs_type_names_local_and_other_file_systems(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        here = fs_type(fd)
+    finally:
+        os.close(fd)
+    if sys.platform.startswith("linux"):
+        assert here is not None
+    proc = os.open("/proc/self", os.O_RDONLY) if os.path.isdir("/proc/self") else None
+    if proc is not None:
+        try:
+            assert fs_type(proc) not in LOCAL_FS_TYPES  # procfs: not a disk's
+        finally:
+            os.close(proc)
+    bad = os.open(root, os.O_RDONLY)
+    os.close(bad)
+    assert fs_type(bad) is None  # a closed descriptor: unknown, never "local"
+
+
+def _record_release_threads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Spy: for each HeldLock.release, whether it ran on the event loop's thread."""
+    on_loop: list[bool] = []
+    real = HeldLock.release
+
+    def spy(self: HeldLock) -> None:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        real(self)
+
+    monkeypatch.setattr(HeldLock, "release", spy)
+    return on_loop
+
+
+@pytest.mark.parametrize(("method", "quick"), [("auto", True), ("fcntl", True), ("dotlock", False)])
+async def test_release_of_an_fcntl_lock_on_a_local_file_system_needs_no_thread(
+    alice: Path, root: Path, monkeypatch: pytest.MonkeyPatch, method: str, quick: bool
+) -> None:
+    """An fcntl lock on a local file system goes with one close() on the event loop
+    (cheaper than a thread hop); a dotlock's release (an unlink) still goes to a
+    worker thread. Either way the maildrop is free for another process at once."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        if fs_type(fd) not in LOCAL_FS_TYPES:
+            pytest.skip("the test directory is not on a local file system pypop knows")
+    finally:
+        os.close(fd)
+    on_loop = _record_release_threads(monkeypatch)
+    backend = create({"root": str(root), "lock": method})
+    mb = await backend.open_mailbox("alice")
+    assert await trio.to_thread.run_sync(lock_state_elsewhere, root, method) == "locked"
+    await mb.aclose()
+    assert on_loop == [quick]
+    assert await trio.to_thread.run_sync(lock_state_elsewhere, root, method) == "free"
+    again = await backend.open_mailbox("alice")  # and for this process too
+    await again.aclose()
+
+
+async def test_release_elsewhere_goes_to_a_worker_thread(
+    alice: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the lock file's file system says NFS (a close() there is an
+    RPC that may hang): the release leaves the event loop."""
+    monkeypatch.setattr(_lock, "fs_type", lambda fd: 0x6969)  # NFS_SUPER_MAGIC
+    on_loop = _record_release_threads(monkeypatch)
+    backend = create({"root": str(root), "lock": "auto"})
+    mb = await backend.open_mailbox("alice")
+    await mb.aclose()
+    assert on_loop == [False]
+    assert await trio.to_thread.run_sync(lock_state_elsewhere, root, "auto") == "free"

@@ -709,7 +709,11 @@ class MaildirMailbox(SnapshotMailbox):
     async def release(self) -> None:
         lock = self._lock
         try:
-            if not lock.released:
+            if lock.quick_release and not lock.released:
+                # An fcntl lock on a local file system: one close(), which waits for
+                # no disk and no network, costs less than the thread hop.
+                lock.release()
+            elif not lock.released:
                 # Outside this session's thread bound: its own stuck calls must not
                 # keep the lock. If even this does not finish, forget the lock here so
                 # this process can take the maildir again (our pid in a dotlock that

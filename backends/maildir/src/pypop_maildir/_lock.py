@@ -1,6 +1,8 @@
 """The exclusive maildrop lock (RFC 1939 §4), across threads, processes and hosts.
 
-All functions here block; the backend calls them in a worker thread.
+All functions here block; the backend calls them in a worker thread, except
+:meth:`HeldLock.release` of a lock whose :attr:`~HeldLock.quick_release` is set (an
+``fcntl`` lock on a local file system: one ``close()``).
 
 Methods
 -------
@@ -47,14 +49,17 @@ alone would not, and a probe of one's own ``fcntl`` lock would release it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import socket
 import stat
+import sys
 import threading
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Final, Literal
 
 __all__ = ["DOTLOCK_NAME", "FLOCK_NAME", "HeldLock", "LockBusy", "acquire"]
 
@@ -63,6 +68,25 @@ FLOCK_NAME = "pypop-pop3.flock"
 _REFRESH_EVERY = 60.0
 # symlink() refused: the file system has no symbolic links (a plain file then).
 _NO_SYMLINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+# File systems (statfs f_type, <linux/magic.h>) where closing a file never waits for a
+# disk or a network: releasing an fcntl lock there is one close() that drops an
+# in-memory lock, cheaper than a thread hop, so it runs on the event loop. Anything
+# else (NFS, CIFS, FUSE, cluster file systems whose locks go through a lock manager)
+# is released in a worker thread.
+LOCAL_FS_TYPES: Final = frozenset(
+    {
+        0xEF53,  # ext2, ext3, ext4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0x01021994,  # tmpfs
+        0x858458F6,  # ramfs
+        0xF2F52010,  # f2fs
+        0x2FC12FC2,  # zfs
+        0xCA451A4E,  # bcachefs
+        0x794C7630,  # overlayfs
+    }
+)
 
 _registry_guard = threading.Lock()
 _held: set[int] = set()  # (st_dev << 64) | st_ino of each maildir this process holds
@@ -90,7 +114,16 @@ def _lockf_nb(fd: int) -> bool:
 class HeldLock:
     """A held lock; :meth:`release` is idempotent."""
 
-    __slots__ = ("_fd", "_ino", "_key", "_last_refresh", "_released", "method", "path")
+    __slots__ = (
+        "_fd",
+        "_ino",
+        "_key",
+        "_last_refresh",
+        "_released",
+        "method",
+        "path",
+        "quick_release",
+    )
 
     def __init__(
         self,
@@ -107,6 +140,9 @@ class HeldLock:
         self._ino = ino  # our dotlock's (st_dev, st_ino); None: no dotlock
         self._last_refresh = time.monotonic()
         self._released = False
+        # release() is a close() on a local file system: the caller need not leave the
+        # event loop for it (no dotlock to unlink, no lock manager to ask).
+        self.quick_release = ino is None and fd is not None and fs_type(fd) in LOCAL_FS_TYPES
 
     @property
     def released(self) -> bool:
@@ -150,6 +186,34 @@ class HeldLock:
         running in some thread removes only its own dotlock (same inode)."""
         with _registry_guard:
             _held.discard(self._key)
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs begins with f_type (a long, __fsword_t) on every Linux ABI; the
+    # rest is room for the fields after it (120 octets on x86-64).
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+_fstatfs: Callable[[int, ctypes._Pointer[_Statfs]], int] | None = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(None)
+        _fstatfs = _libc.fstatfs
+        _fstatfs.argtypes = (ctypes.c_int, ctypes.POINTER(_Statfs))
+        _fstatfs.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _fstatfs = None
+
+
+def fs_type(fd: int) -> int | None:
+    """The file system type of ``fd`` (Linux ``statfs`` magic number), None if
+    unknown (another platform, or the call failed)."""
+    if _fstatfs is None:
+        return None
+    buf = _Statfs()
+    if _fstatfs(fd, ctypes.pointer(buf)) != 0:
+        return None
+    return int(buf.f_type) & 0xFFFFFFFF  # a negative long on 32-bit ABIs
 
 
 def acquire(
