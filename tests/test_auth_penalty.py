@@ -196,3 +196,52 @@ async def test_per_client_limiter_counts(autojump_clock: trio.testing.MockClock)
     assert peak == 2
     assert len(limiter) == 0
     assert limiter.active("203.0.113.5") == 0
+
+
+async def test_per_client_limiter_hands_slots_over_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Waiters get a released slot in the order they came; a waiter cancelled while
+    it waits takes no slot with it; a free slot is taken without a schedule point."""
+    limiter = PerClientLimiter(per_client=1)
+    ip = "198.51.100.9"
+    order: list[str] = []
+
+    async def attempt(name: str, hold: float) -> None:
+        async with limiter.slot(ip):
+            order.append(name)
+            await trio.sleep(hold)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attempt, "first", 1)
+        await trio.sleep(0.1)
+        nursery.start_soon(attempt, "second", 1)
+        await trio.sleep(0.1)
+        cancelled = trio.CancelScope()
+
+        async def impatient() -> None:
+            with cancelled:
+                await attempt("impatient", 1)
+
+        nursery.start_soon(impatient)
+        await trio.sleep(0.1)
+        nursery.start_soon(attempt, "third", 1)
+        await trio.sleep(0.1)
+        assert limiter.active(ip) == 4
+        cancelled.cancel()  # leaves the queue without a slot
+        await trio.sleep(0.1)
+        assert limiter.active(ip) == 3
+    assert order == ["first", "second", "third"]
+    assert len(limiter) == 0
+
+    # A free slot: no other task runs while it is taken.
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        async with limiter.slot(ip):
+            assert ran == []
+    assert ran == ["other"]

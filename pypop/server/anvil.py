@@ -87,16 +87,33 @@ class LocalLimits:
     def close(self, peer: Peer) -> None:
         self.connections.release(peer.key)
 
-    @contextlib.asynccontextmanager
-    async def auth(self, ip: str, *, delay: bool = True) -> AsyncIterator[float]:
-        async with self.per_client.slot(ip):
-            yield self.penalty.delay(ip) if delay else 0.0
+    def auth(self, ip: str, *, delay: bool = True) -> AbstractAsyncContextManager[float]:
+        return _LocalAuth(self, ip, delay)
 
     async def failure(self, ip: str, user: str | None, secret: bytes | str | None) -> float:
         return self.penalty.record_failure(ip, user, secret)
 
     def success(self, ip: str) -> None:
         self.penalty.record_success(ip)
+
+
+class _LocalAuth:
+    """:meth:`LocalLimits.auth` (a class, not a generator: it runs on every login)."""
+
+    __slots__ = ("_delay", "_ip", "_limits", "_slot")
+
+    def __init__(self, limits: LocalLimits, ip: str, delay: bool) -> None:
+        self._limits = limits
+        self._ip = ip
+        self._delay = delay
+        self._slot = limits.per_client.slot(ip)
+
+    async def __aenter__(self) -> float:
+        await self._slot.__aenter__()
+        return self._limits.penalty.delay(self._ip) if self._delay else 0.0
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._slot.__aexit__(*exc)
 
 
 # ---- the socket: non-blocking writes with a backlog, line reads ----------------------------
