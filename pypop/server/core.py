@@ -512,7 +512,7 @@ def _describe_listeners(plain: list[Listener], tls: list[Listener]) -> str:
 
 async def _close(stream: trio.abc.Stream) -> None:
     if isinstance(stream, SocketStream):
-        await stream.aclose()  # plain TCP: closing cannot block
+        stream.close()  # plain TCP: closing cannot block (and the session task ends)
         return
     # RFC 8314 §3.2: TLS ends with close_notify; give it a moment, then cut.
     with trio.move_on_after(2) as cs:

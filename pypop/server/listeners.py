@@ -212,15 +212,20 @@ class SocketStream(trio.abc.HalfCloseableStream):
             raise _error(self.socket, exc) from exc
 
     async def aclose(self) -> None:
-        await _close_socket(self.socket)
+        self.close()
+        await checkpoint()
+
+    def close(self) -> None:
+        """:meth:`aclose` without its checkpoint, for a task that ends right after
+        (a scheduler round trip less per session)."""
+        _close_socket(self.socket)
 
 
-async def _close_socket(sock: socket.socket) -> None:
+def _close_socket(sock: socket.socket) -> None:
     # Wake any task waiting on the descriptor before it can be reused.
     if sock.fileno() != -1:
         notify_closing(sock)
         sock.close()
-    await checkpoint()
 
 
 def _error(
@@ -310,7 +315,8 @@ class Listener(trio.abc.AsyncResource):
             notify_closing(self._epoll)
             self._epoll.close()
             self._epoll = None
-        await _close_socket(self.socket)
+        _close_socket(self.socket)
+        await checkpoint()
 
 
 def is_transient(exc: OSError) -> bool:
