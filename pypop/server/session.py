@@ -205,8 +205,7 @@ class Session:
         # says so; loopback never leaves the host.
         return tls or self.loopback or self.ctx.allow_plaintext
 
-    def _sasl_context(self) -> SaslContext:
-        binding: bytes | None = None
+    def _channel_binding(self) -> bytes | None:
         if (
             self.tls
             and isinstance(self.stream, trio.SSLStream)
@@ -215,18 +214,24 @@ class Session:
             # tls-unique is defined up to TLS 1.2 only (RFC 9266 §3: MUST NOT be used
             # with TLS 1.3, whose tls-exporter the ssl module cannot produce): TLS 1.3
             # gets no -PLUS. (Python returns a Finished message for 1.3 as well.)
-            binding = self.stream.get_channel_binding("tls-unique")
-        store: CredentialStore = self.ctx.store
+            binding: bytes | None = self.stream.get_channel_binding("tls-unique")
+            return binding
+        return None
+
+    def _sasl_store(self) -> CredentialStore:
+        return self.ctx.store if self._passthrough is None else self._passthrough
+
+    def _sasl_context(self) -> SaslContext:
+        store = self._sasl_store()
         verifier = self.ctx.token_verifier
         if self._passthrough is not None:
-            store = self._passthrough
             verifier = self._passthrough if self._passthrough.bearer else None
         return SaslContext(
             store=store,
             hostname=self.ctx.hostname,
             tls_active=self.tls,
             token_verifier=verifier,
-            channel_binding=binding,
+            channel_binding=self._channel_binding(),
             hash_limiter=self.ctx.hash_limiter,
             salt_key=self.ctx.salt_key,
             gssapi=self.ctx.gssapi,
@@ -234,15 +239,16 @@ class Session:
 
     def _update_mechanisms(self) -> None:
         """Tell the protocol which SASL mechanisms CAPA and AUTH may offer now."""
-        ctx = self._sasl_context()
         plain = self.conn.plaintext_allowed
+        binding = self._channel_binding()
         # The answer depends on nothing per-connection but these three facts and
         # what the store holds (a reload may change it), so sessions share it (it is
-        # computed on every accept otherwise).
-        schemes = getattr(ctx.store, "stored_schemes", None)
-        key = (self.tls, plain, ctx.channel_binding is not None, schemes)
+        # computed on every accept otherwise, and the context only when it is).
+        schemes = getattr(self._sasl_store(), "stored_schemes", None)
+        key = (self.tls, plain, binding is not None, schemes)
         cached = self.ctx.mechanism_cache.get(key)
         if cached is None:
+            ctx = self._sasl_context()
             enabled = self.ctx.mechanisms
             usable = available_mechanisms(ctx, enabled, allow_plaintext=plain)
             everything = available_mechanisms(
