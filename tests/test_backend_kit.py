@@ -294,3 +294,49 @@ async def test_snapshot_mailbox_commit_and_close() -> None:
     dropped = _Box()
     await dropped.aclose()
     assert (dropped.updates, dropped.releases) == ([], 1)
+
+
+class _SlowBox(_Box):
+    """A release that waits (a network round trip)."""
+
+    async def release(self) -> None:
+        await trio.sleep(0.5)
+        self.releases += 1
+
+
+class _QuickBox(_Box):
+    """A release that needs no waiting, given up by release_now."""
+
+    def release_now(self) -> bool:
+        self.releases += 1
+        return True
+
+    async def release(self) -> None:  # never called: release_now did it
+        raise AssertionError("release() after release_now()")
+
+
+async def test_release_runs_once_even_when_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """aclose() in a cancelled scope: a release that waits is shielded and finishes;
+    one that needs no waiting (release_now) is done without a scope; either way
+    exactly once, and the default release_now does nothing for a box with a
+    release() of its own."""
+    assert not _Box().release_now()
+    for box in (_SlowBox(), _QuickBox()):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await box.aclose()
+        assert box.releases == 1, box
+        await box.aclose()
+        assert box.releases == 1
+    with trio.move_on_after(0.1):  # UPDATE's time limit passes during the release
+        slow = _SlowBox()
+        await slow.commit([0])
+    assert (slow.updates, slow.releases) == ([[0]], 1)
+
+    class _Nothing(SnapshotMailbox):  # no lock: nothing to release, no scope
+        async def update(self, deleted: Sequence[int]) -> None:
+            pass
+
+    assert _Nothing([]).release_now()

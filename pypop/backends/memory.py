@@ -118,7 +118,11 @@ class MemoryMailbox(SnapshotMailbox):
         self._backend._views.pop(self._user, None)
 
     async def release(self) -> None:
-        self._backend._locks.release(self._user)
+        self.release_now()
+
+    def release_now(self) -> bool:
+        self._backend._locks.release(self._user)  # a set in memory: no waiting
+        return True
 
 
 class MemoryBackend:

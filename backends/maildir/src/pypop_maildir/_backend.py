@@ -706,14 +706,25 @@ class MaildirMailbox(SnapshotMailbox):
         if not synced:
             raise UpdateFailed("removals could not be made durable (fsync failed)")
 
+    def release_now(self) -> bool:
+        """pypop.backend_kit.SnapshotMailbox: an fcntl lock on a local file system is
+        one close(), which waits for no disk and no network (cheaper than the thread
+        hop); so is a lock that UPDATE's thread hop released already."""
+        lock = self._lock
+        if not (lock.released or lock.quick_release):
+            return False
+        try:
+            lock.release()  # (nothing if released already)
+        finally:
+            self._backend.locks.release(self.maildir)
+        return True
+
     async def release(self) -> None:
+        if self.release_now():
+            return
         lock = self._lock
         try:
-            if lock.quick_release and not lock.released:
-                # An fcntl lock on a local file system: one close(), which waits for
-                # no disk and no network, costs less than the thread hop.
-                lock.release()
-            elif not lock.released:
+            if not lock.released:
                 # Outside this session's thread bound: its own stuck calls must not
                 # keep the lock. If even this does not finish, forget the lock here so
                 # this process can take the maildir again (our pid in a dotlock that
