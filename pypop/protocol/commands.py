@@ -262,7 +262,7 @@ def parse_command(line: bytes) -> Command | ParseError:
     # The commands of a mail download in their plain shape (one space, digits only)
     # first: a few C calls where the general path below makes a dozen and two Python
     # calls. Anything else, trailing spaces included, takes the general path, which
-    # gives the same answer for these lines (tests/test_protocol.py checks).
+    # gives the same answer for these lines (tests/test_protocol_fuzz.py checks).
     head = line[:5].upper()
     if head == b"RETR " or head == b"DELE ":
         arg = line[5:]

@@ -462,8 +462,9 @@ class Session:
         return await self._open(method, user)
 
     async def _penalty(self, wait: float) -> None:
-        # No penalty, no checkpoint: entering the per-client slot (guard.auth) was one
-        # already, and a second costs a scheduler round trip per login.
+        # No penalty, no checkpoint: a login yields where it waits (a busy client's
+        # slot, the store, the backend), and a schedule point more costs a scheduler
+        # round trip per login.
         if wait > 0:
             metrics.PENALTIES.inc()
             metrics.PENALTY_SECONDS.inc(wait)
