@@ -95,20 +95,6 @@ def test_a_session_batch_adds_what_observe_adds() -> None:
     assert ("h_bucket", {"le": "0.001"}, 8.0) in samples(one)
 
 
-class Failing:
-    """alice's messages cannot be read, and UPDATE fails (injected faults)."""
-
-    def __init__(self, real: MemoryBackend, fault: BaseException) -> None:
-        self.real = real
-        self.fault = fault
-
-    async def open_mailbox(self, user: str) -> Mailbox:
-        return FailingBox(await self.real.open_mailbox(user), self.fault)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
-
-
 class FailingBox:
     def __init__(self, real: Mailbox, fault: BaseException) -> None:
         self.real = real
@@ -125,6 +111,22 @@ class FailingBox:
 
     async def commit(self, deleted: Sequence[int]) -> None:
         raise UpdateFailed("unlink failed: Read-only file system: /srv/mail/alice/cur/1")
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+class Failing:
+    """alice's messages cannot be read, and UPDATE fails (injected faults)."""
+
+    box: type[FailingBox] = FailingBox  # the mailbox wrapper; subclasses swap it
+
+    def __init__(self, real: MemoryBackend, fault: BaseException) -> None:
+        self.real = real
+        self.fault = fault
+
+    async def open_mailbox(self, user: str) -> Mailbox:
+        return self.box(await self.real.open_mailbox(user), self.fault)
 
     async def aclose(self) -> None:
         await self.real.aclose()
@@ -170,8 +172,7 @@ class HangingBox(FailingBox):
 
 
 class Hanging(Failing):
-    async def open_mailbox(self, user: str) -> Mailbox:
-        return HangingBox(await self.real.open_mailbox(user), self.fault)
+    box = HangingBox
 
 
 async def test_update_that_hangs_ends_with_sys_temp(
@@ -208,8 +209,7 @@ class SlowBox(FailingBox):
 
 
 class Slow(Failing):
-    async def open_mailbox(self, user: str) -> Mailbox:
-        return SlowBox(await self.real.open_mailbox(user), self.fault)
+    box = SlowBox
 
 
 async def test_release_is_not_cut_by_updates_time_limit(
@@ -284,8 +284,7 @@ class WireRaisingBox(FailingBox):
 
 
 class WireRaising(Failing):
-    async def open_mailbox(self, user: str) -> Mailbox:
-        return WireRaisingBox(await self.real.open_mailbox(user), self.fault)
+    box = WireRaisingBox
 
 
 async def test_a_failing_wire_cache_falls_back_to_retrieve(
