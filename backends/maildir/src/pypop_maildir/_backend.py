@@ -722,17 +722,16 @@ class MaildirMailbox(SnapshotMailbox):
     async def release(self) -> None:
         if self.release_now():
             return
-        lock = self._lock
+        lock = self._lock  # held, and not releasable without waiting
         try:
-            if not lock.released:
-                # Outside this session's thread bound: its own stuck calls must not
-                # keep the lock. If even this does not finish, forget the lock here so
-                # this process can take the maildir again (our pid in a dotlock that
-                # our registry does not list reads as stale).
-                try:
-                    await self._backend.threads.run(lock.release)
-                except TemporaryFailure:
-                    lock.forget()
-                    log.warning("lock release of %s timed out: left to its thread", self.maildir)
+            # Outside this session's thread bound: its own stuck calls must not keep
+            # the lock. If even this does not finish, forget the lock here so this
+            # process can take the maildir again (our pid in a dotlock that our
+            # registry does not list reads as stale).
+            try:
+                await self._backend.threads.run(lock.release)
+            except TemporaryFailure:
+                lock.forget()
+                log.warning("lock release of %s timed out: left to its thread", self.maildir)
         finally:
             self._backend.locks.release(self.maildir)
