@@ -36,6 +36,8 @@ from pypop.protocol.replies import (
 )
 from pypop.protocol.server import ServerConnection
 
+from .strategies import octets
+
 
 def events(conn: ClientConnection) -> list[object]:
     out: list[object] = []
@@ -271,7 +273,7 @@ def test_encode_refuses_what_the_grammar_refuses() -> None:
 @given(
     chunks=st.lists(
         st.one_of(
-            st.lists(st.integers(0, 255), max_size=80).map(bytes),  # st.binary trips -bb
+            octets(max_size=80),
             st.sampled_from(
                 [
                     b"+OK\r\n",

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pypop.protocol import ProtocolConfig, ServerConnection, State
 
+from .strategies import octets
 from .test_protocol import Driver
 
 EXAMPLES = 300 * int(os.environ.get("PYPOP_WIRE_EXAMPLES", "1"))
@@ -140,7 +141,7 @@ def test_quick_path_matches_the_general_parser_exhaustively() -> None:
     st.lists(
         st.one_of(
             st.sampled_from([b" ", b"1", b"9", b"0", b"\r", b"\x00", b"-", b"\xd9\xa3"]),
-            st.binary(max_size=4),
+            octets(max_size=4),
         ),
         max_size=8,
     ).map(b"".join),

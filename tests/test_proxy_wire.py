@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from .strategies import octets
+
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
@@ -52,12 +54,6 @@ def ssl_tlv(client: int = 0x01) -> bytes:
 
 
 IP = ipaddress.ip_address
-
-
-def octets(min_size: int = 0, max_size: int = 100) -> st.SearchStrategy[bytes]:
-    """st.binary, drawn as integers: hypothesis caches draws by value, and under
-    ``python -bb`` comparing a cached b"" with a cached 0 (equal hashes) warns."""
-    return st.lists(st.integers(0, 255), min_size=min_size, max_size=max_size).map(bytes)
 
 
 # ---- v1 ------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from pypop.server import Server
 from pypop.server.listeners import Peer
 from pypop.server.session import Session
 
+from .strategies import octets
+
 EXAMPLES = 120 * int(os.environ.get("PYPOP_WIRE_EXAMPLES", "1"))
 MECHANISMS = ["SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5", "OAUTHBEARER", "XOAUTH2"]
 USERS = {"alice": "{PLAIN}wonderland"}
@@ -51,7 +53,7 @@ def text(draw: st.DrawFn, sizes: st.SearchStrategy[int] = lengths) -> bytes:
         return b"x" * n
     if kind == "printable":
         return (PRINTABLE * (n // len(PRINTABLE) + 1))[:n]
-    return (draw(st.binary(min_size=1, max_size=64)) * (n // 1 + 1))[:n]
+    return (draw(octets(min_size=1, max_size=64)) * (n // 1 + 1))[:n]
 
 
 names = st.sampled_from([1, 2, 5, 254, 255, 256])

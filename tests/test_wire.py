@@ -25,6 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .strategies import octets as binary
+
 RUST = "pypop._wire"
 TWIN = "pypop._wire_py"
 
@@ -858,13 +860,6 @@ def test_make_challenge_good_host(wire: ModuleType, host: str) -> None:
 # --------------------------------------------------------------------------------------
 # hypothesis: models, round trips, chunking
 # --------------------------------------------------------------------------------------
-
-
-def binary(max_size: int) -> st.SearchStrategy[bytes]:
-    """Like ``st.binary``, but drawn as integers: hypothesis compares its cached choice
-    sequences, and a ``bytes`` choice meeting an ``int`` one raises BytesWarning under
-    ``python -bb`` (our test setting)."""
-    return st.lists(st.integers(0, 255), max_size=max_size).map(bytes)
 
 
 _PIECES = st.sampled_from(
