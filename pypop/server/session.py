@@ -737,9 +737,14 @@ class Session:
                     conn.send_raw(stuffer.feed(block))
                     if stuffer.done:
                         break
-                    if conn.pending_output >= FLUSH_AT:
-                        await self._flush()
+                    # The next block before the flush, so that the last block's output
+                    # leaves with the terminator (one send and one wake-up of the client
+                    # less per large message). The raw block is let go first: at most
+                    # the queued output and one raw block are held, as before.
+                    block = None
                     block = held.pop(0) if held else await anext(blocks, None)
+                    if block is not None and conn.pending_output >= FLUSH_AT:
+                        await self._flush()
             except _SessionEnd:
                 raise
             except Exception as exc:

@@ -20,9 +20,12 @@ from pypop.auth import MemoryCredentialStore
 from pypop.backend import Backend
 from pypop.config import ServerConfig
 from pypop.server import Server, serve
+from pypop.server.listeners import SocketStream
 from pypop.testing import BackendConformance, expected_retr, expected_size
+from pypop.wire import stuff
 
 from pypop_maildir import create
+from pypop_maildir._backend import LARGE_BLOCK
 
 from .conftest import HARD_CASES, deliver, make_maildir
 
@@ -106,6 +109,53 @@ async def test_poplib_hard_cases_and_5mib(alice: Path, root: Path) -> None:
         # RETR delivers the size, plus the CRLF added to a last line without one
         assert len(want) - sizes[i] == (2 if key in ("just-dot", "no-final-newline") else 0), key
     assert len({u.split()[1] for u in uidls}) == len(messages)
+
+
+async def test_large_message_leaves_with_its_terminator(
+    alice: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message is sent in one write per block read, the last of them with the
+    terminator: no write of the terminator alone after a large message."""
+    lines = b"".join(b"%06d a line of a large message, LF line ends\n" % i for i in range(40_000))
+    one_block = (b"Subject: one block\n\n" + lines)[:LARGE_BLOCK]
+    three_blocks = b"Subject: three blocks\n\n" + lines + lines[: LARGE_BLOCK // 2]
+    assert LARGE_BLOCK * 2 < len(three_blocks) < LARGE_BLOCK * 3
+    deliver(alice, unique_name() + ".one", one_block)
+    deliver(alice, unique_name() + ".three", three_blocks)
+    writes: list[bytes] = []
+    send_many = SocketStream.send_many
+
+    async def recording(stream: SocketStream, chunks: list[bytes]) -> None:
+        writes.append(b"".join(chunks))
+        await send_many(stream, chunks)
+
+    monkeypatch.setattr(SocketStream, "send_many", recording)
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def session() -> None:
+            pop = poplib.POP3(host, port, timeout=60)
+            try:
+                pop.user("alice")
+                pop.pass_(PASSWORD)
+                pop.retr(1)
+                pop.retr(2)
+                pop.quit()
+            finally:
+                pop.close()
+
+        await trio.to_thread.run_sync(session)
+
+    def head(message: bytes) -> bytes:
+        return b"+OK %d octets\r\n" % expected_size(message)
+
+    first = next(i for i, w in enumerate(writes) if w.startswith(head(one_block)))
+    for message, count in ((one_block, 1), (three_blocks, 3)):
+        sent = writes[first : first + count]
+        assert b"".join(sent) == head(message) + stuff(message)
+        assert all(len(w) > len(b".\r\n") for w in sent)
+        first += count
+    assert writes[first:] == [b"+OK Logging out\r\n"]
 
 
 def _free_port() -> int:
