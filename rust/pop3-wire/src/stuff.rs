@@ -129,47 +129,35 @@ const LANE: usize = 32;
 /// that spreads the 8 octets over up to 16 with a CR (octet 8 of the source) in front
 /// of each LF; 0x80 (a zero) after them. Made at compile time (4 KiB).
 #[cfg(target_arch = "x86_64")]
-static CR_BEFORE: [[u8; 16]; 256] = {
-    let mut t = [[0x80u8; 16]; 256];
-    let mut m = 0;
-    while m < 256 {
-        let mut o = 0;
-        let mut j = 0;
-        while j < 8 {
-            if m & (1 << j) != 0 {
-                t[m][o] = 8;
-                o += 1;
-            }
-            t[m][o] = j as u8;
-            o += 1;
-            j += 1;
-        }
-        m += 1;
-    }
-    t
-};
+static CR_BEFORE: [[u8; 16]; 256] = spreading_tables(Some(8)).0;
 
 /// For each set of octets to double among 8 (bit j: octet j gets a copy in front of
 /// it): the `pshufb` control that spreads the 8 octets over up to 16 that way
 /// (`DOUBLE`), and 0xFF where an output octet is such a copy (`COPIES`). Made at compile
 /// time (4 KiB each).
 #[cfg(target_arch = "x86_64")]
-static DOUBLE: [[u8; 16]; 256] = doubling_tables().0;
+static DOUBLE: [[u8; 16]; 256] = spreading_tables(None).0;
 #[cfg(target_arch = "x86_64")]
-static COPIES: [[u8; 16]; 256] = doubling_tables().1;
+static COPIES: [[u8; 16]; 256] = spreading_tables(None).1;
 
+/// The `pshufb` controls that put an octet in front of each octet j whose bit is set
+/// in the index (source octet `insert`, or octet j itself if None), and where those
+/// inserted octets land.
 #[cfg(target_arch = "x86_64")]
-const fn doubling_tables() -> ([[u8; 16]; 256], [[u8; 16]; 256]) {
+const fn spreading_tables(insert: Option<u8>) -> ([[u8; 16]; 256], [[u8; 16]; 256]) {
     let mut control = [[0x80u8; 16]; 256];
-    let mut copies = [[0u8; 16]; 256];
+    let mut inserted = [[0u8; 16]; 256];
     let mut m = 0;
     while m < 256 {
         let mut o = 0;
         let mut j = 0;
         while j < 8 {
             if m & (1 << j) != 0 {
-                control[m][o] = j as u8;
-                copies[m][o] = 0xff;
+                control[m][o] = match insert {
+                    Some(from) => from,
+                    None => j as u8,
+                };
+                inserted[m][o] = 0xff;
                 o += 1;
             }
             control[m][o] = j as u8;
@@ -178,7 +166,7 @@ const fn doubling_tables() -> ([[u8; 16]; 256], [[u8; 16]; 256]) {
         }
         m += 1;
     }
-    (control, copies)
+    (control, inserted)
 }
 
 /// Stores the four spread quarters (`$a`'s lanes, then `$b`'s) one after another from
