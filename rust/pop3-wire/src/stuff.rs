@@ -250,8 +250,9 @@ unsafe fn lf_lines_avx2(
     let src = data.as_ptr();
     let start = out.len();
     // SAFETY (for every access below): loads read `src + i .. src + i + 32` with
-    // i + 32 <= len, and the 16-octet rows of CR_BEFORE; stores land below
-    // `steps * 64 + 16` octets from `dst`, the capacity reserved above.
+    // i + 32 <= len, and 16-octet rows of CR_BEFORE, DOUBLE and COPIES (indexes below
+    // 256); stores land below `steps * 64 + 16` octets from `dst`, the capacity
+    // reserved above.
     let dst = unsafe { out.as_mut_ptr().add(start) };
     let mut o = 0usize;
     let lf = _mm256_set1_epi8(b'\n' as i8);
@@ -310,7 +311,7 @@ unsafe fn lf_lines_avx2(
         i += LANE;
     }
     // SAFETY: the `o` octets after `start` were all written (each by the store of its
-    // quarter, or octet by octet; a later store rewrote only octets past them).
+    // quarter; a later store rewrote only octets past them).
     unsafe { out.set_len(start + o) };
     (i, after_lf != 0)
 }
