@@ -44,6 +44,7 @@ from pypop.server.logins import MaildropHolders
 from pypop.server.passthrough import NO_STORE
 from pypop.server.proxy import ProxyHeaderError, TrustedProxies, read_header
 from pypop.server.session import Session, SessionContext
+from pypop.server.tls import TLSStream
 
 __all__ = ["Server", "TLSConfigError", "make_ssl_context", "serve"]
 
@@ -384,7 +385,7 @@ class Server:
                 if implicit_tls:
                     # Read once per connection: reload_tls() may swap it.
                     assert self.ssl_context is not None
-                    tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    tls = TLSStream(stream, self.ssl_context)
                     s = tls
                     # RFC 8314 §3.3: the handshake comes first, then the greeting.
                     try:

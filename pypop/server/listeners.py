@@ -14,8 +14,8 @@ dominate a login. This module does the same job with stdlib sockets and
   every ``YIELD_EVERY``-th one yields anyway, so a client that keeps its socket busy
   cannot starve the other sessions, and cancellation is always noticed at the start
   of an operation (``checkpoint_if_cancelled``);
-- a stream is a slotted object over one socket; TLS wraps it with ``trio.SSLStream``
-  like any other stream.
+- a stream is a slotted object over one socket; TLS takes the socket over
+  (:mod:`pypop.server.tls`).
 
 Errors follow trio's stream contract: ``BrokenResourceError`` for a failed socket,
 ``ClosedResourceError`` for one we closed.
@@ -43,7 +43,7 @@ from trio.lowlevel import (
 
 from pypop.auth.penalty import client_key
 
-__all__ = ["Listener", "Peer", "SocketStream", "is_transient", "open_listeners"]
+__all__ = ["Listener", "Peer", "SocketStream", "close_socket", "is_transient", "open_listeners"]
 
 RECV_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
@@ -218,10 +218,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
     def close(self) -> None:
         """:meth:`aclose` without its checkpoint, for a task that ends right after
         (a scheduler round trip less per session)."""
-        _close_socket(self.socket)
+        close_socket(self.socket)
 
 
-def _close_socket(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
     # Wake any task waiting on the descriptor before it can be reused.
     if sock.fileno() != -1:
         notify_closing(sock)
@@ -315,7 +315,7 @@ class Listener(trio.abc.AsyncResource):
             notify_closing(self._epoll)
             self._epoll.close()
             self._epoll = None
-        _close_socket(self.socket)
+        close_socket(self.socket)
         await checkpoint()
 
 

@@ -71,6 +71,7 @@ from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Peer, SocketStream
 from pypop.server.logins import Hold, MaildropHolders, describe, log_failed_login
 from pypop.server.passthrough import Passthrough
+from pypop.server.tls import TLSStream
 from pypop.wire import DotStuffer, make_challenge
 
 if TYPE_CHECKING:
@@ -192,6 +193,7 @@ class Session:
         # Plain TCP gets the gathered write and the wait-first read; TLS does not.
         # (The stream itself, not its bound methods: two objects less per session.)
         self._plain: SocketStream | None = stream if isinstance(stream, SocketStream) else None
+        self._tls: TLSStream | None = stream if isinstance(stream, TLSStream) else None
         self._wire: Callable[[int, int | None], bytes | None] | None = None
         # A self-authenticating backend checks logins (pypop.server.passthrough).
         self._passthrough: Passthrough | None = None
@@ -208,7 +210,7 @@ class Session:
     def _channel_binding(self) -> bytes | None:
         if (
             self.tls
-            and isinstance(self.stream, trio.SSLStream)
+            and isinstance(self.stream, TLSStream)
             and self.stream.version() in ("TLSv1.2", "TLSv1.1", "TLSv1")
         ):
             # tls-unique is defined up to TLS 1.2 only (RFC 9266 §3: MUST NOT be used
@@ -279,9 +281,11 @@ class Session:
             return False
         self._touch()
         try:
+            # A large message leaves without being joined to its +OK line (a copy).
             if self._plain is not None:
-                # A gathered write: a large message leaves without being copied.
                 await self._plain.send_many(conn.take_output())
+            elif self._tls is not None:
+                await self._tls.send_many(conn.take_output())
             else:
                 await self.stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -658,20 +662,24 @@ class Session:
 
     async def _start_tls(self) -> None:
         ctx = self.ctx.ssl_context
-        if ctx is None:  # the grammar only lets STLS through when it is configured
+        plain = self._plain
+        # The grammar only lets STLS through when it is configured; TLS takes over a
+        # socket (a session on another kind of stream cannot start it).
+        if ctx is None or plain is None:
             self.conn.reply_err(Text.STLS_UNAVAILABLE)
             return
         self.conn.start_tls()
         await self._flush()
-        tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
+        tls_stream = TLSStream(plain, ctx)
+        # The TLS stream owns the socket from here on: it is the one to close.
+        self.stream = self._tls = tls_stream
+        self._plain = None
         try:
             with trio.fail_after(60):
                 await tls_stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             metrics.TLS_FAILURES.labels("stls").inc()
             raise _SessionEnd("TLS handshake failed") from exc
-        self.stream = tls_stream
-        self._plain = None
         self.tls = True
         self.conn.plaintext_allowed = self._plaintext_allowed(True)
         self._update_mechanisms()
