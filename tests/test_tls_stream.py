@@ -121,10 +121,12 @@ async def test_send_many_joins_small_chunks_and_writes_large_ones_alone(
 ) -> None:
     tls, client = await handshake(pair, server_ctx, client_ctx)
     writes: list[bytes] = []
+    corked: list[int] = []  # TCP_CORK at each write
     real_write = ssl.SSLSocket.write
 
     def spy(self: ssl.SSLSocket, data: Any) -> int:
         writes.append(data)
+        corked.append(self.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
         return real_write(self, data)
 
     monkeypatch.setattr(ssl.SSLSocket, "write", spy)
@@ -137,7 +139,23 @@ async def test_send_many_joins_small_chunks_and_writes_large_ones_alone(
     assert writes == [b"+OK\r\n", big, b"\r\n.\r\n+OK 2\r\n", edge, b"z" * (WRITE_ALONE - 1)]
     assert writes[1] is big  # written as given, not copied
     assert writes[3] is edge
+    # The records of a large reply leave corked (full segments); the socket is
+    # uncorked after it, and small replies are never corked.
+    assert corked == [1, 1, 1, 1, 1]
+    assert tls_cork(tls) == 0
+    small = [b"+OK 1 2\r\n", b"+OK\r\n"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tls.send_many, small)
+        assert await read_exactly(client, 14) == b"+OK 1 2\r\n+OK\r\n"
+    assert writes[-1] == b"+OK 1 2\r\n+OK\r\n"
+    assert corked[-1] == 0
     await tls.aclose()
+
+
+def tls_cork(tls: TLSStream) -> int:
+    sock = tls._sock  # (the socket the stream took over)
+    assert sock is not None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
 
 
 async def test_close_notify_reads_as_the_end(
@@ -204,8 +222,9 @@ async def test_a_send_cancelled_midway_breaks_the_stream(
     pair.ours.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     tls, client = await handshake(pair, server_ctx, client_ctx)
     with trio.move_on_after(0.5) as cs:
-        await tls.send_all(b"x" * (16 << 20))  # the client reads nothing
+        await tls.send_many([b"+OK\r\n", b"x" * (16 << 20)])  # the client reads nothing
     assert cs.cancelled_caught
+    assert tls_cork(tls) == 0  # uncorked however the write ended
     # Part of the write may have gone out: nothing may follow it (OpenSSL would carry
     # on with a new buffer as long as the first from where the first stopped).
     with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):

@@ -5,7 +5,9 @@ into a BIO, out of it into a ``bytes``, and then into the kernel, each step a Py
 call. Here the descriptor is handed to an ``ssl.SSLSocket`` in non-blocking mode:
 ``write`` encrypts a whole reply straight into the socket (one C call, the GIL let
 go), ``read`` decrypts what the kernel holds, and the stream waits for readiness with
-``trio.lowlevel`` as :class:`~pypop.server.listeners.SocketStream` does.
+``trio.lowlevel`` as :class:`~pypop.server.listeners.SocketStream` does. A large
+reply is written corked (``TCP_CORK``), so that its 16 KiB records leave in full
+segments.
 
 The stream contract is trio's: ``BrokenResourceError`` for a failed connection or a
 TLS error, ``ClosedResourceError`` for a stream we closed, ``b""`` at the end of
@@ -35,6 +37,7 @@ __all__ = ["TLSStream"]
 # A chunk at least this long is written without being joined to its neighbours: a
 # copy of it costs more than the extra record and system call.
 WRITE_ALONE: Final = 64 * 1024
+_CORK: Final[int | None] = getattr(socket, "TCP_CORK", None)  # Linux
 
 
 class TLSStream(trio.abc.Stream):
@@ -156,16 +159,36 @@ class TLSStream(trio.abc.Stream):
         small ones are joined (one record, one system call), a large one is written
         on its own (OpenSSL cuts it into records anyway)."""
         small: list[bytes] = []
-        for chunk in chunks:
-            if len(chunk) < WRITE_ALONE:
-                small.append(chunk)
-                continue
+        corked = False
+        try:
+            for chunk in chunks:
+                if len(chunk) < WRITE_ALONE:
+                    small.append(chunk)
+                    continue
+                if not corked and _CORK is not None:
+                    # OpenSSL writes each 16 KiB record on its own and TCP_NODELAY
+                    # sends each at once, ending in a short segment: corked, the
+                    # records leave in full segments (and wake the peer less often).
+                    corked = self._cork(1)
+                if small:
+                    await self.send_all(small[0] if len(small) == 1 else b"".join(small))
+                    small.clear()
+                await self.send_all(chunk)
             if small:
                 await self.send_all(small[0] if len(small) == 1 else b"".join(small))
-                small.clear()
-            await self.send_all(chunk)
-        if small:
-            await self.send_all(small[0] if len(small) == 1 else b"".join(small))
+        finally:
+            if corked:
+                self._cork(0)
+
+    def _cork(self, on: int) -> bool:
+        sock = self._sock
+        if sock is None or _CORK is None:
+            return False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _CORK, on)
+        except OSError:
+            return False  # closed, or not TCP
+        return True
 
     def _failed(
         self, sock: ssl.SSLSocket, exc: Exception
