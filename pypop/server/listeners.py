@@ -43,7 +43,15 @@ from trio.lowlevel import (
 
 from pypop.auth.penalty import client_key
 
-__all__ = ["Listener", "Peer", "SocketStream", "close_socket", "is_transient", "open_listeners"]
+__all__ = [
+    "Fair",
+    "Listener",
+    "Peer",
+    "SocketStream",
+    "close_socket",
+    "is_transient",
+    "open_listeners",
+]
 
 RECV_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
@@ -96,23 +104,32 @@ class Peer:
         return self.host
 
 
-class SocketStream(trio.abc.HalfCloseableStream):
+class Fair:
+    """For a stream whose operations complete without waiting when they can: every
+    ``YIELD_EVERY``-th such one yields, so one busy peer cannot monopolise the event
+    loop (SocketStream, and pypop.server.tls.TLSStream)."""
+
+    __slots__ = ("_budget",)
+
+    def __init__(self) -> None:
+        self._budget = YIELD_EVERY
+
+    async def _fair(self) -> None:
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = YIELD_EVERY
+            await cancel_shielded_checkpoint()
+
+
+class SocketStream(Fair, trio.abc.HalfCloseableStream):
     """A connected TCP socket as a trio stream."""
 
-    __slots__ = ("_budget", "socket")
+    __slots__ = ("socket",)
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.socket = sock
         self._budget = YIELD_EVERY
-
-    async def _fair(self) -> None:
-        # Completed without waiting: yield now and then so one busy peer cannot
-        # monopolise the event loop.
-        self._budget -= 1
-        if self._budget <= 0:
-            self._budget = YIELD_EVERY
-            await cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await checkpoint_if_cancelled()

@@ -23,14 +23,13 @@ from typing import Final
 
 import trio
 from trio.lowlevel import (
-    cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
     wait_readable,
     wait_writable,
 )
 
-from pypop.server.listeners import RECV_SIZE, YIELD_EVERY, SocketStream, close_socket
+from pypop.server.listeners import RECV_SIZE, YIELD_EVERY, Fair, SocketStream, close_socket
 
 __all__ = ["TLSStream"]
 
@@ -40,7 +39,7 @@ WRITE_ALONE: Final = 64 * 1024
 _CORK: Final[int | None] = getattr(socket, "TCP_CORK", None)  # Linux
 
 
-class TLSStream(trio.abc.Stream):
+class TLSStream(Fair, trio.abc.Stream):
     """The server side of TLS over a connected :class:`SocketStream`.
 
     ``do_handshake`` takes the socket over (the plain stream is left detached, and
@@ -48,7 +47,7 @@ class TLSStream(trio.abc.Stream):
     octet of the session ever travels in clear by mistake.
     """
 
-    __slots__ = ("_broken", "_budget", "_context", "_plain", "_sock")
+    __slots__ = ("_broken", "_context", "_plain", "_sock")
 
     def __init__(self, stream: SocketStream, context: ssl.SSLContext) -> None:
         self._plain: SocketStream | None = stream
@@ -100,13 +99,6 @@ class TLSStream(trio.abc.Stream):
             except BaseException:
                 self._broken = True  # a handshake left half done cannot go on
                 raise
-
-    async def _fair(self) -> None:
-        # As SocketStream: an operation that completes at once yields now and then.
-        self._budget -= 1
-        if self._budget <= 0:
-            self._budget = YIELD_EVERY
-            await cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await checkpoint_if_cancelled()
