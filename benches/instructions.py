@@ -8,11 +8,15 @@ each phase with ``callgrind_control``:
 
 - ``login``: USER, PASS, STAT, QUIT (the suite's login scenario);
 - ``retr``: log in, STAT, RETR every message one at a time, QUIT;
-- ``pipelined``: log in, STAT, every RETR in one write, QUIT.
+- ``pipelined``: log in, STAT, every RETR in one write, QUIT;
+- ``tls-login`` and ``tls-retr``: ``login`` and ``retr`` on the implicit-TLS port
+  (a full handshake per session, no resumption; ``--no-tls`` leaves them out).
 
 Each phase runs ``--sessions`` sessions over users that were all opened once before
 (the warm-up), as in the suite. Per RETR = (instructions per retr session - per login
-session) / messages; the same for pipelined. Every reply is checked (+OK, the
+session) / messages; the same for pipelined, and per TLS RETR from the two TLS
+phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, not
+AVX-512, so its code paths may differ from the machine's). Every reply is checked (+OK, the
 terminator, the unstuffed length = the LIST size).
 
 ``--check FILE`` compares with a committed baseline (benches/instructions-baseline.json)
@@ -29,6 +33,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benches.fixtures import Fixture, UserSet
-from benches.servers import REPO, free_port
+from benches.servers import REPO, free_port, make_cert
 
 __all__ = ["main", "measure"]
 
@@ -52,8 +57,10 @@ class ScriptError(RuntimeError):
 class Client:
     """A blocking POP3 client that checks every reply it reads."""
 
-    def __init__(self, port: int, timeout: float) -> None:
+    def __init__(self, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         self.status()
 
@@ -92,9 +99,16 @@ class Client:
         self.sock.close()
 
 
-def session(port: int, user: str, password: str, kind: str, timeout: float) -> int:
+def session(
+    port: int,
+    user: str,
+    password: str,
+    kind: str,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """One scripted session; returns the number of messages retrieved."""
-    c = Client(port, timeout)
+    c = Client(port, timeout, tls)
     try:
         c.command(b"USER " + user.encode())
         c.command(b"PASS " + password.encode())
@@ -206,61 +220,112 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
 
 
 def measure(
-    backend: str, *, users: int, messages: int, sessions: int, work: Path
+    backend: str, *, users: int, messages: int, sessions: int, work: Path, tls: bool = True
 ) -> dict[str, Any]:
-    """Instructions per login, per RETR and per pipelined RETR for one backend."""
+    """Instructions per login, per RETR and per pipelined RETR for one backend (and per
+    TLS login and TLS RETR with ``tls``, from a second server that listens on TLS
+    too: the plain figures stay those of a server without TLS)."""
     fx = Fixture(work / "fixture", [UserSet("small", "user", users, messages, 4096)])
     fx.build(["pypop"])
     creds = [line.split("\t") for line in fx.users_file("small").read_text().splitlines()]
-    port = free_port()
     if backend == "memory":
         section = f'name = "memory"\nseed = "{fx.eml}"\n'
     else:
         section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
         section += os.environ.get("PYPOP_INSTR_EXTRA", "")
-    conf = work / f"{backend}.toml"
-    conf.write_text(
-        # One process: callgrind follows the server it starts, not worker children.
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
-        f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
-        f"[backend]\n{section}"
-    )
-    out_dir = work / f"cg-{backend}"
-    out_dir.mkdir()
-    server = Callgrind(
-        [sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
-        out_dir,
-        work / f"{backend}.log",
-    )
-    timeout = 120.0
-    try:
-        _wait_port(port, server.proc, 300)
-        server.instrument()
-        for user, password in creds:  # warm-up: every mailbox opened and read once
-            session(port, user, password, "retr", timeout)
-        # Maildir folders changed by the warm-up (Seen flags) settle before the
-        # listing cache trusts them, then every mailbox is opened once more: the
-        # phases measure the steady state, as the suite's 10-second runs mostly do.
-        time.sleep(2.5)
-        for user, password in creds:
-            session(port, user, password, "login", timeout)
-        result: dict[str, Any] = {"backend": backend, "messages": messages, "sessions": sessions}
-        per_session: dict[str, float] = {}
-        for kind in ("login", "retr", "pipelined"):
-            server.zero()
-            got = 0
-            for k in range(sessions):
-                user, password = creds[k % len(creds)]
-                got += session(port, user, password, kind, timeout)
-            if got != (0 if kind == "login" else sessions * messages):
-                raise ScriptError(f"{kind}: retrieved {got} messages")
-            per_session[kind] = server.dump(kind) / sessions
-        result["login"] = round(per_session["login"])
-        for kind in ("retr", "pipelined"):
-            result[kind] = round((per_session[kind] - per_session["login"]) / messages)
-        return result
-    finally:
-        server.stop()
+    run = _Run(backend, fx.passwd, section, creds, messages, sessions, work)
+    per_session = run.phases(("login", "retr", "pipelined"), None)
+    if tls:
+        ca, cert, key = make_cert(work / "cert")
+        per_session |= run.phases(
+            ("tls-login", "tls-retr"), (ssl.create_default_context(cafile=str(ca)), cert, key)
+        )
+    result: dict[str, Any] = {"backend": backend, "messages": messages, "sessions": sessions}
+    for login, kinds in (("login", ("retr", "pipelined")), ("tls-login", ("tls-retr",))):
+        if login in per_session:
+            result[login] = round(per_session[login])
+            for kind in kinds:
+                result[kind] = round((per_session[kind] - per_session[login]) / messages)
+    return result
+
+
+class _Run:
+    """Phases of scripted sessions against one backend, each server under callgrind."""
+
+    def __init__(
+        self,
+        backend: str,
+        passwd: Path,
+        section: str,
+        creds: list[list[str]],
+        messages: int,
+        sessions: int,
+        work: Path,
+    ) -> None:
+        self.backend = backend
+        self.passwd = passwd
+        self.section = section
+        self.creds = creds
+        self.messages = messages
+        self.sessions = sessions
+        self.work = work
+
+    def phases(
+        self, phases: tuple[str, ...], tls: tuple[ssl.SSLContext, Path, Path] | None
+    ) -> dict[str, float]:
+        """Instructions per session of each phase (``tls-`` phases on the TLS port)."""
+        port = free_port()
+        tls_port = free_port() if tls is not None else None
+        ctx: ssl.SSLContext | None = None
+        server_tls = section = ""
+        name = self.backend
+        if tls is not None:
+            ctx, cert, key = tls
+            server_tls = f'listen_tls = ["127.0.0.1:{tls_port}"]\n'
+            section = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+            name += "-tls"
+        conf = self.work / f"{name}.toml"
+        conf.write_text(
+            # One process: callgrind follows the server it starts, not worker children.
+            f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
+            f"{server_tls}"
+            f'[auth]\npasswd_file = "{self.passwd}"\nallow_plaintext = true\n'
+            f"[backend]\n{self.section}{section}"
+        )
+        out_dir = self.work / f"cg-{name}"
+        out_dir.mkdir()
+        server = Callgrind(
+            [sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
+            out_dir,
+            self.work / f"{name}.log",
+        )
+        timeout = 120.0
+        where = port if tls_port is None else tls_port
+        try:
+            _wait_port(port, server.proc, 300)
+            server.instrument()
+            for user, password in self.creds:  # warm-up: every mailbox opened and read once
+                session(where, user, password, "retr", timeout, ctx)
+            # Maildir folders changed by the warm-up (Seen flags) settle before the
+            # listing cache trusts them, then every mailbox is opened once more: the
+            # phases measure the steady state, as the suite's 10-second runs mostly do.
+            time.sleep(2.5)
+            for user, password in self.creds:
+                session(where, user, password, "login", timeout, ctx)
+            per_session: dict[str, float] = {}
+            for phase in phases:
+                kind = phase.removeprefix("tls-")
+                server.zero()
+                got = 0
+                for k in range(self.sessions):
+                    user, password = self.creds[k % len(self.creds)]
+                    got += session(where, user, password, kind, timeout, ctx)
+                if got != (0 if kind == "login" else self.sessions * self.messages):
+                    raise ScriptError(f"{phase}: retrieved {got} messages")
+                per_session[phase] = server.dump(phase) / self.sessions
+            return per_session
+        finally:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.15)
     p.add_argument("--write", type=Path, nargs="?", const=BASELINE, metavar="BASELINE")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--no-tls", action="store_true", help="leave out the TLS phases")
     p.add_argument(
         "--keep",
         type=Path,
@@ -300,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                     messages=args.messages,
                     sessions=args.sessions,
                     work=work,
+                    tls=not args.no_tls,
                 )
             except (ScriptError, OSError, subprocess.SubprocessError) as exc:
                 print(f"benches.instructions: {backend}: {exc}", file=sys.stderr)
@@ -307,9 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             r["wall_s"] = round(time.monotonic() - t0, 1)
             results[backend] = r
     print(f"instructions on the server (callgrind, user space; commit {commit or '?'})")
-    print(f"{'backend':<10} {'per login':>12} {'per RETR':>12} {'per pipelined RETR':>20}")
+    head = f"{'backend':<10} {'per login':>12} {'per RETR':>12} {'per pipelined RETR':>20}"
+    print(head + ("" if args.no_tls else f" {'per TLS login':>14} {'per TLS RETR':>13}"))
     for name, r in results.items():
-        print(f"{name:<10} {r['login']:>12,} {r['retr']:>12,} {r['pipelined']:>20,}")
+        row = f"{name:<10} {r['login']:>12,} {r['retr']:>12,} {r['pipelined']:>20,}"
+        if "tls-login" in r:
+            row += f" {r['tls-login']:>14,} {r['tls-retr']:>13,}"
+        print(row)
     doc = {"commit": commit, "python": sys.version, "results": results}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
