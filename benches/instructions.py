@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,26 +250,17 @@ def measure(
     return result
 
 
+@dataclass(frozen=True)
 class _Run:
     """Phases of scripted sessions against one backend, each server under callgrind."""
 
-    def __init__(
-        self,
-        backend: str,
-        passwd: Path,
-        section: str,
-        creds: list[list[str]],
-        messages: int,
-        sessions: int,
-        work: Path,
-    ) -> None:
-        self.backend = backend
-        self.passwd = passwd
-        self.section = section
-        self.creds = creds
-        self.messages = messages
-        self.sessions = sessions
-        self.work = work
+    backend: str
+    passwd: Path
+    section: str  # the [backend] table's lines
+    creds: list[list[str]]
+    messages: int
+    sessions: int
+    work: Path
 
     def phases(
         self, phases: tuple[str, ...], tls: tuple[ssl.SSLContext, Path, Path] | None
