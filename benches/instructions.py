@@ -16,8 +16,8 @@ Each phase runs ``--sessions`` sessions over users that were all opened once bef
 (the warm-up), as in the suite. Per RETR = (instructions per retr session - per login
 session) / messages; the same for pipelined, and per TLS RETR from the two TLS
 phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, not
-AVX-512, so its code paths may differ from the machine's). Every reply is checked (+OK, the
-terminator, the unstuffed length = the LIST size).
+AVX-512, so its code paths may differ from the machine's). Every reply is checked
+(+OK, the terminator, the unstuffed length = the LIST size).
 
 ``--check FILE`` compares with a committed baseline (benches/instructions-baseline.json)
 and exits 1 if instructions per RETR (one at a time or pipelined) rose by more than
@@ -269,12 +269,12 @@ class _Run:
         port = free_port()
         tls_port = free_port() if tls is not None else None
         ctx: ssl.SSLContext | None = None
-        server_tls = section = ""
+        server_tls = tls_table = ""
         name = self.backend
         if tls is not None:
             ctx, cert, key = tls
             server_tls = f'listen_tls = ["127.0.0.1:{tls_port}"]\n'
-            section = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+            tls_table = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
             name += "-tls"
         conf = self.work / f"{name}.toml"
         conf.write_text(
@@ -282,7 +282,7 @@ class _Run:
             f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
             f"{server_tls}"
             f'[auth]\npasswd_file = "{self.passwd}"\nallow_plaintext = true\n'
-            f"[backend]\n{self.section}{section}"
+            f"[backend]\n{self.section}{tls_table}"
         )
         out_dir = self.work / f"cg-{name}"
         out_dir.mkdir()

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -38,13 +39,13 @@ def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True)
 class Pair:
     """A connected loopback TCP pair: our side as a SocketStream, the peer's as a
     trio stream."""
 
-    def __init__(self, ours: SocketStream, peer: trio.SocketStream) -> None:
-        self.ours = ours
-        self.peer = peer
+    ours: SocketStream
+    peer: trio.SocketStream
 
 
 @pytest.fixture

@@ -107,12 +107,11 @@ class Peer:
 class Fair:
     """For a stream whose operations complete without waiting when they can: every
     ``YIELD_EVERY``-th such one yields, so one busy peer cannot monopolise the event
-    loop (SocketStream, and pypop.server.tls.TLSStream)."""
+    loop (SocketStream, and pypop.server.tls.TLSStream). The stream's ``__init__``
+    sets ``_budget = YIELD_EVERY`` (no extra call per connection)."""
 
     __slots__ = ("_budget",)
-
-    def __init__(self) -> None:
-        self._budget = YIELD_EVERY
+    _budget: int
 
     async def _fair(self) -> None:
         self._budget -= 1

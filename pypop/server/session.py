@@ -190,10 +190,12 @@ class Session:
         self._idle_until = math.inf  # its deadline, set by run()
         self._line_deadline = math.inf  # for the partial command line, if any
         self._line_mark = -1
-        # Plain TCP gets the gathered write and the wait-first read; TLS does not.
-        # (The stream itself, not its bound methods: two objects less per session.)
+        # Plain TCP gets the wait-first read; plain TCP and TLS the gathered write.
+        # (The streams themselves, not their bound methods: fewer objects per session.)
         self._plain: SocketStream | None = stream if isinstance(stream, SocketStream) else None
-        self._tls: TLSStream | None = stream if isinstance(stream, TLSStream) else None
+        self._gathered: SocketStream | TLSStream | None = (
+            stream if isinstance(stream, (SocketStream, TLSStream)) else None
+        )
         self._wire: Callable[[int, int | None], bytes | None] | None = None
         # A self-authenticating backend checks logins (pypop.server.passthrough).
         self._passthrough: Passthrough | None = None
@@ -281,11 +283,9 @@ class Session:
             return False
         self._touch()
         try:
-            # A large message leaves without being joined to its +OK line (a copy).
-            if self._plain is not None:
-                await self._plain.send_many(conn.take_output())
-            elif self._tls is not None:
-                await self._tls.send_many(conn.take_output())
+            if self._gathered is not None:
+                # A large message leaves without being joined to its +OK line (a copy).
+                await self._gathered.send_many(conn.take_output())
             else:
                 await self.stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -672,7 +672,7 @@ class Session:
         await self._flush()
         tls_stream = TLSStream(plain, ctx)
         # The TLS stream owns the socket from here on: it is the one to close.
-        self.stream = self._tls = tls_stream
+        self.stream = self._gathered = tls_stream
         self._plain = None
         try:
             with trio.fail_after(60):

@@ -157,20 +157,23 @@ class TLSStream(Fair, trio.abc.Stream):
                 if len(chunk) < WRITE_ALONE:
                     small.append(chunk)
                     continue
-                if not corked and _CORK is not None:
+                if not corked:
                     # OpenSSL writes each 16 KiB record on its own and TCP_NODELAY
                     # sends each at once, ending in a short segment: corked, the
                     # records leave in full segments (and wake the peer less often).
                     corked = self._cork(1)
-                if small:
-                    await self.send_all(small[0] if len(small) == 1 else b"".join(small))
-                    small.clear()
+                await self._send_joined(small)
                 await self.send_all(chunk)
-            if small:
-                await self.send_all(small[0] if len(small) == 1 else b"".join(small))
+            await self._send_joined(small)
         finally:
             if corked:
                 self._cork(0)
+
+    async def _send_joined(self, small: list[bytes]) -> None:
+        """Send the small chunks gathered so far as one write, and forget them."""
+        if small:
+            await self.send_all(small[0] if len(small) == 1 else b"".join(small))
+            small.clear()
 
     def _cork(self, on: int) -> bool:
         sock = self._sock
