@@ -349,7 +349,9 @@ class IOThreads:
     A call costs one queue hand-off to an idle worker and one wake-up of the event loop
     (``run_sync_soon``) when it returns: no thread is started per call, no cancel scope
     or capacity limiter is entered. Workers are started as needed, up to ``threads``,
-    and stay. A watchdog thread enforces the timeouts; it sleeps while nothing runs.
+    and stay, under ``SCHED_BATCH`` on Linux (a woken worker waits for the event loop
+    to block instead of preempting it). A watchdog thread enforces the timeouts; it
+    sleeps while nothing runs.
     """
 
     def __init__(
@@ -490,6 +492,7 @@ class IOThreads:
     # -- in the workers --
 
     def _work(self) -> None:
+        _batch_policy()
         jobs = self._jobs
         while True:
             call = jobs.get()
@@ -529,6 +532,23 @@ class IOThreads:
                 if call.deadline <= now and call.state in ("waiting", "running"):
                     with contextlib.suppress(trio.RunFinishedError):
                         call.token.run_sync_soon(self._expire, call)
+
+
+def _batch_policy() -> None:
+    """Put the calling worker thread under ``SCHED_BATCH`` (Linux; elsewhere nothing).
+
+    A woken worker then does not preempt the event loop: it runs when the loop waits
+    in ``epoll`` (the GIL free) or at the next tick, instead of taking the core at once,
+    finding the GIL held, and switching back. On one busy core that was about two
+    context switches per call (Maildir login: 3,300 involuntary switches a second of
+    the loop's thread, 100 after); on an idle core a worker still runs at once, and
+    the policy keeps its fair share of the CPU (only the wake-up preemption goes).
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return
+    with contextlib.suppress(OSError):  # a sandbox that forbids it: the default stays
+        os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
 class SessionThreads:

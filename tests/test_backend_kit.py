@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -103,6 +104,17 @@ def test_lock_set() -> None:
 
 
 # ---- threads --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+async def test_io_threads_workers_run_under_sched_batch() -> None:
+    # A woken worker must not preempt the event loop's thread (which holds the GIL):
+    # its calls run under SCHED_BATCH, the loop's thread keeps its own policy.
+    pool = IOThreads(2, per_session=2, timeout=5)
+    session = pool.session()
+    assert await session.run(os.sched_getscheduler, 0) == os.SCHED_BATCH
+    assert await pool.run(os.sched_getscheduler, 0) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 async def test_io_threads_run_and_bound_per_session() -> None:
