@@ -349,13 +349,18 @@ class IOThreads:
     A call costs one queue hand-off to an idle worker and one wake-up of the event loop
     (``run_sync_soon``) when it returns: no thread is started per call, no cancel scope
     or capacity limiter is entered. Workers are started as needed, up to ``threads``,
-    and stay, under ``SCHED_BATCH`` on Linux (a woken worker waits for the event loop
-    to block instead of preempting it). A watchdog thread enforces the timeouts; it
-    sleeps while nothing runs.
+    and stay, under ``SCHED_BATCH`` on Linux unless ``batch`` is false (a woken worker
+    waits for the event loop to block instead of preempting it). A watchdog thread
+    enforces the timeouts; it sleeps while nothing runs.
     """
 
     def __init__(
-        self, threads: int = 16, *, per_session: int = 2, timeout: float | None = 30.0
+        self,
+        threads: int = 16,
+        *,
+        per_session: int = 2,
+        timeout: float | None = 30.0,
+        batch: bool = True,
     ) -> None:
         if threads < 1 or per_session < 1:
             raise ValueError("thread limits must be at least 1")
@@ -364,6 +369,7 @@ class IOThreads:
         self.threads = threads
         self.per_session = per_session
         self.timeout = timeout
+        self.batch = batch
         self._jobs: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._workers = 0
         self._busy = 0  # calls running in a worker (abandoned ones included)
@@ -492,7 +498,8 @@ class IOThreads:
     # -- in the workers --
 
     def _work(self) -> None:
-        _batch_policy()
+        if self.batch:
+            _batch_policy()
         jobs = self._jobs
         while True:
             call = jobs.get()

@@ -115,6 +115,9 @@ async def test_io_threads_workers_run_under_sched_batch() -> None:
     assert await session.run(os.sched_getscheduler, 0) == os.SCHED_BATCH
     assert await pool.run(os.sched_getscheduler, 0) == os.SCHED_BATCH
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    # batch=False (a backend's option, e.g. pypop-sql's batch_scheduling = no).
+    plain = IOThreads(1, timeout=5, batch=False)
+    assert await plain.run(os.sched_getscheduler, 0) == os.SCHED_OTHER
 
 
 async def test_io_threads_run_and_bound_per_session() -> None:

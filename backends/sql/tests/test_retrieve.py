@@ -122,6 +122,25 @@ def test_postgresql_reader_threads_run_batch(
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only that thread
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_BATCH"), reason="Linux policy")
+@pytest.mark.parametrize(
+    ("given", "policy"), [({}, "SCHED_BATCH"), ({"batch_scheduling": "no"}, "SCHED_OTHER")]
+)
+async def test_worker_threads_follow_batch_scheduling(
+    sqlite_url: str, given: dict[str, str], policy: str
+) -> None:
+    """Every worker thread of the store (SQLite too) runs SCHED_BATCH, unless
+    ``batch_scheduling = no`` keeps the default policy."""
+    import os
+
+    backend = create({"url": sqlite_url, **given})
+    assert isinstance(backend, SqlBackend)
+    try:
+        assert await backend.threads.run(os.sched_getscheduler, 0) == getattr(os, policy)
+    finally:
+        await backend.aclose()
+
+
 async def test_aclose_in_a_cancelled_scope_closes_the_engine(db_url: str) -> None:
     """A server that stops (or a test that ends) closes its backend in a cancelled
     scope: the engine must close all the same, or its pool and threads leak."""

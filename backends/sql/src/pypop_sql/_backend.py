@@ -41,7 +41,9 @@ class SqlBackend:
     def __init__(self, config: SqlConfig, *, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine if engine is not None else make_engine(config)
-        self.threads = IOThreads(config.io_threads, timeout=config.io_timeout)
+        self.threads = IOThreads(
+            config.io_threads, timeout=config.io_timeout, batch=config.batch_scheduling
+        )
         # The server enforces and announces it (pypop.backend: expire_days).
         self.expire_days = config.expire_days
         self._closed = False

@@ -34,7 +34,8 @@ class SqlConfig:
     mmap_size: int = 256 * 1024 * 1024
     """SQLite: bytes of the database read through mmap (0: through read(2))."""
     batch_scheduling: bool = True
-    """PostgreSQL: worker threads that read messages run SCHED_BATCH."""
+    """Worker threads run SCHED_BATCH (pypop.backend_kit.IOThreads' default; the
+    PostgreSQL reader threads too)."""
     expire_days: int | None = None
     """RFC 2449 EXPIRE enforced at UPDATE (``Options.expire_days``); None: never."""
     snapshot_cache: int = 100_000

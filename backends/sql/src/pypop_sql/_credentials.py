@@ -114,5 +114,7 @@ def create_credentials(options: Mapping[str, object]) -> SqlCredentialStore:
     return SqlCredentialStore(
         engine,
         default_scheme=default_scheme,
-        threads=IOThreads(config.io_threads, timeout=config.io_timeout),
+        threads=IOThreads(
+            config.io_threads, timeout=config.io_timeout, batch=config.batch_scheduling
+        ),
     )
