@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from pypop.backend_kit import (
     TopCut,
     blocks,
 )
+from pypop.backends.memory import MemoryBackend
 from pypop.errors import TemporaryFailure, UpdateFailed
 
 # ---- options ------------------------------------------------------------------------
@@ -355,3 +357,17 @@ async def test_release_runs_once_even_when_cancelled(
             pass
 
     assert _Nothing([]).release_now()
+    assert not _Nothing([]).commits_at_once([])  # the default: UPDATE keeps its scope
+
+
+async def test_memory_mailbox_commits_at_once(memory_backend: MemoryBackend) -> None:
+    """The memory store's UPDATE needs no cancel scope: it deletes and lets go
+    without a checkpoint."""
+    box = await memory_backend.open_mailbox("alice")
+    assert isinstance(box, SnapshotMailbox)
+    assert box.commits_at_once([0, 2])
+    with trio.testing.assert_no_checkpoints():
+        await box.commit([0, 2])
+    again = await memory_backend.open_mailbox("alice")  # the lock went
+    assert len(again.messages) == 1
+    await again.aclose()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import trio
@@ -225,6 +226,83 @@ async def test_release_is_not_cut_by_updates_time_limit(
     with trio.fail_after(10):
         again = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nSTAT\r\n")
     assert again.split(b"\r\n")[3].startswith(b"+OK 3 "), again
+
+
+class AtOnceFailingBox(FailingBox):
+    """Says its UPDATE needs no waiting, and fails it."""
+
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        return True
+
+
+class AtOnceFailing(Failing):
+    box = AtOnceFailingBox
+
+
+async def test_update_at_once_that_fails_ends_with_sys_temp(
+    start_server: ServerStarter, memory_backend: MemoryBackend
+) -> None:
+    """UPDATE without its cancel scope (the mailbox says nothing in it waits) reports a
+    failure as the scoped one does, and the maildrop is free again."""
+    server = await start_server(backend=AtOnceFailing(memory_backend, RuntimeError("unused")))
+    with trio.fail_after(10):
+        out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    assert out.endswith(b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n")
+    with trio.fail_after(10):
+        again = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nSTAT\r\nQUIT\r\n")
+    assert again.split(b"\r\n")[3].startswith(b"+OK 3 "), again
+
+
+class TimedBox(FailingBox):
+    """Commits for real, noting the deadline it ran under; ``at_once`` is its answer
+    to commits_at_once."""
+
+    at_once = False
+    seen: ClassVar[list[float]] = []
+
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        return self.at_once
+
+    async def commit(self, deleted: Sequence[int]) -> None:
+        TimedBox.seen.append(trio.current_effective_deadline() - trio.current_time())
+        await self.real.commit(deleted)
+
+
+class AtOnceTimedBox(TimedBox):
+    at_once = True
+
+
+@pytest.mark.parametrize(
+    ("box", "expire", "scoped"),
+    [(TimedBox, None, True), (AtOnceTimedBox, None, False), (AtOnceTimedBox, 0, True)],
+)
+async def test_update_scope_only_where_update_can_wait(
+    start_server: ServerStarter,
+    memory_backend: MemoryBackend,
+    box: type[TimedBox],
+    expire: int | None,
+    scoped: bool,
+) -> None:
+    """UPDATE runs under its own time limit unless the mailbox says nothing in it
+    waits (then under the session's idle deadline) and no EXPIRE is enforced (which
+    may read arrival times); either way the message goes."""
+
+    class Timed(Failing):
+        pass
+
+    Timed.box = box
+    server = await start_server(backend=Timed(memory_backend, RuntimeError("unused")))
+    server.context.update_timeout = 7.0
+    server.context.expire_days = expire
+    TimedBox.seen.clear()
+    with trio.fail_after(10):
+        out = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    assert out.split(b"\r\n")[3:5] == [b"+OK Marked to be deleted", b"+OK Logging out"], out
+    (left,) = TimedBox.seen
+    assert (left <= 7.0) == scoped, left
+    with trio.fail_after(10):
+        again = await talk(port_of(server), b"USER alice\r\nPASS wonderland\r\nSTAT\r\nQUIT\r\n")
+    assert again.split(b"\r\n")[3].startswith(b"+OK 2 "), again
 
 
 async def test_tls_handshake_failures(start_server: ServerStarter, tmp_path: Path) -> None:

@@ -117,6 +117,9 @@ class MemoryMailbox(SnapshotMailbox):
         box[:] = [m for m in box if id(m) not in gone]
         self._backend._views.pop(self._user, None)
 
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        return True  # a list and a set in memory
+
     async def release(self) -> None:
         self.release_now()
 

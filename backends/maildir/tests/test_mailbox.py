@@ -374,6 +374,40 @@ async def test_seen_flag_after_retr_and_quit(alice: Path, backend_factory: Backe
     ]
 
 
+async def test_commits_at_once_only_without_io(alice: Path, backend_factory: BackendMaker) -> None:
+    """UPDATE can skip its cancel scope only when it has nothing to unlink or flag and
+    the lock goes with one close() (fcntl on this local file system); its commit then
+    makes no thread hop and leaves the maildir as it was."""
+    deliver(alice, name_for(1), b"one\n")
+    deliver(alice, name_for(2), b"two\n")
+    backend = backend_factory()
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    assert mb.commits_at_once([])
+    assert not mb.commits_at_once([1])  # an unlink
+    await read_all(mb, 0, top_lines=0)  # TOP: nothing to flag
+    assert mb.commits_at_once([])
+    await read_all(mb, 0)  # RETR: Seen to set, in a worker thread
+    assert not mb.commits_at_once([])
+    await mb.commit([])
+    assert sorted(os.listdir(alice / "cur")) == [name_for(1) + ":2,S", name_for(2) + ":2,"]
+    # Nothing to do: no thread hop, and the lock goes (the next open gets it).
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    assert mb.commits_at_once([])
+    hops = backend.threads.busy
+    with trio.testing.assert_no_checkpoints():
+        await mb.commit([])
+    assert backend.threads.busy == hops
+    mb = await backend.open_mailbox("alice")
+    await mb.aclose()
+    # A dotlock is removed in a worker thread: never at once.
+    mb = await backend_factory(lock="dotlock").open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    assert not mb.commits_at_once([])
+    await mb.aclose()
+
+
 async def test_no_flag_updates_touches_nothing(alice: Path, backend_factory: BackendMaker) -> None:
     deliver(alice, name_for(1), b"one\n")
     mb = await backend_factory(flag_updates=False).open_mailbox("alice")

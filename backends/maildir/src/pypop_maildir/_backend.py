@@ -644,6 +644,12 @@ class MaildirMailbox(SnapshotMailbox):
         if deleted or flag:
             await self._threads.run(self._commit_sync, deleted, flag)
 
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        """pypop.backend_kit.SnapshotMailbox: nothing to unlink or flag (no thread
+        hop), and a lock that ``release_now`` gives up."""
+        lock = self._lock
+        return not deleted and (lock.released or lock.quick_release) and not self._to_flag(())
+
     def _commit_sync(self, marked: Sequence[int], flag: Sequence[int]) -> None:
         try:
             self._commit_files(marked, flag)
