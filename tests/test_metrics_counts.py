@@ -272,9 +272,19 @@ class AtOnceTimedBox(TimedBox):
     at_once = True
 
 
+class BrokenAtOnceBox(TimedBox):
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        raise RuntimeError("a bug in the backend")
+
+
 @pytest.mark.parametrize(
     ("box", "expire", "scoped"),
-    [(TimedBox, None, True), (AtOnceTimedBox, None, False), (AtOnceTimedBox, 0, True)],
+    [
+        (TimedBox, None, True),
+        (AtOnceTimedBox, None, False),
+        (AtOnceTimedBox, 0, True),
+        (BrokenAtOnceBox, None, True),  # its bug is logged; UPDATE keeps its scope
+    ],
 )
 async def test_update_scope_only_where_update_can_wait(
     start_server: ServerStarter,

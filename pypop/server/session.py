@@ -838,8 +838,14 @@ class Session:
         # (the backend says so; no EXPIRE to read): nothing could interrupt or outlast
         # it, and entering a Trio cancel scope costs about 45,000 instructions.
         at_once = getattr(mailbox, "commits_at_once", None)
+        quick = False
+        if at_once is not None and self._expire_days() is None:
+            try:
+                quick = bool(at_once(deleted))
+            except Exception:  # a backend's bug: commit() under the scope reports it
+                log.exception("backend failed in commits_at_once for %s", self.user)
         limit: trio.CancelScope | _AtOnce
-        if at_once is not None and self._expire_days() is None and at_once(deleted):
+        if quick:
             limit = _AtOnce()
         else:
             limit = trio.CancelScope(shield=True, deadline=self.ctx.now() + self.ctx.update_timeout)
