@@ -401,6 +401,12 @@ async def test_commits_at_once_only_without_io(alice: Path, backend_factory: Bac
     assert backend.threads.busy == hops
     mb = await backend.open_mailbox("alice")
     await mb.aclose()
+    # Without flag updates a RETR leaves nothing for UPDATE to do.
+    mb = await backend_factory(flag_updates=False).open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    await read_all(mb, 1)
+    assert mb.commits_at_once([])
+    await mb.aclose()
     # A dotlock is removed in a worker thread: never at once.
     mb = await backend_factory(lock="dotlock").open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)

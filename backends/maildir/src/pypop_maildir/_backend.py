@@ -645,10 +645,15 @@ class MaildirMailbox(SnapshotMailbox):
             await self._threads.run(self._commit_sync, deleted, flag)
 
     def commits_at_once(self, deleted: Sequence[int]) -> bool:
-        """pypop.backend_kit.SnapshotMailbox: nothing to unlink or flag (no thread
-        hop), and a lock that ``release_now`` gives up."""
+        """pypop.backend_kit.SnapshotMailbox: nothing to unlink, no retrieved message
+        whose Seen flag a thread hop would set (not even one found Seen already: that
+        takes the listing's walk), and a lock that ``release_now`` gives up."""
         lock = self._lock
-        return not deleted and (lock.released or lock.quick_release) and not self._to_flag(())
+        return (
+            not deleted
+            and (not self._retrieved or not self._backend.config.flag_updates)
+            and (lock.released or lock.quick_release)
+        )
 
     def _commit_sync(self, marked: Sequence[int], flag: Sequence[int]) -> None:
         try:
