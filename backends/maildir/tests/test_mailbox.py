@@ -401,6 +401,13 @@ async def test_commits_at_once_only_without_io(alice: Path, backend_factory: Bac
     assert backend.threads.busy == hops
     mb = await backend.open_mailbox("alice")
     await mb.aclose()
+    # A message retrieved again, Seen already: nothing to flag, at once.
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    await read_all(mb, 0)
+    assert mb.commits_at_once([])
+    with trio.testing.assert_no_checkpoints():
+        await mb.commit([])
     # Without flag updates a RETR leaves nothing for UPDATE to do.
     mb = await backend_factory(flag_updates=False).open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)

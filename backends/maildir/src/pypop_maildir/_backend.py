@@ -429,6 +429,7 @@ class MaildirMailbox(SnapshotMailbox):
         "_entries",
         "_found",
         "_lock",
+        "_planned",
         "_retrieved",
         "_threads",
         "_unseen",
@@ -453,6 +454,7 @@ class MaildirMailbox(SnapshotMailbox):
         # Made on first use (an idle session holds only the above).
         self._found: dict[int, _store.Entry] | None = None  # renamed from outside
         self._retrieved: set[int] | None = None
+        self._planned: list[int] | None = None  # Seen flags commits_at_once found
         self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
         # The run's clock: its own method once the first read-ahead (on the event
@@ -640,20 +642,20 @@ class MaildirMailbox(SnapshotMailbox):
     async def update(self, deleted: Sequence[int]) -> None:
         """UPDATE: unlink exactly the marked files, set Seen flags, fsync the folders,
         and release the lock in the same thread hop. Nothing to change: no hop."""
-        flag = self._to_flag(deleted)
+        planned, self._planned = self._planned, None
+        flag = planned if planned is not None and not deleted else self._to_flag(deleted)
         if deleted or flag:
             await self._threads.run(self._commit_sync, deleted, flag)
 
     def commits_at_once(self, deleted: Sequence[int]) -> bool:
-        """pypop.backend_kit.SnapshotMailbox: nothing to unlink, no retrieved message
-        whose Seen flag a thread hop would set (not even one found Seen already: that
-        takes the listing's walk), and a lock that ``release_now`` gives up."""
+        """pypop.backend_kit.SnapshotMailbox: nothing to unlink or flag Seen (no thread
+        hop), and a lock that ``release_now`` gives up. The flags found are kept for
+        ``update``, which the server calls next, so it does not walk them again."""
         lock = self._lock
-        return (
-            not deleted
-            and (not self._retrieved or not self._backend.config.flag_updates)
-            and (lock.released or lock.quick_release)
-        )
+        if deleted or not (lock.released or lock.quick_release):
+            return False
+        self._planned = self._to_flag(())
+        return not self._planned
 
     def _commit_sync(self, marked: Sequence[int], flag: Sequence[int]) -> None:
         try:
