@@ -141,6 +141,35 @@ async def test_worker_threads_follow_batch_scheduling(
         await backend.aclose()
 
 
+async def test_update_at_once_where_nothing_waits(db_url: str) -> None:
+    """SQLite: a QUIT that deletes nothing needs no transaction, and the fcntl lock
+    goes at once: UPDATE skips its cancel scope, and the commit reaches no checkpoint.
+    PostgreSQL's lock needs its server: never at once."""
+    import trio.testing
+
+    backend = create({"url": db_url})
+    assert isinstance(backend, SqlBackend)
+    try:
+        backend.engine.deliver("alice", _message(1, 100), None, None)
+        box = await backend.open_mailbox("alice")
+        sqlite = not backend.engine.release_blocks
+        assert box.commits_at_once([]) == sqlite
+        assert not box.commits_at_once([0])
+        if sqlite:
+            with trio.testing.assert_no_checkpoints():
+                await box.commit([])
+        else:
+            await box.commit([])
+        again = await backend.open_mailbox("alice")  # the lock went
+        assert len(again.messages) == 1
+        await again.commit([0])  # a transaction, under the scope
+        last = await backend.open_mailbox("alice")
+        assert len(last.messages) == 0
+        await last.aclose()
+    finally:
+        await backend.aclose()
+
+
 async def test_aclose_in_a_cancelled_scope_closes_the_engine(db_url: str) -> None:
     """A server that stops (or a test that ends) closes its backend in a cancelled
     scope: the engine must close all the same, or its pool and threads leak."""

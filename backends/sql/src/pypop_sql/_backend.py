@@ -188,9 +188,20 @@ class SqlMailbox(SnapshotMailbox):
             except TemporaryFailure as exc:
                 raise UpdateFailed(f"nothing was removed: {exc}") from exc
 
+    def commits_at_once(self, deleted: Sequence[int]) -> bool:
+        """pypop.backend_kit.SnapshotMailbox: nothing to delete (no transaction) and a
+        lock that ``release_now`` gives up (SQLite's fcntl lock)."""
+        return not deleted and not self._engine.release_blocks
+
+    def release_now(self) -> bool:
+        """pypop.backend_kit.SnapshotMailbox: SQLite's lock is a non-blocking fcntl
+        call, given up here without a shielded scope; PostgreSQL's needs its server."""
+        if self._engine.release_blocks:
+            return False
+        self._ahead = {}
+        self._engine.release(self._handle)
+        return True
+
     async def release(self) -> None:
         self._ahead = {}
-        if self._engine.release_blocks:
-            await self._threads.run(self._engine.release, self._handle)
-        else:
-            self._engine.release(self._handle)
+        await self._threads.run(self._engine.release, self._handle)
