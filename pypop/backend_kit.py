@@ -53,6 +53,7 @@ __all__ = [
     "SessionThreads",
     "SnapshotMailbox",
     "TopCut",
+    "batch_policy",
     "blocks",
 ]
 
@@ -499,7 +500,7 @@ class IOThreads:
 
     def _work(self) -> None:
         if self.batch:
-            _batch_policy()
+            batch_policy()
         jobs = self._jobs
         while True:
             call = jobs.get()
@@ -541,8 +542,9 @@ class IOThreads:
                         call.token.run_sync_soon(self._expire, call)
 
 
-def _batch_policy() -> None:
-    """Put the calling worker thread under ``SCHED_BATCH`` (Linux; elsewhere nothing).
+def batch_policy() -> bool:
+    """Put the calling thread under ``SCHED_BATCH`` (Linux); False where there is no
+    such policy or it is refused (a sandbox), the default policy staying.
 
     A woken worker then does not preempt the event loop: it runs when the loop waits
     in ``epoll`` (the GIL free) or at the next tick, instead of taking the core at once,
@@ -553,9 +555,12 @@ def _batch_policy() -> None:
     """
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:
-        return
-    with contextlib.suppress(OSError):  # a sandbox that forbids it: the default stays
+        return False
+    try:
         os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 class SessionThreads:

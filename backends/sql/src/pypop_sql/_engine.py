@@ -17,7 +17,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from pypop.backend import MessageInfo, is_valid_uid
-from pypop.backend_kit import BLOCK_SIZE
+from pypop.backend_kit import BLOCK_SIZE, batch_policy
 from pypop.errors import (
     DuplicateUid,
     MailboxLocked,
@@ -784,10 +783,8 @@ class PostgresEngine(Engine):
         if not self.config.batch_scheduling or getattr(_THREAD, "batch", False):
             return
         _THREAD.batch = True
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except (OSError, AttributeError) as exc:  # not Linux, or refused (seccomp)
-            log.debug("sql: SCHED_BATCH not available: %s", exc)
+        if not batch_policy():  # not Linux, or refused (seccomp)
+            log.debug("sql: SCHED_BATCH not available")
 
     def read(self, handle: Handle, message_id: int, first: int, last: int) -> list[bytes]:
         self._batch_thread()
