@@ -8,7 +8,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pypop.protocol import ProtocolConfig, ServerConnection, State
+from pypop.protocol import PasswordLogin, ProtocolConfig, ServerConnection, State
 
 from .strategies import octets
 from .test_protocol import Driver
@@ -151,3 +151,92 @@ def test_quick_path_matches_the_general_parser(verb: bytes, rest: bytes) -> None
 
     line = verb + rest
     assert parse_command(line) == _parse(line)
+
+
+# ---- the engine's fetch path (ServerConnection._fetch) agrees with the general one --
+
+
+class _Wire:
+    """A wire source: message 1 and 3 held, 2 not (None), 4 8-bit, 5 raising."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int | None]] = []
+
+    def __call__(self, index: int, top_lines: int | None) -> bytes | None:
+        self.asked.append((index, top_lines))
+        if index == 4:
+            raise RuntimeError("backend bug")
+        if index == 1:
+            return None
+        body = b"Subject: \xc3\xa9\r\n\r\n" if index == 3 else b"Subject: x\r\n\r\n"
+        return body + (b"" if top_lines == 0 else b"line\r\n") + b".\r\n"
+
+
+_FETCH_ARGS = [b"1", b"2", b"3", b"4", b"5", b"6", b"0", b"01", b"1 ", b"x"]
+_FETCH_ARGS += [b"1 0", b"2 0", b"3 7", b"4 1", b"5 0", b"6 0", b"1 99999999999"]
+_FETCH_LINES = [
+    verb + b" " + arg for verb in (b"RETR", b"retr", b"Retr", b"TOP", b"top") for arg in _FETCH_ARGS
+]
+_FETCH_LINES += [b"DELE 1", b"DELE 3", b"RSET", b"NOOP", b"STAT", b"RETR", b"TOP 1", b"UTF8"]
+
+
+class _General(ServerConnection):
+    """The general path alone: parse_command, _dispatch, _answer_quick."""
+
+    def _fetch(self, line: bytes) -> bool:
+        return False
+
+
+def _fetch_session(lines: list[bytes], chunk: int, refuse: bool, fast: bool) -> tuple[object, ...]:
+    conn = ServerConnection() if fast else _General()
+    conn.receive_data(b"USER bob\r\nPASS secret\r\n")
+    assert conn.next_event() == PasswordLogin("bob", "secret")
+    conn.login_succeeded("bob", [100, 200, 300, 400, 500], ["a", "b", "c", "d", "e"])
+    conn.data_to_send()
+    source = _Wire()
+    conn.serve_from(source, refuse_8bit=refuse)
+    driver = Driver(conn)
+    data = b"".join(line + b"\r\n" for line in lines)
+    for i in range(0, len(data), chunk):
+        conn.receive_data(data[i : i + chunk])
+        driver.run()
+    return (
+        driver.take(),
+        driver.events,
+        source.asked,
+        conn.state,
+        conn.commands,
+        conn.bad_commands,
+        dict(conn.verbs),
+        conn.retrieved,
+        conn.retrieved_octets,
+        conn.retrieved_indexes,
+        conn.quick_retrievals,
+    )
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    st.lists(st.sampled_from(_FETCH_LINES), max_size=40),
+    st.integers(1, 64),
+    st.booleans(),
+)
+def test_fetch_path_gives_the_general_answer(lines: list[bytes], chunk: int, refuse: bool) -> None:
+    """RETR and TOP answered by the engine's fetch path (the plain shape, a wire source,
+    TRANSACTION) leave the same bytes, events, source calls and counts as the general
+    parse and dispatch: with the path taken out, every example gives the same."""
+    fast = _fetch_session(lines, chunk, refuse, fast=True)
+    assert fast == _fetch_session(lines, chunk, refuse, fast=False)
+
+
+def test_fetch_path_is_taken() -> None:
+    """(So that the test above compares two paths: the plain RETR skips the parser.)"""
+    from unittest import mock
+
+    from pypop.protocol import parse_command, server
+
+    with mock.patch.object(server, "parse_command", wraps=parse_command) as parse:
+        out = _fetch_session([b"RETR 1", b"top 3 0", b"NOOP"], 64, True, fast=True)
+    assert parse.call_count == 3  # USER, PASS and NOOP
+    assert isinstance(out[0], bytes)
+    assert out[0].startswith(b"+OK 100 octets\r\nSubject: x\r\n\r\nline\r\n.\r\n+OK\r\n")
