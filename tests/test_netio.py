@@ -48,6 +48,21 @@ async def test_send_many_survives_partial_writes_and_many_chunks() -> None:
     peer.close()
 
 
+async def test_send_many_skips_empty_chunks() -> None:
+    """An empty chunk anywhere (after a send that took everything before it, or
+    first) is passed over, not offered to sendmsg again and again."""
+    stream, peer = await _pair()
+    chunks = [b"", b"+OK\r\n", b"", b"", b"x" * 10_000, b"", b"y", b""]
+    with trio.fail_after(5):
+        await stream.send_many(chunks)
+        assert await _drain(peer, 10_006) == b"".join(chunks)
+        await stream.send_many([b"+OK\r\n", b"", b""])
+        await stream.send_many([b"", b""])
+        assert await _drain(peer, 5) == b"+OK\r\n"
+    await stream.aclose()
+    peer.close()
+
+
 async def test_receive_eof_and_closed() -> None:
     stream, peer = await _pair()
     peer.sendall(b"hello")

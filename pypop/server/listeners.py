@@ -203,14 +203,17 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
                 sent = 0
             except OSError as exc:
                 raise _error(sock, exc) from exc
-            while sent and first < len(bufs):
+            # Past what was sent, and past empty chunks even when nothing was (an
+            # empty chunk would otherwise be offered again and again, a busy loop).
+            while first < len(bufs):
                 size = len(bufs[first])
                 if sent >= size:
                     sent -= size
                     first += 1
                 else:
-                    bufs[first] = memoryview(bufs[first])[sent:]
-                    sent = 0
+                    if sent:
+                        bufs[first] = memoryview(bufs[first])[sent:]
+                    break
             if first < len(bufs):
                 await wait_writable(sock)
         await self._fair()
