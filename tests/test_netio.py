@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from pypop.server.listeners import IOV_MAX, SocketStream, open_listeners
+from pypop.server.listeners import IOV_MAX, JOIN_BELOW, SocketStream, open_listeners
 
 
 async def _pair() -> tuple[SocketStream, socket.socket]:
@@ -48,6 +48,44 @@ async def test_send_many_survives_partial_writes_and_many_chunks() -> None:
     peer.close()
 
 
+@pytest.mark.parametrize("size", [0, 1, JOIN_BELOW - 1, JOIN_BELOW, 300_000])
+async def test_send_many_of_a_reply_and_its_message(size: int) -> None:
+    """Two chunks (a +OK line and a message): joined below JOIN_BELOW, gathered above
+    it, the same octets either way, a socket buffer's worth or more included."""
+    stream, peer = await _pair()
+    chunks = [b"+OK %d octets\r\n" % size, bytes(range(256)) * (size // 256) + b"." * (size % 256)]
+    sent: list[object] = []
+    real = stream.socket
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def send(self, data: bytes) -> int:
+            sent.append(("send", len(data)))
+            return real.send(data)
+
+        def sendmsg(self, bufs: list[bytes]) -> int:
+            sent.append(("sendmsg", len(bufs)))
+            return real.sendmsg(bufs)
+
+    stream.socket = Spy()  # type: ignore[assignment]
+    expected = b"".join(chunks)
+    async with trio.open_nursery() as nursery:
+        result: list[bytes] = []
+
+        async def reader() -> None:
+            result.append(await _drain(peer, len(expected)))
+
+        nursery.start_soon(reader)
+        await stream.send_many(chunks)
+    assert result[0] == expected
+    assert sent[0] == (("send", len(expected)) if size < JOIN_BELOW else ("sendmsg", 2))
+    stream.socket = real
+    await stream.aclose()
+    peer.close()
+
+
 async def test_send_many_skips_empty_chunks() -> None:
     """An empty chunk anywhere (after a send that took everything before it, or
     first) is passed over, not offered to sendmsg again and again."""
@@ -59,6 +97,27 @@ async def test_send_many_skips_empty_chunks() -> None:
         await stream.send_many([b"+OK\r\n", b"", b""])
         await stream.send_many([b"", b""])
         assert await _drain(peer, 5) == b"+OK\r\n"
+    await stream.aclose()
+    peer.close()
+
+
+async def test_sends_that_never_wait_still_let_others_run() -> None:
+    stream, peer = await _pair()
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(32):  # the socket buffer takes each at once
+            await stream.send_all(b"+OK\r\n")
+            await stream.send_many([b"+OK 2 octets\r\n", b"xx\r\n.\r\n"])
+        nursery.cancel_scope.cancel()
+    assert ticks >= 64 // 16 - 1  # one yield per 16 operations that did not wait
     await stream.aclose()
     peer.close()
 

@@ -57,6 +57,9 @@ RECV_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
 BACKLOG: Final = 4096
 IOV_MAX: Final = 1024
+# send_many joins a reply of two chunks when the second is shorter than this (above it
+# the copy costs more than the gathered write: measured on loopback, 4-8 KiB even).
+JOIN_BELOW: Final = 8192
 # accept() errors that concern one connection or a passing shortage, not the listener
 # (the list trio.serve_listeners uses, plus the per-connection ones).
 _ACCEPT_TRANSIENT: Final = frozenset(
@@ -113,11 +116,15 @@ class Fair:
     __slots__ = ("_budget",)
     _budget: int
 
-    async def _fair(self) -> None:
+    def _due(self) -> bool:
+        """Count an operation that completed at once: True on every ``YIELD_EVERY``-th,
+        when the caller yields (``if self._due(): await cancel_shielded_checkpoint()``;
+        a plain call, where a coroutine per operation cost about 1,000 instructions)."""
         self._budget -= 1
-        if self._budget <= 0:
-            self._budget = YIELD_EVERY
-            await cancel_shielded_checkpoint()
+        if self._budget > 0:
+            return False
+        self._budget = YIELD_EVERY
+        return True
 
 
 class SocketStream(Fair, trio.abc.HalfCloseableStream):
@@ -142,7 +149,8 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _error(sock, exc) from exc
             else:
-                await self._fair()
+                if self._due():
+                    await cancel_shielded_checkpoint()
                 return data
             await wait_readable(sock)
 
@@ -173,7 +181,8 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _error(sock, exc) from exc
         if sent == len(data):
-            await self._fair()
+            if self._due():
+                await cancel_shielded_checkpoint()
             return
         with memoryview(data) as view:
             remaining = view[sent:]
@@ -191,6 +200,11 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
         """``send_all(b"".join(chunks))`` without the join: one gathered write."""
         if len(chunks) == 1:
             await self.send_all(chunks[0])
+            return
+        if len(chunks) == 2 and len(chunks[1]) < JOIN_BELOW:
+            # A small message and its +OK line: one copy of a few KiB costs less than
+            # sendmsg's gather (its iovec, a buffer export per chunk).
+            await self.send_all(chunks[0] + chunks[1])
             return
         await checkpoint_if_cancelled()
         sock = self.socket
@@ -216,7 +230,8 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
                     break
             if first < len(bufs):
                 await wait_writable(sock)
-        await self._fair()
+        if self._due():
+            await cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self.socket.fileno() == -1:

@@ -23,6 +23,7 @@ from typing import Final
 
 import trio
 from trio.lowlevel import (
+    cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
     wait_readable,
@@ -117,7 +118,8 @@ class TLSStream(Fair, trio.abc.Stream):
             except (OSError, ValueError) as exc:
                 raise self._failed(sock, exc) from exc
             else:
-                await self._fair()
+                if self._due():
+                    await cancel_shielded_checkpoint()
                 return data
             await wait(sock)
 
@@ -138,7 +140,8 @@ class TLSStream(Fair, trio.abc.Stream):
             except (OSError, ValueError) as exc:
                 raise self._failed(sock, exc) from exc
             else:
-                await self._fair()
+                if self._due():
+                    await cancel_shielded_checkpoint()
                 return
             try:
                 await wait(sock)
