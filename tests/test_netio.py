@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from pypop.server.listeners import IOV_MAX, JOIN_BELOW, SocketStream, open_listeners
+from pypop.server.listeners import IOV_MAX, SocketStream, open_listeners
 
 
 async def _pair() -> tuple[SocketStream, socket.socket]:
@@ -44,44 +44,6 @@ async def test_send_many_survives_partial_writes_and_many_chunks() -> None:
         nursery.start_soon(reader)
         await stream.send_many(chunks)
     assert result[0] == expected
-    await stream.aclose()
-    peer.close()
-
-
-@pytest.mark.parametrize("size", [0, 1, JOIN_BELOW - 1, JOIN_BELOW, 300_000])
-async def test_send_many_of_a_reply_and_its_message(size: int) -> None:
-    """Two chunks (a +OK line and a message): joined below JOIN_BELOW, gathered above
-    it, the same octets either way, a socket buffer's worth or more included."""
-    stream, peer = await _pair()
-    chunks = [b"+OK %d octets\r\n" % size, bytes(range(256)) * (size // 256) + b"." * (size % 256)]
-    sent: list[object] = []
-    real = stream.socket
-
-    class Spy:
-        def __getattr__(self, name: str) -> object:
-            return getattr(real, name)
-
-        def send(self, data: bytes) -> int:
-            sent.append(("send", len(data)))
-            return real.send(data)
-
-        def sendmsg(self, bufs: list[bytes]) -> int:
-            sent.append(("sendmsg", len(bufs)))
-            return real.sendmsg(bufs)
-
-    stream.socket = Spy()  # type: ignore[assignment]
-    expected = b"".join(chunks)
-    async with trio.open_nursery() as nursery:
-        result: list[bytes] = []
-
-        async def reader() -> None:
-            result.append(await _drain(peer, len(expected)))
-
-        nursery.start_soon(reader)
-        await stream.send_many(chunks)
-    assert result[0] == expected
-    assert sent[0] == (("send", len(expected)) if size < JOIN_BELOW else ("sendmsg", 2))
-    stream.socket = real
     await stream.aclose()
     peer.close()
 

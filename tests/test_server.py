@@ -24,7 +24,7 @@ from pypop.config import ConfigError, ServerConfig, load_config
 from pypop.protocol import ProtocolConfig
 from pypop.registry import BackendLoadError, create_backend
 from pypop.server import Server
-from pypop.server.listeners import Peer
+from pypop.server.listeners import JOIN_BELOW, Peer, SocketStream
 from pypop.server.session import Session, SessionContext
 from pypop.wire import stuff
 
@@ -470,6 +470,61 @@ async def test_pipelined_batch_is_one_write(memory_backend: MemoryBackend) -> No
         await client.send_all(b"QUIT\r\n")
         while await client.receive_some():
             pass
+
+
+class RecordingStream(SocketStream):
+    """pypop's socket stream, recording how each reply was written."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.writes: list[tuple[str, int]] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(("send_all", len(data)))
+        await super().send_all(data)
+
+    async def send_many(self, chunks: list[bytes]) -> None:
+        self.writes.append(("send_many", sum(map(len, chunks))))
+        await super().send_many(chunks)
+
+
+@pytest.mark.parametrize("body", [300, JOIN_BELOW - 600, JOIN_BELOW, 200_000])
+async def test_small_replies_are_joined_large_ones_gathered(body: int) -> None:
+    """A reply under JOIN_BELOW octets leaves as one joined send_all, a longer one as
+    a gathered send_many (no copy of the message); the client gets the same octets."""
+    backend = MemoryBackend()
+    message = sample_message("alice", 1, body_octets=body)
+    backend.deliver("alice", message, uid="alice-1")
+    server_sock, client = socket.socketpair()
+    stream = RecordingStream(server_sock)
+    session = Session(_context(backend), stream, Peer("127.0.0.1"), loopback=True)
+    client.setblocking(False)
+    buffer = b""
+
+    async def until(end: bytes) -> bytes:
+        nonlocal buffer
+        while end not in buffer:
+            await trio.lowlevel.wait_readable(client)
+            buffer += client.recv(1 << 20)
+        got, buffer = buffer.split(end, 1)
+        return got + end
+
+    reply = b"+OK %d octets\r\n" % len(message) + stuff(message)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_and_close, session)
+        await until(b"\r\n")
+        client.send(b"USER alice\r\nPASS wonderland\r\n")
+        await until(b"\r\n")
+        assert (await until(b"\r\n")).startswith(b"+OK")  # the maildrop is ours
+        stream.writes.clear()
+        client.send(b"RETR 1\r\n")
+        assert await until(b"\r\n.\r\n") == reply
+        assert stream.writes == [
+            ("send_all" if len(reply) < JOIN_BELOW else "send_many", len(reply))
+        ]
+        client.send(b"QUIT\r\n")
+        assert await until(b"\r\n") == b"+OK Logging out\r\n"
+    client.close()
 
 
 # ---- registry, config, CLI ---------------------------------------------------------

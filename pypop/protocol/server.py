@@ -292,6 +292,14 @@ class ServerConnection:
         """Frame the next window of input into whole lines (an incomplete line shorter
         than the limit stays unframed, so a framer swap applies to it)."""
         raw, pos, n = self._raw, self._raw_pos, len(self._raw)
+        if pos == 0 and n <= FRAME_WINDOW and raw[-1] == 10 and not self._skipping:
+            # Whole lines, one window (a command, or a short pipelined burst): what
+            # the loop below does with them, without its arithmetic.
+            lines = self._framer.feed(raw)
+            if lines:
+                self._lines, self._line_at = lines, 0
+            self._raw = b""
+            return
         while pos < n and self._line_at >= len(self._lines):
             framer = self._framer
             if self._skipping:

@@ -57,8 +57,9 @@ RECV_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
 BACKLOG: Final = 4096
 IOV_MAX: Final = 1024
-# send_many joins a reply of two chunks when the second is shorter than this (above it
-# the copy costs more than the gathered write: measured on loopback, 4-8 KiB even).
+# Replies shorter than this are joined and sent with one send_all, longer ones gathered
+# with send_many (pypop.server.session): a copy of a few KiB costs less than sendmsg's
+# iovec and buffer exports, a copy of a large message more (on loopback, even at 4-8 KiB).
 JOIN_BELOW: Final = 8192
 # accept() errors that concern one connection or a passing shortage, not the listener
 # (the list trio.serve_listeners uses, plus the per-connection ones).
@@ -200,11 +201,6 @@ class SocketStream(Fair, trio.abc.HalfCloseableStream):
         """``send_all(b"".join(chunks))`` without the join: one gathered write."""
         if len(chunks) == 1:
             await self.send_all(chunks[0])
-            return
-        if len(chunks) == 2 and len(chunks[1]) < JOIN_BELOW:
-            # A small message and its +OK line: one copy of a few KiB costs less than
-            # sendmsg's gather (its iovec, a buffer export per chunk).
-            await self.send_all(chunks[0] + chunks[1])
             return
         await checkpoint_if_cancelled()
         sock = self.socket

@@ -68,7 +68,7 @@ from pypop.server import metrics
 from pypop.server.anvil import Limits, LocalLimits
 from pypop.server.intl import HeaderCheck, wire_header_is_ascii
 from pypop.server.limits import ConnectionLimits
-from pypop.server.listeners import Peer, SocketStream
+from pypop.server.listeners import JOIN_BELOW, Peer, SocketStream
 from pypop.server.logins import Hold, MaildropHolders, describe, log_failed_login
 from pypop.server.passthrough import Passthrough
 from pypop.server.tls import TLSStream
@@ -300,8 +300,8 @@ class Session:
             return False
         self._touch()
         try:
-            if self._gathered is not None:
-                # A large message leaves without being joined to its +OK line (a copy).
+            if self._gathered is not None and conn.pending_output >= JOIN_BELOW:
+                # A large reply leaves without being joined to its +OK line (a copy).
                 await self._gathered.send_many(conn.take_output())
             else:
                 await self.stream.send_all(conn.data_to_send())
