@@ -123,13 +123,25 @@ async def test_large_message_leaves_with_its_terminator(
     deliver(alice, unique_name() + ".one", one_block)
     deliver(alice, unique_name() + ".three", three_blocks)
     writes: list[bytes] = []
-    send_many = SocketStream.send_many
+    send_many, send_all = SocketStream.send_many, SocketStream.send_all
+    gathering = False
 
     async def recording(stream: SocketStream, chunks: list[bytes]) -> None:
+        nonlocal gathering
         writes.append(b"".join(chunks))
-        await send_many(stream, chunks)
+        gathering = True
+        try:
+            await send_many(stream, chunks)
+        finally:
+            gathering = False
+
+    async def recording_one(stream: SocketStream, data: bytes | bytearray | memoryview) -> None:
+        if not gathering:  # a short reply, joined by the session
+            writes.append(bytes(data))
+        await send_all(stream, data)
 
     monkeypatch.setattr(SocketStream, "send_many", recording)
+    monkeypatch.setattr(SocketStream, "send_all", recording_one)
     async with running(create({"root": str(root)})) as server:
         host, port = server.addresses[0]
 
