@@ -164,6 +164,24 @@ def test_login_delay() -> None:
     assert d.remaining("alice") == 1
 
 
+def test_login_delay_zero_records_nothing() -> None:
+    """LOGIN-DELAY 0 (the default) keeps no entry per login; a user database's own
+    delay for one user still applies, counted from that user's first login under it."""
+    clock = Clock()
+    d = LoginDelay(0, clock=clock)
+    for i in range(100):
+        assert d.try_login(f"u{i}") == 0
+    assert len(d) == 0
+    assert d.try_login("z", 0) == 0
+    assert d.try_login("z", 60) == 0  # the first login under a delay
+    assert len(d) == 1
+    clock.now += 15
+    assert d.try_login("z", 60) == 45
+    assert d.try_login("z", 0) == 0  # the database dropped it
+    assert d.try_login("y") == 0
+    assert len(d) == 1
+
+
 def test_login_delay_memory() -> None:
     clock = Clock()
     d = LoginDelay(60, clock=clock, max_users=10)

@@ -224,7 +224,12 @@ class LoginDelay:
         """
         if seconds is not None and seconds > self._longest_seen:
             self._longest_seen = seconds
-        left = self.remaining(user, seconds)
+        delay = self.seconds_for(user) if seconds is None else seconds
+        if delay <= 0:
+            # Nothing to wait for and nothing to record (the default, LOGIN-DELAY 0):
+            # a login made under a delay later counts from then.
+            return 0.0
+        left = self.remaining(user, delay)
         if left > 0:
             return left
         now = self._clock()
