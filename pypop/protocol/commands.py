@@ -38,6 +38,7 @@ __all__ = [
     "decode_base64",
     "encode_command",
     "parse_command",
+    "plain_fetch",
 ]
 
 
@@ -257,21 +258,32 @@ def _optional_msg(args: list[bytes]) -> int | ParseError | None:
     return SYNTAX if n is None else n
 
 
-def parse_command(line: bytes) -> Command | ParseError:
-    """Parse one command line (without its line end)."""
-    # The commands of a mail download in their plain shape (one space, digits only)
-    # first: a few C calls where the general path below makes a dozen and two Python
-    # calls. Anything else, trailing spaces included, takes the general path, which
-    # gives the same answer for these lines (tests/test_protocol_fuzz.py checks).
+def plain_fetch(line: bytes) -> tuple[int, int | None] | None:
+    """``RETR n`` as (n, None) and ``TOP n m`` as (n, m) in their plain shape (one
+    space, digits only; m capped as the general parser caps it); None for any other
+    line, which the general parser answers (the same for these lines:
+    tests/test_protocol_fuzz.py checks)."""
     head = line[:5].upper()
-    if head == b"RETR " or head == b"DELE ":
+    if head == b"RETR ":
         arg = line[5:]
-        if arg.isdigit():
-            return Retr(int(arg)) if head == b"RETR " else Dele(int(arg))
-    elif head[:4] == b"TOP ":
+        return (int(arg), None) if arg.isdigit() else None
+    if head[:4] == b"TOP ":
         msg, sep, lines = line[4:].partition(b" ")
         if sep and msg.isdigit() and lines.isdigit():
-            return Top(int(msg), min(int(lines), MAX_TOP_LINES))
+            return int(msg), min(int(lines), MAX_TOP_LINES)
+    return None
+
+
+def parse_command(line: bytes) -> Command | ParseError:
+    """Parse one command line (without its line end)."""
+    # The commands of a mail download in their plain shape first: a few C calls where
+    # the general path below makes a dozen and two Python calls.
+    fetch = plain_fetch(line)
+    if fetch is not None:
+        msg, top_lines = fetch
+        return Retr(msg) if top_lines is None else Top(msg, top_lines)
+    if line[:5].upper() == b"DELE " and line[5:].isdigit():
+        return Dele(int(line[5:]))
     return _parse(line)
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from pypop.protocol.commands import (
-    MAX_TOP_LINES,
     Apop,
     Auth,
     Capa,
@@ -51,6 +50,7 @@ from pypop.protocol.commands import (
     Utf8,
     decode_base64,
     parse_command,
+    plain_fetch,
 )
 from pypop.protocol.events import (
     NEED_DATA,
@@ -476,24 +476,15 @@ class ServerConnection:
         does not have the message. False: another line, another shape, or a number
         that is no message, all for the general path (which gives the same answer
         for these lines too: tests/test_protocol_fuzz.py checks)."""
-        kind: type[Retr | Top]
-        head = line[:5].upper()
-        if head == b"RETR ":
-            arg = line[5:]
-            if not arg.isdigit():
-                return False
-            msg, top_lines, kind = int(arg), None, Retr
-        elif head[:4] == b"TOP ":
-            first, sep, second = line[4:].partition(b" ")
-            if not (sep and first.isdigit() and second.isdigit()):
-                return False
-            msg, top_lines, kind = int(first), min(int(second), MAX_TOP_LINES), Top
-        else:
+        fetch = plain_fetch(line)
+        if fetch is None:
             return False
+        msg, top_lines = fetch
         sizes = self._sizes
         if not 1 <= msg <= len(sizes) or self._deleted[msg - 1]:
             return False  # -ERR, from the general path
         self.bad_commands = 0
+        kind = Retr if top_lines is None else Top
         verbs = self.verbs
         verbs[kind] = verbs.get(kind, 0) + 1
         i = msg - 1
