@@ -9,6 +9,7 @@ from typing import Final, Self, final
 
 __all__ = [
     "DEFAULT_MAX_LINE",
+    "HEADER_SCAN_LIMIT",
     "IMPLEMENTATION",
     "PROXY_HEADER_MAX",
     "DotStuffer",
@@ -27,11 +28,15 @@ __all__ = [
     "read_small_files",
     "stuff",
     "unstuff",
+    "wire_header_is_ascii",
     "wire_size",
 ]
 
 DEFAULT_MAX_LINE: Final[int]
 """255: RFC 2449 §4 command-line limit, line end included."""
+
+HEADER_SCAN_LIMIT: Final[int]
+"""256 KiB: how much of a header without an empty line the server's 8-bit check judges."""
 
 IMPLEMENTATION: Final[str]
 """"rust" here, "python" in the twin."""
@@ -95,6 +100,11 @@ def stuff(message: bytes, top_lines: int | None = None) -> bytes:
 
 def wire_size(message: bytes) -> int:
     """Whole-message SizeCounter."""
+
+def wire_header_is_ascii(wire: bytes, limit: int = ...) -> bool:
+    """RFC 6856: is the header of this wire-form message (CRLF line ends, stuffed)
+    US-ASCII? The header ends before the first empty line; without one within
+    ``limit`` octets, the first ``limit`` octets are judged. Only the header is read."""
 
 def unstuff(data: bytes) -> tuple[bytes, bytes]:
     """Whole-buffer Unstuffer; raises ValueError if the terminator is missing."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import operator
 import os
 import re
 import secrets
@@ -24,6 +25,7 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_MAX_LINE",
+    "HEADER_SCAN_LIMIT",
     "IMPLEMENTATION",
     "PROXY_HEADER_MAX",
     "DotStuffer",
@@ -42,11 +44,15 @@ __all__ = [
     "read_small_files",
     "stuff",
     "unstuff",
+    "wire_header_is_ascii",
     "wire_size",
 ]
 
 DEFAULT_MAX_LINE: Final[int] = 255
 """255: RFC 2449 §4 command-line limit, line end included."""
+
+HEADER_SCAN_LIMIT: Final[int] = 256 * 1024
+"""How much of a header without an empty line the server's 8-bit check judges."""
 
 IMPLEMENTATION: Final[str] = "python"
 """"rust" in the extension, "python" here."""
@@ -433,6 +439,18 @@ def wire_size(message: bytes) -> int:
     counter = SizeCounter()
     counter.feed(message)
     return counter.finish()
+
+
+def wire_header_is_ascii(wire: bytes, limit: int = HEADER_SCAN_LIMIT) -> bool:
+    """See the stub: is the header of this wire-form message US-ASCII?"""
+    wire = _as_bytes(wire)
+    limit = operator.index(limit)
+    if not 0 <= limit < 1 << 64:
+        raise OverflowError("limit must be between 0 and 2**64 - 1")
+    if wire.startswith(b"\r\n"):
+        return True  # an empty header
+    end = wire.find(b"\r\n\r\n", 0, limit)
+    return (wire[:end] if end >= 0 else wire[:limit]).isascii()
 
 
 def unstuff(data: bytes) -> tuple[bytes, bytes]:

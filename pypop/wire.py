@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 __all__ = [
     "DEFAULT_MAX_LINE",
+    "HEADER_SCAN_LIMIT",
     "IMPLEMENTATION",
     "PROXY_HEADER_MAX",
     "DotStuffer",
@@ -30,12 +31,14 @@ __all__ = [
     "read_small_files",
     "stuff",
     "unstuff",
+    "wire_header_is_ascii",
     "wire_size",
 ]
 
 if TYPE_CHECKING:
     from pypop._wire import (
         DEFAULT_MAX_LINE,
+        HEADER_SCAN_LIMIT,
         IMPLEMENTATION,
         PROXY_HEADER_MAX,
         DotStuffer,
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
         read_small_files,
         stuff,
         unstuff,
+        wire_header_is_ascii,
         wire_size,
     )
 elif os.environ.get("PYPOP_PUREPYTHON", "") not in ("", "0"):

@@ -258,6 +258,9 @@ API = {
     "stuff",
     "unstuff",
     "wire_size",
+    # RFC 6856: the 8-bit header check of a wire-form message
+    "HEADER_SCAN_LIMIT",
+    "wire_header_is_ascii",
     # the PROXY protocol header (tests/test_proxy_wire.py)
     "PROXY_HEADER_MAX",
     "parse_proxy_header",
@@ -654,6 +657,49 @@ def test_wire_size(wire: ModuleType, message: bytes, size: int, unstuffed: int) 
 
 
 # --------------------------------------------------------------------------------------
+# wire_header_is_ascii (RFC 6856)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "limit", "ascii"),
+    [
+        (b"", 10, True),
+        (b".\r\n", 10, True),
+        (b"\r\n\xff body\r\n.\r\n", 10, True),  # an empty header
+        (b"\r\n\xff", 0, True),
+        (b"A: b\r\n\r\n\xff\r\n.\r\n", 10, True),  # 8-bit body only
+        (b"A: \xc3\xa4\r\n\r\nbody\r\n.\r\n", 10, False),
+        (b"A: b\r\nB: \xff\r\n\r\n", 100, False),  # the header's last line
+        (b"A: b\r\nB: \xff", 100, False),  # no empty line: all header
+        (b"A: b\r\nB: \xff", 9, True),  # ... judged by its first `limit` octets
+        (b"A: b\r\nB: \xff", 10, False),
+        (b"A: b\r\n\r\n\xff", 7, True),  # the empty line past the limit
+        (b"A: \xffb\r\n\r\n", 3, True),
+        (b"A: \xffb\r\n\r\n", 4, False),
+        (b"A: b\n\n\xff", 100, False),  # not wire form: LF is no line end here
+    ],
+)
+def test_wire_header_is_ascii(wire: ModuleType, data: bytes, limit: int, ascii: bool) -> None:
+    assert wire.wire_header_is_ascii(data, limit) is ascii
+    assert wire.wire_header_is_ascii(bytearray(data), limit) is ascii
+    assert wire.wire_header_is_ascii(data) is wire.wire_header_is_ascii(data, 1 << 30)
+
+
+def test_wire_header_is_ascii_default_limit(wire: ModuleType) -> None:
+    assert wire.HEADER_SCAN_LIMIT == 256 * 1024
+    long = b"X: " + b"a" * (256 * 1024) + b"\xff\r\n\r\n"
+    assert wire.wire_header_is_ascii(long) is True  # the 8-bit octet is past the limit
+    assert wire.wire_header_is_ascii(long, len(long)) is False
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 64])
+def test_wire_header_is_ascii_bad_limit(wire: ModuleType, bad: int) -> None:
+    with pytest.raises(OverflowError):
+        wire.wire_header_is_ascii(b"A: b\r\n\r\n", bad)
+
+
+# --------------------------------------------------------------------------------------
 # Unstuffer
 # --------------------------------------------------------------------------------------
 
@@ -935,6 +981,26 @@ def test_prop_round_trip_and_size(wire: ModuleType, message: bytes, draw: st.Dat
     assert counter.finish() == size
     # the client side, under another chunking, with a pipelined reply behind it
     assert unstuff_chunks(wire, chunked(stuffed + b"+OK\r\n", draw)) == (payload, b"+OK\r\n")
+
+
+@examples(300)
+@given(message=messages, limit=st.integers(0, 250))
+def test_prop_wire_header_is_ascii_matches_top_zero(
+    wire: ModuleType, message: bytes, limit: int
+) -> None:
+    # The header is what TOP n 0 sends (up to the empty line, by the wire's line
+    # rules); past the limit only the first `limit` octets of the wire form count.
+    stuffed = model_stuff(message)
+    header = model_stuff(message, 0)[:-3]
+    if header.endswith(b"\r\n\r\n"):
+        header = header[:-4]
+    assert wire.wire_header_is_ascii(stuffed, 1 << 20) is header.isascii()
+    window = stuffed[:limit]
+    if stuffed.startswith(b"\r\n") or b"\r\n\r\n" in window:
+        expected = header.isascii()
+    else:
+        expected = window.isascii()
+    assert wire.wire_header_is_ascii(stuffed, limit) is expected
 
 
 @examples(400)

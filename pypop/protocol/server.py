@@ -82,7 +82,7 @@ from pypop.protocol.replies import (
     match_language,
 )
 from pypop.protocol.state import State, allowed
-from pypop.wire import DEFAULT_MAX_LINE, LineFramer
+from pypop.wire import DEFAULT_MAX_LINE, LineFramer, wire_header_is_ascii
 
 __all__ = ["NO_CAPABILITIES", "ProtocolConfig", "ServerConnection"]
 
@@ -650,7 +650,9 @@ class ServerConnection:
             wire = self._quick(i, top_lines)
         except Exception:
             return False
-        if wire is None or (self.refuse_8bit_headers and not self.utf8 and not wire.isascii()):
+        if wire is None or (
+            self.refuse_8bit_headers and not self.utf8 and not wire_header_is_ascii(wire)
+        ):
             return False
         line = self._header_line(self._sizes[i], top_lines)
         self._out.append(line)

@@ -22,22 +22,11 @@ so no fast path can skip it.
 
 from __future__ import annotations
 
-from typing import Final
-
-from pypop.wire import DotStuffer
+# The check of a message already in wire form is the codec's (one call, reading the
+# header only); HeaderCheck below is its streaming form for stored blocks.
+from pypop.wire import HEADER_SCAN_LIMIT, DotStuffer, wire_header_is_ascii
 
 __all__ = ["HEADER_SCAN_LIMIT", "HeaderCheck", "wire_header_is_ascii"]
-
-HEADER_SCAN_LIMIT: Final = 256 * 1024
-
-
-def wire_header_is_ascii(wire: bytes) -> bool:
-    """For a message already in wire form (CRLF line ends, stuffed): is its header
-    US-ASCII?"""
-    if wire.startswith(b"\r\n"):
-        return True  # an empty header
-    end = wire.find(b"\r\n\r\n", 0, HEADER_SCAN_LIMIT)
-    return (wire[:end] if end >= 0 else wire[:HEADER_SCAN_LIMIT]).isascii()
 
 
 class HeaderCheck:

@@ -717,8 +717,8 @@ class Session:
             except Exception:
                 wire = None  # retrieve() answers, and reports any failure
             if wire is not None:
-                # Most mail is all ASCII: one vectorised pass, no call, decides.
-                if not wire.isascii() and self._refuse_8bit() and not wire_header_is_ascii(wire):
+                # One pass over the header only (never the body of a large message).
+                if self._refuse_8bit() and not wire_header_is_ascii(wire):
                     conn.reply_err(Text.UTF8_NEEDED, "UTF8")
                     return
                 conn.message_header()

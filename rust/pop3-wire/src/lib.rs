@@ -39,7 +39,9 @@ pub use framer::LineFramer;
 pub use proxy::{
     encode_proxy_v2, parse_proxy_header, ProxyError, ProxyHeader, PROXY_V1_MAX, PROXY_V2_SIGNATURE,
 };
-pub use stuff::{stuff, stuff_into, wire_size, DotStuffer, SizeCounter};
+pub use stuff::{
+    stuff, stuff_into, wire_header_is_ascii, wire_size, DotStuffer, SizeCounter, HEADER_SCAN_LIMIT,
+};
 pub use unstuff::{unstuff, unstuff_into, Unstuffer};
 
 /// The RFC 2449 §4 command-line limit: 255 octets, line end included.

@@ -327,6 +327,16 @@ fn wire_size(py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<u64> {
     Ok(run(py, message.as_bytes(), wire::wire_size))
 }
 
+/// RFC 6856: is the header of this wire-form message US-ASCII (the first `limit`
+/// octets when no empty line ends within them)? The GIL stays held: only the header is
+/// read, never more than `limit` octets.
+#[pyfunction]
+#[pyo3(signature = (wire, limit = wire::HEADER_SCAN_LIMIT))]
+fn wire_header_is_ascii(wire: &Bound<'_, PyAny>, limit: usize) -> PyResult<bool> {
+    let wire = as_bytes(wire)?;
+    Ok(wire::wire_header_is_ascii(wire.as_bytes(), limit))
+}
+
 /// Whole-buffer Unstuffer; raises ValueError if the terminator is missing.
 #[pyfunction]
 fn unstuff<'py>(
@@ -527,6 +537,7 @@ fn read_small_file(path: &Path, limit: usize) -> Option<Vec<u8>> {
 #[pymodule]
 fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_LINE", wire::DEFAULT_MAX_LINE)?;
+    m.add("HEADER_SCAN_LIMIT", wire::HEADER_SCAN_LIMIT)?;
     m.add("IMPLEMENTATION", "rust")?;
     m.add_class::<LineFramer>()?;
     m.add_class::<DotStuffer>()?;
@@ -534,6 +545,7 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Unstuffer>()?;
     m.add_function(wrap_pyfunction!(stuff, m)?)?;
     m.add_function(wrap_pyfunction!(wire_size, m)?)?;
+    m.add_function(wrap_pyfunction!(wire_header_is_ascii, m)?)?;
     m.add_function(wrap_pyfunction!(unstuff, m)?)?;
     m.add_function(wrap_pyfunction!(constant_time_eq, m)?)?;
     m.add_function(wrap_pyfunction!(apop_digest, m)?)?;
