@@ -259,3 +259,46 @@ def test_kill_9_mid_retr_deletes_nothing(alice: Path, root: Path, tmp_path: Path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def test_refused_8bit_message_is_not_flagged_seen(alice: Path, root: Path) -> None:
+    """RFC 6856: a message refused to a client without UTF8 was not retrieved, so
+    UPDATE must not mark it Seen, even when it was read ahead; sent to a UTF8 client,
+    it is."""
+    names = [unique_name() + tag for tag in (".ascii", ".8bit", ".last")]
+    deliver(alice, names[0], b"Subject: one\n\nbody\n")
+    deliver(alice, names[1], "Subject: Grüße\n\nbody\n".encode())
+    deliver(alice, names[2], b"Subject: three\n\nbody\n")
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def session(utf8: bool) -> list[bytes]:
+            pop = poplib.POP3(host, port, timeout=60)
+            replies = []
+            try:
+                if utf8:
+                    replies.append(pop._shortcmd("UTF8"))
+                pop.user("alice")
+                pop.pass_(PASSWORD)
+                for i in (1, 2, 3):
+                    try:
+                        replies.append(pop.retr(i)[0])
+                    except poplib.error_proto as exc:
+                        replies.append(exc.args[0])
+                pop.quit()
+            finally:
+                pop.close()
+            return replies
+
+        replies = await trio.to_thread.run_sync(session, False)
+        assert [r.split(b" ", 2)[:2] for r in replies] == [
+            [b"+OK", b"22"],
+            [b"-ERR", b"[UTF8]"],
+            [b"+OK", b"24"],
+        ]
+        assert sorted(os.listdir(alice / "cur")) == sorted(
+            [names[0] + ":2,S", names[1] + ":2,", names[2] + ":2,S"]
+        )
+        replies = await trio.to_thread.run_sync(session, True)
+        assert [r.split(b" ", 1)[0] for r in replies] == [b"+OK"] * 4
+        assert sorted(os.listdir(alice / "cur")) == sorted(n + ":2,S" for n in names)

@@ -35,7 +35,7 @@ from pypop.errors import (
     TemporaryFailure,
     UpdateFailed,
 )
-from pypop.wire import read_small_files, stuff, wire_size
+from pypop.wire import read_small_files, stuff, wire_header_is_ascii, wire_size
 
 from pypop_maildir import _store
 from pypop_maildir._config import (
@@ -497,13 +497,20 @@ class MaildirMailbox(SnapshotMailbox):
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
         """pypop.backend.WireCache: a message read ahead goes out without a thread hop
-        or an async generator (stuffed here, in Rust); None for any other."""
+        or an async generator (stuffed here, in Rust); None for any other.
+
+        A RETR of a message with an 8-bit header is left to ``retrieve``: the server
+        may refuse it (RFC 6856), and only a message read to its end counts as
+        retrieved (Seen at UPDATE); this answer cannot know whether it will be sent."""
         data = self._from_ahead(index, top_lines)
         if data is None:
             return None
+        wire = stuff(data, top_lines)
         if top_lines is None:
+            if not wire_header_is_ascii(wire):
+                return None
             self._mark_retrieved(index)
-        return stuff(data, top_lines)
+        return wire
 
     # -- in worker threads --
 
