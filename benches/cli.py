@@ -3,7 +3,9 @@
 Every server runs pinned to core 0 (``taskset -c 0``); the load generator runs on
 core 1. Each server is started once with a fresh copy of the fixture, warmed up
 (every user's mailbox opened once), measured on *idle* first (while its memory is
-fresh), then on every other scenario ``--repeats`` times. Results: a table on
+fresh), then on every other scenario ``--repeats`` times. ``trio-floor`` (benches/floor.py,
+no POP3 work) runs the plain scenarios as the ceiling of the same run, and the table
+gives each pypop server's share of it. Results: a table on
 stdout, JSON and a PNG chart in ``benches/results/``. Exit status 1 if any run had
 an error (a failed reply check, a server that would not start) or nothing ran.
 """
@@ -29,8 +31,10 @@ from benches import loadgen, report
 from benches.fixtures import Fixture, UserSet
 from benches.progress import Progress
 from benches.servers import (
+    FLOOR_SCENARIOS,
     REPO,
     DovecotServer,
+    FloorServer,
     PypopPostgresServer,
     PypopServer,
     PypopSqliteServer,
@@ -98,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers",
         default="",
         help="comma list of dovecot,pypop-memory,pypop-maildir,pypop-sql-sqlite,"
-        "pypop-sql-postgresql (default: all available)",
+        "pypop-sql-postgresql,trio-floor (default: all available; trio-floor is "
+        "benches/floor.py, a server that does no POP3 work: the ceiling in the same run)",
     )
     p.add_argument(
         "--scenarios",
@@ -341,8 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             ok, why = pypop_sql_available(engine)
             sql_name = f"pypop-sql-{engine}"
             (servers.append(sql_name) if ok else skipped.__setitem__(sql_name, why))
+        servers.append("trio-floor")
     else:
-        for gone in ("pypop-memory", "pypop-maildir", "pypop-sql-sqlite", "pypop-sql-postgresql"):
+        for gone in (
+            "pypop-memory",
+            "pypop-maildir",
+            "pypop-sql-sqlite",
+            "pypop-sql-postgresql",
+            "trio-floor",
+        ):
             skipped[gone] = why
     if wanted:
         for s in servers:
@@ -400,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                     work / name, fx, cert, key, max_connections=args.idle_connections_dovecot + 200
                 )
                 conns = args.idle_connections_dovecot
+            elif name == "trio-floor":
+                srv = FloorServer(work / name, fx, python=args.python)
+                conns = 0
             else:
                 cls = {
                     "pypop-sql-sqlite": PypopSqliteServer,
@@ -463,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 for sc in run_scen:
+                    if name == "trio-floor" and sc.load not in FLOOR_SCENARIOS:
+                        # No TLS there, and an idle floor session measures nothing of
+                        # pypop's: the floor's column has no figure for these.
+                        for _ in range(1 if sc.load == "idle" else args.repeats):
+                            bar.advance(f"{name}: {sc.key} not run")
+                        continue
                     if sc.load == "idle" and name == "pypop-sql-postgresql":
                         # A session holds a PostgreSQL connection (its advisory lock):
                         # thousands of idle sessions would need thousands of backends.

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["format_table", "summarize", "write_chart", "write_json"]
 
 BASELINE = "dovecot"
+CEILING = "trio-floor"  # benches/floor.py: no POP3 work, the same event loop
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -102,16 +103,21 @@ def format_table(
     servers: Sequence[str],
     scenario_order: Sequence[str],
 ) -> str:
-    """Median (min-max) @server-CPU% per server, then pypop/Dovecot ratios of the medians.
+    """Median (min-max) @server-CPU% per server, then pypop/Dovecot ratios of the medians
+    and, with the Trio floor in the run, each server's share of the floor's median.
 
     The server CPU figure is the median share of its one core the server used: well
     under 100% means it was waiting (on the clients, the disk, or a busy machine).
     """
-    others = [s for s in servers if s != BASELINE]
+    others = [s for s in servers if s not in (BASELINE, CEILING)]
     has_base = BASELINE in servers
+    has_ceiling = CEILING in servers
     head = ["scenario", "unit", *servers]
     if has_base:
         head += [f"{s.removeprefix('pypop-')}/dovecot" for s in others]
+    if has_ceiling:
+        # What share of the floor each reaches: the host's speed cancels out.
+        head += [f"{s.removeprefix('pypop-')}/floor" for s in others]
     head += ["client/server CPU"]
     rows = [head]
     for sc in scenario_order:
@@ -121,8 +127,10 @@ def format_table(
         any_cell = next(iter(cells.values()))
         unit = f"{any_cell['unit']} ({direction(any_cell['lower_is_better'])})"
         row = [sc, unit, *(_cell(cells.get(s)) for s in servers)]
-        if has_base:
-            base = cells.get(BASELINE, {}).get("median")
+        for present, ref in ((has_base, BASELINE), (has_ceiling, CEILING)):
+            if not present:
+                continue
+            base = cells.get(ref, {}).get("median")
             for s in others:
                 m = cells.get(s, {}).get("median")
                 row.append(_ratio(m / base) if base and m is not None else "-")
@@ -174,7 +182,12 @@ def write_chart(
     cols = min(4, len(scs))
     nrows = (len(scs) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
-    colors = {"dovecot": "#7f7f7f", "pypop-memory": "#1f77b4", "pypop-maildir": "#2ca02c"}
+    colors = {
+        "dovecot": "#7f7f7f",
+        "pypop-memory": "#1f77b4",
+        "pypop-maildir": "#2ca02c",
+        "trio-floor": "#d9d9d9",
+    }
     for ax, sc in zip(axes.flat, scs, strict=False):
         cells = summary[sc]
         names = [s for s in servers if s in cells]

@@ -486,6 +486,41 @@ key = "{self.key}"
         wait_port(self.port, self.proc, 120, self.log)
 
 
+# ---------------------------------------------------------------- the Trio floor
+
+# What benches/floor.py serves: no TLS, and nothing worth measuring while idle.
+FLOOR_SCENARIOS = frozenset({"login", "retr-all", "top", "pipelined"})
+
+
+class FloorServer(Server):
+    """``python -m benches.floor``: one Trio task per connection and no POP3 work, the
+    ceiling of any server built as the design asks, measured in the same run."""
+
+    def __init__(self, workdir: Path, fixture: Fixture, python: str = sys.executable) -> None:
+        super().__init__("trio-floor", workdir)
+        self.fixture = fixture
+        self.python = python
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = self.workdir / "floor.log"
+        out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *pin_prefix(0),
+                *(self.python, "-m", "benches.floor", "--port", str(self.port)),
+                *("--eml", str(self.fixture.eml), "--passwd", str(self.fixture.passwd)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        out.close()
+        wait_port(self.port, self.proc, 120, self.log)
+
+
 # ---------------------------------------------------------------- pypop-sql
 
 
