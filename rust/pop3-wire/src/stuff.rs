@@ -1,5 +1,7 @@
 //! Dot-stuffing (server side): a stored message into a multi-line response body.
 
+use std::sync::OnceLock;
+
 use crate::WireError;
 
 /// Where the normalised octets go: the stuffer writes them, the size counter counts them.
@@ -769,8 +771,11 @@ pub fn wire_header_is_ascii(wire: &[u8], limit: usize) -> bool {
     if wire.starts_with(b"\r\n") {
         return true;
     }
+    // One searcher for every call: building it costs more than searching a header.
+    static EMPTY_LINE: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
+    let finder = EMPTY_LINE.get_or_init(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
     let window = &wire[..wire.len().min(limit)];
-    let end = memchr::memmem::find(window, b"\r\n\r\n").unwrap_or(window.len());
+    let end = finder.find(window).unwrap_or(window.len());
     window[..end].is_ascii()
 }
 
