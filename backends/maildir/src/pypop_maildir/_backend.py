@@ -556,13 +556,16 @@ class MaildirMailbox(SnapshotMailbox):
         paths = []
         budget = READ_AHEAD_OCTETS - len(block)
         maildir = self.maildir
-        for j in range(index + 1, min(len(self._entries), index + 1 + READ_AHEAD_MESSAGES)):
-            entry = self._entry(j)
+        entries, found = self._entries, self._found
+        # _entry() and Entry.path() inlined: this loop runs for every message read ahead.
+        for j in range(index + 1, min(len(entries), index + 1 + READ_AHEAD_MESSAGES)):
+            entry = found[j] if found is not None and j in found else entries[j]
+            size = entry.size
             # The POP3 size is never below the file size (line ends only grow).
-            if entry.size >= BLOCK_SIZE or entry.size > budget:
+            if size >= BLOCK_SIZE or size > budget:
                 break
-            paths.append(entry.path(maildir))
-            budget -= entry.size
+            paths.append(f"{maildir}/{entry.subdir}/{entry.name}")
+            budget -= size
         # One call for all of them (the GIL released once, not per system call); it
         # stops at the first that is gone, not a regular file, or grew past a block.
         contents = read_small_files(paths, BLOCK_SIZE) if paths else []
