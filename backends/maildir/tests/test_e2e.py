@@ -277,7 +277,7 @@ async def test_refused_8bit_message_is_not_flagged_seen(alice: Path, root: Path)
             replies = []
             try:
                 if utf8:
-                    replies.append(pop._shortcmd("UTF8"))
+                    replies.append(pop.utf8())
                 pop.user("alice")
                 pop.pass_(PASSWORD)
                 for i in (1, 2, 3):
