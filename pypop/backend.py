@@ -164,6 +164,10 @@ class WireCache(Protocol):
     block (no I/O). ``None`` means "use retrieve". The protocol engine calls it as it
     parses (``ServerConnection.serve_from``), so a pipelined batch of RETRs may ask for
     many messages in a row; an exception means "use retrieve" too, which reports it.
+    An answer is not yet a retrieval: the server may still refuse the message (RFC
+    6856: an 8-bit header to a client that has not sent UTF8), so a backend that
+    records what was retrieved (Maildir's Seen flags) must not count it here unless
+    its header is ASCII (``pypop.wire.wire_header_is_ascii``).
     """
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None: ...
