@@ -19,6 +19,10 @@ phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, no
 AVX-512, so its code paths may differ from the machine's). Every reply is checked
 (+OK, the terminator, the unstuffed length = the LIST size).
 
+``--backends trio-floor`` runs the same script (without TLS) against benches/floor.py,
+a server that does no POP3 work: what the event loop and the sockets cost, the part of
+each figure no change to pypop can remove.
+
 ``--check FILE`` compares with a committed baseline (benches/instructions-baseline.json)
 and exits 1 if instructions per RETR (one at a time or pipelined) rose by more than
 ``--tolerance`` (15%): CI's regression check, which times nothing. ``--write FILE``
@@ -161,6 +165,7 @@ class Callgrind:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONHASHSEED": "0"},
+            cwd=REPO,  # `python -m benches.floor` from any directory
         )
         out.close()
 
@@ -229,12 +234,14 @@ def measure(
     fx = Fixture(work / "fixture", [UserSet("small", "user", users, messages, 4096)])
     fx.build(["pypop"])
     creds = [line.split("\t") for line in fx.users_file("small").read_text().splitlines()]
-    if backend == "memory":
+    if backend == "trio-floor":  # benches/floor.py: no POP3 work, and no TLS
+        section, tls = "", False
+    elif backend == "memory":
         section = f'name = "memory"\nseed = "{fx.eml}"\n'
     else:
         section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
         section += os.environ.get("PYPOP_INSTR_EXTRA", "")
-    run = _Run(backend, fx.passwd, section, creds, messages, sessions, work)
+    run = _Run(backend, fx.passwd, section, creds, messages, sessions, work, fx.eml)
     per_session = run.phases(("login", "retr", "pipelined"), None)
     if tls:
         ca, cert, key = make_cert(work / "cert")
@@ -261,6 +268,13 @@ class _Run:
     messages: int
     sessions: int
     work: Path
+    eml: Path  # the fixture's messages (what the floor serves)
+
+    def command(self, conf: Path, port: int) -> list[str]:
+        if self.backend == "trio-floor":
+            floor = ["-m", "benches.floor", "--port", str(port), "--eml", str(self.eml)]
+            return [sys.executable, *floor, "--passwd", str(self.passwd)]
+        return [sys.executable, "-m", "pypop", "serve", "--config", str(conf)]
 
     def phases(
         self, phases: tuple[str, ...], tls: tuple[ssl.SSLContext, Path, Path] | None
@@ -287,7 +301,7 @@ class _Run:
         out_dir = self.work / f"cg-{name}"
         out_dir.mkdir()
         server = Callgrind(
-            [sys.executable, "-m", "pypop", "serve", "--config", str(conf)],
+            self.command(conf, port),
             out_dir,
             self.work / f"{name}.log",
         )
@@ -326,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--backends", default="memory,maildir")
+    p.add_argument(
+        "--backends",
+        default="memory,maildir",
+        help="comma list of memory, maildir and trio-floor (benches/floor.py: the same "
+        "script against a server that does no POP3 work, the event loop's share)",
+    )
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--messages", type=int, default=20, help="messages per user (4 KiB each)")
     p.add_argument("--sessions", type=int, default=24, help="sessions per phase")
