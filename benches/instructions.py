@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benches.fixtures import Fixture, UserSet
-from benches.servers import REPO, free_port, make_cert
+from benches.servers import REPO, floor_command, free_port, make_cert
 
 __all__ = ["main", "measure"]
 
@@ -272,8 +272,7 @@ class _Run:
 
     def command(self, conf: Path, port: int) -> list[str]:
         if self.backend == "trio-floor":
-            floor = ["-m", "benches.floor", "--port", str(port), "--eml", str(self.eml)]
-            return [sys.executable, *floor, "--passwd", str(self.passwd)]
+            return floor_command(sys.executable, port, self.eml, self.passwd)
         return [sys.executable, "-m", "pypop", "serve", "--config", str(conf)]
 
     def phases(

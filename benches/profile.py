@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benches import loadgen
 from benches.fixtures import Fixture, UserSet
-from benches.servers import free_port, make_cert, pin_prefix, wait_port
+from benches.servers import floor_command, free_port, make_cert, pin_prefix, wait_port
 
 SCENARIOS = {
     # name: (load-generator scenario, users, messages, octets, clients)
@@ -150,8 +150,7 @@ def main() -> int:
         log = root / "server.log"
         command = [sys.executable, "-m", "pypop", "serve", "--config", str(conf)]
         if args.backend == "trio-floor":
-            command = [sys.executable, "-m", "benches.floor", "--port", str(port)]
-            command += ["--eml", str(fx.eml), "--passwd", str(fx.passwd)]
+            command = floor_command(sys.executable, port, fx.eml, fx.passwd)
         with log.open("wb") as out:
             server = subprocess.Popen(
                 [*pin_prefix(0), *command],

@@ -492,6 +492,12 @@ key = "{self.key}"
 FLOOR_SCENARIOS = frozenset({"login", "retr-all", "top", "pipelined"})
 
 
+def floor_command(python: str, port: int, fixture_eml: Path, passwd: Path) -> list[str]:
+    """The command line of benches/floor.py (run it from REPO) serving a fixture."""
+    args = ["--port", str(port), "--eml", str(fixture_eml), "--passwd", str(passwd)]
+    return [python, "-m", "benches.floor", *args]
+
+
 class FloorServer(Server):
     """``python -m benches.floor``: one Trio task per connection and no POP3 work, the
     ceiling of any server built as the design asks, measured in the same run."""
@@ -509,8 +515,7 @@ class FloorServer(Server):
         self.proc = subprocess.Popen(
             [
                 *pin_prefix(0),
-                *(self.python, "-m", "benches.floor", "--port", str(self.port)),
-                *("--eml", str(self.fixture.eml), "--passwd", str(self.fixture.passwd)),
+                *floor_command(self.python, self.port, self.fixture.eml, self.fixture.passwd),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
