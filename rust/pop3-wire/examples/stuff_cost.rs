@@ -42,7 +42,7 @@ fn message(end: impl Fn(u32) -> &'static [u8]) -> Vec<u8> {
         b"The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.";
     let mut i = 0u32;
     while m.len() < MIB {
-        if i % 40 == 0 {
+        if i.is_multiple_of(40) {
             m.push(b'.');
         }
         let n = 70 + (i as usize * 7) % 13;

@@ -11,7 +11,7 @@ fn message(line_end: &[u8]) -> Vec<u8> {
     let mut m = b"From: a@example.org\r\nSubject: throughput\r\n\r\n".to_vec();
     let mut i = 0u32;
     while m.len() < 1 << 20 {
-        if i % 40 == 0 {
+        if i.is_multiple_of(40) {
             m.push(b'.');
         }
         m.extend_from_slice(
@@ -51,10 +51,10 @@ fn mail_like() -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if k % 17 == 0 {
+        if k.is_multiple_of(17) {
             m.push(b'.');
             m.extend(std::iter::repeat_n(b'd', 40));
-        } else if k % 53 == 0 {
+        } else if k.is_multiple_of(53) {
             m.push(b'.');
         } else {
             m.extend(std::iter::repeat_n(b'w', 30 + (x % 47) as usize));

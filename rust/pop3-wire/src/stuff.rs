@@ -123,9 +123,17 @@ fn skip_verbatim_blocks_any(data: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Octets per step of [`lf_lines_avx2`].
+/// Octets per step of [`lf_lines`].
 #[cfg(target_arch = "x86_64")]
 const LANE: usize = 32;
+/// Steps of [`lf_lines`] a growth of its output is sized for (64 KiB of input), when
+/// the capacity does not hold one more.
+#[cfg(target_arch = "x86_64")]
+const RESERVE_STEPS: usize = 2048;
+/// Input octets left that [`lf_lines`] leaves to the line loop rather than grow its
+/// output for (the end of a message whose stuffed form fits the reserved capacity).
+#[cfg(target_arch = "x86_64")]
+const TAIL: usize = 4 * LANE;
 
 /// For each set of LFs among 8 octets (bit j: octet j is an LF), the `pshufb` control
 /// that spreads the 8 octets over up to 16 with a CR (octet 8 of the source) in front
@@ -205,22 +213,109 @@ macro_rules! store_quarters {
 /// 32-octet step that holds a CR or the last 31 octets (left to the line loop, which
 /// handles everything). Returns where it stopped and whether that octet begins a line.
 #[inline]
-#[allow(unsafe_code)] // the one call of an AVX2 function, after the CPU check
 fn lf_lines(data: &[u8], i: usize, at_line_start: bool, out: &mut Vec<u8>) -> (usize, bool) {
     #[cfg(target_arch = "x86_64")]
-    if i + 2 * LANE <= data.len()
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("popcnt")
-    {
-        // SAFETY: this CPU has AVX2 and POPCNT (checked just above, cached by std).
-        return unsafe { lf_lines_avx2(data, i, at_line_start, out) };
+    if i + 2 * LANE <= data.len() {
+        if let Some(kernel) = LfKernel::best() {
+            return lf_lines_with(kernel, data, i, at_line_start, out);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (data, out); // the line loop does it all here
     (i, at_line_start)
 }
 
-/// [`lf_lines`], 32 octets a step with no branch on where lines end (line lengths vary
+/// The 32-octet step [`lf_lines`] runs, by what the CPU has.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LfKernel {
+    Avx2,
+    /// AVX-512 with VBMI2's byte expansion (Intel since Ice Lake, AMD since Zen 4).
+    Avx512,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LfKernel {
+    /// The fastest this CPU has (std caches the checks).
+    #[inline]
+    fn best() -> Option<Self> {
+        if Self::Avx512.supported() {
+            Some(Self::Avx512)
+        } else if Self::Avx2.supported() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+
+    #[inline]
+    fn supported(self) -> bool {
+        match self {
+            Self::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt")
+            }
+            Self::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512vbmi2")
+                    && std::is_x86_feature_detected!("bmi2")
+                    && std::is_x86_feature_detected!("popcnt")
+            }
+        }
+    }
+}
+
+/// [`lf_lines`] with `kernel`, which this CPU must support. Works in runs of as many
+/// steps as the output's capacity already holds: a step writes at most twice its input
+/// and its last store reaches past its output, but mail grows by a CR per line.
+/// Reserving the worst case for the whole input at once made `Vec` reallocate (a copy
+/// of the whole buffer) on every large message.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // the kernels' calls, and the length they wrote
+fn lf_lines_with(
+    kernel: LfKernel,
+    data: &[u8],
+    mut i: usize,
+    at_line_start: bool,
+    out: &mut Vec<u8>,
+) -> (usize, bool) {
+    debug_assert!(kernel.supported());
+    let len = data.len();
+    let mut after_lf = at_line_start;
+    while i + LANE <= len {
+        let mut steps = (out.capacity() - out.len()).saturating_sub(16) / (2 * LANE);
+        if steps == 0 {
+            if len - i < TAIL {
+                break; // a short tail: the line loop writes it exactly, without growing
+            }
+            out.reserve(((len - i) / LANE).min(RESERVE_STEPS) * 2 * LANE + 16);
+            steps = (out.capacity() - out.len() - 16) / (2 * LANE);
+        }
+        let end = i + steps.min((len - i) / LANE) * LANE;
+        let start = out.len();
+        // SAFETY: the kernel reads `data[i..end]` (whole steps, end <= len) and writes
+        // below `steps * 64 + 16` octets from `dst`, within the capacity; the CPU has
+        // its features (the caller checked).
+        let (next, after, written, stopped) = unsafe {
+            let dst = out.as_mut_ptr().add(start);
+            let src = data.as_ptr();
+            match kernel {
+                LfKernel::Avx2 => lf_run_avx2(src, i, end, after_lf, dst),
+                LfKernel::Avx512 => lf_run_avx512(src, i, end, after_lf, dst),
+            }
+        };
+        // SAFETY: the kernel wrote the `written` octets after `start`.
+        unsafe { out.set_len(start + written) };
+        (i, after_lf) = (next, after);
+        if stopped {
+            break; // a CR: the line loop takes it from here
+        }
+    }
+    (i, after_lf)
+}
+
+/// One run of [`lf_lines_with`] in AVX2, 32 octets a step with no branch on where lines end (line lengths vary
 /// at random, and a branch per line end mispredicts about every other step). The
 /// step's LFs are a bit mask; each quarter (8 octets) is spread by one `pshufb` with
 /// [`CR_BEFORE`]'s control for its 8 bits, from a source that holds the quarter and
@@ -230,33 +325,25 @@ fn lf_lines(data: &[u8], i: usize, at_line_start: bool, out: &mut Vec<u8>) -> (u
 /// doubled, and the copies of LFs then made CRs. On the suite's Maildir mail (random
 /// line lengths, every 17th line dotted) about 25% fewer cycles than a loop over each
 /// step's LFs, whose trip count the branch predictor cannot learn.
+///
+/// Reads `data[i..end]` (`end - i` a multiple of 32) and writes from `dst`, at most 64
+/// octets a step plus 16; returns where it stopped, whether that octet begins a line,
+/// the octets written, and whether a CR stopped it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 #[allow(unsafe_code)]
-unsafe fn lf_lines_avx2(
-    data: &[u8],
+unsafe fn lf_run_avx2(
+    data: *const u8,
     mut i: usize,
+    end: usize,
     at_line_start: bool,
-    out: &mut Vec<u8>,
-) -> (usize, bool) {
+    dst: *mut u8,
+) -> (usize, bool, usize, bool) {
     use std::arch::x86_64::{
         __m256i, _mm256_and_si256, _mm256_blend_epi32, _mm256_blendv_epi8, _mm256_cmpeq_epi8,
         _mm256_loadu2_m128i, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_permute4x64_epi64,
         _mm256_set1_epi8, _mm256_shuffle_epi8,
     };
-    let len = data.len();
-    // A step writes at most twice its input, and its last store reaches 16 octets past
-    // the step's end.
-    let steps = (len - i) / LANE;
-    out.reserve(steps * 2 * LANE + 16);
-    let src = data.as_ptr();
-    let start = out.len();
-    // SAFETY (for every access below): loads read `src + i .. src + i + 32` with
-    // i + 32 <= len, and 16-octet rows of CR_BEFORE, DOUBLE and COPIES (indexes below
-    // 256); stores land below `steps * 64 + 16` octets from `dst`, the capacity
-    // reserved above.
-    let dst = unsafe { out.as_mut_ptr().add(start) };
-    let mut o = 0usize;
     let lf = _mm256_set1_epi8(b'\n' as i8);
     let cr = _mm256_set1_epi8(b'\r' as i8);
     let dot = _mm256_set1_epi8(b'.' as i8);
@@ -264,13 +351,18 @@ unsafe fn lf_lines_avx2(
     let double_t = DOUBLE.as_ptr();
     let copies_t = COPIES.as_ptr();
     let mut after_lf = u32::from(at_line_start);
-    while i + LANE <= len {
-        let v = unsafe { _mm256_loadu_si256(src.add(i).cast::<__m256i>()) };
+    let mut o = 0usize;
+    // SAFETY (for every access below): loads read `data + i .. data + i + 32` with
+    // i + 32 <= end, and 16-octet rows of CR_BEFORE, DOUBLE and COPIES (indexes below
+    // 256); each octet of output is written by the store of its quarter (a later store
+    // rewrites only octets past it).
+    while i < end {
+        let v = unsafe { _mm256_loadu_si256(data.add(i).cast::<__m256i>()) };
         let crs = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, cr)) as u32;
         let lfs = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, lf)) as u32;
         let dots = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, dot)) as u32;
         if crs != 0 {
-            break; // a CR: the line loop takes it from here
+            return (i, after_lf != 0, o, true); // a CR: the line loop takes it from here
         }
         let dotted = dots & ((lfs << 1) | after_lf);
         if dotted != 0 {
@@ -312,10 +404,69 @@ unsafe fn lf_lines_avx2(
         after_lf = lfs >> 31;
         i += LANE;
     }
-    // SAFETY: the `o` octets after `start` were all written (each by the store of its
-    // quarter; a later store rewrote only octets past them).
-    unsafe { out.set_len(start + o) };
-    (i, after_lf != 0)
+    (i, after_lf != 0, o, false)
+}
+
+/// [`lf_run_avx2`] with AVX-512 (VBMI2), 32 octets a step and no table: the octets
+/// that get one in front (LFs, and dots that begin a line) are a bit mask; `pdep` and
+/// `pext` turn it into the mask of output slots that receive input octets, and
+/// `vpexpandb` spreads the step over them, with a CR in each slot left between (a dot
+/// where the octet after it is a dotted line start). One 64-octet store a step (32
+/// octets and up to 32 inserted).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,bmi2,popcnt")]
+#[allow(unsafe_code)]
+unsafe fn lf_run_avx512(
+    data: *const u8,
+    mut i: usize,
+    end: usize,
+    at_line_start: bool,
+    dst: *mut u8,
+) -> (usize, bool, usize, bool) {
+    use std::arch::x86_64::{
+        __m256i, _mm256_cmpeq_epi8_mask, _mm256_loadu_si256, _mm256_set1_epi8,
+        _mm512_mask_expand_epi8, _mm512_mask_mov_epi8, _mm512_set1_epi8, _mm512_storeu_si512,
+        _mm512_zextsi256_si512, _pdep_u64, _pext_u64,
+    };
+    const EVEN: u64 = 0x5555_5555_5555_5555;
+    const ODD: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+    let lf = _mm256_set1_epi8(b'\n' as i8);
+    let cr = _mm256_set1_epi8(b'\r' as i8);
+    let dot = _mm256_set1_epi8(b'.' as i8);
+    let crs_w = _mm512_set1_epi8(b'\r' as i8);
+    let dots_w = _mm512_set1_epi8(b'.' as i8);
+    let mut after_lf = u32::from(at_line_start);
+    let mut o = 0usize;
+    while i < end {
+        // SAFETY: i + 32 <= end.
+        let v = unsafe { _mm256_loadu_si256(data.add(i).cast::<__m256i>()) };
+        if _mm256_cmpeq_epi8_mask(v, cr) != 0 {
+            return (i, after_lf != 0, o, true); // a CR: the line loop takes it from here
+        }
+        let lfs = _mm256_cmpeq_epi8_mask(v, lf);
+        let dotted = _mm256_cmpeq_epi8_mask(v, dot) & ((lfs << 1) | after_lf);
+        let ins = u64::from(lfs | dotted);
+        // Two slots for octet j, bits 2j (the one in front, if any) and 2j + 1; `pext`
+        // over the slots in use leaves them in output order, a 1 for each inserted.
+        let spread = _pdep_u64(ins, EVEN);
+        let used = spread | ODD;
+        let data_slots = !_pext_u64(spread, used);
+        let fill = if dotted == 0 {
+            crs_w
+        } else {
+            let dot_slots = _pext_u64(_pdep_u64(u64::from(dotted), EVEN), used);
+            _mm512_mask_mov_epi8(crs_w, dot_slots, dots_w)
+        };
+        // Slots from the step's end on get zeros: past its output, which the next
+        // step's store overwrites (or the length leaves out).
+        let w = _mm512_mask_expand_epi8(fill, data_slots, _mm512_zextsi256_si512(v));
+        // SAFETY: o + 64 <= (steps so far + 1) * 64, within what the caller reserved.
+        unsafe { _mm512_storeu_si512(dst.add(o).cast(), w) };
+        o += 32 + ins.count_ones() as usize;
+        after_lf = lfs >> 31;
+        i += LANE;
+    }
+    (i, after_lf != 0, o, false)
 }
 
 /// Finds the next CR or LF: `memchr::memchr2` with its searcher made once. `memchr2`
@@ -1064,6 +1215,109 @@ mod tests {
                 out[20..].escape_ascii().to_string(),
                 want.escape_ascii().to_string()
             );
+        }
+    }
+
+    /// The LF path writes in runs that fit the output's capacity: whatever the capacity
+    /// it starts with, the octets are the same; and mail whose stuffed form fits what
+    /// `feed_into` reserves (lines of 16 octets or more) is stuffed without growing the
+    /// buffer, which would copy all of it.
+    #[test]
+    fn lf_steps_fit_the_capacity() {
+        let mut rng = Rng(0x0C0F_FEE5_CA9A);
+        for round in 0..600 {
+            let short = round % 2 == 0; // lines of 0-3 octets: nearly twice the input
+            let mut m = Vec::new();
+            let target = 64 + rng.below(if round % 10 == 0 { 200_000 } else { 3_000 });
+            while m.len() < target {
+                if rng.one_in(9) {
+                    m.push(b'.');
+                }
+                let n = if short {
+                    rng.below(4)
+                } else {
+                    16 + rng.below(70)
+                };
+                for _ in 0..n {
+                    m.push(b'a' + rng.below(26) as u8);
+                }
+                m.push(b'\n');
+            }
+            let (want, _, _) = reference(&m, None);
+            let mut s = DotStuffer::new(None);
+            let mut out = Vec::new();
+            s.feed_into(&m, &mut out).unwrap();
+            let reserved = m.len() + m.len() / 16 + 8;
+            if !short {
+                assert_eq!(out.capacity(), reserved, "grew on {} octets", m.len());
+            }
+            s.finish_into(&mut out).unwrap();
+            assert_eq!(out, want);
+            #[cfg(target_arch = "x86_64")]
+            for cap in [0, 1, 79, 80, 81, 144, 145, 1_000, m.len()] {
+                let mut out = Vec::with_capacity(cap);
+                let (i, at_line_start) = lf_lines(&m, 0, true, &mut out);
+                let mut prefix = Vec::new();
+                DotStuffer::new(None)
+                    .feed_into(&m[..i], &mut prefix)
+                    .unwrap();
+                assert_eq!(out, prefix, "capacity {cap}");
+                assert_eq!(at_line_start, i == 0 || m[i - 1] == b'\n');
+                assert!(i + TAIL > m.len(), "stopped at {i} of {}", m.len());
+            }
+        }
+    }
+
+    /// Each 32-octet kernel this CPU has (AVX2, and AVX-512 where present: the other
+    /// tests run only the one `lf_lines` picks) gives the same octets, stop and line
+    /// state, a prefix of the reference, on LF mail with dots, empty lines and a CR.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lf_kernels_agree() {
+        let kernels: Vec<LfKernel> = [LfKernel::Avx2, LfKernel::Avx512]
+            .into_iter()
+            .filter(|k| k.supported())
+            .collect();
+        eprintln!("LF kernels on this CPU: {kernels:?}");
+        let mut rng = Rng(0x00AB_CDEF_0123);
+        for round in 0..6_000 {
+            let mut m = Vec::new();
+            let target = 64 + rng.below(if round % 20 == 0 { 20_000 } else { 600 });
+            while m.len() < target {
+                match rng.below(7) {
+                    0 => m.push(b'\n'),
+                    1 => m.extend_from_slice(b"\n."),
+                    2 => m.extend_from_slice(b".."),
+                    3 => m.extend_from_slice(b"\n\n.\n"),
+                    _ => {
+                        for _ in 0..rng.below(40) {
+                            m.push(b'a' + rng.below(26) as u8);
+                        }
+                        m.push(b'\n');
+                    }
+                }
+            }
+            if rng.one_in(5) {
+                let at = rng.below(m.len());
+                m.insert(at, b'\r');
+            }
+            let start = rng.below(40);
+            let at_line_start = start == 0 || rng.one_in(2);
+            let (want, _, _) = reference(&m[start..], None);
+            let mut first: Option<(usize, bool, Vec<u8>)> = None;
+            for &kernel in &kernels {
+                let mut out = Vec::new();
+                let (i, after) = lf_lines_with(kernel, &m, start, at_line_start, &mut out);
+                if at_line_start {
+                    assert!(want.starts_with(&out), "{kernel:?}: {}", m.escape_ascii());
+                }
+                assert!(i >= start && (i - start).is_multiple_of(LANE));
+                let got = (i, after, out);
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(f, &got, "{kernel:?} on {}", m.escape_ascii()),
+                }
+            }
         }
     }
 }
