@@ -9,13 +9,16 @@ each phase with ``callgrind_control``:
 - ``login``: USER, PASS, STAT, QUIT (the suite's login scenario);
 - ``retr``: log in, STAT, RETR every message one at a time, QUIT;
 - ``pipelined``: log in, STAT, every RETR in one write, QUIT;
+- ``retr-1m``: ``retr`` over users whose messages are 1 MiB each (LF line ends on
+  disk, a dot line every 17 lines: the suite's large mail), against ``login-1m``, the
+  login of those users;
 - ``tls-login`` and ``tls-retr``: ``login`` and ``retr`` on the implicit-TLS port
   (a full handshake per session, no resumption; ``--no-tls`` leaves them out).
 
 Each phase runs ``--sessions`` sessions over users that were all opened once before
 (the warm-up), as in the suite. Per RETR = (instructions per retr session - per login
-session) / messages; the same for pipelined, and per TLS RETR from the two TLS
-phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, not
+session) / messages; the same for pipelined, per RETR of 1 MiB from the two ``-1m``
+phases and per TLS RETR from the two TLS phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, not
 AVX-512, so its code paths may differ from the machine's). Every reply is checked
 (+OK, the terminator, the unstuffed length = the LIST size).
 
@@ -24,7 +27,7 @@ a server that does no POP3 work: what the event loop and the sockets cost, the p
 each figure no change to pypop can remove.
 
 ``--check FILE`` compares with a committed baseline (benches/instructions-baseline.json)
-and exits 1 if instructions per RETR (one at a time or pipelined) rose by more than
+and exits 1 if instructions per RETR (one at a time, pipelined or of 1 MiB) rose by more than
 ``--tolerance`` (15%): CI's regression check, which times nothing. ``--write FILE``
 records a new baseline. Needs valgrind (Debian: ``apt-get install valgrind``).
 """
@@ -52,7 +55,9 @@ from benches.servers import REPO, floor_command, free_port, make_cert
 __all__ = ["main", "measure"]
 
 BASELINE = Path(__file__).resolve().parent / "instructions-baseline.json"
-CHECKED = ("retr", "pipelined")  # figures the regression check judges
+CHECKED = ("retr", "pipelined", "retr-1m")  # figures the regression check judges
+# The 1 MiB phases: users, messages each (their sessions: one per user).
+LARGE_USERS, LARGE_MESSAGES, LARGE_SIZE = 2, 4, 1 << 20
 
 
 class ScriptError(RuntimeError):
@@ -231,9 +236,15 @@ def measure(
     """Instructions per login, per RETR and per pipelined RETR for one backend (and per
     TLS login and TLS RETR with ``tls``, from a second server that listens on TLS
     too: the plain figures stay those of a server without TLS)."""
-    fx = Fixture(work / "fixture", [UserSet("small", "user", users, messages, 4096)])
+    sets = [UserSet("small", "user", users, messages, 4096)]
+    if backend != "trio-floor":  # the floor serves one small message to everyone
+        sets.append(UserSet("large", "large", LARGE_USERS, LARGE_MESSAGES, LARGE_SIZE))
+    fx = Fixture(work / "fixture", sets)
     fx.build(["pypop"])
-    creds = [line.split("\t") for line in fx.users_file("small").read_text().splitlines()]
+    creds = {
+        s.name: [line.split("\t") for line in fx.users_file(s.name).read_text().splitlines()]
+        for s in sets
+    }
     if backend == "trio-floor":  # benches/floor.py: no POP3 work, and no TLS
         section, tls = "", False
     elif backend == "memory":
@@ -242,18 +253,25 @@ def measure(
         section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
         section += os.environ.get("PYPOP_INSTR_EXTRA", "")
     run = _Run(backend, fx.passwd, section, creds, messages, sessions, work, fx.eml)
-    per_session = run.phases(("login", "retr", "pipelined"), None)
+    plain = ("login", "retr", "pipelined")
+    per_session = run.phases(
+        plain if "large" not in creds else (*plain, "login-1m", "retr-1m"), None
+    )
     if tls:
         ca, cert, key = make_cert(work / "cert")
         per_session |= run.phases(
             ("tls-login", "tls-retr"), (ssl.create_default_context(cafile=str(ca)), cert, key)
         )
     result: dict[str, Any] = {"backend": backend, "messages": messages, "sessions": sessions}
-    for login, kinds in (("login", ("retr", "pipelined")), ("tls-login", ("tls-retr",))):
+    for login, kinds, count in (
+        ("login", ("retr", "pipelined"), messages),
+        ("login-1m", ("retr-1m",), LARGE_MESSAGES),
+        ("tls-login", ("tls-retr",), messages),
+    ):
         if login in per_session:
             result[login] = round(per_session[login])
             for kind in kinds:
-                result[kind] = round((per_session[kind] - per_session[login]) / messages)
+                result[kind] = round((per_session[kind] - per_session[login]) / count)
     return result
 
 
@@ -264,7 +282,7 @@ class _Run:
     backend: str
     passwd: Path
     section: str  # the [backend] table's lines
-    creds: list[list[str]]
+    creds: dict[str, list[list[str]]]  # by user set: "small", and "large" but for the floor
     messages: int
     sessions: int
     work: Path
@@ -309,25 +327,32 @@ class _Run:
         try:
             _wait_port(port, server.proc, 300)
             server.instrument()
-            for user, password in self.creds:  # warm-up: every mailbox opened and read once
+            large = any(p.endswith("-1m") for p in phases)
+            everyone = [
+                c for name, cs in self.creds.items() if large or name == "small" for c in cs
+            ]
+            for user, password in everyone:  # warm-up: every mailbox opened and read once
                 session(where, user, password, "retr", timeout, ctx)
             # Maildir folders changed by the warm-up (Seen flags) settle before the
             # listing cache trusts them, then every mailbox is opened once more: the
             # phases measure the steady state, as the suite's 10-second runs mostly do.
             time.sleep(2.5)
-            for user, password in self.creds:
+            for user, password in everyone:
                 session(where, user, password, "login", timeout, ctx)
             per_session: dict[str, float] = {}
             for phase in phases:
-                kind = phase.removeprefix("tls-")
+                kind = phase.removeprefix("tls-").removesuffix("-1m")
+                creds = self.creds["large" if phase.endswith("-1m") else "small"]
+                sessions = len(creds) if phase.endswith("-1m") else self.sessions
+                messages = LARGE_MESSAGES if phase.endswith("-1m") else self.messages
                 server.zero()
                 got = 0
-                for k in range(self.sessions):
-                    user, password = self.creds[k % len(self.creds)]
+                for k in range(sessions):
+                    user, password = creds[k % len(creds)]
                     got += session(where, user, password, kind, timeout, ctx)
-                if got != (0 if kind == "login" else self.sessions * self.messages):
+                if got != (0 if kind == "login" else sessions * messages):
                     raise ScriptError(f"{phase}: retrieved {got} messages")
-                per_session[phase] = server.dump(phase) / self.sessions
+                per_session[phase] = server.dump(phase) / sessions
             return per_session
         finally:
             server.stop()
@@ -385,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             results[backend] = r
     print(f"instructions on the server (callgrind, user space; commit {commit or '?'})")
     head = f"{'backend':<10} {'per login':>12} {'per RETR':>12} {'per pipelined RETR':>20}"
+    head += f" {'per RETR of 1 MiB':>18}"
     print(head + ("" if args.no_tls else f" {'per TLS login':>14} {'per TLS RETR':>13}"))
     for name, r in results.items():
         row = f"{name:<10} {r['login']:>12,} {r['retr']:>12,} {r['pipelined']:>20,}"
+        row += f" {r['retr-1m']:>18,}" if "retr-1m" in r else f" {'-':>18}"
         if "tls-login" in r:
             row += f" {r['tls-login']:>14,} {r['tls-retr']:>13,}"
         print(row)
