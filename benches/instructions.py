@@ -18,9 +18,10 @@ each phase with ``callgrind_control``:
 Each phase runs ``--sessions`` sessions over users that were all opened once before
 (the warm-up), as in the suite. Per RETR = (instructions per retr session - per login
 session) / messages; the same for pipelined, per RETR of 1 MiB from the two ``-1m``
-phases and per TLS RETR from the two TLS phases. OpenSSL's instructions count too (valgrind's CPU has AES-NI and AVX2, not
-AVX-512, so its code paths may differ from the machine's). Every reply is checked
-(+OK, the terminator, the unstuffed length = the LIST size).
+phases and per TLS RETR from the two TLS phases. OpenSSL's instructions count too.
+Valgrind's CPU has AES-NI and AVX2, not AVX-512, so OpenSSL's and the codec's code
+paths may differ from the machine's. Every reply is checked (+OK, the terminator, the
+unstuffed length = the LIST size).
 
 ``--backends trio-floor`` runs the same script (without TLS) against benches/floor.py,
 a server that does no POP3 work: what the event loop and the sockets cost, the part of
