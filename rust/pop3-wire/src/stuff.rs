@@ -211,7 +211,8 @@ macro_rules! store_quarters {
 /// Maildir mail (LF line ends, no CR) without a line loop: from `data[i..]`, each LF
 /// written as CRLF and each line that begins with `.` given one more, up to the first
 /// 32-octet step that holds a CR or the last 31 octets (left to the line loop, which
-/// handles everything). Returns where it stopped and whether that octet begins a line.
+/// handles everything; the last 127 too where the output has no room for another step
+/// without growing). Returns where it stopped and whether that octet begins a line.
 #[inline]
 fn lf_lines(data: &[u8], i: usize, at_line_start: bool, out: &mut Vec<u8>) -> (usize, bool) {
     #[cfg(target_arch = "x86_64")]
@@ -315,12 +316,12 @@ fn lf_lines_with(
     (i, after_lf)
 }
 
-/// One run of [`lf_lines_with`] in AVX2, 32 octets a step with no branch on where lines end (line lengths vary
-/// at random, and a branch per line end mispredicts about every other step). The
-/// step's LFs are a bit mask; each quarter (8 octets) is spread by one `pshufb` with
-/// [`CR_BEFORE`]'s control for its 8 bits, from a source that holds the quarter and
-/// then CRs, and stored whole (16 octets) where the previous quarter ended, to be
-/// overwritten from its real end on. A step in which a line begins with `.` (rare in
+/// One run of [`lf_lines_with`] in AVX2, 32 octets a step with no branch on where
+/// lines end (line lengths vary at random, and a branch per line end mispredicts about
+/// every other step). The step's LFs are a bit mask; each quarter (8 octets) is spread
+/// by one `pshufb` with [`CR_BEFORE`]'s control for its 8 bits, from a source that
+/// holds the quarter and then CRs, and stored whole (16 octets) where the previous
+/// quarter ended, to be overwritten from its real end on. A step in which a line begins with `.` (rare in
 /// mail) takes [`DOUBLE`] and [`COPIES`] instead: both its LFs and those dots are
 /// doubled, and the copies of LFs then made CRs. On the suite's Maildir mail (random
 /// line lengths, every 17th line dotted) about 25% fewer cycles than a loop over each
