@@ -13,9 +13,11 @@ round trips, and check Rust == twin call for call under random chunkings.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -1076,6 +1078,46 @@ def test_agree_stuffer_and_size(
         return trace
 
     _run_both(rust, twin, drive)
+
+
+def _large_mail(rng: random.Random, size: int, ends: tuple[bytes, ...]) -> bytes:
+    """Mail of about ``size`` octets: lines of 0-90 octets, some dotted, ends from ``ends``."""
+    out = bytearray(b"From: a@example.org\nSubject: large\n\n")
+    while len(out) < size:
+        if rng.random() < 0.06:
+            out += b"." * rng.randint(1, 2)
+        out += bytes(rng.choice(b"abcdefgh ,") for _ in range(rng.randint(0, 90)))
+        out += rng.choice(ends)
+    return bytes(out)
+
+
+def _feed_large(chunks: list[bytes], top: int | None, mod: ModuleType) -> list[object]:
+    stuffer = mod.DotStuffer(top)
+    trace: list[object] = []
+    for k, chunk in enumerate(chunks):
+        out = stuffer.feed(bytearray(chunk) if k == 1 else chunk)
+        assert type(out) is bytes
+        trace.append((out, stuffer.done))
+    trace.append(stuffer.finish())
+    return trace
+
+
+def test_agree_stuffer_large_chunks(rust: ModuleType, twin: ModuleType) -> None:
+    """Chunks above 64 KiB, which the Rust codec counts and then stuffs straight into
+    the result's buffer: the same octets as the twin for LF, CRLF and mixed mail, with
+    a CR or a dot at a chunk's edge, with TOP cuts, from a bytearray too."""
+    rng = random.Random(0x5EED)
+    kinds: list[tuple[bytes, ...]] = [(b"\n",), (b"\r\n",), (b"\n", b"\r\n", b"\r")]
+    for round_ in range(24):
+        message = _large_mail(rng, rng.randint(70_000, 400_000), kinds[round_ % 3])
+        top = rng.choice([None, None, 0, 3, 5_000])
+        cuts = sorted(rng.sample(range(1, len(message)), 3))
+        if round_ % 4 == 0:  # a chunk that ends in a CR, one that starts with a dot
+            at = message.find(b"\n.", 70_000)
+            cuts = [at, at + 1] if at > 0 else cuts
+        chunks = [message[a:b] for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True)]
+
+        _run_both(rust, twin, functools.partial(_feed_large, chunks, top))
 
 
 @examples(300)

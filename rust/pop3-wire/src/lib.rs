@@ -8,7 +8,9 @@
 //!   optional CR before it ends a line; RFC 2449 §4 length limit, line end included).
 //! * [`DotStuffer`] / [`stuff`]: a stored message into a multi-line response body
 //!   (RFC 1939 §3): every line end made CRLF, leading dots doubled, `.\r\n` terminator,
-//!   optionally cut after the header and `n` body lines (TOP, RFC 1939 §7).
+//!   optionally cut after the header and `n` body lines (TOP, RFC 1939 §7). Into a
+//!   `Vec`, or counted first (`stuffed_len`) and written into a buffer of that length
+//!   (`feed_exact`).
 //! * [`SizeCounter`] / [`wire_size`]: the RFC 1939 §11 size of a message, no output.
 //! * [`Unstuffer`] / [`unstuff`]: client side, a multi-line response body back into the
 //!   message, strict about CRLF.
@@ -21,7 +23,8 @@
 //! boundaries, and examine each input octet a bounded number of times (they scan with
 //! `memchr` and copy spans).
 
-// One audited exception: the AVX2 build of the stuffer's block check (stuff.rs).
+// Audited exceptions, each allowed where it is: the stuffer's SIMD steps (AVX2 and
+// AVX-512) and the raw output they write (stuff.rs).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -61,6 +64,8 @@ pub enum WireError {
     /// A challenge host name that is empty or holds `<`, `>`, `@`, whitespace or
     /// control characters.
     BadHost,
+    /// [`DotStuffer::feed_exact`] got a buffer shorter than the stuffed form.
+    OutputTooSmall,
 }
 
 impl std::fmt::Display for WireError {
@@ -70,6 +75,7 @@ impl std::fmt::Display for WireError {
             WireError::Finished => "the stream has already finished",
             WireError::MissingTerminator => "no terminating \".\" line",
             WireError::BadContextLength => "a CRAM-MD5 context is 32 octets",
+            WireError::OutputTooSmall => "the output buffer is shorter than the stuffed form",
             WireError::BadHost => {
                 "host must be non-empty, without '<', '>', '@', whitespace or control characters"
             }

@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use std::cell::RefCell;
 use std::fs::OpenOptions;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -216,19 +217,27 @@ impl DotStuffer {
         let data = as_bytes(data)?;
         let DotStuffer { inner, scratch } = self;
         reset(scratch);
-        // One GIL release for both: mail stored in the wire form goes out as the same
-        // object (no copy); anything else is stuffed into scratch.
-        let verbatim = run(py, data.as_bytes(), |d| {
+        // One GIL release for all three: mail stored in the wire form goes out as the
+        // same object (no copy); LF mail is counted, then stuffed straight into its
+        // `bytes` (a scratch buffer would cost a copy of the block); anything else is
+        // stuffed into scratch (counting CRLF mail costs as much as stuffing it).
+        let plan = run(py, data.as_bytes(), |d| {
             if inner.feed_verbatim(d) {
-                return Ok(true);
+                return Ok(Plan::Same);
             }
-            inner.feed_into(d, scratch).map(|()| false)
+            if d.len() > RELEASE_GIL_ABOVE {
+                if let Some(len) = inner.lf_stuffed_len(d) {
+                    return Ok(Plan::Exact(len));
+                }
+            }
+            inner.feed_into(d, scratch).map(|()| Plan::Scratch)
         })
         .map_err(value_error)?;
-        if verbatim {
-            return Ok(data);
+        match plan {
+            Plan::Same => Ok(data),
+            Plan::Exact(len) => exact_bytes(py, inner, data.as_bytes(), len),
+            Plan::Scratch => Ok(PyBytes::new(py, scratch)),
         }
-        Ok(PyBytes::new(py, scratch))
     }
 
     /// Pending octets, a CRLF if the output does not end a line, then ".\\r\\n".
@@ -236,6 +245,59 @@ impl DotStuffer {
         let out = self.inner.finish().map_err(value_error)?;
         Ok(PyBytes::new(py, &out))
     }
+}
+
+/// How [`DotStuffer::feed`] answers a chunk.
+enum Plan {
+    /// The chunk is its own stuffed form.
+    Same,
+    /// A `bytes` of this many octets, stuffed into in place.
+    Exact(u64),
+    /// The stuffed form is in scratch.
+    Scratch,
+}
+
+/// A new `bytes` of `len` octets (`stuffed_len(data)`) that `inner` stuffs `data` into,
+/// in place and with the GIL released.
+#[allow(unsafe_code)] // a `bytes` filled after it is made, as CPython's own code does
+fn exact_bytes<'py>(
+    py: Python<'py>,
+    inner: &mut wire::DotStuffer,
+    data: &[u8],
+    len: u64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let n = usize::try_from(len)
+        .ok()
+        .filter(|&n| isize::try_from(n).is_ok())
+        .ok_or_else(|| PyOverflowError::new_err("stuffed form too large"))?;
+    // SAFETY: with a NULL source, PyBytes_FromStringAndSize makes a `bytes` of n octets
+    // left uninitialised (or fails with an exception set); nothing else can see it
+    // before it is returned, so its buffer may be written, without the GIL too.
+    let bytes = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as isize),
+        )?
+        .cast_into_unchecked::<PyBytes>()
+    };
+    // SAFETY: the buffer of a `bytes` of n octets; `MaybeUninit` for the unwritten ones.
+    let buf = unsafe {
+        std::slice::from_raw_parts_mut(
+            pyo3::ffi::PyBytes_AsString(bytes.as_ptr()).cast::<MaybeUninit<u8>>(),
+            n,
+        )
+    };
+    let written = py
+        .detach(|| inner.feed_exact(data, buf))
+        .map_err(value_error)?;
+    if written != n {
+        // Not reachable while stuffed_len counts what feed_exact writes; never hand
+        // out a `bytes` with octets nobody wrote.
+        return Err(PyValueError::new_err(
+            "stuffed length differs from its count",
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Counts a message's POP3 size (RFC 1939 §11) without producing output: the message
