@@ -27,22 +27,35 @@ trait Sink {
     }
 }
 
-impl Sink for Vec<u8> {
+/// A sink that writes the octets: a `Vec` (which grows) or an [`Exact`] buffer (which
+/// does not); the 32-octet steps write into either.
+trait Writes: StepOut {
+    fn put(&mut self, octets: &[u8]);
+}
+
+impl<W: Writes> Sink for W {
     #[inline]
     fn span(&mut self, octets: &[u8]) {
-        self.extend_from_slice(octets);
+        self.put(octets);
     }
     #[inline]
     fn crlf(&mut self) {
-        self.extend_from_slice(b"\r\n");
+        self.put(b"\r\n");
     }
     #[inline]
     fn dot(&mut self) {
-        self.push(b'.');
+        self.put(b".");
     }
     #[inline]
     fn lf_lines(&mut self, data: &[u8], i: usize, at_line_start: bool) -> (usize, bool) {
         lf_lines(data, i, at_line_start, self)
+    }
+}
+
+impl Writes for Vec<u8> {
+    #[inline]
+    fn put(&mut self, octets: &[u8]) {
+        self.extend_from_slice(octets);
     }
 }
 
@@ -54,7 +67,7 @@ struct Exact<'a> {
     overflow: bool,
 }
 
-impl Exact<'_> {
+impl Writes for Exact<'_> {
     #[inline]
     #[allow(unsafe_code)] // one memcpy into room just checked
     fn put(&mut self, octets: &[u8]) {
@@ -75,66 +88,36 @@ impl Exact<'_> {
     }
 }
 
-impl Sink for Exact<'_> {
-    #[inline]
-    fn span(&mut self, octets: &[u8]) {
-        self.put(octets);
-    }
-    #[inline]
-    fn crlf(&mut self) {
-        self.put(b"\r\n");
-    }
-    #[inline]
-    fn dot(&mut self) {
-        self.put(b".");
-    }
-    #[inline]
-    fn lf_lines(&mut self, data: &[u8], i: usize, at_line_start: bool) -> (usize, bool) {
-        lf_lines(data, i, at_line_start, self)
-    }
-}
-
-/// Counts every octet the stuffer writes (dots and the closing CRLF included): the
-/// length of its output.
-struct Octets(u64);
-
-impl Sink for Octets {
-    #[inline]
-    fn span(&mut self, octets: &[u8]) {
-        self.0 += octets.len() as u64;
-    }
-    #[inline]
-    fn crlf(&mut self) {
-        self.0 += 2;
-    }
-    #[inline]
-    fn dot(&mut self) {
-        self.0 += 1;
-    }
-    #[inline]
-    fn lf_lines(&mut self, data: &[u8], i: usize, at_line_start: bool) -> (usize, bool) {
-        lf_count(data, i, at_line_start, &mut self.0)
-    }
-}
-
-/// Counts message octets (RFC 1939 §11): stuffing dots and the closing CRLF are not
-/// counted.
+/// Counts octets: with `wire`, every octet the stuffer writes (its output's length:
+/// dots and the closing CRLF included); without, the message's size (RFC 1939 §11:
+/// neither counted).
 #[derive(Debug, Clone)]
-struct Count(u64);
+struct Count {
+    octets: u64,
+    wire: bool,
+}
 
 impl Sink for Count {
     #[inline]
     fn span(&mut self, octets: &[u8]) {
-        self.0 += octets.len() as u64;
+        self.octets += octets.len() as u64;
     }
     #[inline]
     fn crlf(&mut self) {
-        self.0 += 2;
+        self.octets += 2;
     }
     #[inline]
-    fn dot(&mut self) {}
+    fn dot(&mut self) {
+        self.octets += u64::from(self.wire);
+    }
     #[inline]
-    fn closing_crlf(&mut self) {}
+    fn closing_crlf(&mut self) {
+        self.octets += 2 * u64::from(self.wire);
+    }
+    #[inline]
+    fn lf_lines(&mut self, data: &[u8], i: usize, at_line_start: bool) -> (usize, bool) {
+        lf_count(data, i, at_line_start, self)
+    }
 }
 
 /// Octets per block in [`skip_verbatim_blocks`].
@@ -305,6 +288,7 @@ fn lf_lines<O: StepOut>(data: &[u8], i: usize, at_line_start: bool, out: &mut O)
 
 /// Where [`lf_lines`] writes: a `Vec` (which grows) or an [`Exact`] buffer (which
 /// does not).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the SIMD steps use it
 trait StepOut {
     /// Octets that can be written past the current end.
     fn spare(&self) -> usize;
@@ -453,25 +437,25 @@ fn lf_lines_with<O: StepOut>(
     (i, after_lf)
 }
 
-/// [`lf_lines`] without writing: adds to `count` the octets it would write, and
-/// returns where it would stop (the same octets in total, wherever each stops: the
-/// line loop counts the rest).
+/// [`lf_lines`] without writing: adds to `count` the octets it would write (without
+/// the dots for a size), and returns where it would stop (the same octets in total,
+/// wherever each stops: the line loop counts the rest).
 #[inline]
 #[allow(unsafe_code)] // the one call of a counting kernel, after the CPU check
-fn lf_count(data: &[u8], i: usize, at_line_start: bool, count: &mut u64) -> (usize, bool) {
+fn lf_count(data: &[u8], i: usize, at_line_start: bool, count: &mut Count) -> (usize, bool) {
     #[cfg(target_arch = "x86_64")]
     if i + 2 * LANE <= data.len() {
         let end = i + (data.len() - i) / LANE * LANE;
         // SAFETY: the kernels read `data[i..end]`, whole steps; the CPU has their
         // features (`best` checked).
-        let (next, after, octets) = match LfKernel::best() {
+        let (next, after, octets, dots) = match LfKernel::best() {
             Some(LfKernel::Avx512) => unsafe {
                 lf_count_avx512(data.as_ptr(), i, end, at_line_start)
             },
             Some(LfKernel::Avx2) => unsafe { lf_count_avx2(data.as_ptr(), i, end, at_line_start) },
             None => return (i, at_line_start),
         };
-        *count += octets as u64;
+        count.octets += octets as u64 + if count.wire { dots as u64 } else { 0 };
         return (next, after);
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -479,8 +463,8 @@ fn lf_count(data: &[u8], i: usize, at_line_start: bool, count: &mut u64) -> (usi
     (i, at_line_start)
 }
 
-/// The octets [`lf_run_avx2`] writes for `data[i..end]`, and where it stops: 32 a
-/// step plus one per LF and per dot that begins a line.
+/// What [`lf_run_avx2`] writes for `data[i..end]`, and where it stops: 32 octets a
+/// step and one per LF, and apart, the dots that begin a line.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 #[allow(unsafe_code)]
@@ -489,7 +473,7 @@ unsafe fn lf_count_avx2(
     mut i: usize,
     end: usize,
     at_line_start: bool,
-) -> (usize, bool, usize) {
+) -> (usize, bool, usize, usize) {
     use std::arch::x86_64::{
         __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_set1_epi8,
     };
@@ -497,7 +481,7 @@ unsafe fn lf_count_avx2(
     let cr = _mm256_set1_epi8(b'\r' as i8);
     let dot = _mm256_set1_epi8(b'.' as i8);
     let mut after_lf = u32::from(at_line_start);
-    let mut octets = 0usize;
+    let (mut octets, mut dotted) = (0usize, 0usize);
     while i < end {
         // SAFETY: i + 32 <= end.
         let v = unsafe { _mm256_loadu_si256(data.add(i).cast::<__m256i>()) };
@@ -506,12 +490,12 @@ unsafe fn lf_count_avx2(
         }
         let lfs = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, lf)) as u32;
         let dots = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, dot)) as u32;
-        let dotted = dots & ((lfs << 1) | after_lf);
-        octets += LANE + (lfs | dotted).count_ones() as usize;
+        octets += LANE + lfs.count_ones() as usize;
+        dotted += (dots & ((lfs << 1) | after_lf)).count_ones() as usize;
         after_lf = lfs >> 31;
         i += LANE;
     }
-    (i, after_lf != 0, octets)
+    (i, after_lf != 0, octets, dotted)
 }
 
 /// [`lf_count_avx2`] with AVX-512 masks, 64 octets a step (and a last 32).
@@ -523,7 +507,7 @@ unsafe fn lf_count_avx512(
     mut i: usize,
     end: usize,
     at_line_start: bool,
-) -> (usize, bool, usize) {
+) -> (usize, bool, usize, usize) {
     use std::arch::x86_64::{
         __m256i, __m512i, _mm256_cmpeq_epi8_mask, _mm256_loadu_si256, _mm256_set1_epi8,
         _mm512_cmpeq_epi8_mask, _mm512_loadu_si512, _mm512_set1_epi8,
@@ -534,16 +518,16 @@ unsafe fn lf_count_avx512(
         _mm512_set1_epi8(b'.' as i8),
     );
     let mut after_lf = u64::from(at_line_start);
-    let mut octets = 0usize;
+    let (mut octets, mut dotted) = (0usize, 0usize);
     while i + 2 * LANE <= end {
         // SAFETY: i + 64 <= end.
         let v = unsafe { _mm512_loadu_si512(data.add(i).cast::<__m512i>()) };
         if _mm512_cmpeq_epi8_mask(v, cr) != 0 {
-            return (i, after_lf != 0, octets);
+            return (i, after_lf != 0, octets, dotted);
         }
         let lfs = _mm512_cmpeq_epi8_mask(v, lf);
-        let dotted = _mm512_cmpeq_epi8_mask(v, dot) & ((lfs << 1) | after_lf);
-        octets += 2 * LANE + (lfs | dotted).count_ones() as usize;
+        octets += 2 * LANE + lfs.count_ones() as usize;
+        dotted += (_mm512_cmpeq_epi8_mask(v, dot) & ((lfs << 1) | after_lf)).count_ones() as usize;
         after_lf = lfs >> 63;
         i += 2 * LANE;
     }
@@ -553,13 +537,13 @@ unsafe fn lf_count_avx512(
         if _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'\r' as i8)) == 0 {
             let lfs = _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'\n' as i8));
             let dots = _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'.' as i8));
-            let dotted = dots & ((lfs << 1) | after_lf as u32);
-            octets += LANE + (lfs | dotted).count_ones() as usize;
+            octets += LANE + lfs.count_ones() as usize;
+            dotted += (dots & ((lfs << 1) | after_lf as u32)).count_ones() as usize;
             after_lf = u64::from(lfs >> 31);
             i += LANE;
         }
     }
-    (i, after_lf != 0, octets)
+    (i, after_lf != 0, octets, dotted)
 }
 
 /// One run of [`lf_lines_with`] in AVX2, 32 octets a step with no branch on where
@@ -567,11 +551,12 @@ unsafe fn lf_count_avx512(
 /// every other step). The step's LFs are a bit mask; each quarter (8 octets) is spread
 /// by one `pshufb` with [`CR_BEFORE`]'s control for its 8 bits, from a source that
 /// holds the quarter and then CRs, and stored whole (16 octets) where the previous
-/// quarter ended, to be overwritten from its real end on. A step in which a line begins with `.` (rare in
-/// mail) takes [`DOUBLE`] and [`COPIES`] instead: both its LFs and those dots are
-/// doubled, and the copies of LFs then made CRs. On the suite's Maildir mail (random
-/// line lengths, every 17th line dotted) about 25% fewer cycles than a loop over each
-/// step's LFs, whose trip count the branch predictor cannot learn.
+/// quarter ended, to be overwritten from its real end on. A step in which a line
+/// begins with `.` (rare in mail) takes [`DOUBLE`] and [`COPIES`] instead: both its
+/// LFs and those dots are doubled, and the copies of LFs then made CRs. On the suite's
+/// Maildir mail (random line lengths, every 17th line dotted) about 25% fewer cycles
+/// than a loop over each step's LFs, whose trip count the branch predictor cannot
+/// learn.
 ///
 /// Reads `data[i..end]` (`end - i` a multiple of 32) and writes from `dst`, at most 64
 /// octets a step plus 16; returns where it stopped, whether that octet begins a line,
@@ -1074,9 +1059,12 @@ impl DotStuffer {
     /// stuffing's time on LF mail). Fails with [`WireError::Finished`] after
     /// [`DotStuffer::finish`].
     pub fn stuffed_len(&self, data: &[u8]) -> Result<u64, WireError> {
-        let mut octets = Octets(0);
-        self.state.clone().feed(data, &mut octets)?;
-        Ok(octets.0)
+        let mut count = Count {
+            octets: 0,
+            wire: true,
+        };
+        self.state.clone().feed(data, &mut count)?;
+        Ok(count.octets)
     }
 
     /// [`DotStuffer::stuffed_len`] where one pass of SIMD steps counts nearly all of
@@ -1088,15 +1076,18 @@ impl DotStuffer {
         if s.finished || s.top != Top::Off || s.pending_cr {
             return None;
         }
-        let mut octets = Octets(0);
-        let (i, at_line_start) = lf_count(data, 0, s.at_line_start, &mut octets.0);
+        let mut count = Count {
+            octets: 0,
+            wire: true,
+        };
+        let (i, at_line_start) = lf_count(data, 0, s.at_line_start, &mut count);
         if data.len() - i > COUNT_TAIL {
             return None; // a CR early on, or no SIMD count on this CPU
         }
         let mut rest = s.clone();
         rest.at_line_start = at_line_start;
-        rest.feed(&data[i..], &mut octets).ok()?;
-        Some(octets.0)
+        rest.feed(&data[i..], &mut count).ok()?;
+        Some(count.octets)
     }
 
     /// Writes the stuffed form of `data` at the start of `out` and returns its length:
@@ -1169,7 +1160,10 @@ impl SizeCounter {
     pub fn new() -> Self {
         SizeCounter {
             state: Normaliser::new(None),
-            count: Count(0),
+            count: Count {
+                octets: 0,
+                wire: false,
+            },
         }
     }
 
@@ -1181,7 +1175,7 @@ impl SizeCounter {
     /// The size of everything fed. Fails with [`WireError::Finished`] if called twice.
     pub fn finish(&mut self) -> Result<u64, WireError> {
         self.state.finish(&mut self.count)?;
-        Ok(self.count.0)
+        Ok(self.count.octets)
     }
 }
 
@@ -1470,6 +1464,38 @@ mod tests {
         }
     }
 
+    /// LF mail for the 32-octet steps: at least `target` octets of lines of up to
+    /// `longest` letters, empty lines, dotted line starts and `..` runs (`dense`: also
+    /// `\n\n.\n`), and in one message out of `cr_one_in` a CR at a random place.
+    fn lf_mail(
+        rng: &mut Rng,
+        target: usize,
+        longest: usize,
+        dense: bool,
+        cr_one_in: usize,
+    ) -> Vec<u8> {
+        let mut m = Vec::new();
+        while m.len() < target {
+            match rng.below(if dense { 7 } else { 6 }) {
+                0 => m.push(b'\n'),
+                1 => m.extend_from_slice(b"\n."),
+                2 => m.extend_from_slice(b".."),
+                3 if dense => m.extend_from_slice(b"\n\n.\n"),
+                _ => {
+                    for _ in 0..rng.below(longest) {
+                        m.push(b'a' + rng.below(26) as u8);
+                    }
+                    m.push(b'\n');
+                }
+            }
+        }
+        if rng.one_in(cr_one_in) {
+            let at = rng.below(m.len());
+            m.insert(at, b'\r');
+        }
+        m
+    }
+
     /// The 32-octet LF path on what it is for and at its edges: LF mail with dots and
     /// empty lines, LFs and dots at every place of a step (31/32 included), a CR late
     /// in the message (it stops there), written into a buffer that already holds some
@@ -1478,25 +1504,8 @@ mod tests {
     fn lf_steps_match_reference() {
         let mut rng = Rng(0x000F_A575_7E95);
         for round in 0..4_000 {
-            let mut m = Vec::new();
             let target = 64 + rng.below(if round % 10 == 0 { 5_000 } else { 400 });
-            while m.len() < target {
-                match rng.below(6) {
-                    0 => m.push(b'\n'),
-                    1 => m.extend_from_slice(b"\n."),
-                    2 => m.extend_from_slice(b".."),
-                    _ => {
-                        for _ in 0..rng.below(70) {
-                            m.push(b'a' + rng.below(26) as u8);
-                        }
-                        m.push(b'\n');
-                    }
-                }
-            }
-            if rng.one_in(4) {
-                let at = rng.below(m.len());
-                m.insert(at, b'\r');
-            }
+            let mut m = lf_mail(&mut rng, target, 70, false, 4);
             if rng.one_in(3) {
                 m.pop(); // maybe no final line end
             }
@@ -1580,26 +1589,8 @@ mod tests {
         eprintln!("LF kernels on this CPU: {kernels:?}");
         let mut rng = Rng(0x00AB_CDEF_0123);
         for round in 0..6_000 {
-            let mut m = Vec::new();
             let target = 64 + rng.below(if round % 20 == 0 { 20_000 } else { 600 });
-            while m.len() < target {
-                match rng.below(7) {
-                    0 => m.push(b'\n'),
-                    1 => m.extend_from_slice(b"\n."),
-                    2 => m.extend_from_slice(b".."),
-                    3 => m.extend_from_slice(b"\n\n.\n"),
-                    _ => {
-                        for _ in 0..rng.below(40) {
-                            m.push(b'a' + rng.below(26) as u8);
-                        }
-                        m.push(b'\n');
-                    }
-                }
-            }
-            if rng.one_in(5) {
-                let at = rng.below(m.len());
-                m.insert(at, b'\r');
-            }
+            let m = lf_mail(&mut rng, target, 40, true, 5);
             let start = rng.below(40);
             let at_line_start = start == 0 || rng.one_in(2);
             let (want, _, _) = reference(&m[start..], None);
@@ -1621,7 +1612,7 @@ mod tests {
                 let end = start + (m.len() - start) / LANE * LANE;
                 #[allow(unsafe_code)]
                 // SAFETY: the kernel reads m[start..end]; the CPU has its features.
-                let (stop, after, octets) = unsafe {
+                let (stop, after, octets, dots) = unsafe {
                     match kernel {
                         LfKernel::Avx2 => lf_count_avx2(m.as_ptr(), start, end, at_line_start),
                         LfKernel::Avx512 => lf_count_avx512(m.as_ptr(), start, end, at_line_start),
@@ -1648,7 +1639,13 @@ mod tests {
                     DotStuffer::new(None)
                         .feed_into(&m[start..stop], &mut prefix)
                         .unwrap();
-                    assert_eq!(octets, prefix.len(), "{kernel:?} on {}", m.escape_ascii());
+                    assert_eq!(
+                        octets + dots,
+                        prefix.len(),
+                        "{kernel:?} on {}",
+                        m.escape_ascii()
+                    );
+                    assert_eq!(octets as u64, wire_size(&m[start..stop]), "{kernel:?}");
                 }
             }
         }
