@@ -2,11 +2,13 @@
 //! against a per-line model of docs/wire.md: CRLF, bare LF and bare CR each end a line
 //! and go out as CRLF, a leading "." is doubled, the TOP cut keeps the header, its
 //! empty line and n more lines; the size counts line ends as CRLF and nothing for the
-//! CRLF added to a last line without one. Chunked and one-shot calls agree.
+//! CRLF added to a last line without one. Chunked and one-shot calls agree, and so does
+//! the stuffed length counted first and written into a buffer of that length.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pop3_wire::{stuff, wire_size, DotStuffer, SizeCounter, WireError};
+use std::mem::MaybeUninit;
 
 /// Lines by the stuffer's rules: (content, has a line end).
 fn lines(m: &[u8]) -> Vec<(Vec<u8>, bool)> {
@@ -105,4 +107,22 @@ fuzz_target!(|data: &[u8]| {
 
     assert_eq!(c.finish().unwrap(), size, "input {shown}");
     assert_eq!(wire_size(message), size, "input {shown}");
+
+    // Counted first, then written into a buffer of exactly that length (one call:
+    // the SIMD steps need 64 octets).
+    let mut e = DotStuffer::new(top);
+    let n = e.stuffed_len(message).unwrap();
+    if let Some(quick) = e.lf_stuffed_len(message) {
+        assert_eq!(quick, n, "top {top:?}, input {shown}");
+    }
+    let mut buf = vec![MaybeUninit::new(0u8); usize::try_from(n).unwrap()];
+    assert_eq!(
+        e.feed_exact(message, &mut buf),
+        Ok(buf.len()),
+        "input {shown}"
+    );
+    // SAFETY: every slot was initialised (to 0, then by feed_exact).
+    let mut exact: Vec<u8> = buf.iter().map(|b| unsafe { b.assume_init() }).collect();
+    exact.extend_from_slice(&e.finish().unwrap());
+    assert_eq!(exact, want, "top {top:?}, input {shown}");
 });
