@@ -509,8 +509,7 @@ unsafe fn lf_count_avx512(
     at_line_start: bool,
 ) -> (usize, bool, usize, usize) {
     use std::arch::x86_64::{
-        __m256i, __m512i, _mm256_cmpeq_epi8_mask, _mm256_loadu_si256, _mm256_set1_epi8,
-        _mm512_cmpeq_epi8_mask, _mm512_loadu_si512, _mm512_set1_epi8,
+        __m512i, _mm512_cmpeq_epi8_mask, _mm512_loadu_si512, _mm512_set1_epi8,
     };
     let (lf, cr, dot) = (
         _mm512_set1_epi8(b'\n' as i8),
@@ -531,19 +530,10 @@ unsafe fn lf_count_avx512(
         after_lf = lfs >> 63;
         i += 2 * LANE;
     }
-    if i < end {
-        // SAFETY: i + 32 == end.
-        let v = unsafe { _mm256_loadu_si256(data.add(i).cast::<__m256i>()) };
-        if _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'\r' as i8)) == 0 {
-            let lfs = _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'\n' as i8));
-            let dots = _mm256_cmpeq_epi8_mask(v, _mm256_set1_epi8(b'.' as i8));
-            octets += LANE + lfs.count_ones() as usize;
-            dotted += (dots & ((lfs << 1) | after_lf as u32)).count_ones() as usize;
-            after_lf = u64::from(lfs >> 31);
-            i += LANE;
-        }
-    }
-    (i, after_lf != 0, octets, dotted)
+    // A last 32 octets, if any: the AVX2 step (AVX-512F implies AVX2).
+    // SAFETY: `end - i` is 0 or 32.
+    let (i, after, more, more_dotted) = unsafe { lf_count_avx2(data, i, end, after_lf != 0) };
+    (i, after, octets + more, dotted + more_dotted)
 }
 
 /// One run of [`lf_lines_with`] in AVX2, 32 octets a step with no branch on where
@@ -1496,6 +1486,28 @@ mod tests {
         m
     }
 
+    /// LF mail of at least `target` octets: lines of `shortest` to `shortest + spread
+    /// - 1` letters, one in `dot_one_in` of them starting with a dot.
+    fn letter_lines(
+        rng: &mut Rng,
+        target: usize,
+        dot_one_in: usize,
+        shortest: usize,
+        spread: usize,
+    ) -> Vec<u8> {
+        let mut m = Vec::new();
+        while m.len() < target {
+            if rng.one_in(dot_one_in) {
+                m.push(b'.');
+            }
+            for _ in 0..shortest + rng.below(spread) {
+                m.push(b'a' + rng.below(26) as u8);
+            }
+            m.push(b'\n');
+        }
+        m
+    }
+
     /// The 32-octet LF path on what it is for and at its edges: LF mail with dots and
     /// empty lines, LFs and dots at every place of a step (31/32 included), a CR late
     /// in the message (it stops there), written into a buffer that already holds some
@@ -1535,22 +1547,9 @@ mod tests {
         let mut rng = Rng(0x0C0F_FEE5_CA9A);
         for round in 0..600 {
             let short = round % 2 == 0; // lines of 0-3 octets: nearly twice the input
-            let mut m = Vec::new();
             let target = 64 + rng.below(if round % 10 == 0 { 200_000 } else { 3_000 });
-            while m.len() < target {
-                if rng.one_in(9) {
-                    m.push(b'.');
-                }
-                let n = if short {
-                    rng.below(4)
-                } else {
-                    16 + rng.below(70)
-                };
-                for _ in 0..n {
-                    m.push(b'a' + rng.below(26) as u8);
-                }
-                m.push(b'\n');
-            }
+            let (shortest, spread) = if short { (0, 4) } else { (16, 70) };
+            let m = letter_lines(&mut rng, target, 9, shortest, spread);
             let (want, _, _) = reference(&m, None);
             let mut s = DotStuffer::new(None);
             let mut out = Vec::new();
@@ -1702,26 +1701,14 @@ mod tests {
     /// anything else to `stuffed_len`: a CR early, a TOP cut, a CR held back.
     #[test]
     fn lf_stuffed_len_takes_lf_mail() {
-        let simd = cfg!(target_arch = "x86_64") && {
-            #[cfg(target_arch = "x86_64")]
-            let has = LfKernel::best().is_some();
-            #[cfg(not(target_arch = "x86_64"))]
-            let has = false;
-            has
-        };
+        #[cfg(target_arch = "x86_64")]
+        let simd = LfKernel::best().is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
         let mut rng = Rng(0x001F_57AF_F00D);
         for round in 0..2_000 {
-            let mut m = Vec::new();
             let target = 1 + rng.below(if round % 10 == 0 { 100_000 } else { 3_000 });
-            while m.len() < target {
-                if rng.one_in(8) {
-                    m.push(b'.');
-                }
-                for _ in 0..rng.below(80) {
-                    m.push(b'a' + rng.below(26) as u8);
-                }
-                m.push(b'\n');
-            }
+            let mut m = letter_lines(&mut rng, target, 8, 0, 80);
             let cr_at = match rng.below(3) {
                 0 => None,
                 1 => Some(m.len() - 1 - rng.below(m.len().min(64))), // near the end
