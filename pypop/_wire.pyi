@@ -131,12 +131,13 @@ def parse_proxy_header(
     octets, or b"" when the header carries none (v1 UNKNOWN, v2 LOCAL, AF_UNSPEC,
     AF_UNIX). ValueError for anything else, or for more than ``max_len`` octets."""
 
-def read_small_files(paths: Sequence[str], limit: int) -> list[bytes]:
-    """The contents of ``paths``, in order, while each is a whole small file.
+def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) -> list[bytes]:
+    """The contents of ``paths``, in order, while each is a whole small file; with
+    ``stuffed``, each in wire form (``stuff(contents)``, its terminator included).
 
     Stops at the first path that cannot be opened (a symbolic link is never followed),
     is not a regular file, cannot be read, has ``limit`` octets or more, or grew while
     read: the result is the contents of the paths before it. Each file is read with one
     system call when it is as large as fstat says. The extension releases the GIL once
-    for the whole list. TypeError for a path that is not ``str``, OverflowError for a
-    negative ``limit``."""
+    for the whole list (the stuffing included). TypeError for a path that is not
+    ``str``, OverflowError for a negative ``limit``."""

@@ -729,7 +729,7 @@ def _proxy_v2(data: bytes, max_len: int) -> _ProxyTuple | None:
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def read_small_files(paths: Sequence[str], limit: int) -> list[bytes]:
+def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) -> list[bytes]:
     """See the stub: the contents of the leading paths that are whole small files."""
     if isinstance(paths, str):
         raise TypeError("paths must be a sequence of str, not a str")
@@ -743,7 +743,7 @@ def read_small_files(paths: Sequence[str], limit: int) -> list[bytes]:
         data = _read_small_file(path, limit)
         if data is None:
             break
-        out.append(data)
+        out.append(stuff(data) if stuffed else data)
     return out
 
 

@@ -1289,3 +1289,66 @@ def test_read_small_files_closes_every_descriptor(wire: ModuleType, tmp_path: Pa
     before = len(os.listdir("/proc/self/fd"))
     assert wire.read_small_files([str(a)] * 50 + [str(big)], 100) == [b"0123456789"] * 50
     assert len(os.listdir("/proc/self/fd")) == before
+    # The stuffed form, across directories (a descriptor per directory, not leaked).
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "b").write_bytes(b"x\n.\n")
+    paths = [str(a), str(sub / "b"), str(a), str(sub / "b"), str(big)]
+    assert (
+        wire.read_small_files(paths, 100, True) == [b"0123456789\r\n.\r\n", b"x\r\n..\r\n.\r\n"] * 2
+    )
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_read_small_files_stuffed(wire: ModuleType, twin: ModuleType, tmp_path: Path) -> None:
+    """``stuffed``: each file as ``stuff`` gives it (terminator included), the same
+    files as without it; the twin's answer is the reference."""
+    bodies = [
+        b"Subject: lf\n\n.dot\nend",
+        b"Subject: crlf\r\n\r\n.\r\n..\r\n",
+        b"",
+        b".",
+        b"bare\rcr\r\n\xff\x00\n",
+        b"x" * 5000 + b"\n." * 700,
+    ]
+    paths = []
+    for n, body in enumerate(bodies):
+        path = tmp_path / f"m{n}"
+        path.write_bytes(body)
+        paths.append(str(path))
+    stuff = twin.stuff
+    assert wire.read_small_files(paths, 1 << 16, True) == [stuff(b) for b in bodies]
+    assert wire.read_small_files(paths, 1 << 16, stuffed=False) == bodies
+    # Stops where the plain read stops.
+    gone = str(tmp_path / "gone")
+    assert wire.read_small_files([paths[0], gone, paths[1]], 100, True) == [stuff(bodies[0])]
+    assert wire.read_small_files([*paths[:2], paths[5]], 5000, True) == [
+        stuff(bodies[0]),
+        stuff(bodies[1]),
+    ]
+
+
+def test_read_small_files_opens_what_open_opens(
+    wire: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path is opened relative to its directory only when that opens the same file:
+    a trailing ``/``, ``.`` or ``..`` is opened whole (and refused here), a directory
+    reached through a symbolic link is followed as ``open`` follows it, a bare name is
+    relative to the working directory."""
+    a = tmp_path / "a"
+    a.write_bytes(b"hello")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "m").write_bytes(b"in real")
+    (tmp_path / "via").symlink_to(real)
+    ok = str(a)
+    for stop in (f"{a}/", f"{a}/.", f"{tmp_path}/.", f"{tmp_path}/..", f"{a}/x", "/"):
+        assert wire.read_small_files([ok, stop, ok], 100) == [b"hello"], stop
+    assert wire.read_small_files([str(tmp_path / "via" / "m"), ok], 100) == [b"in real", b"hello"]
+    monkeypatch.chdir(tmp_path)
+    assert wire.read_small_files(["a", "real/m", "./a", "/" + str(a).lstrip("/")], 100) == [
+        b"hello",
+        b"in real",
+        b"hello",
+        b"hello",
+    ]

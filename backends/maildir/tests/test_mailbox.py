@@ -525,6 +525,65 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     await box.aclose()
 
 
+async def _serve(box: MaildirMailbox, index: int, top_lines: int | None = None) -> bytes:
+    """What the server sends for RETR/TOP: the wire cache's answer, else retrieve()."""
+    wire = box.wire_message(index, top_lines)
+    if wire is not None:
+        return wire
+    data = b"".join([b async for b in box.retrieve(index, top_lines=top_lines)])
+    return stuff(data, top_lines)
+
+
+async def test_read_ahead_for_the_server_comes_stuffed(
+    alice: Path, backend_factory: BackendMaker
+) -> None:
+    """A server's RETR reads the next messages ahead in wire form, in one hop; one with
+    an 8-bit header is kept as stored for retrieve() (the server may refuse it, and
+    only a retrieval read to its end is marked), without a second read; a TOP of a
+    message read ahead for RETR reads ahead again, as stored."""
+    bodies = [f"Subject: {n}\n\n.{'x' * (100 + n)}\n".encode() for n in range(30)]
+    for n in (3, 4, 17):
+        bodies[n] = f"Subject: caf\u00e9 {n}\n\nbody\n".encode()
+    for n, body in enumerate(bodies):
+        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
+    backend = backend_factory()
+    box = await backend.open_mailbox("alice")
+    assert isinstance(box, MaildirMailbox)
+    hops = 0
+    real_run = backend.threads._run
+
+    async def counting_run(*args: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real_run(*args)
+
+    backend.threads._run = counting_run  # type: ignore[method-assign,assignment]  # instrumentation only
+    assert await _serve(box, 0) == stuff(bodies[0])
+    assert hops == 1
+    assert sorted(box._ahead_wire or {}) == [n for n in range(1, 30) if n not in (3, 4, 17)]
+    assert sorted(box._ahead or {}) == [3, 4, 17]
+    assert box._retrieved == {0}
+    for n in range(1, 20):
+        assert await _serve(box, n) == stuff(bodies[n]), n
+    assert hops == 1
+    assert box._retrieved == set(range(20))
+    assert sorted(box._ahead or {}) == []
+    # TOP of a message read ahead for RETR: read again, and ahead as stored.
+    assert await _serve(box, 20, 0) == stuff(bodies[20], 0)
+    assert hops == 2
+    assert box._ahead_wire is None
+    assert sorted(box._ahead or {}) == list(range(21, 30))
+    # Its RETR reads it (a TOP's first message is not kept) and ahead again, stuffed.
+    assert await _serve(box, 20) == stuff(bodies[20])
+    assert hops == 3
+    assert sorted(box._ahead_wire or {}) == list(range(21, 30))
+    for n in range(21, 30):
+        assert await _serve(box, n) == stuff(bodies[n]), n
+    assert hops == 3
+    assert box._retrieved == set(range(30))
+    await box.aclose()
+
+
 async def test_read_ahead_stops_at_a_file_that_is_not_a_message(
     alice: Path, backend_factory: BackendMaker, tmp_path: Path
 ) -> None:

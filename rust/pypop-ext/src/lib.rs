@@ -11,9 +11,11 @@ use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use std::cell::RefCell;
-use std::fs::OpenOptions;
+use std::ffi::{CString, OsStr};
+use std::fs::{File, OpenOptions};
 use std::mem::MaybeUninit;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -533,66 +535,151 @@ const DEFAULT_PROXY_MAX: usize = 1024;
 
 /// Whole small regular files, in order, read with the GIL released once for all of them
 /// (a backend's read-ahead: one call instead of five system calls, each giving up and
-/// taking back the GIL, per file). Stops at the first that cannot be read whole.
+/// taking back the GIL, per file). Stops at the first that cannot be read whole. With
+/// `stuffed`, each comes in wire form (`stuff(contents)`), stuffed here without the GIL.
 #[pyfunction]
+#[pyo3(signature = (paths, limit, stuffed = false))]
 fn read_small_files<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     limit: usize,
+    stuffed: bool,
 ) -> PyResult<Bound<'py, PyList>> {
-    let contents = py.detach(|| {
-        let mut out = Vec::with_capacity(paths.len());
+    // All of them in one buffer, `ends` apart: no allocation per file in the worker.
+    let (all, ends) = py.detach(|| {
+        let mut dirs = Dirs::default();
+        let mut all = Vec::new();
+        let mut raw = Vec::new();
+        let mut ends = Vec::with_capacity(paths.len());
         for path in &paths {
-            match read_small_file(path, limit) {
-                Some(data) => out.push(data),
-                None => break,
+            let into = if stuffed { &mut raw } else { &mut all };
+            if !read_small_file(&mut dirs, path, limit, into) {
+                break;
             }
+            if stuffed {
+                wire::stuff_into(&raw, None, &mut all);
+                raw.clear();
+            }
+            ends.push(all.len());
         }
-        out
+        (all, ends)
     });
-    PyList::new(py, contents.iter().map(|c| PyBytes::new(py, c)))
+    let mut start = 0;
+    PyList::new(
+        py,
+        ends.iter().map(|&end| {
+            let part = PyBytes::new(py, &all[start..end]);
+            start = end;
+            part
+        }),
+    )
 }
 
-/// The file's octets if it is a regular file (never through a symbolic link) of fewer
-/// than `limit` octets; None for anything else, or a failure. Reads exactly as many
-/// octets as fstat reported (one read), asking for one more to see a file that grew.
-fn read_small_file(path: &Path, limit: usize) -> Option<Vec<u8>> {
-    // O_NONBLOCK: a FIFO opens at once instead of hanging; O_CLOEXEC is std's default.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .ok()?;
-    let meta = file.metadata().ok()?;
+/// The directory of the last file opened: the next file in it is opened relative to it,
+/// without the kernel walking the whole path again.
+#[derive(Default)]
+struct Dirs {
+    path: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
+
+impl Dirs {
+    /// A descriptor of `path` (O_PATH: enough to open what is in it), kept for the next.
+    fn get(&mut self, path: &[u8]) -> Option<BorrowedFd<'_>> {
+        if self.fd.is_none() || self.path != path {
+            self.fd = None;
+            let dir = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(OsStr::from_bytes(path))
+                .ok()?;
+            self.path.clear();
+            self.path.extend_from_slice(path);
+            self.fd = Some(dir.into());
+        }
+        self.fd.as_ref().map(|fd| fd.as_fd())
+    }
+}
+
+/// Appends the file's octets to `out` if it is a regular file (never through a symbolic
+/// link) of fewer than `limit` octets; false, with `out` as it was, for anything else or
+/// a failure. Reads exactly as many octets as fstat reported (one read), asking for one
+/// more to see a file that grew.
+fn read_small_file(dirs: &mut Dirs, path: &Path, limit: usize, out: &mut Vec<u8>) -> bool {
+    let Some(file) = open_message(dirs, path) else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
     if !meta.file_type().is_file() {
-        return None;
+        return false;
     }
-    let size = usize::try_from(meta.len()).ok()?;
+    let Ok(size) = usize::try_from(meta.len()) else {
+        return false;
+    };
     if size >= limit {
-        return None;
+        return false;
     }
+    let start = out.len();
     // Read into uninitialised capacity: zeroing it first (vec![0; n]) cost more
     // instructions than the rest of the call.
-    let mut buf: Vec<u8> = Vec::with_capacity(size + 1);
+    out.reserve(size + 1);
     let fd = file.as_raw_fd();
-    while buf.len() < size {
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: `spare` is writable memory of `spare.len()` octets owned by `buf`; the
+    while out.len() - start < size {
+        let want = size + 1 - (out.len() - start);
+        let spare = &mut out.spare_capacity_mut()[..want];
+        // SAFETY: `spare` is writable memory of `spare.len()` octets owned by `out`; the
         // kernel writes at most that many, and only the `n` it reports are kept.
         let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
         match usize::try_from(n) {
             Ok(0) => break, // shorter than fstat said: what is there
             // SAFETY: the kernel initialised these `n` octets (n <= spare.len()).
-            Ok(n) => unsafe { buf.set_len(buf.len() + n) },
+            Ok(n) => unsafe { out.set_len(out.len() + n) },
             Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
             }
-            Err(_) => return None,
+            Err(_) => {
+                out.truncate(start);
+                return false;
+            }
         }
     }
-    if buf.len() > size {
-        return None; // grew since fstat
+    if out.len() - start > size {
+        out.truncate(start);
+        return false; // grew since fstat
     }
-    Some(buf)
+    true
+}
+
+/// Opens a message file for reading: relative to its directory's descriptor when the
+/// path ends in a plain name (`dir/name`), else by the whole path. O_NOFOLLOW: never
+/// through a symbolic link; O_NONBLOCK: a FIFO opens at once instead of hanging.
+fn open_message(dirs: &mut Dirs, path: &Path) -> Option<File> {
+    const FLAGS: libc::c_int =
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let bytes = path.as_os_str().as_bytes();
+    if let Some(slash) = bytes.iter().rposition(|&b| b == b'/') {
+        let name = &bytes[slash + 1..];
+        if !name.is_empty() && name != b"." && name != b".." {
+            let dir = if slash == 0 {
+                &bytes[..1]
+            } else {
+                &bytes[..slash]
+            };
+            let name = CString::new(name).ok()?;
+            let dirfd = dirs.get(dir)?;
+            // SAFETY: `dirfd` is an open descriptor and `name` a NUL-terminated string,
+            // both alive for the call; the descriptor returned is ours alone.
+            let fd = unsafe { libc::openat(dirfd.as_raw_fd(), name.as_ptr(), FLAGS) };
+            // SAFETY: a non-negative return is a new descriptor nobody else owns.
+            return (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) });
+        }
+    }
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()
 }
 
 /// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.

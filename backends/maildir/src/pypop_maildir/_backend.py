@@ -424,6 +424,7 @@ class MaildirMailbox(SnapshotMailbox):
     __slots__ = (
         "_ahead",
         "_ahead_until",
+        "_ahead_wire",
         "_backend",
         "_clock",
         "_entries",
@@ -433,6 +434,7 @@ class MaildirMailbox(SnapshotMailbox):
         "_retrieved",
         "_threads",
         "_unseen",
+        "_wire_asked",
         "maildir",
     )
 
@@ -457,6 +459,10 @@ class MaildirMailbox(SnapshotMailbox):
         self._planned: list[int] | None = None  # Seen flags commits_at_once found
         self._ahead: dict[int, bytes] | None = None
         self._ahead_until = 0.0
+        # Messages read ahead for RETRs, in wire form (stuffed in the reading thread),
+        # and whether the server asks for wire forms at all (an importer does not).
+        self._ahead_wire: dict[int, bytes] | None = None
+        self._wire_asked = False
         # The run's clock: its own method once the first read-ahead (on the event
         # loop) takes it (trio.current_time is three Python calls, one per message).
         self._clock: Callable[[], float] = trio.current_time
@@ -485,15 +491,21 @@ class MaildirMailbox(SnapshotMailbox):
             self._retrieved = set()
         self._retrieved.add(index)
 
-    def _from_ahead(self, index: int, top_lines: int | None) -> bytes | None:
+    def _from_ahead(self, index: int) -> bytes | None:
+        """The stored octets of a message read ahead, or None. The caller drops it from
+        ``_ahead`` once a RETR has taken it (a TOP leaves it for the RETR)."""
         ahead = self._ahead
         if ahead is None:
             return None
         if self._clock() >= self._ahead_until:
-            self._ahead = None
+            self._ahead = self._ahead_wire = None
             return None
-        # RETR takes it; TOP leaves it for a RETR of the same message.
-        return ahead.get(index) if top_lines is not None else ahead.pop(index, None)
+        return ahead.get(index)
+
+    def _take(self, index: int) -> None:
+        """A RETR took message ``index`` from the read-ahead."""
+        if self._ahead is not None:
+            self._ahead.pop(index, None)
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
         """pypop.backend.WireCache: a message read ahead goes out without a thread hop
@@ -502,13 +514,23 @@ class MaildirMailbox(SnapshotMailbox):
         A RETR of a message with an 8-bit header is left to ``retrieve``: the server
         may refuse it (RFC 6856), and only a message read to its end counts as
         retrieved (Seen at UPDATE); this answer cannot know whether it will be sent."""
-        data = self._from_ahead(index, top_lines)
+        self._wire_asked = True
+        stuffed = self._ahead_wire
+        if stuffed is not None and top_lines is None and index in stuffed:
+            # Read ahead for a RETR, stuffed in the reading thread (ASCII headers only).
+            if self._clock() >= self._ahead_until:
+                self._ahead = self._ahead_wire = None
+                return None
+            self._mark_retrieved(index)
+            return stuffed.pop(index)
+        data = self._from_ahead(index)
         if data is None:
             return None
         wire = stuff(data, top_lines)
         if top_lines is None:
             if not wire_header_is_ascii(wire):
-                return None
+                return None  # left in _ahead for retrieve(): no second read
+            self._take(index)
             self._mark_retrieved(index)
         return wire
 
@@ -536,10 +558,13 @@ class MaildirMailbox(SnapshotMailbox):
         except (FileNotFoundError, _store.NotAMessage):
             raise NoSuchMessage("message was removed") from None
 
-    def _read_first(self, index: int, first: int) -> tuple[_Reader | None, bytes, dict[int, bytes]]:
-        """Open message ``index`` and read up to ``first`` octets: (None, data, ahead)
-        when that was the whole file, with ``ahead`` the whole of the small messages
-        after it (within the read-ahead budget); else (reader, first block, {})."""
+    def _read_first(
+        self, index: int, first: int, wire: bool
+    ) -> tuple[_Reader | None, bytes, dict[int, bytes], dict[int, bytes]]:
+        """Open message ``index`` and read up to ``first`` octets: (None, data, ahead,
+        stuffed) when that was the whole file, with the whole of the small messages
+        after it (within the read-ahead budget) in ``ahead`` as stored or, if ``wire``,
+        in ``stuffed`` in wire form; else (reader, first block, {}, {})."""
         self._lock.refresh()
         fd = self._open(index)
         try:
@@ -549,10 +574,10 @@ class MaildirMailbox(SnapshotMailbox):
             os.close(fd)
             raise
         if len(block) == first and len(block) < left:
-            return _Reader(fd, left - len(block)), block, {}
+            return _Reader(fd, left - len(block)), block, {}, {}
         os.close(fd)
         if first > BLOCK_SIZE:
-            return None, block, {}  # a large message: nothing to read ahead
+            return None, block, {}, {}  # a large message: nothing to read ahead
         paths = []
         budget = READ_AHEAD_OCTETS - len(block)
         maildir = self.maildir
@@ -566,10 +591,26 @@ class MaildirMailbox(SnapshotMailbox):
                 break
             paths.append(f"{maildir}/{entry.subdir}/{entry.name}")
             budget -= size
+        if not paths:
+            return None, block, {}, {}
         # One call for all of them (the GIL released once, not per system call); it
         # stops at the first that is gone, not a regular file, or grew past a block.
-        contents = read_small_files(paths, BLOCK_SIZE) if paths else []
-        return None, block, dict(enumerate(contents, index + 1))
+        if not wire:
+            return None, block, dict(enumerate(read_small_files(paths, BLOCK_SIZE), index + 1)), {}
+        stuffed: dict[int, bytes] = {}
+        eight_bit: list[int] = []
+        for j, data in enumerate(read_small_files(paths, BLOCK_SIZE, True), index + 1):
+            if wire_header_is_ascii(data):
+                stuffed[j] = data
+            else:
+                eight_bit.append(j)
+        # The server may refuse a message with an 8-bit header (RFC 6856), so it goes
+        # through retrieve() and the stored octets: read those again (page cache).
+        ahead: dict[int, bytes] = {}
+        if eight_bit:
+            again = read_small_files([paths[j - index - 1] for j in eight_bit], BLOCK_SIZE)
+            ahead = dict(zip(eight_bit, again, strict=False))
+        return None, block, ahead, stuffed
 
     # -- on the event loop --
 
@@ -583,9 +624,11 @@ class MaildirMailbox(SnapshotMailbox):
         self._entry(index)  # NoSuchMessage before any I/O
         reader: _Reader | None = None
         block: bytes
-        cached = self._from_ahead(index, top_lines)
+        cached = self._from_ahead(index)
         if cached is not None:
             block = cached
+            if top_lines is None:
+                self._take(index)
         else:
             try:
                 # One thread hop opens and reads the first block (a message that fits
@@ -596,11 +639,17 @@ class MaildirMailbox(SnapshotMailbox):
                     if top_lines is not None or entry.size < BLOCK_SIZE
                     else (LARGE_BLOCK)
                 )
-                reader, block, ahead = await self._threads.run(self._read_first, index, first)
+                # Read ahead for a server's RETR: the next messages come stuffed (the
+                # likely next commands are RETRs, served by wire_message); else as stored.
+                wire = top_lines is None and self._wire_asked
+                reader, block, ahead, stuffed = await self._threads.run(
+                    self._read_first, index, first, wire
+                )
             except OSError as exc:
                 raise TemporaryFailure("cannot open message") from exc
-            if ahead:
+            if ahead or stuffed:
                 self._ahead = ahead
+                self._ahead_wire = stuffed or None
                 self._clock = trio.lowlevel.current_clock().current_time
                 self._ahead_until = self._clock() + READ_AHEAD_TTL
         cutter = TopCut(top_lines) if top_lines is not None else None
