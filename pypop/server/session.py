@@ -71,6 +71,7 @@ from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import JOIN_BELOW, Peer, SocketStream
 from pypop.server.logins import Hold, MaildropHolders, describe, log_failed_login
 from pypop.server.passthrough import Passthrough
+from pypop.server.sessionlog import session_line
 from pypop.server.tls import TLSStream
 from pypop.wire import DotStuffer, make_challenge
 
@@ -356,17 +357,18 @@ class Session:
             # RETRs the engine answered from the wire source took no measurable time.
             self._retr_seconds.observe_many(0.0, conn.quick_retrievals)
             self._retr_seconds.flush()
-            log.info(
-                "session peer=%s user=%s commands=%d retrieved=%d octets=%d deleted=%d "
-                "duration=%.3f end=%s",
-                self.peer,
-                self.user or "-",
-                conn.commands,
-                conn.retrieved,
-                conn.retrieved_octets,
-                self.deleted,
-                time.monotonic() - started,
-                self.end,
+            # Under load, in batches (pypop.server.sessionlog says why).
+            session_line(
+                (
+                    self.peer,
+                    self.user or "-",
+                    conn.commands,
+                    conn.retrieved,
+                    conn.retrieved_octets,
+                    self.deleted,
+                    time.monotonic() - started,
+                    self.end,
+                )
             )
 
     async def _loop(self) -> None:

@@ -1,0 +1,115 @@
+"""The per-session log line: at once when rare, in batches under load (sessionlog)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from pypop.server.sessionlog import INTERVAL, MAX_PENDING, session_line
+
+
+def _args(n: int) -> tuple[object, ...]:
+    return ("127.0.0.1", f"user{n}", 3, 1, 100, 0, 0.0125, "quit")
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "pypop.session"]
+
+
+def test_a_rare_line_goes_out_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+
+    async def main() -> None:
+        session_line(_args(1))
+        assert [r.getMessage() for r in _lines(caplog)] == [
+            "session peer=127.0.0.1 user=user1 commands=3 retrieved=1 octets=100 deleted=0 "
+            "duration=0.013 end=quit"
+        ]
+        await trio.sleep(2 * INTERVAL)
+        session_line(_args(2))  # the last went out an interval ago: at once again
+        assert len(_lines(caplog)) == 2
+
+    trio.run(main)
+
+
+def test_lines_under_load_wait_at_most_an_interval_and_keep_their_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> None:
+        session_line(_args(0))  # at once
+        await trio.sleep(INTERVAL / 4)
+        before = time.time()
+        session_line(_args(1))
+        session_line(_args(2))
+        after = time.time()
+        assert len(_lines(caplog)) == 1  # these two wait
+        await trio.sleep(INTERVAL * 3 / 4 - 0.001)
+        assert len(_lines(caplog)) == 1
+        await trio.sleep(0.002)  # an interval after the first line went out
+        records = _lines(caplog)
+        assert [r.getMessage().split()[2] for r in records] == [
+            "user=user0",
+            "user=user1",
+            "user=user2",
+        ]
+        for r in records[1:]:
+            assert before <= r.created <= after  # when the session ended, not later
+            assert r.msecs == pytest.approx((r.created - int(r.created)) * 1000)
+
+    trio.run(main, clock=clock)
+
+
+def test_at_most_max_pending_lines_wait(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+
+    async def main() -> None:
+        session_line(_args(0))
+        for n in range(1, MAX_PENDING):
+            session_line(_args(n))
+        assert len(_lines(caplog)) == 1
+        session_line(_args(MAX_PENDING))  # the 1024th waiting line: all go out now
+        assert len(_lines(caplog)) == MAX_PENDING + 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_end_of_the_run_emits_what_waits(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+
+    async def main() -> None:
+        before = len(_lines(caplog))
+        for n in range(3):
+            session_line(_args(n))
+        assert len(_lines(caplog)) == before + 1
+
+    trio.run(main)
+    assert [r.getMessage().split()[2] for r in _lines(caplog)] == [
+        "user=user0",
+        "user=user1",
+        "user=user2",
+    ]
+    trio.run(main)  # a new run has its own batch and emitter
+    assert len(_lines(caplog)) == 6
+
+
+def test_nothing_when_the_level_is_off(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pypop.session")
+    spawned: list[object] = []
+    monkeypatch.setattr(trio.lowlevel, "spawn_system_task", lambda *a, **k: spawned.append(a))
+
+    async def main() -> None:
+        for n in range(3):
+            session_line(_args(n))
+
+    trio.run(main)
+    assert _lines(caplog) == []
+    assert spawned == []  # no task for a line that is never logged
