@@ -23,6 +23,7 @@ __all__ = [
     "cram_md5_digest",
     "cram_md5_verify",
     "cram_md5_verify_context",
+    "files_unchanged",
     "make_challenge",
     "parse_proxy_header",
     "read_small_files",
@@ -141,3 +142,13 @@ def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) ->
     system call when it is as large as fstat says. The extension releases the GIL once
     for the whole list (the stuffing included). TypeError for a path that is not
     ``str``, OverflowError for a negative ``limit``."""
+
+def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
+    """Whether each file named in ``names`` (paths relative to ``directory``, each
+    ended by a NUL) still has the size, mtime in ns and inode packed in ``stats``
+    (``struct.pack("<QqQ", ...)`` per name), by ``lstat``.
+
+    False at the first difference, or if a file cannot be stat-ed (the caller reads
+    the folder again and meets the failure there). ValueError if ``names`` does not
+    end with a NUL or ``stats`` is not 24 octets per name; True for no names. The
+    extension releases the GIL for all of them."""

@@ -39,6 +39,7 @@ __all__ = [
     "cram_md5_digest",
     "cram_md5_verify",
     "cram_md5_verify_context",
+    "files_unchanged",
     "make_challenge",
     "parse_proxy_header",
     "read_small_files",
@@ -727,6 +728,31 @@ def _proxy_v2(data: bytes, max_len: int) -> _ProxyTuple | None:
 
 # O_NOFOLLOW: a symbolic link is refused; O_NONBLOCK: a FIFO opens at once.
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+_STATS = struct.Struct("<QqQ")
+
+
+def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
+    """See the stub: do the named files still have these size, mtime and inode?"""
+    if not isinstance(names, bytes) or not isinstance(stats, bytes):
+        raise TypeError("names and stats must be bytes")
+    if names and not names.endswith(b"\0"):
+        raise ValueError("names must end with a NUL")
+    parts = names.split(b"\0")[:-1]
+    if len(stats) != len(parts) * _STATS.size:
+        raise ValueError("stats must hold 24 octets per name")
+    base = os.fsencode(directory)
+    for k, name in enumerate(parts):
+        if not name:
+            return False
+        try:
+            st = os.lstat(os.path.join(base, name))
+        except (OSError, ValueError):
+            return False
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != _STATS.unpack_from(stats, k * _STATS.size):
+            return False
+    return True
 
 
 def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) -> list[bytes]:

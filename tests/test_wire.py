@@ -19,6 +19,7 @@ import itertools
 import os
 import random
 import re
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -266,8 +267,9 @@ API = {
     # the PROXY protocol header (tests/test_proxy_wire.py)
     "PROXY_HEADER_MAX",
     "parse_proxy_header",
-    # a backend's read-ahead
+    # a backend's read-ahead, and its listing cache's check
     "read_small_files",
+    "files_unchanged",
 }
 
 
@@ -1352,3 +1354,82 @@ def test_read_small_files_opens_what_open_opens(
         b"hello",
         b"hello",
     ]
+
+
+# --------------------------------------------------------------------------------------
+# files_unchanged (a listing cache's check)
+# --------------------------------------------------------------------------------------
+
+_STATS = struct.Struct("<QqQ")
+
+
+def _stats_of(paths: Iterable[Path]) -> bytes:
+    out = b""
+    for p in paths:
+        st = os.lstat(p)
+        out += _STATS.pack(st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def test_files_unchanged(wire: ModuleType, tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    files = [cur / f"m{n}" for n in range(3)]
+    for n, f in enumerate(files):
+        f.write_bytes(b"x" * (10 + n))
+    names = b"".join(b"cur/m%d\0" % n for n in range(3))
+    stats = _stats_of(files)
+    assert wire.files_unchanged(str(tmp_path), names, stats) is True
+    assert wire.files_unchanged(tmp_path, names, stats) is True  # PathLike
+    assert wire.files_unchanged(str(tmp_path), b"", b"") is True
+    # Each of the three numbers, for each file, is compared.
+    for k in range(3):
+        for field in range(3):
+            size, mtime, ino = _STATS.unpack_from(stats, k * 24)
+            changed = [size, mtime, ino]
+            changed[field] += 1
+            bad = stats[: k * 24] + _STATS.pack(*changed) + stats[(k + 1) * 24 :]
+            assert wire.files_unchanged(str(tmp_path), names, bad) is False, (k, field)
+    # Rewritten in place with another size; replaced by another file of the same size.
+    files[1].write_bytes(b"y" * 99)
+    assert wire.files_unchanged(str(tmp_path), names, stats) is False
+    files[1].write_bytes(b"x" * 11)
+    os.utime(files[1], ns=(0, _STATS.unpack_from(stats, 24)[1]))
+    assert wire.files_unchanged(str(tmp_path), names, stats) is True  # same inode again
+    files[2].unlink()
+    files[2].write_bytes(b"x" * 12)
+    assert wire.files_unchanged(str(tmp_path), names, stats) is False  # mtime or inode
+
+
+def test_files_unchanged_is_false_for_what_cannot_be_stat_ed(
+    wire: ModuleType, tmp_path: Path
+) -> None:
+    (tmp_path / "a").write_bytes(b"a")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "a")
+    st = _stats_of([tmp_path / "a"])
+    assert wire.files_unchanged(str(tmp_path), b"a\0", st) is True
+    # lstat: a symbolic link is judged as itself, never as its target.
+    assert wire.files_unchanged(str(tmp_path), b"link\0", st) is False
+    for name in (b"gone\0", b"\0", b"a/b\0"):
+        assert wire.files_unchanged(str(tmp_path), name, st) is False, name
+    assert wire.files_unchanged(str(tmp_path / "nowhere"), b"a\0", st) is False
+    assert wire.files_unchanged(str(tmp_path / "a"), b"a\0", st) is False  # not a folder
+
+
+@pytest.mark.parametrize(
+    ("names", "stats", "error"),
+    [
+        (b"a", b"\0" * 24, ValueError),  # no NUL at the end
+        (b"a\0", b"\0" * 23, ValueError),
+        (b"a\0b\0", b"\0" * 24, ValueError),
+        (b"", b"\0" * 24, ValueError),
+        (bytearray(b"a\0"), b"\0" * 24, TypeError),
+        (b"a\0", memoryview(b"\0" * 24), TypeError),
+    ],
+)
+def test_files_unchanged_refuses_malformed_arguments(
+    wire: ModuleType, tmp_path: Path, names: object, stats: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        wire.files_unchanged(str(tmp_path), names, stats)

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use std::cell::RefCell;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::{File, OpenOptions};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -575,6 +575,71 @@ fn read_small_files<'py>(
     )
 }
 
+/// Whether the files named in `names` (NUL-terminated paths relative to `directory`)
+/// still have the size, mtime (ns) and inode in `stats` (three little-endian 64-bit
+/// numbers each: size and inode unsigned, mtime signed), by `lstat`: the check a cached
+/// listing makes of sizes counted from the content. False at the first difference or
+/// failure (the caller scans again, and meets the failure there); the GIL is released
+/// for all of them.
+#[pyfunction]
+fn files_unchanged(
+    py: Python<'_>,
+    directory: PathBuf,
+    names: &Bound<'_, PyBytes>,
+    stats: &Bound<'_, PyBytes>,
+) -> PyResult<bool> {
+    let (names, stats) = (names.as_bytes(), stats.as_bytes());
+    if !names.is_empty() && names.last() != Some(&0) {
+        return Err(PyValueError::new_err("names must end with a NUL"));
+    }
+    let count = names.iter().filter(|&&b| b == 0).count();
+    if stats.len() != count * 24 {
+        return Err(PyValueError::new_err("stats must hold 24 octets per name"));
+    }
+    if count == 0 {
+        return Ok(true);
+    }
+    Ok(py.detach(|| {
+        let Ok(dir) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&directory)
+        else {
+            return false;
+        };
+        let number = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 octets"));
+        names
+            .split_inclusive(|&b| b == 0)
+            .zip(stats.chunks_exact(24))
+            .all(|(name, want)| {
+                let Ok(name) = CStr::from_bytes_with_nul(name) else {
+                    return false;
+                };
+                let mut st = MaybeUninit::<libc::stat>::uninit();
+                // SAFETY: `name` is NUL-terminated and `st` is writable for a struct stat;
+                // both outlive the call, and `dir` is an open descriptor.
+                let rc = unsafe {
+                    libc::fstatat(
+                        dir.as_raw_fd(),
+                        name.as_ptr(),
+                        st.as_mut_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                if rc != 0 {
+                    return false;
+                }
+                // SAFETY: fstatat returned 0, so it filled `st`.
+                let st = unsafe { st.assume_init() };
+                let mtime_ns =
+                    i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
+                u64::try_from(st.st_size).ok() == Some(number(&want[..8]))
+                    && mtime_ns == i128::from(number(&want[8..16]) as i64)
+                    && st.st_ino == number(&want[16..])
+            })
+    }))
+}
+
 /// The directory of the last file opened: the next file in it is opened relative to it,
 /// without the kernel walking the whole path again.
 #[derive(Default)]
@@ -707,5 +772,6 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROXY_HEADER_MAX", DEFAULT_PROXY_MAX)?;
     m.add_function(wrap_pyfunction!(parse_proxy_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_small_files, m)?)?;
+    m.add_function(wrap_pyfunction!(files_unchanged, m)?)?;
     Ok(())
 }

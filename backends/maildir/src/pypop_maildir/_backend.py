@@ -35,7 +35,13 @@ from pypop.errors import (
     TemporaryFailure,
     UpdateFailed,
 )
-from pypop.wire import read_small_files, stuff, wire_header_is_ascii, wire_size
+from pypop.wire import (
+    files_unchanged,
+    read_small_files,
+    stuff,
+    wire_header_is_ascii,
+    wire_size,
+)
 
 from pypop_maildir import _store
 from pypop_maildir._config import (
@@ -67,6 +73,7 @@ LARGE_BLOCK = 1024 * 1024
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
 SETTLE_NS = 2_000_000_000
 _KEY = struct.Struct("=QqQq")
+_STATS = struct.Struct("<QqQ")  # pypop.wire.files_unchanged's: size, mtime ns, inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +84,12 @@ class _Listing:
     key: bytes  # cur/ and new/: (inode, ctime ns) each, packed (one per cached maildir)
     entries: tuple[_store.Entry, ...]
     messages: tuple[MessageInfo, ...]
-    # Entries whose size was counted from the content: (index, st_size, mtime ns, inode)
-    # as counted. A file rewritten in place does not change its folder: these are
-    # checked again at every open.
-    counted: tuple[tuple[int, int, int, int], ...]
+    # Entries whose size was counted from the content: their paths below the maildir,
+    # each ended by a NUL, and (st_size, mtime ns, inode) as counted, packed (_STATS).
+    # A file rewritten in place does not change its folder: these are checked again at
+    # every open (pypop.wire.files_unchanged, one call without the GIL).
+    counted_names: bytes
+    counted_stats: bytes
     # Octet i is 1 for a message in cur/ without the Seen flag (what UPDATE may have to
     # rename): a byte each, where a set would cost some 30 times that.
     unseen: bytes
@@ -270,19 +279,22 @@ class MaildirBackend:
         _store.assign_uids(entries)
         if cfg.save_uidl:
             _store.apply_uidlist(maildir, entries, fsync=cfg.fsync)
-        counted = []
-        for i, e in enumerate(entries):
+        names: list[bytes] = []
+        stats: list[bytes] = []
+        for e in entries:
             if not cfg.filename_sizes or _store.filename_size(e.base) is None:
                 try:
                     st = os.lstat(e.path(maildir))
                 except FileNotFoundError:
                     continue
-                counted.append((i, st.st_size, st.st_mtime_ns, st.st_ino))
+                names.append(os.fsencode(f"{e.subdir}/{e.name}\0"))
+                stats.append(_STATS.pack(st.st_size, st.st_mtime_ns, st.st_ino))
         listing = _Listing(
             key,
             tuple(entries),
             tuple(MessageInfo(size=e.size, uid=e.uid) for e in entries),
-            tuple(counted),
+            b"".join(names),
+            b"".join(stats),
             bytes(e.subdir == "cur" and _store.with_seen_flag(e.name) is not None for e in entries),
         )
         return listing, changed
@@ -364,15 +376,11 @@ class MaildirBackend:
 
 
 def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
-    entries = listing.entries
-    for i, size, mtime_ns, ino in listing.counted:
-        try:
-            st = os.lstat(entries[i].path(maildir))
-        except FileNotFoundError:
-            return False
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, ino):
-            return False
-    return True
+    """Do the files whose sizes were counted still have their size, mtime and inode?
+    (False for one that cannot be stat-ed: the scan that follows meets the error.)"""
+    return not listing.counted_names or files_unchanged(
+        maildir, listing.counted_names, listing.counted_stats
+    )
 
 
 class _Reader:
