@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pypop.protocol import (
     NEED_DATA,
@@ -306,6 +308,30 @@ def test_retr_and_top_events() -> None:
     ]
     out = conn.data_to_send()
     assert out.endswith(b"+OK 200 octets\r\n" + BODY + b"+OK\r\n" + BODY + b"+OK\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(1, 40)), st.integers(0, 40))
+def test_quit_updates_exactly_the_marked(marked: set[int], rset_after: int) -> None:
+    """Update.deleted is every message marked since the last RSET, in order
+    (adjacent ones and the first and last message included)."""
+    conn = logged_in([f"u{n}" for n in range(40)])
+    order = sorted(marked, key=lambda n: (n * 7919) % 41)  # not in number order
+    kept: set[int] = set()
+    for k, n in enumerate(order):
+        if k == rset_after:
+            conn.receive_data(b"RSET\r\n")
+            kept = set()
+        conn.receive_data(b"DELE %d\r\n" % n)
+        kept.add(n)
+    conn.receive_data(b"QUIT\r\n")
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, Update):
+            break
+        assert ev is NEED_DATA or ev is SEND_DATA, ev
+        conn.data_to_send()
+    assert ev.deleted == tuple(n - 1 for n in sorted(kept))
 
 
 def test_quit_in_transaction_updates_only_marked() -> None:
