@@ -145,15 +145,6 @@ def wait_servers(admin: Path, wanted: dict[str, str]) -> None:
         time.sleep(0.05)
 
 
-def wait_log(host: Serving, text: str) -> str:
-    """The host's log once it has ``text`` (session lines may wait 0.1 s under load)."""
-    deadline = time.monotonic() + 10
-    while text not in (log := host.text()):
-        assert time.monotonic() < deadline, log
-        time.sleep(0.02)
-    return log
-
-
 def holding(hosts: list[Serving]) -> list[Serving]:
     """The hosts with a session open now (their metrics say so)."""
     return [h for h in hosts if h.metric("pypop_sessions_open") > 0]
@@ -287,7 +278,8 @@ def test_two_hosts_behind_haproxy(tmp_path: Path, kind: str) -> None:
         assert other.cmd(b"QUIT").startswith(b"+OK")
         other.close()
         assert survivor.metric("pypop_auth_penalties_total") == penalties + 2
-        log = wait_log(survivor, "session peer=127.0.0.10 user=bob")
+        survivor.wait_log(r"session peer=127\.0\.0\.10 user=bob")  # lines may wait 0.1 s
+        log = survivor.text()
         assert len(re.findall(r"login failed: user=<bob> method=USER rip=127\.0\.0\.9 "
                               r"reason=credentials", log)) == 3  # fmt: skip
         assert "session peer=127.0.0.10 user=bob" in log

@@ -19,7 +19,7 @@ from pypop.backend import (
 )
 from pypop.wire import stuff, wire_size
 
-from pypop_maildir import BLOCK_SIZE, MaildirMailbox
+from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox
 from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
@@ -495,6 +495,32 @@ def test_fast_uid_check_equals_contract() -> None:
             assert valid_uid(uid) == is_valid_uid(uid), repr(uid)
 
 
+class _Hops:
+    """Counts a backend's worker-thread hops (instrumentation only)."""
+
+    def __init__(self, backend: MaildirBackend) -> None:
+        self.count = 0
+        real_run = backend.threads._run
+
+        async def counting_run(*args: Any) -> Any:
+            self.count += 1
+            return await real_run(*args)
+
+        backend.threads._run = counting_run  # type: ignore[method-assign,assignment]
+
+
+async def _open_counting_hops(
+    alice: Path, backend_factory: BackendMaker, bodies: list[bytes]
+) -> tuple[MaildirMailbox, _Hops]:
+    """``bodies`` delivered to alice, her mailbox opened, its hops counted from now."""
+    for n, body in enumerate(bodies):
+        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
+    backend = backend_factory()
+    box = await backend.open_mailbox("alice")
+    assert isinstance(box, MaildirMailbox)
+    return box, _Hops(backend)
+
+
 async def _fetch(box: MaildirMailbox, index: int) -> bytes:
     return b"".join([b async for b in box.retrieve(index)])
 
@@ -504,24 +530,11 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
 ) -> None:
     bodies = [f"Subject: {n}\n\n{'x' * (100 + n)}\n".encode() for n in range(40)]
     bodies.insert(20, b"Subject: big\n\n" + b"y" * (BLOCK_SIZE + 10) + b"\n")
-    for n, body in enumerate(bodies):
-        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
-    backend = backend_factory()
-    box = await backend.open_mailbox("alice")
-    assert isinstance(box, MaildirMailbox)
-    hops = 0
-    real_run = backend.threads._run
-
-    async def counting_run(*args: Any) -> Any:
-        nonlocal hops
-        hops += 1
-        return await real_run(*args)
-
-    backend.threads._run = counting_run  # type: ignore[method-assign,assignment]  # instrumentation only
+    box, hops = await _open_counting_hops(alice, backend_factory, bodies)
     got = [await _fetch(box, i) for i in range(len(bodies))]
     assert got == bodies
     # 0..19 in one hop, the big one alone (one LARGE_BLOCK read), then 21..40 in one hop.
-    assert hops == 3
+    assert hops.count == 3
     await box.aclose()
 
 
@@ -544,42 +557,29 @@ async def test_read_ahead_for_the_server_comes_stuffed(
     bodies = [f"Subject: {n}\n\n.{'x' * (100 + n)}\n".encode() for n in range(30)]
     for n in (3, 4, 17):
         bodies[n] = f"Subject: caf\u00e9 {n}\n\nbody\n".encode()
-    for n, body in enumerate(bodies):
-        deliver(alice, f"{1700000000 + n}.M{n}P1.host", body)
-    backend = backend_factory()
-    box = await backend.open_mailbox("alice")
-    assert isinstance(box, MaildirMailbox)
-    hops = 0
-    real_run = backend.threads._run
-
-    async def counting_run(*args: Any) -> Any:
-        nonlocal hops
-        hops += 1
-        return await real_run(*args)
-
-    backend.threads._run = counting_run  # type: ignore[method-assign,assignment]  # instrumentation only
+    box, hops = await _open_counting_hops(alice, backend_factory, bodies)
     assert await _serve(box, 0) == stuff(bodies[0])
-    assert hops == 1
+    assert hops.count == 1
     assert sorted(box._ahead_wire or {}) == [n for n in range(1, 30) if n not in (3, 4, 17)]
     assert sorted(box._ahead or {}) == [3, 4, 17]
     assert box._retrieved == {0}
     for n in range(1, 20):
         assert await _serve(box, n) == stuff(bodies[n]), n
-    assert hops == 1
+    assert hops.count == 1
     assert box._retrieved == set(range(20))
     assert sorted(box._ahead or {}) == []
     # TOP of a message read ahead for RETR: read again, and ahead as stored.
     assert await _serve(box, 20, 0) == stuff(bodies[20], 0)
-    assert hops == 2
+    assert hops.count == 2
     assert box._ahead_wire is None
     assert sorted(box._ahead or {}) == list(range(21, 30))
     # Its RETR reads it (a TOP's first message is not kept) and ahead again, stuffed.
     assert await _serve(box, 20) == stuff(bodies[20])
-    assert hops == 3
+    assert hops.count == 3
     assert sorted(box._ahead_wire or {}) == list(range(21, 30))
     for n in range(21, 30):
         assert await _serve(box, n) == stuff(bodies[n]), n
-    assert hops == 3
+    assert hops.count == 3
     assert box._retrieved == set(range(30))
     await box.aclose()
 
