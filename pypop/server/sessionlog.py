@@ -82,12 +82,11 @@ def session_line(args: tuple[object, ...]) -> None:
         batch = _Batch()
         _BATCH.set(batch)
         trio.lowlevel.spawn_system_task(batch.emitter, name="pypop session log")
-    if not batch.pending and trio.current_time() >= batch.last + INTERVAL:
-        batch.pending.append((time.time(), args))
-        batch.emit()  # rare: at once
-        return
-    batch.pending.append((time.time(), args))
-    if len(batch.pending) >= MAX_PENDING:
-        batch.emit()
+    pending = batch.pending
+    pending.append((time.time(), args))
+    if len(pending) >= MAX_PENDING or (
+        len(pending) == 1 and trio.current_time() >= batch.last + INTERVAL
+    ):
+        batch.emit()  # a full batch, or a rare line: at once
     elif batch.wake is not None:  # the emitter waits for a first line
         batch.wake.set()

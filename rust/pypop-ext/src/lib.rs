@@ -600,11 +600,7 @@ fn files_unchanged(
         return Ok(true);
     }
     Ok(py.detach(|| {
-        let Ok(dir) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(&directory)
-        else {
+        let Some(dir) = open_dir(&directory) else {
             return false;
         };
         let number = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 octets"));
@@ -653,17 +649,23 @@ impl Dirs {
     fn get(&mut self, path: &[u8]) -> Option<BorrowedFd<'_>> {
         if self.fd.is_none() || self.path != path {
             self.fd = None;
-            let dir = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-                .open(OsStr::from_bytes(path))
-                .ok()?;
+            let dir = open_dir(Path::new(OsStr::from_bytes(path)))?;
             self.path.clear();
             self.path.extend_from_slice(path);
-            self.fd = Some(dir.into());
+            self.fd = Some(dir);
         }
         self.fd.as_ref().map(|fd| fd.as_fd())
     }
+}
+
+/// A descriptor of the directory `path` (O_PATH: enough to open or stat what is in it).
+fn open_dir(path: &Path) -> Option<OwnedFd> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(path)
+        .ok()?;
+    Some(dir.into())
 }
 
 /// Appends the file's octets to `out` if it is a regular file (never through a symbolic
@@ -723,28 +725,23 @@ fn open_message(dirs: &mut Dirs, path: &Path) -> Option<File> {
     const FLAGS: libc::c_int =
         libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
     let bytes = path.as_os_str().as_bytes();
-    if let Some(slash) = bytes.iter().rposition(|&b| b == b'/') {
-        let name = &bytes[slash + 1..];
-        if !name.is_empty() && name != b"." && name != b".." {
+    let (dirfd, name) = match bytes.iter().rposition(|&b| b == b'/') {
+        Some(slash) if !matches!(&bytes[slash + 1..], b"" | b"." | b"..") => {
             let dir = if slash == 0 {
                 &bytes[..1]
             } else {
                 &bytes[..slash]
             };
-            let name = CString::new(name).ok()?;
-            let dirfd = dirs.get(dir)?;
-            // SAFETY: `dirfd` is an open descriptor and `name` a NUL-terminated string,
-            // both alive for the call; the descriptor returned is ours alone.
-            let fd = unsafe { libc::openat(dirfd.as_raw_fd(), name.as_ptr(), FLAGS) };
-            // SAFETY: a non-negative return is a new descriptor nobody else owns.
-            return (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) });
+            (dirs.get(dir)?.as_raw_fd(), &bytes[slash + 1..])
         }
-    }
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .ok()
+        _ => (libc::AT_FDCWD, bytes),
+    };
+    let name = CString::new(name).ok()?;
+    // SAFETY: `dirfd` is AT_FDCWD or a descriptor `dirs` keeps open, and `name` a
+    // NUL-terminated string alive for the call; the descriptor returned is ours alone.
+    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), FLAGS) };
+    // SAFETY: a non-negative return is a new descriptor nobody else owns.
+    (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
 }
 
 /// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.

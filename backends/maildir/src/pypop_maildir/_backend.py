@@ -503,12 +503,16 @@ class MaildirMailbox(SnapshotMailbox):
         """The stored octets of a message read ahead, or None. The caller drops it from
         ``_ahead`` once a RETR has taken it (a TOP leaves it for the RETR)."""
         ahead = self._ahead
-        if ahead is None:
-            return None
-        if self._clock() >= self._ahead_until:
-            self._ahead = self._ahead_wire = None
+        if ahead is None or self._expired():
             return None
         return ahead.get(index)
+
+    def _expired(self) -> bool:
+        """Past the read-ahead's time: both stores are dropped."""
+        if self._clock() < self._ahead_until:
+            return False
+        self._ahead = self._ahead_wire = None
+        return True
 
     def _take(self, index: int) -> None:
         """A RETR took message ``index`` from the read-ahead."""
@@ -526,8 +530,7 @@ class MaildirMailbox(SnapshotMailbox):
         stuffed = self._ahead_wire
         if stuffed is not None and top_lines is None and index in stuffed:
             # Read ahead for a RETR, stuffed in the reading thread (ASCII headers only).
-            if self._clock() >= self._ahead_until:
-                self._ahead = self._ahead_wire = None
+            if self._expired():
                 return None
             self._mark_retrieved(index)
             return stuffed.pop(index)
