@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from pypop.server.sessionlog import INTERVAL, MAX_PENDING, session_line
+from pypop.server.sessionlog import INTERVAL, MAX_PENDING, flush, session_line
 
 
 def _args(n: int) -> tuple[object, ...]:
@@ -113,3 +113,21 @@ def test_nothing_when_the_level_is_off(
     trio.run(main)
     assert _lines(caplog) == []
     assert spawned == []  # no task for a line that is never logged
+
+
+def test_flush_emits_the_waiting_lines_now(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+
+    async def main() -> None:
+        flush()  # nothing waits: nothing happens
+        for n in range(3):
+            session_line(_args(n))
+        assert len(_lines(caplog)) == 1
+        flush()
+        assert [r.getMessage().split()[2] for r in _lines(caplog)] == [
+            "user=user0",
+            "user=user1",
+            "user=user2",
+        ]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

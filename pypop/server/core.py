@@ -36,7 +36,7 @@ from pypop.config import ConfigError, ServerConfig
 from pypop.protocol import ProtocolConfig
 from pypop.protocol.replies import Text, encode_status
 from pypop.registry import create_backend, create_credential_store
-from pypop.server import metrics
+from pypop.server import metrics, sessionlog
 from pypop.server.anvil import Limits
 from pypop.server.limits import ConnectionLimits, ensure_open_files
 from pypop.server.listeners import Listener, Peer, SocketStream, is_transient, open_listeners
@@ -295,6 +295,7 @@ class Server:
                         await store_aclose()
                     except Exception:
                         log.exception("credential store failed to close")
+            sessionlog.flush()  # the sessions' last lines before the server's
             log.info("stopped after %s", _plural(self.total_sessions, "session"))
 
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:

@@ -21,7 +21,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["INTERVAL", "MAX_PENDING", "session_line"]
+__all__ = ["INTERVAL", "MAX_PENDING", "flush", "session_line"]
 
 log = logging.getLogger("pypop.session")
 
@@ -90,3 +90,14 @@ def session_line(args: tuple[object, ...]) -> None:
         batch.emit()  # a full batch, or a rare line: at once
     elif batch.wake is not None:  # the emitter waits for a first line
         batch.wake.set()
+
+
+def flush() -> None:
+    """Emit this run's waiting lines now (a server that stops logs them before its
+    last line)."""
+    try:
+        batch = _BATCH.get()
+    except LookupError:
+        return
+    if batch.pending:
+        batch.emit()
