@@ -146,8 +146,13 @@ def wait_servers(admin: Path, wanted: dict[str, str]) -> None:
 
 
 def holding(hosts: list[Serving]) -> list[Serving]:
-    """The hosts with a session open now (their metrics say so)."""
-    return [h for h in hosts if h.metric("pypop_sessions_open") > 0]
+    """The hosts with a session open now (their metrics say so, within 0.1 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [h for h in hosts if h.metric("pypop_sessions_open") > 0]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def login(port: int, user: bytes = b"alice", password: bytes = b"wonderland") -> tuple[Pop, bytes]:
@@ -240,7 +245,8 @@ def test_two_hosts_behind_haproxy(tmp_path: Path, kind: str) -> None:
             c.close()
         for host in hosts:
             assert "rip=127.0.0.9 reason=in-use" in host.text(), host.text()
-            assert host.metric('pypop_logins_total{mechanism="USER",result="in-use"}') >= 1
+            in_use = 'pypop_logins_total{mechanism="USER",result="in-use"}'
+            assert host.metric(in_use, until=lambda v: v >= 1) >= 1
 
         # kill -9 of the host holding the session, mid-session (a message marked).
         assert first.cmd(b"RETR 1").startswith(b"+OK")
@@ -254,24 +260,26 @@ def test_two_hosts_behind_haproxy(tmp_path: Path, kind: str) -> None:
         assert store.messages("alice") == 3  # no mail lost: DELE needs QUIT
         # New sessions go to the other host, at once (HAProxy retries a refused
         # connection elsewhere) and after its health check notices.
-        sessions_before = survivor.metric("pypop_sessions_total")
+        sessions_before = survivor.settled("pypop_sessions_total")
         for n in range(4):
             c, reply = login(port)
             assert reply.startswith(b"+OK maildrop has 3 messages"), (n, reply)
             assert c.cmd(b"QUIT").startswith(b"+OK")
             c.close()
-        assert survivor.metric("pypop_sessions_total") == sessions_before + 4
+        want = sessions_before + 4
+        assert survivor.metric("pypop_sessions_total", until=lambda v: v >= want) == want
         wait_servers(admin, {"a" if holder is hosts[0] else "b": "DOWN",
                              "a" if holder is hosts[1] else "b": "UP"})  # fmt: skip
 
         # The penalty and the logs see the client's address, not HAProxy's.
-        penalties = survivor.metric("pypop_auth_penalties_total")
+        penalties = survivor.settled("pypop_auth_penalties_total")
         for n in range(3):
             c, reply = login(port, b"bob", b"wrong-%d" % n)
             assert reply == AUTH_FAILED
             c.close()
         # The 2nd and 3rd attempts of 127.0.0.9 were delayed; another client is not.
-        assert survivor.metric("pypop_auth_penalties_total") == penalties + 2
+        want = penalties + 2
+        assert survivor.metric("pypop_auth_penalties_total", until=lambda v: v >= want) == want
         other = Pop(port, source="127.0.0.10")
         assert other.cmd(b"USER bob") == b"+OK\r\n"
         assert other.cmd(b"PASS builder").startswith(b"+OK maildrop has 1 message")
@@ -287,10 +295,13 @@ def test_two_hosts_behind_haproxy(tmp_path: Path, kind: str) -> None:
         assert "rip=127.0.0.1 " not in log
 
         # The metrics count what happened on the survivor.
-        assert survivor.metric('pypop_logins_total{mechanism="USER",result="credentials"}') == 3
-        assert survivor.metric('pypop_logins_total{mechanism="USER",result="ok"}') == 5
-        assert survivor.metric('pypop_commands_total{verb="QUIT"}') == 5
-        assert survivor.metric("pypop_sessions_open") == 0
+        failed = 'pypop_logins_total{mechanism="USER",result="credentials"}'
+        assert survivor.metric(failed, until=lambda v: v >= 3) == 3
+        ok = 'pypop_logins_total{mechanism="USER",result="ok"}'
+        assert survivor.metric(ok, until=lambda v: v >= 5) == 5
+        quits = 'pypop_commands_total{verb="QUIT"}'
+        assert survivor.metric(quits, until=lambda v: v >= 5) == 5
+        assert survivor.metric("pypop_sessions_open", until=lambda v: v <= 0) == 0
         # After the clean QUITs the messages are all there (nothing was deleted).
         assert store.messages("alice") == 3
     assert CLIENT == "127.0.0.9"

@@ -1,4 +1,5 @@
-"""The per-session log line: at once when rare, in batches under load (sessionlog)."""
+"""A session's log line and metric amounts: at once when rare, in batches under load
+(sessionlog)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, Counter
 
-from pypop.server.sessionlog import INTERVAL, MAX_PENDING, flush, session_line
+from pypop.server.metrics import MetricsServer
+from pypop.server.sessionlog import INTERVAL, MAX_PENDING, batch, flush, session_line
 
 
 def _args(n: int) -> tuple[object, ...]:
@@ -131,3 +134,88 @@ def test_flush_emits_the_waiting_lines_now(caplog: pytest.LogCaptureFixture) -> 
         ]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class Recorded:
+    """An Amount that records each ``inc`` (the metric value a batch adds to)."""
+
+    def __init__(self) -> None:
+        self.incs: list[float] = []
+
+    def inc(self, amount: float) -> None:
+        self.incs.append(amount)
+
+
+def test_a_sessions_amounts_go_out_with_its_line_and_add_up_under_load(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pypop.session")
+    sessions, octets = Recorded(), Recorded()
+
+    async def main() -> None:
+        b = batch()
+        b.add(sessions, 1)
+        b.add(octets, 100)
+        session_line(_args(0))  # a rare session: its line and amounts at once
+        assert (sessions.incs, octets.incs, len(_lines(caplog))) == ([1], [100], 1)
+        await trio.sleep(INTERVAL / 4)
+        for n in (1, 2, 3):
+            b.add(sessions, 1)
+            b.add(octets, n)
+            session_line(_args(n))
+        assert (sessions.incs, octets.incs, len(_lines(caplog))) == ([1], [100], 1)
+        await trio.sleep(INTERVAL * 3 / 4 + 0.001)
+        # One addition per value for the three sessions, with their lines.
+        assert (sessions.incs, octets.incs, len(_lines(caplog))) == ([1, 3], [100, 6], 4)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_amounts_alone_wait_at_most_an_interval_and_the_run_end_emits_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pypop.session")  # amounts without lines
+    opened, logins, closed = Recorded(), Recorded(), Recorded()
+
+    async def main() -> None:
+        b = batch()
+        b.add(opened, 1)
+        b.due()
+        assert opened.incs == [1]  # at once
+        b.add(opened, 1)
+        b.add(opened, -1)  # a gauge up and down within one batch: nothing to write
+        b.due()
+        b.add(logins, 1)
+        session_line(_args(1))  # no line at WARNING, but the amounts still go
+        assert (opened.incs, logins.incs) == ([1], [])
+        await trio.sleep(INTERVAL + 0.001)
+        assert (opened.incs, logins.incs) == ([1], [1])
+        await trio.sleep(INTERVAL / 2)
+        b.add(closed, 2)
+        b.due()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert closed.incs == [2]  # waited for the emitter; the run's end emitted it
+    assert _lines(caplog) == []
+
+
+def test_flush_and_a_scrape_emit_waiting_amounts_now() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("pypop_test_sessions", "test", registry=registry)
+    server = MetricsServer("127.0.0.1:0", registry=registry)
+
+    async def main() -> None:
+        b = batch()
+        b.add(counter._value, 1)
+        b.due()  # at once
+        b.add(counter._value, 2)
+        b.due()  # waits
+        assert registry.get_sample_value("pypop_test_sessions_total") == 1
+        reply = await server._respond(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert b"\npypop_test_sessions_total 3.0\n" in reply  # one process: exact
+        b.add(counter._value, 4)
+        b.due()
+        flush()
+        assert registry.get_sample_value("pypop_test_sessions_total") == 7
+
+    trio.run(main, clock=trio.testing.MockClock())  # time stands still

@@ -376,8 +376,7 @@ class Server:
         self._open_sessions += 1
         if self._open_sessions == 1:
             self._idle = trio.Event()
-        metrics.SESSIONS.inc()
-        metrics.SESSIONS_OPEN.inc()
+        metrics.session_started()
         # The session runs in this coroutine, not in one it awaits: one frame less
         # for every idle session.
         s: trio.abc.Stream = stream
@@ -416,7 +415,7 @@ class Server:
             # One session's bug never ends the server (DESIGN rule 5).
             log.exception("session with %s crashed", peer)
         finally:
-            metrics.SESSIONS_OPEN.dec()
+            metrics.session_closed()
             guard.close(peer)
             self._open_sessions -= 1
             if self._open_sessions == 0:

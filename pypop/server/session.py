@@ -65,7 +65,7 @@ from pypop.protocol import (
     Update,
 )
 from pypop.protocol.server import NO_CAPABILITIES
-from pypop.server import metrics
+from pypop.server import metrics, sessionlog
 from pypop.server.anvil import Limits, LocalLimits
 from pypop.server.intl import HeaderCheck, wire_header_is_ascii
 from pypop.server.limits import ConnectionLimits
@@ -359,8 +359,9 @@ class Session:
             metrics.session_done(conn.verbs, conn.commands, conn.sent_octets)
             # RETRs the engine answered from the wire source took no measurable time.
             self._retr_seconds.observe_many(0.0, conn.quick_retrievals)
-            self._retr_seconds.flush()
-            # Under load, in batches (pypop.server.sessionlog says why).
+            self._retr_seconds.flush(sessionlog.batch())
+            # The line, and the amounts above: under load, in batches
+            # (pypop.server.sessionlog says why).
             session_line(
                 (
                     self.peer,
