@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import logging.handlers
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry, Counter
 
+from pypop.server.logsetup import TextFormatter
 from pypop.server.metrics import MetricsServer
 from pypop.server.sessionlog import INTERVAL, MAX_PENDING, batch, flush, session_line
 
@@ -219,3 +224,97 @@ def test_flush_and_a_scrape_emit_waiting_amounts_now() -> None:
         assert registry.get_sample_value("pypop_test_sessions_total") == 7
 
     trio.run(main, clock=trio.testing.MockClock())  # time stands still
+
+
+class Writes(io.StringIO):
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.fixture
+def session_logger() -> Iterator[logging.Logger]:
+    """pypop.session at INFO, not propagating: a test sets its handlers."""
+    logger = logging.getLogger("pypop.session")
+    saved = (logger.level, logger.propagate, logger.handlers[:])
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield logger
+    finally:
+        logger.level, logger.propagate, logger.handlers[:] = saved
+
+
+def _batch_of_three() -> None:
+    async def main() -> None:
+        for n in range(3):
+            session_line(_args(n))  # the first at once, the others together
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_batch_is_one_write_of_what_logging_writes_line_by_line(
+    session_logger: logging.Logger,
+) -> None:
+    stream = Writes()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    quiet = logging.StreamHandler(Writes())
+    quiet.setLevel(logging.WARNING)  # a handler above INFO gets nothing
+    session_logger.handlers[:] = [handler, quiet]  # (pytest's own too otherwise)
+    _batch_of_three()
+    assert len(stream.writes) == 2  # the first line at once, then the other two
+    lines = stream.getvalue().splitlines()
+    # Each line as logging writes one record: date, level, logger, message.
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        f"INFO pypop.session: session peer=127.0.0.1 user=user{n} commands=3 retrieved=1 "
+        "octets=100 deleted=0 duration=0.013 end=quit"
+        for n in range(3)
+    ]
+    assert quiet.stream.getvalue() == ""
+
+
+def test_a_filter_or_another_handler_gets_each_record_through_logging(
+    session_logger: logging.Logger,
+) -> None:
+    stream = Writes()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(lambda r: "user1" not in r.getMessage())
+    session_logger.handlers[:] = [handler]
+    _batch_of_three()
+    assert [line.split()[2] for line in stream.getvalue().splitlines()] == [
+        "user=user0",
+        "user=user2",
+    ]
+    assert len(stream.writes) == 2  # a write per record, as logging does
+
+
+def test_a_watched_file_is_reopened_for_a_batch_after_rotation(
+    session_logger: logging.Logger, tmp_path: Path
+) -> None:
+    path = tmp_path / "pypop.log"
+    handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    session_logger.handlers[:] = [handler]
+    try:
+
+        async def main() -> None:
+            session_line(_args(0))  # at once, to pypop.log
+            path.rename(tmp_path / "pypop.log.1")  # logrotate moves it away
+            session_line(_args(1))
+            session_line(_args(2))
+            await trio.sleep(INTERVAL + 0.001)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        handler.close()
+    assert (tmp_path / "pypop.log.1").read_text().count("session peer=") == 1
+    assert [line.split()[2] for line in path.read_text().splitlines()] == [
+        "user=user1",
+        "user=user2",
+    ]

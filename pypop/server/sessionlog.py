@@ -21,8 +21,9 @@ exact; with several workers the supervisor's sum may lag by up to :data:`INTERVA
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -85,13 +86,15 @@ class Batch:
         lines, self.lines = self.lines, []
         if not log.isEnabledFor(logging.INFO):
             return
+        records = []
         for created, args in lines:
             record = log.makeRecord(log.name, logging.INFO, "(unknown file)", 0, LINE, args, None)
             # The session's end, not this moment.
             record.relativeCreated -= (record.created - created) * 1000
             record.created = created
             record.msecs = (created - int(created)) * 1000
-            log.handle(record)
+            records.append(record)
+        _handle(records)
 
     async def emitter(self) -> None:
         try:
@@ -105,6 +108,60 @@ class Batch:
         finally:
             self.wake = None
             self.emit()
+
+
+# Handlers that write a record as its formatted text and a terminator, and flush: a
+# batch goes to one of these in one write (their subclasses may do anything else).
+_PLAIN: Final = (logging.StreamHandler, logging.FileHandler, logging.handlers.WatchedFileHandler)
+
+
+def _handle(records: list[logging.LogRecord]) -> None:
+    """``log.handle`` for each record; where every handler they reach is a plain
+    stream or file handler, each gets all of them in one write and one flush (a
+    line-buffered stderr writes each line apart otherwise)."""
+    handlers: list[logging.StreamHandler[Any]] = []
+    logger: logging.Logger | None = log
+    plain = not log.disabled and not log.filters
+    while plain and logger is not None:
+        for handler in logger.handlers:
+            if type(handler) not in _PLAIN or handler.filters:
+                plain = False
+                break
+            if handler.level <= logging.INFO:
+                handlers.append(handler)  # type: ignore[arg-type]
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    if not plain or not handlers:
+        for record in records:
+            log.handle(record)  # filters, other handlers, or logging's last resort
+        return
+    for handler in handlers:
+        handler.acquire()
+        try:
+            if isinstance(handler, logging.handlers.WatchedFileHandler):
+                handler.reopenIfNeeded()  # (what its emit does first)
+            stream = handler.stream
+            if stream is None:  # a FileHandler that opens on its first record
+                for record in records:
+                    handler.emit(record)
+                continue
+            text = []
+            for record in records:
+                try:
+                    text.append(handler.format(record) + handler.terminator)
+                except RecursionError:
+                    raise
+                except Exception:
+                    handler.handleError(record)
+            stream.write("".join(text))
+            handler.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(records[-1])
+        finally:
+            handler.release()
 
 
 _BATCH: trio.lowlevel.RunVar[Batch] = trio.lowlevel.RunVar("pypop_session_batch")
