@@ -19,7 +19,7 @@ from pypop.backend import (
 )
 from pypop.wire import stuff, wire_size
 
-from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox
+from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox, _backend
 from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
@@ -472,6 +472,23 @@ async def test_template_domain_and_local_part(root: Path, backend_factory: Backe
         await backend.open_mailbox("bob")
     with pytest.raises(AuthFailed):
         await backend.open_mailbox("..@example.org")
+
+
+def test_maildir_paths_are_kept_bounded_and_unsafe_names_never(
+    root: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_backend, "PATHS_CACHED", 3)
+    backend = backend_factory(template="%d/%n/Maildir")
+    names = [f"user{n}@example.org" for n in range(8)]
+    for _ in range(2):
+        for name in names:
+            n = name.split("@")[0]
+            assert backend.maildir_path(name) == str(root / "example.org" / n / "Maildir")
+            assert len(backend._paths) <= 3
+        for unsafe in ("bob", "../x@example.org"):  # refused every time, never kept
+            with pytest.raises(AuthFailed):
+                backend.maildir_path(unsafe)
+    assert set(backend._paths) <= set(names)
 
 
 async def test_autocreate(root: Path, backend_factory: BackendMaker) -> None:

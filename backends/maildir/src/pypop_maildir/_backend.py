@@ -64,6 +64,8 @@ _delivery_counter = itertools.count(1)
 READ_AHEAD_OCTETS = 256 * 1024
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_TTL = 2.0
+# maildir_path() results kept (the cache starts over when full).
+PATHS_CACHED = 10_000
 # A message of BLOCK_SIZE or more (by its size in the listing) is read in blocks of
 # this size: each block costs a thread hop, and one hop per MiB is worth the memory
 # (this block and its stuffed copy, while a session streams one; TOP reads BLOCK_SIZE).
@@ -155,6 +157,8 @@ class MaildirBackend:
         self._listings = _ListingCache(config.listing_cache) if cacheable else None
         if cacheable and config.listing_cache == 0:
             self._listings = None
+        # maildir_path() by user: the template is expanded a character at a time.
+        self._paths: dict[str, str] = {}
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Self:
@@ -166,11 +170,18 @@ class MaildirBackend:
         """Hook: the maildir of ``user``. Raise :class:`~pypop.errors.AuthFailed` for a
         name that must not be served (the default refuses names that would leave the
         root: ``..``, ``/``, NUL, control characters)."""
+        path = self._paths.get(user)
+        if path is not None:
+            return path
         try:
             rel = expand_template(self.config.template, user)
         except UnsafeUser:
             raise AuthFailed("user name cannot be mapped to a maildir") from None
-        return os.path.join(self.config.root, rel)
+        path = os.path.join(self.config.root, rel)
+        if len(self._paths) >= PATHS_CACHED:
+            self._paths.clear()  # bounded: names come from logins, some of them made up
+        self._paths[user] = path
+        return path
 
     def keep_message(self, user: str, subdir: str, name: str) -> bool:
         """Hook: serve this file of ``user``'s maildir? ``subdir`` is ``new`` or ``cur``.
