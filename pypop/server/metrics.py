@@ -75,7 +75,7 @@ TLS_FAILURES: Final = Counter(
 REFUSED: Final = Counter("pypop_connections_refused", "Connections refused by reason", ["reason"])
 
 _MECHANISMS: Final = frozenset({"USER", "APOP", *ALL_MECHANISMS})
-_VERBS: dict[type, str] = {}
+_VERBS: dict[type, Amount] = {}  # the command counter's value by command class
 
 
 def mechanism(method: str) -> str:
@@ -151,12 +151,13 @@ def session_done(verbs: Mapping[type, int], commands: int, sent: int) -> None:
     used instead of an update per command); :func:`sessionlog.session_line`, right
     after, lets them go."""
     b = sessionlog.batch()
+    amounts = b.amounts
     counted = 0
     for kind, n in verbs.items():
-        name = _VERBS.get(kind)
-        if name is None:
-            name = _VERBS[kind] = kind.__name__.upper()
-        b.add(_value(COMMANDS, name), n)
+        value = _VERBS.get(kind)
+        if value is None:
+            value = _VERBS[kind] = _value(COMMANDS, kind.__name__.upper())
+        amounts[value] = amounts.get(value, 0) + n
         counted += n
     if commands > counted:
         b.add(_value(COMMANDS, "other"), commands - counted)
