@@ -318,3 +318,39 @@ def test_a_watched_file_is_reopened_for_a_batch_after_rotation(
         "user=user1",
         "user=user2",
     ]
+
+
+class Failing:
+    """An Amount that cannot be written (a full disk under multiprocess files)."""
+
+    def inc(self, amount: float) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_metric_that_cannot_be_written_costs_its_counts_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    later = Recorded()
+
+    async def main() -> None:
+        b = batch()
+        session_line(_args(0))
+        b.add(Failing(), 1)
+        session_line(_args(1))  # waits for the emitter, in the run's system task
+        await trio.sleep(INTERVAL + 0.001)
+        b.add(later, 1)
+        session_line(_args(2))
+        await trio.sleep(INTERVAL + 0.001)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # the run survives
+    assert [r.getMessage().split()[2] for r in _lines(caplog)] == [
+        "user=user0",
+        "user=user1",
+        "user=user2",
+    ]
+    assert later.incs == [1]
+    (error,) = [r for r in caplog.records if r.name == "pypop.metrics"]
+    assert error.getMessage() == "could not update the metrics"
+    assert error.exc_info is not None
+    assert isinstance(error.exc_info[1], OSError)

@@ -78,9 +78,14 @@ class Batch:
         self.last = trio.current_time()
         if self.amounts:
             amounts, self.amounts = self.amounts, {}
-            for value, amount in amounts.items():
-                if amount:
-                    value.inc(amount)
+            try:
+                for value, amount in amounts.items():
+                    if amount:
+                        value.inc(amount)
+            except Exception:
+                # (A full disk under the workers' metric files.) Those counts are
+                # lost; the server, the lines and the next batches are not.
+                logging.getLogger("pypop.metrics").exception("could not update the metrics")
         if not self.lines:
             return
         lines, self.lines = self.lines, []
