@@ -13,7 +13,13 @@ each phase with ``callgrind_control``:
   disk, a dot line every 17 lines: the suite's large mail), against ``login-1m``, the
   login of those users;
 - ``tls-login`` and ``tls-retr``: ``login`` and ``retr`` on the implicit-TLS port
-  (a full handshake per session, no resumption; ``--no-tls`` leaves them out).
+  (a full handshake per session, no resumption; ``--no-tls`` leaves them out);
+- ``loaded-login`` (``--loaded N``): ``login`` from the suite's load generator, N
+  sessions eight at a time. One client at a time finds the server idle between
+  sessions; under load, the event loop serves several sessions per wake-up and a
+  session's log line and metrics go out in batches (pypop.server.sessionlog), which
+  the scripted phases cannot see. Under callgrind the server runs some 30 times
+  slower, so its batches hold fewer sessions than at full speed.
 
 Each phase runs ``--sessions`` sessions over users that were all opened once before
 (the warm-up), as in the suite, and waits :data:`SETTLE` before its count is read (the
@@ -51,12 +57,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benches import loadgen
 from benches.fixtures import Fixture, UserSet
 from benches.servers import REPO, floor_command, free_port, make_cert
 
 __all__ = ["main", "measure"]
 
 BASELINE = Path(__file__).resolve().parent / "instructions-baseline.json"
+LOADED_USERS = 32  # loaded-login's users, eight of them in a session at a time
 CHECKED = ("retr", "pipelined", "retr-1m")  # figures the regression check judges
 # The 1 MiB phases: users, messages each, sessions per phase. Eight sessions, not
 # two: with two, the memory backend's figure was 153,000 in some runs and 232,000 in
@@ -239,8 +247,25 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
     raise ScriptError("server did not start")
 
 
+def _section(backend: str, fx: Fixture) -> str:
+    """The [backend] table's lines (none for the floor)."""
+    if backend == "trio-floor":
+        return ""
+    if backend == "memory":
+        return f'name = "memory"\nseed = "{fx.eml}"\n'
+    section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
+    return section + os.environ.get("PYPOP_INSTR_EXTRA", "")
+
+
 def measure(
-    backend: str, *, users: int, messages: int, sessions: int, work: Path, tls: bool = True
+    backend: str,
+    *,
+    users: int,
+    messages: int,
+    sessions: int,
+    work: Path,
+    tls: bool = True,
+    loaded: tuple[Path, int] | None = None,
 ) -> dict[str, Any]:
     """Instructions per login, per RETR and per pipelined RETR for one backend (and per
     TLS login and TLS RETR with ``tls``, from a second server that listens on TLS
@@ -254,24 +279,41 @@ def measure(
         s.name: [line.split("\t") for line in fx.users_file(s.name).read_text().splitlines()]
         for s in sets
     }
+    section = _section(backend, fx)
     if backend == "trio-floor":  # benches/floor.py: no POP3 work, and no TLS
-        section, tls = "", False
-    elif backend == "memory":
-        section = f'name = "memory"\nseed = "{fx.eml}"\n'
-    else:
-        section = f'name = "maildir"\nroot = "{fx.maildir("pypop")}"\n'
-        section += os.environ.get("PYPOP_INSTR_EXTRA", "")
+        tls = False
     run = _Run(backend, fx.passwd, section, creds, messages, sessions, work, fx.eml)
     plain = ("login", "retr", "pipelined")
     per_session = run.phases(
         plain if "large" not in creds else (*plain, "login-1m", "retr-1m"), None
     )
+    if loaded is not None:
+        # A server of its own, with more users than sessions at once (no [IN-USE]),
+        # so that the phases above keep the server and the fixture they always had.
+        many = Fixture(work / "fixture-loaded", [UserSet("loaded", "many", LOADED_USERS, 20, 4096)])
+        many.build(["pypop"])
+        lines = many.users_file("loaded").read_text().splitlines()
+        section = _section(backend, many)
+        (work / "loaded").mkdir()
+        per_session |= _Run(
+            backend,
+            many.passwd,
+            section,
+            {"loaded": [line.split("\t") for line in lines]},
+            20,
+            sessions,
+            work / "loaded",
+            many.eml,
+            loaded,
+        ).phases(("loaded-login",), None)
     if tls:
         ca, cert, key = make_cert(work / "cert")
         per_session |= run.phases(
             ("tls-login", "tls-retr"), (ssl.create_default_context(cafile=str(ca)), cert, key)
         )
     result: dict[str, Any] = {"backend": backend, "messages": messages, "sessions": sessions}
+    if "loaded-login" in per_session:
+        result["loaded-login"] = round(per_session["loaded-login"])
     for login, kinds, count in (
         ("login", ("retr", "pipelined"), messages),
         ("login-1m", ("retr-1m",), LARGE_MESSAGES),
@@ -296,6 +338,7 @@ class _Run:
     sessions: int
     work: Path
     eml: Path  # the fixture's messages (what the floor serves)
+    loaded: tuple[Path, int] | None = None  # pop3-load and its sessions (loaded-login)
 
     def command(self, conf: Path, port: int) -> list[str]:
         if self.backend == "trio-floor":
@@ -338,7 +381,7 @@ class _Run:
             server.instrument()
             large = any(p.endswith("-1m") for p in phases)
             everyone = [
-                c for name, cs in self.creds.items() if large or name == "small" for c in cs
+                c for name, cs in self.creds.items() if large or name != "large" for c in cs
             ]
             for user, password in everyone:  # warm-up: every mailbox opened and read once
                 session(where, user, password, "retr", timeout, ctx)
@@ -351,11 +394,14 @@ class _Run:
             time.sleep(SETTLE)
             per_session: dict[str, float] = {}
             for phase in phases:
+                server.zero()
+                if phase == "loaded-login":
+                    per_session[phase] = self._loaded(server, where)
+                    continue
                 kind = phase.removeprefix("tls-").removesuffix("-1m")
                 creds = self.creds["large" if phase.endswith("-1m") else "small"]
                 sessions = LARGE_SESSIONS if phase.endswith("-1m") else self.sessions
                 messages = LARGE_MESSAGES if phase.endswith("-1m") else self.messages
-                server.zero()
                 got = 0
                 for k in range(sessions):
                     user, password = creds[k % len(creds)]
@@ -367,6 +413,24 @@ class _Run:
             return per_session
         finally:
             server.stop()
+
+    def _loaded(self, server: Callgrind, port: int) -> float:
+        """Instructions per session of the load generator's login scenario."""
+        assert self.loaded is not None
+        binary, count = self.loaded
+        users = self.work / "loaded-users"
+        users.write_text("".join(f"{u}\t{p}\n" for u, p in self.creds["loaded"]))
+        cmd = [str(binary), "--port", str(port), "--scenario", "login", "--users", str(users)]
+        cmd += ["--concurrency", "8", "--count", str(count), "--timeout", "120"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        try:
+            result = json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise ScriptError(f"loaded-login: pop3-load said {p.stderr.strip()!r}") from None
+        if result.get("sessions") != count or result.get("errors"):
+            raise ScriptError(f"loaded-login: {result}")
+        time.sleep(SETTLE)
+        return server.dump("loaded-login") / count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--no-tls", action="store_true", help="leave out the TLS phases")
     p.add_argument(
+        "--loaded",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add loaded-login: N logins from the load generator, eight at a time",
+    )
+    p.add_argument(
         "--keep",
         type=Path,
         metavar="DIR",
@@ -400,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
     results: dict[str, dict[str, Any]] = {}
+    loaded = (loadgen.build(quick=True), args.loaded) if args.loaded > 0 else None
     with tempfile.TemporaryDirectory(prefix="pypop-instr-") as tmp:
         for backend in [b for b in args.backends.split(",") if b]:
             work = (args.keep or Path(tmp)) / backend
@@ -413,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                     sessions=args.sessions,
                     work=work,
                     tls=not args.no_tls,
+                    loaded=loaded,
                 )
             except (ScriptError, OSError, subprocess.SubprocessError) as exc:
                 print(f"benches.instructions: {backend}: {exc}", file=sys.stderr)
@@ -429,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         if "tls-login" in r:
             row += f" {r['tls-login']:>14,} {r['tls-retr']:>13,}"
         print(row)
+    if loaded is not None:
+        print(f"per login under load ({loaded[1]} from pop3-load, eight at a time):")
+        for name, r in results.items():
+            print(f"{name:<10} {r['loaded-login']:>12,}")
     doc = {"commit": commit, "python": sys.version, "results": results}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
