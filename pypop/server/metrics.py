@@ -120,16 +120,14 @@ _SENT_VALUE: Final = _value(SENT)
 
 def session_started() -> None:
     b = sessionlog.batch()
-    amounts = b.amounts
-    amounts[_SESSIONS_VALUE] = amounts.get(_SESSIONS_VALUE, 0) + 1
-    amounts[_OPEN_VALUE] = amounts.get(_OPEN_VALUE, 0) + 1
+    b.add(_SESSIONS_VALUE, 1)
+    b.add(_OPEN_VALUE, 1)
     b.due()
 
 
 def session_closed() -> None:
     b = sessionlog.batch()
-    amounts = b.amounts
-    amounts[_OPEN_VALUE] = amounts.get(_OPEN_VALUE, 0) - 1
+    b.add(_OPEN_VALUE, -1)
     b.due()
 
 
@@ -138,10 +136,8 @@ def login(method: str, result: str, seconds: float | None = None) -> None:
     b.add(_value(LOGINS, mechanism(method), result), 1)
     if seconds is not None:
         histogram = _child(LOGIN_SECONDS, "ok" if result == "ok" else "failed")
-        bounds = _BOUNDS.get(histogram)
-        if bounds is None:
-            bounds = _BOUNDS[histogram] = tuple(histogram._upper_bounds)  # ends with +Inf
-        b.add(histogram._buckets[bisect_left(bounds, seconds)], 1)
+        # As Histogram.observe: the first bucket whose bound is not below ``seconds``.
+        b.add(histogram._buckets[bisect_left(_bounds(histogram), seconds)], 1)
         b.add(histogram._sum, seconds)
     b.due()
 
@@ -151,13 +147,12 @@ def session_done(verbs: Mapping[type, int], commands: int, sent: int) -> None:
     used instead of an update per command); :func:`sessionlog.session_line`, right
     after, lets them go."""
     b = sessionlog.batch()
-    amounts = b.amounts
     counted = 0
     for kind, n in verbs.items():
         value = _VERBS.get(kind)
         if value is None:
             value = _VERBS[kind] = _value(COMMANDS, kind.__name__.upper())
-        amounts[value] = amounts.get(value, 0) + n
+        b.add(value, n)
         counted += n
     if commands > counted:
         b.add(_value(COMMANDS, "other"), commands - counted)
@@ -166,6 +161,14 @@ def session_done(verbs: Mapping[type, int], commands: int, sent: int) -> None:
 
 
 _BOUNDS: dict[Histogram, tuple[float, ...]] = {}
+
+
+def _bounds(histogram: Histogram) -> tuple[float, ...]:
+    """The histogram's bucket bounds (ending with +Inf), read once per histogram."""
+    bounds = _BOUNDS.get(histogram)
+    if bounds is None:
+        bounds = _BOUNDS[histogram] = tuple(histogram._upper_bounds)
+    return bounds
 
 
 class HistogramBatch:
@@ -186,10 +189,7 @@ class HistogramBatch:
         self._histogram = histogram
         # Shared by every batch of this histogram; the counts are made at the first
         # observation (an idle session holds neither).
-        bounds = _BOUNDS.get(histogram)
-        if bounds is None:
-            bounds = _BOUNDS[histogram] = tuple(histogram._upper_bounds)  # ends with +Inf
-        self._bounds: tuple[float, ...] = bounds
+        self._bounds = _bounds(histogram)
         self._counts: list[int] | None = None
         self._sum = 0.0
 
