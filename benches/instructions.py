@@ -247,6 +247,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
     raise ScriptError("server did not start")
 
 
+def _creds(fx: Fixture, name: str) -> list[list[str]]:
+    """A user set's names and passwords (the fixture's users file)."""
+    return [line.split("\t") for line in fx.users_file(name).read_text().splitlines()]
+
+
 def _section(backend: str, fx: Fixture) -> str:
     """The [backend] table's lines (none for the floor)."""
     if backend == "trio-floor":
@@ -275,10 +280,7 @@ def measure(
         sets.append(UserSet("large", "large", LARGE_USERS, LARGE_MESSAGES, LARGE_SIZE))
     fx = Fixture(work / "fixture", sets)
     fx.build(["pypop"])
-    creds = {
-        s.name: [line.split("\t") for line in fx.users_file(s.name).read_text().splitlines()]
-        for s in sets
-    }
+    creds = {s.name: _creds(fx, s.name) for s in sets}
     section = _section(backend, fx)
     if backend == "trio-floor":  # benches/floor.py: no POP3 work, and no TLS
         tls = False
@@ -292,19 +294,17 @@ def measure(
         # so that the phases above keep the server and the fixture they always had.
         many = Fixture(work / "fixture-loaded", [UserSet("loaded", "many", LOADED_USERS, 20, 4096)])
         many.build(["pypop"])
-        lines = many.users_file("loaded").read_text().splitlines()
-        section = _section(backend, many)
         (work / "loaded").mkdir()
         per_session |= _Run(
             backend,
             many.passwd,
-            section,
-            {"loaded": [line.split("\t") for line in lines]},
+            _section(backend, many),
+            {"loaded": _creds(many, "loaded")},
             20,
             sessions,
             work / "loaded",
             many.eml,
-            loaded,
+            (*loaded, many.users_file("loaded")),
         ).phases(("loaded-login",), None)
     if tls:
         ca, cert, key = make_cert(work / "cert")
@@ -338,7 +338,8 @@ class _Run:
     sessions: int
     work: Path
     eml: Path  # the fixture's messages (what the floor serves)
-    loaded: tuple[Path, int] | None = None  # pop3-load and its sessions (loaded-login)
+    # loaded-login: pop3-load, its sessions, and its users file (the fixture's).
+    loaded: tuple[Path, int, Path] | None = None
 
     def command(self, conf: Path, port: int) -> list[str]:
         if self.backend == "trio-floor":
@@ -417,9 +418,7 @@ class _Run:
     def _loaded(self, server: Callgrind, port: int) -> float:
         """Instructions per session of the load generator's login scenario."""
         assert self.loaded is not None
-        binary, count = self.loaded
-        users = self.work / "loaded-users"
-        users.write_text("".join(f"{u}\t{p}\n" for u, p in self.creds["loaded"]))
+        binary, count, users = self.loaded
         cmd = [str(binary), "--port", str(port), "--scenario", "login", "--users", str(users)]
         cmd += ["--concurrency", "8", "--count", str(count), "--timeout", "120"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
