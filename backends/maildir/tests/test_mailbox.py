@@ -20,7 +20,7 @@ from pypop.backend import (
 from pypop.wire import stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox, _backend
-from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_TTL
+from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_MESSAGES, READ_AHEAD_TTL
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
 from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
@@ -408,6 +408,14 @@ async def test_commits_at_once_only_without_io(alice: Path, backend_factory: Bac
     assert mb.commits_at_once([])
     with trio.testing.assert_no_checkpoints():
         await mb.commit([])
+    # One retrieved Seen already, one not: the second is flagged.
+    mb = await backend.open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    await read_all(mb, 0)
+    await read_all(mb, 1)
+    assert not mb.commits_at_once([])
+    await mb.commit([])
+    assert sorted(os.listdir(alice / "cur")) == [name_for(1) + ":2,S", name_for(2) + ":2,S"]
     # Without flag updates a RETR leaves nothing for UPDATE to do.
     mb = await backend_factory(flag_updates=False).open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)
@@ -598,6 +606,52 @@ async def test_read_ahead_for_the_server_comes_stuffed(
         assert await _serve(box, n) == stuff(bodies[n]), n
     assert hops.count == 3
     assert box._retrieved == set(range(30))
+    await box.aclose()
+
+
+async def test_read_ahead_bounds(alice: Path, backend_factory: BackendMaker) -> None:
+    """A read-ahead takes at most READ_AHEAD_MESSAGES messages and READ_AHEAD_OCTETS
+    octets (the first message's block included, by POP3 sizes), and stops before a
+    message of a block or more."""
+    bodies = [b"Subject: %d\n\nbody\n" % n for n in range(READ_AHEAD_MESSAGES + 6)]
+    box, hops = await _open_counting_hops(alice, backend_factory, bodies)
+    assert await _fetch(box, 0) == bodies[0]
+    assert sorted(box._ahead or {}) == list(range(1, READ_AHEAD_MESSAGES + 1))
+    assert hops.count == 1
+    await box.aclose()
+    # 60,000-octet messages: the first and three more fit in 256 KiB, a fifth does not.
+    for path in (alice / "cur").iterdir():
+        path.unlink()
+    big = [b"Subject: %d\n\n" % n + b"x" * 59_984 + b"\n" for n in range(8)]
+    big[6] = b"Subject: 6\n\n" + b"y" * BLOCK_SIZE + b"\n"
+    box, hops = await _open_counting_hops(alice, backend_factory, big)
+    assert [m.size for m in box.messages[:2]] == [60_000, 60_000]
+    assert await _fetch(box, 0) == big[0]
+    assert sorted(box._ahead or {}) == [1, 2, 3]
+    for n in (1, 2, 3):
+        assert await _fetch(box, n) == big[n]
+    assert hops.count == 1
+    assert await _fetch(box, 4) == big[4]
+    assert sorted(box._ahead or {}) == [5]  # stopped before the one of a block
+    await box.aclose()
+
+
+async def test_read_ahead_in_wire_form_expires(
+    alice: Path, backend_factory: BackendMaker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Past READ_AHEAD_TTL a message read ahead in wire form is not served from it (it
+    is read again), and is not counted as retrieved."""
+    bodies = [b"Subject: %d\n\nbody\n" % n for n in range(3)]
+    box, hops = await _open_counting_hops(alice, backend_factory, bodies)
+    assert await _serve(box, 0) == stuff(bodies[0])
+    assert sorted(box._ahead_wire or {}) == [1, 2]
+    assert box.wire_message(1) == stuff(bodies[1])
+    await trio.sleep(READ_AHEAD_TTL + 1)
+    assert box.wire_message(2) is None
+    assert box._ahead_wire is None
+    assert box._retrieved == {0, 1}
+    assert await _serve(box, 2) == stuff(bodies[2])
+    assert hops.count == 2
     await box.aclose()
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import socket
 import struct
@@ -76,6 +78,7 @@ LARGE_BLOCK = 1024 * 1024
 SETTLE_NS = 2_000_000_000
 _KEY = struct.Struct("=QqQq")
 _STATS = struct.Struct("<QqQ")  # pypop.wire.files_unchanged's: size, mtime ns, inode
+_SIZE = operator.attrgetter("size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,13 +259,14 @@ class MaildirBackend:
     def _listing(self, user: str, maildir: str) -> _Listing:
         """The snapshot: the cached listing if cur/ and new/ are unchanged, else a scan."""
         taken = time.time_ns()
+        cur_dir, new_dir = f"{maildir}/cur", f"{maildir}/new"  # (os.path.join: slower)
         try:
-            cur = os.stat(os.path.join(maildir, "cur"))
-            new = os.stat(os.path.join(maildir, "new"))
+            cur = os.stat(cur_dir)
+            new = os.stat(new_dir)
         except FileNotFoundError:
             self._create_maildir(maildir)
-            cur = os.stat(os.path.join(maildir, "cur"))
-            new = os.stat(os.path.join(maildir, "new"))
+            cur = os.stat(cur_dir)
+            new = os.stat(new_dir)
         key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
         cache = self._listings
         if cache is not None:
@@ -537,14 +541,22 @@ class MaildirMailbox(SnapshotMailbox):
         A RETR of a message with an 8-bit header is left to ``retrieve``: the server
         may refuse it (RFC 6856), and only a message read to its end counts as
         retrieved (Seen at UPDATE); this answer cannot know whether it will be sent."""
-        self._wire_asked = True
         stuffed = self._ahead_wire
-        if stuffed is not None and top_lines is None and index in stuffed:
-            # Read ahead for a RETR, stuffed in the reading thread (ASCII headers only).
-            if self._expired():
+        if stuffed is not None and top_lines is None:
+            # Read ahead for a RETR, stuffed in the reading thread (ASCII headers only):
+            # the path of every RETR after the first, so _expired() and
+            # _mark_retrieved() are inlined, and _wire_asked is set already.
+            wire = stuffed.pop(index, None)
+            if wire is not None:
+                if self._clock() < self._ahead_until:
+                    retrieved = self._retrieved
+                    if retrieved is None:
+                        retrieved = self._retrieved = set()
+                    retrieved.add(index)
+                    return wire
+                self._ahead = self._ahead_wire = None  # past its time: both dropped
                 return None
-            self._mark_retrieved(index)
-            return stuffed.pop(index)
+        self._wire_asked = True
         data = self._from_ahead(index)
         if data is None:
             return None
@@ -600,28 +612,19 @@ class MaildirMailbox(SnapshotMailbox):
         os.close(fd)
         if first > BLOCK_SIZE:
             return None, block, {}, {}  # a large message: nothing to read ahead
-        paths = []
-        budget = READ_AHEAD_OCTETS - len(block)
-        maildir = self.maildir
-        entries, found = self._entries, self._found
-        # _entry() and Entry.path() inlined: this loop runs for every message read ahead.
-        for j in range(index + 1, min(len(entries), index + 1 + READ_AHEAD_MESSAGES)):
-            entry = found[j] if found is not None and j in found else entries[j]
-            size = entry.size
-            # The POP3 size is never below the file size (line ends only grow).
-            if size >= BLOCK_SIZE or size > budget:
-                break
-            paths.append(f"{maildir}/{entry.subdir}/{entry.name}")
-            budget -= size
+        paths = self._ahead_paths(index + 1, READ_AHEAD_OCTETS - len(block))
         if not paths:
             return None, block, {}, {}
         # One call for all of them (the GIL released once, not per system call); it
         # stops at the first that is gone, not a regular file, or grew past a block.
         if not wire:
             return None, block, dict(enumerate(read_small_files(paths, BLOCK_SIZE), index + 1)), {}
+        read = read_small_files(paths, BLOCK_SIZE, True)
+        if all(map(wire_header_is_ascii, read)):  # (the usual case: no loop in Python)
+            return None, block, {}, dict(enumerate(read, index + 1))
         stuffed: dict[int, bytes] = {}
         eight_bit: list[int] = []
-        for j, data in enumerate(read_small_files(paths, BLOCK_SIZE, True), index + 1):
+        for j, data in enumerate(read, index + 1):
             if wire_header_is_ascii(data):
                 stuffed[j] = data
             else:
@@ -633,6 +636,23 @@ class MaildirMailbox(SnapshotMailbox):
             again = read_small_files([paths[j - index - 1] for j in eight_bit], BLOCK_SIZE)
             ahead = dict(zip(eight_bit, again, strict=False))
         return None, block, ahead, stuffed
+
+    def _ahead_paths(self, start: int, budget: int) -> list[str]:
+        """The paths of the messages from ``start`` on that the read-ahead takes: at
+        most READ_AHEAD_MESSAGES, each below a block, ``budget`` octets in all (by
+        their POP3 sizes, never below the file sizes: line ends only grow)."""
+        entries, found = self._entries, self._found
+        window: Sequence[_store.Entry] = entries[start : start + READ_AHEAD_MESSAGES]
+        if found is not None:  # renamed from outside: their new names
+            window = [found.get(j, e) for j, e in enumerate(window, start)]
+        sizes = list(map(_SIZE, window))
+        # The first message too large for a block or past the budget ends it; found
+        # by C iterators, not a loop in Python (it runs for every RETR that reads).
+        count = bisect.bisect_right(list(itertools.accumulate(sizes)), budget)
+        large = itertools.compress(itertools.count(), map(BLOCK_SIZE.__le__, sizes))
+        count = min(count, next(large, count))
+        maildir = self.maildir
+        return [f"{maildir}/{e.subdir}/{e.name}" for e in window[:count]]
 
     # -- on the event loop --
 
@@ -706,6 +726,9 @@ class MaildirMailbox(SnapshotMailbox):
         retrieved = self._retrieved
         if not retrieved or not self._backend.config.flag_updates:
             return []
+        unseen = self._unseen
+        if self._found is None and not any(map(unseen.__getitem__, retrieved)):
+            return []  # all of them Seen already (in C: no line of Python per message)
         done = set(marked)
         found = self._found or {}
         out = []
@@ -716,7 +739,7 @@ class MaildirMailbox(SnapshotMailbox):
                 entry = found[i]
                 if entry.subdir == "cur" and _store.with_seen_flag(entry.name) is not None:
                     out.append(i)
-            elif self._unseen[i]:
+            elif unseen[i]:
                 out.append(i)
         return out
 
