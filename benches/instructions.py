@@ -61,7 +61,7 @@ from benches import loadgen
 from benches.fixtures import Fixture, UserSet
 from benches.servers import REPO, floor_command, free_port, make_cert
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "server_toml", "warm_up"]
 
 BASELINE = Path(__file__).resolve().parent / "instructions-baseline.json"
 LOADED_USERS = 32  # loaded-login's users, eight of them in a session at a time
@@ -247,6 +247,34 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
     raise ScriptError("server did not start")
 
 
+def server_toml(
+    port: int, passwd: Path, section: str, server_tls: str = "", tls_table: str = ""
+) -> str:
+    """The server's config: one process (callgrind follows the server it starts, not
+    worker children), plaintext logins, ``section`` as the [backend] table's lines."""
+    return (
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
+        f"{server_tls}"
+        f'[auth]\npasswd_file = "{passwd}"\nallow_plaintext = true\n'
+        f"[backend]\n{section}{tls_table}"
+    )
+
+
+def warm_up(
+    port: int, creds: list[list[str]], timeout: float, tls: ssl.SSLContext | None = None
+) -> None:
+    """Every mailbox read and opened once: Maildir folders changed by the reads (Seen
+    flags) settle before the listing cache trusts them, then every mailbox is opened
+    once more, so that what follows measures the steady state, as the suite's 10-second
+    runs mostly do."""
+    for user, password in creds:
+        session(port, user, password, "retr", timeout, tls)
+    time.sleep(2.5)
+    for user, password in creds:
+        session(port, user, password, "login", timeout, tls)
+    time.sleep(SETTLE)
+
+
 def _creds(fx: Fixture, name: str) -> list[list[str]]:
     """A user set's names and passwords (the fixture's users file)."""
     return [line.split("\t") for line in fx.users_file(name).read_text().splitlines()]
@@ -361,13 +389,7 @@ class _Run:
             tls_table = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
             name += "-tls"
         conf = self.work / f"{name}.toml"
-        conf.write_text(
-            # One process: callgrind follows the server it starts, not worker children.
-            f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
-            f"{server_tls}"
-            f'[auth]\npasswd_file = "{self.passwd}"\nallow_plaintext = true\n'
-            f"[backend]\n{self.section}{tls_table}"
-        )
+        conf.write_text(server_toml(port, self.passwd, self.section, server_tls, tls_table))
         out_dir = self.work / f"cg-{name}"
         out_dir.mkdir()
         server = Callgrind(
@@ -384,15 +406,7 @@ class _Run:
             everyone = [
                 c for name, cs in self.creds.items() if large or name != "large" for c in cs
             ]
-            for user, password in everyone:  # warm-up: every mailbox opened and read once
-                session(where, user, password, "retr", timeout, ctx)
-            # Maildir folders changed by the warm-up (Seen flags) settle before the
-            # listing cache trusts them, then every mailbox is opened once more: the
-            # phases measure the steady state, as the suite's 10-second runs mostly do.
-            time.sleep(2.5)
-            for user, password in everyone:
-                session(where, user, password, "login", timeout, ctx)
-            time.sleep(SETTLE)
+            warm_up(where, everyone, timeout, ctx)
             per_session: dict[str, float] = {}
             for phase in phases:
                 server.zero()

@@ -31,7 +31,15 @@ from types import CodeType, FrameType
 from typing import Any
 
 from benches.fixtures import Fixture, UserSet
-from benches.instructions import SETTLE, _creds, _section, _wait_port, session
+from benches.instructions import (
+    SETTLE,
+    _creds,
+    _section,
+    _wait_port,
+    server_toml,
+    session,
+    warm_up,
+)
 from benches.servers import REPO, free_port
 
 __all__ = ["count_lines", "main"]
@@ -105,24 +113,14 @@ def count_lines(backend: str, kind: str, *, sessions: int, users: int, work: Pat
     creds = _creds(fx, "small")
     port = free_port()
     conf = work / "server.toml"
-    conf.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.invalid"\nworkers = 1\n'
-        f'[auth]\npasswd_file = "{fx.passwd}"\nallow_plaintext = true\n'
-        f"[backend]\n{_section(backend, fx)}"
-    )
+    conf.write_text(server_toml(port, fx.passwd, _section(backend, fx)))
     out = work / "lines.json"
     cmd = [sys.executable, "-m", "benches.lines", "--serve-traced", str(out), str(conf)]
     with (work / "server.log").open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_port(port, proc, 60)
-        # As benches.instructions: every mailbox read and opened once, folders settled.
-        for user, password in creds:
-            session(port, user, password, "retr", 60)
-        time.sleep(2.5)
-        for user, password in creds:
-            session(port, user, password, "login", 60)
-        time.sleep(SETTLE)
+        warm_up(port, creds, 60)
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.2)
         for k in range(sessions):
