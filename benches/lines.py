@@ -96,7 +96,9 @@ def _serve_traced(out: Path, config: Path) -> int:
             thread: [[n, _where(code)] for code, n in counts.most_common()]
             for thread, counts in zip(THREADS, (loop, workers), strict=True)
         }
-        out.write_text(json.dumps(tables))
+        part = out.with_suffix(".part")
+        part.write_text(json.dumps(tables))
+        part.rename(out)  # whole when the driver sees it
 
     threading.settrace(worker_call)  # every thread started from now on: the workers
     signal.signal(signal.SIGUSR1, start)
