@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=40, help="functions shown per thread")
     p.add_argument("--serve-traced", nargs=2, metavar=("OUT", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sessions < 1 or args.users < 1:
+        p.error("--sessions and --users must be at least 1")
     if args.serve_traced:
         return _serve_traced(Path(args.serve_traced[0]), Path(args.serve_traced[1]))
     with tempfile.TemporaryDirectory(prefix="pypop-lines-") as tmp:

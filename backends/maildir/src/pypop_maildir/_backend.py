@@ -620,12 +620,13 @@ class MaildirMailbox(SnapshotMailbox):
         if not wire:
             return None, block, dict(enumerate(read_small_files(paths, BLOCK_SIZE), index + 1)), {}
         read = read_small_files(paths, BLOCK_SIZE, True)
-        if all(map(wire_header_is_ascii, read)):  # (the usual case: no loop in Python)
+        ascii_header = list(map(wire_header_is_ascii, read))  # each header judged once
+        if all(ascii_header):  # (the usual case: no loop in Python)
             return None, block, {}, dict(enumerate(read, index + 1))
         stuffed: dict[int, bytes] = {}
         eight_bit: list[int] = []
-        for j, data in enumerate(read, index + 1):
-            if wire_header_is_ascii(data):
+        for j, (data, is_ascii) in enumerate(zip(read, ascii_header, strict=True), index + 1):
+            if is_ascii:
                 stuffed[j] = data
             else:
                 eight_bit.append(j)
