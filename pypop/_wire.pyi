@@ -4,18 +4,20 @@ The pure-Python twin in ``pypop._wire_py`` has exactly this API and behaviour;
 docs/wire.md is the specification both follow.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Self, final
 
 __all__ = [
     "DEFAULT_MAX_LINE",
     "HEADER_SCAN_LIMIT",
     "IMPLEMENTATION",
+    "MAX_TOP_LINES",
     "PROXY_HEADER_MAX",
     "DotStuffer",
     "LineFramer",
     "SizeCounter",
     "Unstuffer",
+    "answer_fetches",
     "apop_digest",
     "apop_verify",
     "constant_time_eq",
@@ -41,6 +43,8 @@ HEADER_SCAN_LIMIT: Final[int]
 
 IMPLEMENTATION: Final[str]
 """"rust" here, "python" in the twin."""
+MAX_TOP_LINES: Final[int]
+"""TOP's line count is capped here (a larger count sends the whole body anyway)."""
 
 @final
 class LineFramer:
@@ -152,3 +156,32 @@ def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
     the folder again and meets the failure there). ValueError if ``names`` does not
     end with a NUL or ``stats`` is not 24 octets per name; True for no names. The
     extension releases the GIL for all of them."""
+
+def answer_fetches(
+    lines: list[bytes | None],
+    at: int,
+    budget: int,
+    sizes: list[int],
+    deleted: bytearray,
+    source: Callable[[int, int | None], bytes | None],
+    out: list[bytes],
+    room: int,
+    octets_line: bool,
+    check_ascii: bool,
+    retrieved: set[int] | None,
+) -> tuple[int, int, int, int, set[int] | None, tuple[int, int | None] | None]:
+    """The server engine's quick path in TRANSACTION (docs/wire.md): answers
+    ``lines[at:]`` while each is a plain ``RETR n`` / ``TOP n m`` (pypop.protocol's
+    ``plain_fetch`` shape) of a message ``1 <= n <= len(sizes)`` not marked in
+    ``deleted``, at most ``budget`` lines, and only while fewer than ``room`` octets
+    were queued. Each answer appends its first line (``+OK <sizes[n-1]> octets`` for
+    RETR, ``+OK`` for TOP) and ``source(n - 1, top)`` (``top`` capped at
+    MAX_TOP_LINES) to ``out``; each RETR adds ``n - 1`` to ``retrieved`` (a new set
+    if None). It stops before any other line, and before a RETR if not
+    ``octets_line`` (a custom text). A line whose source call returns something
+    other than ``bytes``, raises an Exception, or (``check_ascii``) has an 8-bit
+    header is taken but not answered: it is the ``miss``, (index, top), and ends the
+    call.
+
+    Returns (lines answered, RETRs among them, their sizes' sum, octets queued,
+    ``retrieved``, miss or None)."""

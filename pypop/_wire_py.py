@@ -20,18 +20,20 @@ import re
 import secrets
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 __all__ = [
     "DEFAULT_MAX_LINE",
     "HEADER_SCAN_LIMIT",
     "IMPLEMENTATION",
+    "MAX_TOP_LINES",
     "PROXY_HEADER_MAX",
     "DotStuffer",
     "LineFramer",
     "SizeCounter",
     "Unstuffer",
+    "answer_fetches",
     "apop_digest",
     "apop_verify",
     "constant_time_eq",
@@ -57,6 +59,9 @@ HEADER_SCAN_LIMIT: Final[int] = 256 * 1024
 
 IMPLEMENTATION: Final[str] = "python"
 """"rust" in the extension, "python" here."""
+
+MAX_TOP_LINES: Final[int] = 1 << 32
+"""TOP's line count is capped here (a larger count sends the whole body anyway)."""
 
 PROXY_HEADER_MAX: Final[int] = 1024
 """The default bound of a PROXY header, v2 TLVs included."""
@@ -798,3 +803,74 @@ def _read_small_file(path: str, limit: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+# ---- the engine's TRANSACTION-state quick path --------------------------------------
+
+_TOP_OK: Final = b"+OK\r\n"
+_OCTETS: Final = b"+OK %d octets\r\n"
+
+_Fetches = tuple[int, int, int, int, "set[int] | None", "tuple[int, int | None] | None"]
+
+
+def answer_fetches(
+    lines: list[bytes | None],
+    at: int,
+    budget: int,
+    sizes: list[int],
+    deleted: bytearray,
+    source: Callable[[int, int | None], bytes | None],
+    out: list[bytes],
+    room: int,
+    octets_line: bool,
+    check_ascii: bool,
+    retrieved: set[int] | None,
+) -> _Fetches:
+    answered = retrs = octets = queued = 0
+    miss = None
+    end = min(len(lines), at + budget)
+    while at < end and queued < room:
+        line = lines[at]
+        if line is None:
+            break
+        head = line[:5].upper()
+        if head == b"RETR ":
+            arg = line[5:]
+            if not arg.isdigit():
+                break
+            msg, top = int(arg), None
+        elif head[:4] == b"TOP ":
+            m, sep, n = line[4:].partition(b" ")
+            if not (sep and m.isdigit() and n.isdigit()):
+                break
+            msg, top = int(m), min(int(n), MAX_TOP_LINES)
+        else:
+            break
+        i = msg - 1
+        if not 0 <= i < len(sizes) or i >= len(deleted) or deleted[i]:
+            break
+        if top is None and not octets_line:
+            break
+        try:
+            wire = source(i, top)
+        except Exception:
+            wire = None
+        if type(wire) is not bytes or (check_ascii and not wire_header_is_ascii(wire)):
+            miss = (i, top)
+            break
+        if top is None:
+            size = sizes[i]
+            header = _OCTETS % size
+            retrs += 1
+            octets += size
+            if retrieved is None:
+                retrieved = set()
+            retrieved.add(i)
+        else:
+            header = _TOP_OK
+        queued += len(header) + len(wire)
+        out.append(header)
+        out.append(wire)
+        answered += 1
+        at += 1
+    return answered, retrs, octets, queued, retrieved, miss

@@ -35,29 +35,38 @@ def plain(user: str, password: str) -> bytes:
 
 @contextlib.contextmanager
 def serve(tmp_path: Path, *args: str) -> Iterator[tuple[int, int]]:
-    """A single-process ``pypop serve`` (memory backend); yields (port, metrics port)."""
+    """A single-process ``pypop serve`` (memory backend); yields (port, metrics port).
+    Started again on other ports if one was taken between free_port() and the bind."""
     (tmp_path / "passwd").write_text(f"alice:{{PLAIN}}{SECRET}\n")
     (tmp_path / "pypop.toml").write_text("[limits]\nauth_failure_delay = 0\nauth_penalty_max = 0\n")
-    port, metrics = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "pypop", "serve", "-c", str(tmp_path / "pypop.toml"),
-            "--passwd-file", str(tmp_path / "passwd"),
-            "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics}",
-            "-o", "sample_users=0", *args,
-        ],
-        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    errors = tmp_path / "serve.stderr"
+    for _ in range(3):
+        port, metrics = free_port(), free_port()
+        with errors.open("wb") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "pypop", "serve", "-c", str(tmp_path / "pypop.toml"),
+                    "--passwd-file", str(tmp_path / "passwd"),
+                    "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics}",
+                    "-o", "sample_users=0", *args,
+                ],
+                stdin=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
         deadline = time.monotonic() + 30
-        while True:
+        while proc.poll() is None:
             try:
                 Pop(port, LOCAL).close()
                 break
             except OSError:
-                assert proc.poll() is None, "pypop serve exited"
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+        if proc.poll() is None:
+            break
+        stderr = errors.read_text(errors="replace")
+        assert "in use" in stderr, f"pypop serve exited: {stderr[-2000:]}"
+    else:
+        raise AssertionError("no free ports in three tries")
+    try:
         yield port, metrics
     finally:
         proc.terminate()

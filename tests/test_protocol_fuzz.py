@@ -8,7 +8,8 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pypop.protocol import PasswordLogin, ProtocolConfig, ServerConnection, State
+from pypop.protocol import PasswordLogin, ProtocolConfig, Retrieve, ServerConnection, State
+from pypop.protocol.commands import Noop, Pass, Retr, Top, User
 
 from .strategies import octets
 from .test_protocol import Driver
@@ -183,6 +184,8 @@ _FETCH_LINES += [b"DELE 1", b"DELE 3", b"RSET", b"NOOP", b"STAT", b"RETR", b"TOP
 class _General(ServerConnection):
     """The general path alone: parse_command, _dispatch, _answer_quick."""
 
+    _fast = False  # no answer_fetches
+
     def _fetch(self, line: bytes) -> bool:
         return False
 
@@ -240,3 +243,21 @@ def test_fetch_path_is_taken() -> None:
     assert parse.call_count == 3  # USER, PASS and NOOP
     assert isinstance(out[0], bytes)
     assert out[0].startswith(b"+OK 100 octets\r\nSubject: x\r\n\r\nline\r\n.\r\n+OK\r\n")
+
+
+def test_answer_fetches_is_taken() -> None:
+    """The engine's quick path is pypop.wire.answer_fetches: _fetch (the Python path)
+    only sees the line it stopped at without taking it."""
+    from unittest import mock
+
+    from pypop.protocol import server
+
+    real = server.ServerConnection._fetch
+    with mock.patch.object(
+        server.ServerConnection, "_fetch", autospec=True, side_effect=real
+    ) as slow:
+        out = _fetch_session([b"RETR 1", b"top 3 0", b"RETR 2", b"NOOP"], 64, True, fast=True)
+    assert [c.args[1] for c in slow.call_args_list] == [b"NOOP"]
+    assert out[1] == [Retrieve(1, 200, None)]  # RETR 2: the source lacks it (the miss)
+    assert out[2] == [(0, None), (2, 0), (1, None)]
+    assert out[6] == {User: 1, Pass: 1, Retr: 2, Top: 1, Noop: 1}

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -270,6 +271,9 @@ API = {
     # a backend's read-ahead, and its listing cache's check
     "read_small_files",
     "files_unchanged",
+    # the server engine's quick path for RETR and TOP in TRANSACTION
+    "MAX_TOP_LINES",
+    "answer_fetches",
 }
 
 
@@ -1433,3 +1437,211 @@ def test_files_unchanged_refuses_malformed_arguments(
 ) -> None:
     with pytest.raises(error):
         wire.files_unchanged(str(tmp_path), names, stats)
+
+
+# --------------------------------------------------------------------------------------
+# answer_fetches (the engine's quick path; tests/test_protocol_fuzz.py compares the
+# engine with it and without it)
+# --------------------------------------------------------------------------------------
+
+
+class _Source:
+    """A wire source over five messages: 2 missing (None), 4 raising, 3 with an 8-bit
+    header, 5 a bytearray (not bytes); what it was asked, in order."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int | None]] = []
+
+    def __call__(self, index: int, top: int | None) -> object:
+        self.asked.append((index, top))
+        if index == 1:
+            return None
+        if index == 3:
+            raise RuntimeError("backend bug")
+        if index == 4:
+            return bytearray(b"Subject: z\r\n\r\n.\r\n")
+        head = b"Subject: \xc3\xa9\r\n" if index == 2 else b"Subject: %d\r\n" % index
+        return head + b"\r\n" + (b"" if top == 0 else b"body\r\n") + b".\r\n"
+
+
+_SIZES = [100, 200, 300, 400, 500, 600]
+
+
+def _fetches(
+    wire: ModuleType,
+    lines: list[bytes | None],
+    at: int = 0,
+    budget: int = 128,
+    room: int = 65536,
+    deleted: bytes = bytes(6),
+    octets_line: bool = True,
+    check_ascii: bool = True,
+    retrieved: set[int] | None = None,
+) -> tuple[Any, list[bytes], list[tuple[int, int | None]]]:
+    source, out = _Source(), [b"before"]
+    got = wire.answer_fetches(
+        lines,
+        at,
+        budget,
+        _SIZES,
+        bytearray(deleted),
+        source,
+        out,
+        room,
+        octets_line,
+        check_ascii,
+        retrieved,
+    )
+    return got, out, source.asked
+
+
+def test_answer_fetches_answers_plain_retr_and_top(wire: ModuleType) -> None:
+    got, out, asked = _fetches(wire, [b"RETR 1", b"top 6 0", b"Retr 0006", b"NOOP", b"RETR 1"])
+    assert got == (3, 2, 700, 100, {0, 5}, None)
+    assert out == [
+        b"before",
+        b"+OK 100 octets\r\n",
+        b"Subject: 0\r\n\r\nbody\r\n.\r\n",
+        b"+OK\r\n",
+        b"Subject: 5\r\n\r\n.\r\n",
+        b"+OK 600 octets\r\n",
+        b"Subject: 5\r\n\r\nbody\r\n.\r\n",
+    ]
+    assert asked == [(0, None), (5, 0), (5, None)]
+    assert sum(map(len, out[1:])) == 100
+    # TOP's count is capped; a given set is added to and handed back.
+    indexes = {4}
+    got, out, asked = _fetches(wire, [b"TOP 1 99999999999999999999", b"RETR 1"], retrieved=indexes)
+    assert asked == [(0, wire.MAX_TOP_LINES), (0, None)]
+    assert got[4] is indexes
+    assert indexes == {0, 4}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        None,
+        b"RETR",
+        b"RETR  1",
+        b"RETR 1 ",
+        b"RETR +1",
+        b"RETR 0",
+        b"RETR 7",
+        b"RETR 99999999999999999999999",
+        b"TOP 1",
+        b"TOP 1  0",
+        b"TOP x 0",
+        b"DELE 1",
+        b"RETR \xd9\xa1",
+        b"",
+    ],
+)
+def test_answer_fetches_stops_before_other_lines(wire: ModuleType, line: bytes | None) -> None:
+    got, out, asked = _fetches(wire, [b"RETR 1", line, b"RETR 1"])
+    assert got == (1, 1, 100, 16 + 23, {0}, None)
+    assert len(out) == 3
+    assert asked == [(0, None)]
+
+
+def test_answer_fetches_bounds_and_deleted(wire: ModuleType) -> None:
+    lines: list[bytes | None] = [b"RETR 1"] * 5
+    assert _fetches(wire, lines, budget=2)[0][:2] == (2, 2)
+    assert _fetches(wire, lines, at=3)[0][:2] == (2, 2)
+    # Room: stops once the octets queued reach it, not in the middle of an answer.
+    assert _fetches(wire, lines, room=39)[0][:4] == (1, 1, 100, 39)
+    assert _fetches(wire, lines, room=40)[0][:4] == (2, 2, 200, 78)
+    # A deleted message, and a RETR with an operator's "octets" text: not touched.
+    got, _, asked = _fetches(wire, [b"TOP 2 0", b"RETR 1"], deleted=b"\0\1" + bytes(4))
+    assert (got, asked) == ((0, 0, 0, 0, None, None), [])
+    got, _out, asked = _fetches(wire, [b"TOP 1 0", b"RETR 1"], octets_line=False)
+    assert got == (1, 0, 0, 22, None, None)
+    assert asked == [(0, 0)]
+
+
+@pytest.mark.parametrize(
+    ("line", "check", "miss"),
+    [
+        (b"RETR 2", True, (1, None)),  # the source does not have it
+        (b"TOP 4 1", True, (3, 1)),  # the source raised
+        (b"RETR 5", True, (4, None)),  # not bytes
+        (b"RETR 3", True, (2, None)),  # an 8-bit header, checked
+        (b"TOP 3 0", True, (2, 0)),
+    ],
+)
+def test_answer_fetches_miss_ends_the_call(
+    wire: ModuleType, line: bytes, check: bool, miss: tuple[int, int | None]
+) -> None:
+    got, out, asked = _fetches(wire, [b"RETR 1", line, b"RETR 1"], check_ascii=check)
+    assert got == (1, 1, 100, 39, {0}, miss)
+    assert asked == [(0, None), miss]
+    assert len(out) == 3
+
+
+def test_answer_fetches_8bit_unchecked_and_base_exception(wire: ModuleType) -> None:
+    got, out, _ = _fetches(wire, [b"RETR 3"], check_ascii=False)
+    assert got == (1, 1, 300, 16 + 24, {2}, None)
+    assert out[2].startswith(b"Subject: \xc3\xa9")
+
+    def interrupted(index: int, top: int | None) -> bytes:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wire.answer_fetches(
+            [b"RETR 1"], 0, 1, _SIZES, bytearray(6), interrupted, [], 10, True, True, None
+        )
+
+
+_FETCH_WORDS = [b"RETR", b"retr", b"TOP", b"ToP", b"DELE", b"RETR ", b"TOP "]
+_FETCH_ARGS = [
+    b"",
+    b" ",
+    b"0",
+    b"1",
+    b"2",
+    b"3",
+    b"4",
+    b"5",
+    b"6",
+    b"7",
+    b"01",
+    b"1 0",
+    b"3 2",
+    b"x",
+]
+
+
+@examples(500)
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.builds(
+                lambda w, s, a: w + s + a,
+                st.sampled_from(_FETCH_WORDS),
+                st.sampled_from([b"", b" ", b"  "]),
+                st.sampled_from(_FETCH_ARGS),
+            ),
+            binary(max_size=12),
+        ),
+        max_size=12,
+    ),
+    st.integers(0, 3),
+    st.integers(0, 14),
+    st.integers(1, 300),
+    st.lists(st.booleans(), min_size=6, max_size=6).map(bytes),
+    st.booleans(),
+    st.booleans(),
+)
+def test_answer_fetches_rust_equals_twin(
+    rust: ModuleType,
+    twin: ModuleType,
+    lines: list[bytes | None],
+    at: int,
+    budget: int,
+    room: int,
+    deleted: bytes,
+    octets_line: bool,
+    check_ascii: bool,
+) -> None:
+    args = (lines, at, budget, room, deleted, octets_line, check_ascii)
+    assert _fetches(rust, *args) == _fetches(twin, *args)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from pypop import wire
 from pypop.protocol.replies import Text
 
 __all__ = [
@@ -183,8 +184,9 @@ SYNTAX: Final = ParseError(Text.BAD_ARGUMENTS)
 BAD_CHARS: Final = ParseError(Text.BAD_CHARACTERS)
 BAD_BASE64: Final = ParseError(Text.BAD_BASE64)
 
-# A TOP line count beyond this is the same as "the whole message" (§7).
-MAX_TOP_LINES: Final = 1 << 32
+# A TOP line count beyond this is the same as "the whole message" (§7); defined with
+# the wire codec, whose quick path (answer_fetches) caps it too.
+MAX_TOP_LINES: Final = wire.MAX_TOP_LINES
 
 # RFC 4647 §2.1 language-range: (1*8ALPHA *("-" 1*8alphanum)) / "*". Bounded to the
 # RFC 5646 §4.4.1 length a tag needs to be supported.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from pypop.protocol.commands import (
     Apop,
@@ -82,7 +82,7 @@ from pypop.protocol.replies import (
     match_language,
 )
 from pypop.protocol.state import State, allowed
-from pypop.wire import DEFAULT_MAX_LINE, LineFramer, wire_header_is_ascii
+from pypop.wire import DEFAULT_MAX_LINE, LineFramer, answer_fetches, wire_header_is_ascii
 
 __all__ = ["NO_CAPABILITIES", "ProtocolConfig", "ServerConnection"]
 
@@ -151,6 +151,10 @@ def _ok_line(text: str) -> bytes:
 
 class ServerConnection:
     """One POP3 server session's protocol state."""
+
+    # The quick path of RETR and TOP (answer_fetches) is on; a test's subclass turns
+    # it off to compare it with the general path.
+    _fast: ClassVar[bool] = True
 
     # Slots: a session holds one of these for its whole life (idle memory).
     __slots__ = (
@@ -445,7 +449,7 @@ class ServerConnection:
         limit = self.config.output_limit
         budget = COMMAND_SLICE
         # (No command in the loop leaves TRANSACTION without returning.)
-        fetch = self._quick is not None and self.state is State.TRANSACTION
+        source = self._quick if self.state is State.TRANSACTION and self._fast else None
         while True:
             if self.pending_output >= limit:
                 return SEND_DATA
@@ -462,11 +466,54 @@ class ServerConnection:
                     break
             if budget == 0:
                 return SEND_DATA
+            if source is not None:
+                # The quick path (pypop.wire.answer_fetches): the RETRs and TOPs of a
+                # download in one call, what _fetch does for each; then back here for
+                # the line it stopped at, if any.
+                n, retrs, octets, queued, indexes, miss = answer_fetches(
+                    lines,
+                    at,
+                    budget,
+                    self._sizes,
+                    self._deleted,
+                    source,
+                    self._out,
+                    limit - self.pending_output,
+                    self.texts is self._octets_for,
+                    self.refuse_8bit_headers and not self.utf8,
+                    self.retrieved_indexes,
+                )
+                if n or miss is not None:
+                    budget -= n
+                    self._line_at = at + n
+                    self.commands += n
+                    self.bad_commands = 0
+                    self.pending_output += queued
+                    verbs = self.verbs
+                    if retrs:
+                        verbs[Retr] = verbs.get(Retr, 0) + retrs
+                        self.retrieved += retrs
+                        self.retrieved_octets += octets
+                        self.quick_retrievals += retrs
+                        self.retrieved_indexes = indexes
+                    if n > retrs:
+                        verbs[Top] = verbs.get(Top, 0) + n - retrs
+                    if miss is None:
+                        continue
+                    # Taken, not answered: the source lacks it, or it needs the check.
+                    self._line_at += 1
+                    self.commands += 1
+                    i, top_lines = miss
+                    kind = Retr if top_lines is None else Top
+                    verbs[kind] = verbs.get(kind, 0) + 1
+                    busy = Retrieve(i, self._sizes[i], top_lines)
+                    self._busy = busy
+                    return busy
             budget -= 1
             line = lines[at]
             self._line_at = at + 1
             self.commands += 1
-            if fetch and line is not None:
+            if source is not None and line is not None:
                 done = self._fetch(line)
                 if done is True:
                     continue
@@ -661,7 +708,7 @@ class ServerConnection:
             wire = self._quick(i, top_lines)
         except Exception:
             return False
-        if wire is None or (
+        if type(wire) is not bytes or (
             self.refuse_8bit_headers and not self.utf8 and not wire_header_is_ascii(wire)
         ):
             return False

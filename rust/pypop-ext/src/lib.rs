@@ -7,12 +7,14 @@
 //! Above [`RELEASE_GIL_ABOVE`] octets of input the work runs with the GIL released.
 
 use pop3_wire as wire;
-use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::exceptions::{PyException, PyOverflowError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyMemoryView};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyMemoryView, PySet};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -744,12 +746,115 @@ fn open_message(dirs: &mut Dirs, path: &Path) -> Option<File> {
     (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
 }
 
+/// What [`answer_fetches`] hands back: lines answered, RETRs among them, their message
+/// octets, octets queued, the set of retrieved indexes, and the line it took but could
+/// not answer from the source (the engine's Retrieve event).
+type Fetches<'py> = (
+    usize,
+    usize,
+    u64,
+    usize,
+    Option<Bound<'py, PySet>>,
+    Option<(usize, Option<u64>)>,
+);
+
+static TOP_OK: PyOnceLock<Py<PyBytes>> = PyOnceLock::new();
+
+/// The engine's TRANSACTION-state quick path (docs/wire.md): answers `lines[at:]` while
+/// each is a plain `RETR n` / `TOP n m` of a live message that `source(index, top)` has
+/// in wire form, within `budget` lines and `room` octets queued onto `out`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn answer_fetches<'py>(
+    py: Python<'py>,
+    lines: &Bound<'py, PyList>,
+    at: usize,
+    budget: usize,
+    sizes: &Bound<'py, PyList>,
+    deleted: &Bound<'py, PyByteArray>,
+    source: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyList>,
+    room: usize,
+    octets_line: bool,
+    check_ascii: bool,
+    retrieved: Option<Bound<'py, PySet>>,
+) -> PyResult<Fetches<'py>> {
+    let mut retrieved = retrieved;
+    let (mut answered, mut retrs, mut octets, mut queued) = (0usize, 0usize, 0u64, 0usize);
+    let mut miss = None;
+    while answered < budget && queued < room {
+        let Ok(item) = lines.get_item(at + answered) else {
+            break; // the end of the window
+        };
+        let Ok(line) = item.cast::<PyBytes>() else {
+            break; // None: an overlong line
+        };
+        let Some((msg, top)) = wire::plain_fetch(line.as_bytes()) else {
+            break;
+        };
+        let index = match usize::try_from(msg) {
+            Ok(m) if (1..=sizes.len()).contains(&m) => m - 1,
+            _ => break,
+        };
+        // SAFETY: the octet is copied out at once; no Python code runs meanwhile.
+        if unsafe { deleted.as_bytes() }.get(index) != Some(&0) {
+            break;
+        }
+        if top.is_none() && !octets_line {
+            break; // an operator's wording of "+OK n octets": the engine formats it
+        }
+        // From here on the line is taken: answered, or handed back as the miss.
+        let wire = match source.call1((index, top)) {
+            Ok(w) => w.cast_into::<PyBytes>().ok(),
+            Err(e) if e.is_instance_of::<PyException>(py) => None,
+            Err(e) => return Err(e),
+        };
+        let wire = wire.filter(|w| {
+            !check_ascii || wire::wire_header_is_ascii(w.as_bytes(), wire::HEADER_SCAN_LIMIT)
+        });
+        let Some(wire) = wire else {
+            miss = Some((index, top));
+            break;
+        };
+        let header = match top {
+            Some(_) => TOP_OK
+                .get_or_init(py, || PyBytes::new(py, b"+OK\r\n").unbind())
+                .bind(py)
+                .clone(),
+            None => {
+                let size: u64 = sizes.get_item(index)?.extract()?;
+                let mut buf = [0u8; 48];
+                let left = {
+                    let mut cur = &mut buf[..];
+                    write!(cur, "+OK {size} octets\r\n").expect("48 octets hold any u64");
+                    cur.len()
+                };
+                let n = buf.len() - left;
+                retrs += 1;
+                octets += size;
+                let set = match &retrieved {
+                    Some(s) => s,
+                    None => retrieved.insert(PySet::empty(py)?),
+                };
+                set.add(index)?;
+                PyBytes::new(py, &buf[..n])
+            }
+        };
+        queued += header.as_bytes().len() + wire.as_bytes().len();
+        out.append(header)?;
+        out.append(wire)?;
+        answered += 1;
+    }
+    Ok((answered, retrs, octets, queued, retrieved, miss))
+}
+
 /// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.
 #[pymodule]
 fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MAX_LINE", wire::DEFAULT_MAX_LINE)?;
     m.add("HEADER_SCAN_LIMIT", wire::HEADER_SCAN_LIMIT)?;
     m.add("IMPLEMENTATION", "rust")?;
+    m.add("MAX_TOP_LINES", wire::MAX_TOP_LINES)?;
     m.add_class::<LineFramer>()?;
     m.add_class::<DotStuffer>()?;
     m.add_class::<SizeCounter>()?;
@@ -770,5 +875,6 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_proxy_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_small_files, m)?)?;
     m.add_function(wrap_pyfunction!(files_unchanged, m)?)?;
+    m.add_function(wrap_pyfunction!(answer_fetches, m)?)?;
     Ok(())
 }
