@@ -154,7 +154,7 @@ def test_quick_path_matches_the_general_parser(verb: bytes, rest: bytes) -> None
     assert parse_command(line) == _parse(line)
 
 
-# ---- the engine's fetch path (ServerConnection._fetch) agrees with the general one --
+# ---- the engine's fetch path (pypop.wire.answer_fetches) agrees with the general one --
 
 
 class _Wire:
@@ -185,9 +185,6 @@ class _General(ServerConnection):
     """The general path alone: parse_command, _dispatch, _answer_quick."""
 
     _fast = False  # no answer_fetches
-
-    def _fetch(self, line: bytes) -> bool:
-        return False
 
 
 def _fetch_session(lines: list[bytes], chunk: int, refuse: bool, fast: bool) -> tuple[object, ...]:
@@ -246,18 +243,18 @@ def test_fetch_path_is_taken() -> None:
 
 
 def test_answer_fetches_is_taken() -> None:
-    """The engine's quick path is pypop.wire.answer_fetches: _fetch (the Python path)
-    only sees the line it stopped at without taking it."""
+    """The engine's quick path is pypop.wire.answer_fetches: the general path
+    (_handle_line) only sees the lines it stopped at without taking them."""
     from unittest import mock
 
     from pypop.protocol import server
 
-    real = server.ServerConnection._fetch
+    real = server.ServerConnection._handle_line
     with mock.patch.object(
-        server.ServerConnection, "_fetch", autospec=True, side_effect=real
-    ) as slow:
+        server.ServerConnection, "_handle_line", autospec=True, side_effect=real
+    ) as general:
         out = _fetch_session([b"RETR 1", b"top 3 0", b"RETR 2", b"NOOP"], 64, True, fast=True)
-    assert [c.args[1] for c in slow.call_args_list] == [b"NOOP"]
+    assert [c.args[1] for c in general.call_args_list] == [b"USER bob", b"PASS secret", b"NOOP"]
     assert out[1] == [Retrieve(1, 200, None)]  # RETR 2: the source lacks it (the miss)
     assert out[2] == [(0, None), (2, 0), (1, None)]
     assert out[6] == {User: 1, Pass: 1, Retr: 2, Top: 1, Noop: 1}

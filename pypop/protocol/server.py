@@ -50,7 +50,6 @@ from pypop.protocol.commands import (
     Utf8,
     decode_base64,
     parse_command,
-    plain_fetch,
 )
 from pypop.protocol.events import (
     NEED_DATA,
@@ -468,8 +467,9 @@ class ServerConnection:
                 return SEND_DATA
             if source is not None:
                 # The quick path (pypop.wire.answer_fetches): the RETRs and TOPs of a
-                # download in one call, what _fetch does for each; then back here for
-                # the line it stopped at, if any.
+                # download in one call, what parse_command, _dispatch and _answer_quick
+                # do for each; the line it stops at without taking goes the general way
+                # (which answers those lines the same: tests/test_protocol_fuzz.py).
                 n, retrs, octets, queued, indexes, miss = answer_fetches(
                     lines,
                     at,
@@ -513,42 +513,12 @@ class ServerConnection:
             line = lines[at]
             self._line_at = at + 1
             self.commands += 1
-            if source is not None and line is not None:
-                done = self._fetch(line)
-                if done is True:
-                    continue
-                if done is not False:
-                    self._busy = done
-                    return done
             event = self._handle_line(line)
             if event is not None:
                 if not isinstance(event, Closing):
                     self._busy = event
                 return event
         return ConnectionClosed() if self._eof else NEED_DATA
-
-    def _fetch(self, line: bytes) -> Retrieve | bool:
-        """RETR n and TOP n m in their plain shape, in TRANSACTION with a wire source:
-        what _handle_line, parse_command and _dispatch do for them, in one call (the
-        commands of a mail download). True: answered; a Retrieve: the wire source
-        does not have the message. False: another line, another shape, or a number
-        that is no message, all for the general path (which gives the same answer
-        for these lines too: tests/test_protocol_fuzz.py checks)."""
-        fetch = plain_fetch(line)
-        if fetch is None:
-            return False
-        msg, top_lines = fetch
-        sizes = self._sizes
-        if not 1 <= msg <= len(sizes) or self._deleted[msg - 1]:
-            return False  # -ERR, from the general path
-        self.bad_commands = 0
-        kind = Retr if top_lines is None else Top
-        verbs = self.verbs
-        verbs[kind] = verbs.get(kind, 0) + 1
-        i = msg - 1
-        if self._answer_quick(i, top_lines):
-            return True
-        return Retrieve(i, sizes[i], top_lines)
 
     def _handle_line(self, line: bytes | None) -> Event | None:
         if self._sasl_waiting:
