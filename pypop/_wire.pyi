@@ -178,10 +178,10 @@ def answer_fetches(
     RETR, ``+OK`` for TOP) and ``source(n - 1, top)`` (``top`` capped at
     MAX_TOP_LINES) to ``out``; each RETR adds ``n - 1`` to ``retrieved`` (a new set
     if None). It stops before any other line, and before a RETR if not
-    ``octets_line`` (a custom text). A line whose source call returns something
-    other than ``bytes``, raises an Exception, or (``check_ascii``) has an 8-bit
-    header is taken but not answered: it is the ``miss``, (index, top), and ends the
-    call.
+    ``octets_line`` (a custom text) or if its size is not an int in 0..2**64-1. A
+    line whose source call returns something other than ``bytes``, raises an
+    Exception, or (``check_ascii``) has an 8-bit header is taken but not answered:
+    it is the ``miss``, (index, top), and ends the call.
 
     Returns (lines answered, RETRs among them, their sizes' sum, octets queued,
     ``retrieved``, miss or None)."""

@@ -849,8 +849,16 @@ def answer_fetches(
         i = msg - 1
         if not 0 <= i < len(sizes) or i >= len(deleted) or deleted[i]:
             break
-        if top is None and not octets_line:
-            break
+        size = 0
+        if top is None:
+            if not octets_line:
+                break
+            try:
+                size = operator.index(sizes[i])
+            except TypeError:
+                break
+            if not 0 <= size < 1 << 64:
+                break
         try:
             wire = source(i, top)
         except Exception:
@@ -859,7 +867,6 @@ def answer_fetches(
             miss = (i, top)
             break
         if top is None:
-            size = sizes[i]
             header = _OCTETS % size
             retrs += 1
             octets += size

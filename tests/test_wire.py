@@ -1477,13 +1477,14 @@ def _fetches(
     octets_line: bool = True,
     check_ascii: bool = True,
     retrieved: set[int] | None = None,
+    sizes: list[Any] = _SIZES,
 ) -> tuple[Any, list[bytes], list[tuple[int, int | None]]]:
     source, out = _Source(), [b"before"]
     got = wire.answer_fetches(
         lines,
         at,
         budget,
-        _SIZES,
+        sizes,
         bytearray(deleted),
         source,
         out,
@@ -1574,6 +1575,17 @@ def test_answer_fetches_miss_ends_the_call(
     got, out, asked = _fetches(wire, [b"RETR 1", line, b"RETR 1"], check_ascii=check)
     assert got == (1, 1, 100, 39, {0}, miss)
     assert asked == [(0, None), miss]
+    assert len(out) == 3
+
+
+@pytest.mark.parametrize("size", [-1, 1 << 64, "100", 1.0, None])
+def test_answer_fetches_leaves_a_retr_without_a_size(wire: ModuleType, size: object) -> None:
+    """A size that is no octet count (a backend's bug) is the general path's to
+    format: the RETR is not taken, the source not asked; a TOP needs no size."""
+    sizes = [size, *_SIZES[1:]]
+    got, out, asked = _fetches(wire, [b"TOP 1 0", b"RETR 1"], sizes=sizes)
+    assert got == (1, 0, 0, 22, None, None)
+    assert asked == [(0, 0)]
     assert len(out) == 3
 
 

@@ -800,9 +800,14 @@ fn answer_fetches<'py>(
         if unsafe { deleted.as_bytes() }.get(index) != Some(&0) {
             break;
         }
-        if top.is_none() && !octets_line {
-            break; // an operator's wording of "+OK n octets": the engine formats it
-        }
+        let size = match top {
+            Some(_) => 0,
+            None if !octets_line => break, // an operator's wording of "+OK n octets"
+            None => match sizes.get_item(index)?.extract::<u64>() {
+                Ok(size) => size,
+                Err(_) => break, // not a size: the engine's general path formats it
+            },
+        };
         // From here on the line is taken: answered, or handed back as the miss.
         let wire = match source.call1((index, top)) {
             Ok(w) => w.cast_into::<PyBytes>().ok(),
@@ -822,7 +827,6 @@ fn answer_fetches<'py>(
                 .bind(py)
                 .clone(),
             None => {
-                let size: u64 = sizes.get_item(index)?.extract()?;
                 let mut buf = [0u8; 48];
                 let left = {
                     let mut cur = &mut buf[..];
