@@ -117,6 +117,8 @@ async def connection(
                     out.append(box.list)
                 elif box is not None and verb == b"UIDL":
                     out.append(box.uidl)
+                elif box is not None and verb in (b"DELE", b"RSET", b"NOOP"):
+                    out.append(b"+OK\r\n")  # (nothing to delete: the script's RSET follows)
                 elif verb == b"USER":
                     user = arg
                     out.append(b"+OK\r\n")

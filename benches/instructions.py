@@ -9,6 +9,8 @@ each phase with ``callgrind_control``:
 - ``login``: USER, PASS, STAT, QUIT (the suite's login scenario);
 - ``retr``: log in, STAT, RETR every message one at a time, QUIT;
 - ``pipelined``: log in, STAT, every RETR in one write, QUIT;
+- ``pipelined-dele``: log in, STAT, ``RETR k`` and ``DELE k`` for every message in one
+  write, RSET, QUIT (a download that deletes, with nothing deleted in the end);
 - ``retr-1m``: ``retr`` over users whose messages are 1 MiB each (LF line ends on
   disk, a dot line every 17 lines: the suite's large mail), against ``login-1m``, the
   login of those users;
@@ -65,7 +67,7 @@ __all__ = ["main", "measure", "server_toml", "warm_up"]
 
 BASELINE = Path(__file__).resolve().parent / "instructions-baseline.json"
 LOADED_USERS = 32  # loaded-login's users, eight of them in a session at a time
-CHECKED = ("retr", "pipelined", "retr-1m")  # figures the regression check judges
+CHECKED = ("retr", "pipelined", "pipelined-dele", "retr-1m")  # figures the regression check judges
 # The 1 MiB phases: users, messages each, sessions per phase. Eight sessions, not
 # two: with two, the memory backend's figure was 153,000 in some runs and 232,000 in
 # others (some work of the server's fell into the short phase or did not).
@@ -148,11 +150,20 @@ def session(
                 for k in range(1, count + 1):
                     c.command(b"RETR %d" % k)
                     got += _check(c.body(), sizes[k - 1], k)
-            else:
+            elif kind == "pipelined":
                 c.sock.sendall(b"".join(b"RETR %d\r\n" % k for k in range(1, count + 1)))
                 for k in range(1, count + 1):
                     c.status()
                     got += _check(c.body(), sizes[k - 1], k)
+            else:  # pipelined-dele
+                c.sock.sendall(
+                    b"".join(b"RETR %d\r\nDELE %d\r\n" % (k, k) for k in range(1, count + 1))
+                )
+                for k in range(1, count + 1):
+                    c.status()
+                    got += _check(c.body(), sizes[k - 1], k)
+                    c.status()
+                c.command(b"RSET")  # the maildrop stays as it was
         c.command(b"QUIT")
         return got
     finally:
@@ -313,7 +324,7 @@ def measure(
     if backend == "trio-floor":  # benches/floor.py: no POP3 work, and no TLS
         tls = False
     run = _Run(backend, fx.passwd, section, creds, messages, sessions, work, fx.eml)
-    plain = ("login", "retr", "pipelined")
+    plain = ("login", "retr", "pipelined", "pipelined-dele")
     per_session = run.phases(
         plain if "large" not in creds else (*plain, "login-1m", "retr-1m"), None
     )
@@ -343,7 +354,7 @@ def measure(
     if "loaded-login" in per_session:
         result["loaded-login"] = round(per_session["loaded-login"])
     for login, kinds, count in (
-        ("login", ("retr", "pipelined"), messages),
+        ("login", ("retr", "pipelined", "pipelined-dele"), messages),
         ("login-1m", ("retr-1m",), LARGE_MESSAGES),
         ("tls-login", ("tls-retr",), messages),
     ):
@@ -507,10 +518,11 @@ def main(argv: list[str] | None = None) -> int:
             results[backend] = r
     print(f"instructions on the server (callgrind, user space; commit {commit or '?'})")
     head = f"{'backend':<10} {'per login':>12} {'per RETR':>12} {'per pipelined RETR':>20}"
-    head += f" {'per RETR of 1 MiB':>18}"
+    head += f" {'per RETR+DELE':>14} {'per RETR of 1 MiB':>18}"
     print(head + ("" if args.no_tls else f" {'per TLS login':>14} {'per TLS RETR':>13}"))
     for name, r in results.items():
         row = f"{name:<10} {r['login']:>12,} {r['retr']:>12,} {r['pipelined']:>20,}"
+        row += f" {r['pipelined-dele']:>14,}"
         row += f" {r['retr-1m']:>18,}" if "retr-1m" in r else f" {'-':>18}"
         if "tls-login" in r:
             row += f" {r['tls-login']:>14,} {r['tls-retr']:>13,}"

@@ -44,7 +44,7 @@ from benches.servers import REPO, free_port
 
 __all__ = ["count_lines", "main"]
 
-KINDS = ("login", "retr", "pipelined")
+KINDS = ("login", "retr", "pipelined", "pipelined-dele")
 THREADS = ("event loop", "workers")
 Counts = dict[str, dict[str, float]]  # thread -> "file:line function" -> lines per session
 

@@ -169,19 +169,22 @@ def answer_fetches(
     octets_line: bool,
     check_ascii: bool,
     retrieved: set[int] | None,
-) -> tuple[int, int, int, int, set[int] | None, tuple[int, int | None] | None]:
+    dele_ok: bytes,
+) -> tuple[int, int, int, int, set[int] | None, tuple[int, int | None] | None, int, int]:
     """The server engine's quick path in TRANSACTION (docs/wire.md): answers
-    ``lines[at:]`` while each is a plain ``RETR n`` / ``TOP n m`` (pypop.protocol's
-    ``plain_fetch`` shape) of a message ``1 <= n <= len(sizes)`` not marked in
-    ``deleted``, at most ``budget`` lines, and only while fewer than ``room`` octets
-    were queued. Each answer appends its first line (``+OK <sizes[n-1]> octets`` for
-    RETR, ``+OK`` for TOP) and ``source(n - 1, top)`` (``top`` capped at
-    MAX_TOP_LINES) to ``out``; each RETR adds ``n - 1`` to ``retrieved`` (a new set
-    if None). It stops before any other line, and before a RETR if not
-    ``octets_line`` (a custom text) or if its size is not an int in 0..2**64-1. A
-    line whose source call returns something other than ``bytes``, raises an
+    ``lines[at:]`` while each is a plain ``RETR n`` / ``TOP n m`` / ``DELE n``
+    (pypop.protocol's ``parse_command`` quick shapes) of a message
+    ``1 <= n <= len(sizes)`` not marked in ``deleted``, at most ``budget`` lines, and
+    only while fewer than ``room`` octets were queued. A RETR or TOP appends its
+    first line (``+OK <sizes[n-1]> octets`` for RETR, ``+OK`` for TOP) and
+    ``source(n - 1, top)`` (``top`` capped at MAX_TOP_LINES) to ``out``, and a RETR
+    adds ``n - 1`` to ``retrieved`` (a new set if None); a DELE marks ``n - 1`` in
+    ``deleted`` and appends ``dele_ok``. It stops before any other line, before a
+    RETR if not ``octets_line`` (a custom text), before a DELE if ``dele_ok`` is
+    empty, and before a RETR or DELE whose size is not an int in 0..2**64-1. A RETR
+    or TOP whose source call returns something other than ``bytes``, raises an
     Exception, or (``check_ascii``) has an 8-bit header is taken but not answered:
     it is the ``miss``, (index, top), and ends the call.
 
     Returns (lines answered, RETRs among them, their sizes' sum, octets queued,
-    ``retrieved``, miss or None)."""
+    ``retrieved``, miss or None, DELEs among the lines answered, their sizes' sum)."""

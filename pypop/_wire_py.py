@@ -810,7 +810,17 @@ def _read_small_file(path: str, limit: int) -> bytes | None:
 _TOP_OK: Final = b"+OK\r\n"
 _OCTETS: Final = b"+OK %d octets\r\n"
 
-_Fetches = tuple[int, int, int, int, "set[int] | None", "tuple[int, int | None] | None"]
+_Fetches = tuple[int, int, int, int, "set[int] | None", "tuple[int, int | None] | None", int, int]
+
+
+def _size(sizes: list[int], i: int) -> int | None:
+    """A message's size, or None where it is not an octet count (as the extension
+    reads it: an int by ``__index__`` in 0..2**64-1)."""
+    try:
+        size = operator.index(sizes[i])
+    except TypeError:
+        return None
+    return size if 0 <= size < 1 << 64 else None
 
 
 def answer_fetches(
@@ -825,8 +835,9 @@ def answer_fetches(
     octets_line: bool,
     check_ascii: bool,
     retrieved: set[int] | None,
+    dele_ok: bytes,
 ) -> _Fetches:
-    answered = retrs = octets = queued = 0
+    answered = retrs = octets = queued = deletes = deleted_octets = 0
     miss = None
     end = min(len(lines), at + budget)
     while at < end and queued < room:
@@ -834,7 +845,8 @@ def answer_fetches(
         if line is None:
             break
         head = line[:5].upper()
-        if head == b"RETR ":
+        dele = head == b"DELE "
+        if dele or head == b"RETR ":
             arg = line[5:]
             if not arg.isdigit():
                 break
@@ -849,16 +861,28 @@ def answer_fetches(
         i = msg - 1
         if not 0 <= i < len(sizes) or i >= len(deleted) or deleted[i]:
             break
+        if dele:
+            if not dele_ok:
+                break
+            size = _size(sizes, i)
+            if size is None:
+                break
+            deleted[i] = 1
+            deletes += 1
+            deleted_octets += size
+            queued += len(dele_ok)
+            out.append(dele_ok)
+            answered += 1
+            at += 1
+            continue
         size = 0
         if top is None:
             if not octets_line:
                 break
-            try:
-                size = operator.index(sizes[i])
-            except TypeError:
+            got = _size(sizes, i)
+            if got is None:
                 break
-            if not 0 <= size < 1 << 64:
-                break
+            size = got
         try:
             wire = source(i, top)
         except Exception:
@@ -880,4 +904,4 @@ def answer_fetches(
         out.append(wire)
         answered += 1
         at += 1
-    return answered, retrs, octets, queued, retrieved, miss
+    return answered, retrs, octets, queued, retrieved, miss, deletes, deleted_octets

@@ -771,3 +771,25 @@ def test_wire_source_respects_deleted_messages_and_numbers() -> None:
     assert out.count(b"-ERR") == 3
     assert out.endswith(b"+OK 100 octets\r\n" + BODY)
     assert src.asked == [(1, None)]
+
+
+def test_quick_dele_speaks_the_session_s_texts() -> None:
+    """A DELE answered with the RETRs (pypop.wire.answer_fetches) says what the general
+    path would: an operator's text, and after LANG the language's."""
+    conn = ServerConnection(texts={Text.MARKED: "Weg damit"})
+    conn.receive_data(b"USER bob\r\nPASS secret\r\n")
+    assert isinstance(conn.next_event(), PasswordLogin)
+    conn.login_succeeded("bob", [100] * 3, UIDS)
+    conn.serve_from(Source({(0, None): BODY}), refuse_8bit=False)
+    conn.data_to_send()
+    conn.receive_data(b"RETR 1\r\nDELE 1\r\nLANG de\r\nDELE 2\r\nDELE 2\r\nSTAT\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == (
+        b"+OK 100 octets\r\n"
+        + BODY
+        + b"+OK Weg damit\r\n"
+        + b"+OK de Sprache geaendert\r\n"
+        + b"+OK Zum Loeschen markiert\r\n"
+        + b"-ERR Nachricht ist bereits geloescht\r\n"
+        + b"+OK 1 100\r\n"
+    )

@@ -178,7 +178,8 @@ _FETCH_ARGS += [b"1 0", b"2 0", b"3 7", b"4 1", b"5 0", b"6 0", b"1 99999999999"
 _FETCH_LINES = [
     verb + b" " + arg for verb in (b"RETR", b"retr", b"Retr", b"TOP", b"top") for arg in _FETCH_ARGS
 ]
-_FETCH_LINES += [b"DELE 1", b"DELE 3", b"RSET", b"NOOP", b"STAT", b"RETR", b"TOP 1", b"UTF8"]
+_FETCH_LINES += [b"DELE 1", b"DELE 3", b"dele 2", b"DELE 6", b"DELE 0", b"DELE 05", b"DELE  4"]
+_FETCH_LINES += [b"RSET", b"NOOP", b"STAT", b"RETR", b"TOP 1", b"UTF8", b"LIST"]
 
 
 class _General(ServerConnection):
@@ -212,6 +213,9 @@ def _fetch_session(lines: list[bytes], chunk: int, refuse: bool, fast: bool) -> 
         conn.retrieved_octets,
         conn.retrieved_indexes,
         conn.quick_retrievals,
+        bytes(conn._deleted),
+        conn._count,
+        conn._octets,
     )
 
 

@@ -1478,27 +1478,34 @@ def _fetches(
     check_ascii: bool = True,
     retrieved: set[int] | None = None,
     sizes: list[Any] = _SIZES,
+    dele_ok: bytes = b"+OK gone\r\n",
+    marks: list[bytes] | None = None,
 ) -> tuple[Any, list[bytes], list[tuple[int, int | None]]]:
-    source, out = _Source(), [b"before"]
+    """The call's answer, ``out`` and the source's calls; the deletion marks after
+    the call are appended to ``marks`` if given."""
+    source, out, deletions = _Source(), [b"before"], bytearray(deleted)
     got = wire.answer_fetches(
         lines,
         at,
         budget,
         sizes,
-        bytearray(deleted),
+        deletions,
         source,
         out,
         room,
         octets_line,
         check_ascii,
         retrieved,
+        dele_ok,
     )
+    if marks is not None:
+        marks.append(bytes(deletions))
     return got, out, source.asked
 
 
 def test_answer_fetches_answers_plain_retr_and_top(wire: ModuleType) -> None:
     got, out, asked = _fetches(wire, [b"RETR 1", b"top 6 0", b"Retr 0006", b"NOOP", b"RETR 1"])
-    assert got == (3, 2, 700, 100, {0, 5}, None)
+    assert got == (3, 2, 700, 100, {0, 5}, None, 0, 0)
     assert out == [
         b"before",
         b"+OK 100 octets\r\n",
@@ -1532,14 +1539,14 @@ def test_answer_fetches_answers_plain_retr_and_top(wire: ModuleType) -> None:
         b"TOP 1",
         b"TOP 1  0",
         b"TOP x 0",
-        b"DELE 1",
+        b"LIST 1",
         b"RETR \xd9\xa1",
         b"",
     ],
 )
 def test_answer_fetches_stops_before_other_lines(wire: ModuleType, line: bytes | None) -> None:
     got, out, asked = _fetches(wire, [b"RETR 1", line, b"RETR 1"])
-    assert got == (1, 1, 100, 16 + 23, {0}, None)
+    assert got == (1, 1, 100, 16 + 23, {0}, None, 0, 0)
     assert len(out) == 3
     assert asked == [(0, None)]
 
@@ -1553,9 +1560,9 @@ def test_answer_fetches_bounds_and_deleted(wire: ModuleType) -> None:
     assert _fetches(wire, lines, room=40)[0][:4] == (2, 2, 200, 78)
     # A deleted message, and a RETR with an operator's "octets" text: not touched.
     got, _, asked = _fetches(wire, [b"TOP 2 0", b"RETR 1"], deleted=b"\0\1" + bytes(4))
-    assert (got, asked) == ((0, 0, 0, 0, None, None), [])
+    assert (got, asked) == ((0, 0, 0, 0, None, None, 0, 0), [])
     got, _out, asked = _fetches(wire, [b"TOP 1 0", b"RETR 1"], octets_line=False)
-    assert got == (1, 0, 0, 22, None, None)
+    assert got == (1, 0, 0, 22, None, None, 0, 0)
     assert asked == [(0, 0)]
 
 
@@ -1573,7 +1580,7 @@ def test_answer_fetches_miss_ends_the_call(
     wire: ModuleType, line: bytes, check: bool, miss: tuple[int, int | None]
 ) -> None:
     got, out, asked = _fetches(wire, [b"RETR 1", line, b"RETR 1"], check_ascii=check)
-    assert got == (1, 1, 100, 39, {0}, miss)
+    assert got == (1, 1, 100, 39, {0}, miss, 0, 0)
     assert asked == [(0, None), miss]
     assert len(out) == 3
 
@@ -1584,14 +1591,48 @@ def test_answer_fetches_leaves_a_retr_without_a_size(wire: ModuleType, size: obj
     format: the RETR is not taken, the source not asked; a TOP needs no size."""
     sizes = [size, *_SIZES[1:]]
     got, out, asked = _fetches(wire, [b"TOP 1 0", b"RETR 1"], sizes=sizes)
-    assert got == (1, 0, 0, 22, None, None)
+    assert got == (1, 0, 0, 22, None, None, 0, 0)
     assert asked == [(0, 0)]
     assert len(out) == 3
 
 
+def test_answer_fetches_marks_plain_dele(wire: ModuleType) -> None:
+    marks: list[bytes] = []
+    lines: list[bytes | None] = [b"DELE 2", b"RETR 1", b"dele 0004", b"DELE 2", b"DELE 3"]
+    got, out, asked = _fetches(wire, lines, marks=marks)
+    # The second DELE 2 is the general path's ("already deleted"): the call stops there.
+    assert got == (3, 1, 100, 10 + 39 + 10, {0}, None, 2, 600)
+    assert out[1:] == [b"+OK gone\r\n", b"+OK 100 octets\r\n", out[3], b"+OK gone\r\n"]
+    assert asked == [(0, None)]
+    assert marks == [b"\0\1\0\1\0\0"]
+
+
+@pytest.mark.parametrize(
+    ("line", "kwargs"),
+    [
+        (b"DELE 7", {}),  # no such message
+        (b"DELE 0", {}),
+        (b"DELE 1 ", {}),
+        (b"DELE  1", {}),
+        (b"DELE 1", {"deleted": b"\1" + bytes(5)}),  # already deleted
+        (b"DELE 1", {"dele_ok": b""}),  # the engine has no reply line for it
+        (b"DELE 1", {"sizes": [-1, *_SIZES[1:]]}),  # not an octet count
+    ],
+)
+def test_answer_fetches_leaves_other_deles(
+    wire: ModuleType, line: bytes, kwargs: dict[str, Any]
+) -> None:
+    marks: list[bytes] = []
+    got, out, asked = _fetches(wire, [line, b"DELE 2"], marks=marks, **kwargs)
+    assert got == (0, 0, 0, 0, None, None, 0, 0)
+    assert out == [b"before"]
+    assert asked == []
+    assert marks == [kwargs.get("deleted", bytes(6))]
+
+
 def test_answer_fetches_8bit_unchecked_and_base_exception(wire: ModuleType) -> None:
     got, out, _ = _fetches(wire, [b"RETR 3"], check_ascii=False)
-    assert got == (1, 1, 300, 16 + 24, {2}, None)
+    assert got == (1, 1, 300, 16 + 24, {2}, None, 0, 0)
     assert out[2].startswith(b"Subject: \xc3\xa9")
 
     def interrupted(index: int, top: int | None) -> bytes:
@@ -1599,7 +1640,18 @@ def test_answer_fetches_8bit_unchecked_and_base_exception(wire: ModuleType) -> N
 
     with pytest.raises(KeyboardInterrupt):
         wire.answer_fetches(
-            [b"RETR 1"], 0, 1, _SIZES, bytearray(6), interrupted, [], 10, True, True, None
+            [b"RETR 1"],
+            0,
+            1,
+            _SIZES,
+            bytearray(6),
+            interrupted,
+            [],
+            10,
+            True,
+            True,
+            None,
+            b"+OK\r\n",
         )
 
 
@@ -1643,6 +1695,7 @@ _FETCH_ARGS = [
     st.lists(st.booleans(), min_size=6, max_size=6).map(bytes),
     st.booleans(),
     st.booleans(),
+    st.booleans(),
 )
 def test_answer_fetches_rust_equals_twin(
     rust: ModuleType,
@@ -1654,6 +1707,12 @@ def test_answer_fetches_rust_equals_twin(
     deleted: bytes,
     octets_line: bool,
     check_ascii: bool,
+    dele: bool,
 ) -> None:
     args = (lines, at, budget, room, deleted, octets_line, check_ascii)
-    assert _fetches(rust, *args) == _fetches(twin, *args)
+    dele_ok = b"+OK gone\r\n" if dele else b""
+    rust_marks: list[bytes] = []
+    twin_marks: list[bytes] = []
+    got = _fetches(rust, *args, dele_ok=dele_ok, marks=rust_marks)
+    assert got == _fetches(twin, *args, dele_ok=dele_ok, marks=twin_marks)
+    assert rust_marks == twin_marks

@@ -137,6 +137,7 @@ _NO_LINES: list[bytes | None] = []  # shared, never appended to
 NO_CAPABILITIES: frozenset[str] = frozenset()
 OCTETS_TEXT: Final = Text.OCTETS.value
 _OCTETS_LINE: Final = b"+OK %d octets\r\n"
+_MARKED_LINES: dict[str, bytes] = {}  # DELE's reply by its text (_marked_line)
 
 
 def _ok_line(text: str) -> bytes:
@@ -160,6 +161,7 @@ class ServerConnection:
         "_busy",
         "_count",
         "_custom_texts",
+        "_dele_ok",
         "_deleted",
         "_eof",
         "_framer",
@@ -393,6 +395,8 @@ class ServerConnection:
             self.texts = custom if self.utf8 else {k: ascii_fold(v) for k, v in custom.items()}
         else:
             self.texts = lang.texts if self.utf8 else lang.ascii_texts
+        # DELE's reply for answer_fetches, made when first needed (None: not yet).
+        self._dele_ok: bytes | None = None
         # RETR's "+OK <size> octets" as a bytes format, while the table's text is the
         # built-in one (a custom text goes the checked way).
         self._octets_for: Mapping[Text, str] | None = (
@@ -466,11 +470,15 @@ class ServerConnection:
             if budget == 0:
                 return SEND_DATA
             if source is not None:
-                # The quick path (pypop.wire.answer_fetches): the RETRs and TOPs of a
-                # download in one call, what parse_command, _dispatch and _answer_quick
-                # do for each; the line it stops at without taking goes the general way
-                # (which answers those lines the same: tests/test_protocol_fuzz.py).
-                n, retrs, octets, queued, indexes, miss = answer_fetches(
+                # The quick path (pypop.wire.answer_fetches): the RETRs, TOPs and
+                # DELEs of a download in one call, what parse_command, _dispatch and
+                # _answer_quick do for each; the line it stops at without taking goes
+                # the general way (which answers those lines the same:
+                # tests/test_protocol_fuzz.py).
+                dele_ok = self._dele_ok
+                if dele_ok is None:
+                    dele_ok = self._dele_ok = self._marked_line()
+                n, retrs, octets, queued, indexes, miss, deletes, gone = answer_fetches(
                     lines,
                     at,
                     budget,
@@ -482,6 +490,7 @@ class ServerConnection:
                     self.texts is self._octets_for,
                     self.refuse_8bit_headers and not self.utf8,
                     self.retrieved_indexes,
+                    dele_ok,
                 )
                 if n or miss is not None:
                     budget -= n
@@ -496,8 +505,12 @@ class ServerConnection:
                         self.retrieved_octets += octets
                         self.quick_retrievals += retrs
                         self.retrieved_indexes = indexes
-                    if n > retrs:
-                        verbs[Top] = verbs.get(Top, 0) + n - retrs
+                    if deletes:
+                        verbs[Dele] = verbs.get(Dele, 0) + deletes
+                        self._count -= deletes
+                        self._octets -= gone
+                    if n > retrs + deletes:
+                        verbs[Top] = verbs.get(Top, 0) + n - retrs - deletes
                     if miss is None:
                         continue
                     # Taken, not answered: the source lacks it, or it needs the check.
@@ -519,6 +532,21 @@ class ServerConnection:
                     self._busy = event
                 return event
         return ConnectionClosed() if self._eof else NEED_DATA
+
+    def _marked_line(self) -> bytes:
+        """DELE's reply in the current texts, or b"" (answer_fetches then leaves DELE
+        to the general path) when an operator's text is too long for a status line.
+        One object for every session with the same text (idle memory)."""
+        text = self._text(Text.MARKED)
+        line = _MARKED_LINES.get(text)
+        if line is None:
+            try:
+                line = _ok_line(text)
+            except LocalProtocolError:
+                line = b""
+            if len(_MARKED_LINES) < 64:  # the tables' texts and an operator's few
+                _MARKED_LINES[text] = line
+        return line
 
     def _handle_line(self, line: bytes | None) -> Event | None:
         if self._sasl_waiting:

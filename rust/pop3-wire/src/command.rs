@@ -5,20 +5,37 @@
 /// sends the whole body anyway).
 pub const MAX_TOP_LINES: u64 = 1 << 32;
 
-/// `RETR n` as `(n, None)` and `TOP n m` as `(n, Some(m))` in their plain shape: the
-/// verb in any case, one space before each argument, ASCII digits only, nothing after
-/// (the line end is already gone). Numbers saturate at `u64::MAX` (no maildrop holds
-/// that many messages) and `m` at [`MAX_TOP_LINES`]. `None` for any other line.
-pub fn plain_fetch(line: &[u8]) -> Option<(u64, Option<u64>)> {
-    if line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"RETR ") {
-        return Some((digits(&line[5..])?, None));
+/// The commands of a mail download in their plain shape (see [`plain_download`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Download {
+    /// `RETR n`
+    Retr(u64),
+    /// `TOP n m`, `m` capped at [`MAX_TOP_LINES`]
+    Top(u64, u64),
+    /// `DELE n`
+    Dele(u64),
+}
+
+/// `RETR n`, `TOP n m` and `DELE n` in their plain shape: the verb in any case, one
+/// space before each argument, ASCII digits only, nothing after (the line end is
+/// already gone). Numbers saturate at `u64::MAX` (no maildrop holds that many
+/// messages) and `m` at [`MAX_TOP_LINES`]. `None` for any other line.
+pub fn plain_download(line: &[u8]) -> Option<Download> {
+    if line.len() >= 5 {
+        let (verb, arg) = line.split_at(5);
+        if verb.eq_ignore_ascii_case(b"RETR ") {
+            return Some(Download::Retr(digits(arg)?));
+        }
+        if verb.eq_ignore_ascii_case(b"DELE ") {
+            return Some(Download::Dele(digits(arg)?));
+        }
     }
     if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"TOP ") {
         let rest = &line[4..];
         let space = rest.iter().position(|&b| b == b' ')?;
         let msg = digits(&rest[..space])?;
         let lines = digits(&rest[space + 1..])?;
-        return Some((msg, Some(lines.min(MAX_TOP_LINES))));
+        return Some(Download::Top(msg, lines.min(MAX_TOP_LINES)));
     }
     None
 }
@@ -44,16 +61,17 @@ mod tests {
 
     #[test]
     fn plain_shapes() {
-        assert_eq!(plain_fetch(b"RETR 1"), Some((1, None)));
-        assert_eq!(plain_fetch(b"retr 007"), Some((7, None)));
-        assert_eq!(plain_fetch(b"Top 2 0"), Some((2, Some(0))));
+        assert_eq!(plain_download(b"RETR 1"), Some(Download::Retr(1)));
+        assert_eq!(plain_download(b"retr 007"), Some(Download::Retr(7)));
+        assert_eq!(plain_download(b"dEle 12"), Some(Download::Dele(12)));
+        assert_eq!(plain_download(b"Top 2 0"), Some(Download::Top(2, 0)));
         assert_eq!(
-            plain_fetch(b"TOP 2 99999999999"),
-            Some((2, Some(MAX_TOP_LINES)))
+            plain_download(b"TOP 2 99999999999"),
+            Some(Download::Top(2, MAX_TOP_LINES))
         );
         assert_eq!(
-            plain_fetch(b"RETR 99999999999999999999999"),
-            Some((u64::MAX, None))
+            plain_download(b"RETR 99999999999999999999999"),
+            Some(Download::Retr(u64::MAX))
         );
     }
 
@@ -69,6 +87,9 @@ mod tests {
             b"RETR 1x",
             b"RETR \xd9\xa1",
             b"RETRX 1",
+            b"DELE",
+            b"DELE 1 2",
+            b"DELE x",
             b"TOP 1",
             b"TOP 1 ",
             b"TOP  1 1",
@@ -76,10 +97,10 @@ mod tests {
             b"TOP 1 1 1",
             b"TOP x 1",
             b"TOPS 1 1",
-            b"DELE 1",
+            b"LIST 1",
             b"",
         ] {
-            assert_eq!(plain_fetch(line), None, "{line:?}");
+            assert_eq!(plain_download(line), None, "{line:?}");
         }
     }
 }

@@ -14,8 +14,8 @@
 //! * [`SizeCounter`] / [`wire_size`]: the RFC 1939 §11 size of a message, no output.
 //! * [`Unstuffer`] / [`unstuff`]: client side, a multi-line response body back into the
 //!   message, strict about CRLF.
-//! * [`plain_fetch`]: `RETR n` and `TOP n m` in their plain shape (the server's quick
-//!   path for the commands of a mail download).
+//! * [`plain_download`]: `RETR n`, `TOP n m` and `DELE n` in their plain shape (the
+//!   server's quick path for the commands of a mail download).
 //! * [`parse_proxy_header`]: the PROXY protocol header (v1 and v2) a load balancer
 //!   sends before the client's first octet.
 //! * [`apop_digest`], [`cram_md5_digest`], [`cram_md5_context`] and their constant-time
@@ -41,7 +41,7 @@ pub use auth::{
     apop_digest, apop_verify, constant_time_eq, cram_md5_context, cram_md5_digest, cram_md5_verify,
     cram_md5_verify_context, make_challenge, CRAM_MD5_CONTEXT_LEN,
 };
-pub use command::{plain_fetch, MAX_TOP_LINES};
+pub use command::{plain_download, Download, MAX_TOP_LINES};
 pub use framer::LineFramer;
 pub use proxy::{
     encode_proxy_v2, parse_proxy_header, ProxyError, ProxyHeader, PROXY_V1_MAX, PROXY_V2_SIGNATURE,

@@ -747,8 +747,9 @@ fn open_message(dirs: &mut Dirs, path: &Path) -> Option<File> {
 }
 
 /// What [`answer_fetches`] hands back: lines answered, RETRs among them, their message
-/// octets, octets queued, the set of retrieved indexes, and the line it took but could
-/// not answer from the source (the engine's Retrieve event).
+/// octets, octets queued, the set of retrieved indexes, the line it took but could not
+/// answer from the source (the engine's Retrieve event), DELEs among the lines
+/// answered, and their message octets.
 type Fetches<'py> = (
     usize,
     usize,
@@ -756,13 +757,21 @@ type Fetches<'py> = (
     usize,
     Option<Bound<'py, PySet>>,
     Option<(usize, Option<u64>)>,
+    usize,
+    u64,
 );
 
 static TOP_OK: PyOnceLock<Py<PyBytes>> = PyOnceLock::new();
 
+/// A message's size from the engine's list, or None where it is not an octet count.
+fn size_at(sizes: &Bound<'_, PyList>, index: usize) -> PyResult<Option<u64>> {
+    Ok(sizes.get_item(index)?.extract::<u64>().ok())
+}
+
 /// The engine's TRANSACTION-state quick path (docs/wire.md): answers `lines[at:]` while
 /// each is a plain `RETR n` / `TOP n m` of a live message that `source(index, top)` has
-/// in wire form, within `budget` lines and `room` octets queued onto `out`.
+/// in wire form, or a plain `DELE n` of a live message, within `budget` lines and
+/// `room` octets queued onto `out`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn answer_fetches<'py>(
@@ -778,9 +787,12 @@ fn answer_fetches<'py>(
     octets_line: bool,
     check_ascii: bool,
     retrieved: Option<Bound<'py, PySet>>,
+    dele_ok: &Bound<'py, PyBytes>,
 ) -> PyResult<Fetches<'py>> {
+    use wire::Download;
     let mut retrieved = retrieved;
     let (mut answered, mut retrs, mut octets, mut queued) = (0usize, 0usize, 0u64, 0usize);
+    let (mut deletes, mut deleted_octets) = (0usize, 0u64);
     let mut miss = None;
     while answered < budget && queued < room {
         let Ok(item) = lines.get_item(at + answered) else {
@@ -789,8 +801,13 @@ fn answer_fetches<'py>(
         let Ok(line) = item.cast::<PyBytes>() else {
             break; // None: an overlong line
         };
-        let Some((msg, top)) = wire::plain_fetch(line.as_bytes()) else {
+        let Some(command) = wire::plain_download(line.as_bytes()) else {
             break;
+        };
+        let (msg, top) = match command {
+            Download::Retr(m) => (m, None),
+            Download::Top(m, n) => (m, Some(n)),
+            Download::Dele(m) => (m, None),
         };
         let index = match usize::try_from(msg) {
             Ok(m) if (1..=sizes.len()).contains(&m) => m - 1,
@@ -798,14 +815,32 @@ fn answer_fetches<'py>(
         };
         // SAFETY: the octet is copied out at once; no Python code runs meanwhile.
         if unsafe { deleted.as_bytes() }.get(index) != Some(&0) {
-            break;
+            break; // no such message, or "already deleted": the general path's -ERR
+        }
+        if let Download::Dele(_) = command {
+            if dele_ok.as_bytes().is_empty() {
+                break; // the engine's reply text cannot be a status line
+            }
+            let Some(size) = size_at(sizes, index)? else {
+                break;
+            };
+            // SAFETY: no other view of the buffer is alive, and no Python code runs
+            // while this one is.
+            let marks = unsafe { deleted.as_bytes_mut() };
+            marks[index] = 1;
+            deletes += 1;
+            deleted_octets += size;
+            queued += dele_ok.as_bytes().len();
+            out.append(dele_ok)?;
+            answered += 1;
+            continue;
         }
         let size = match top {
             Some(_) => 0,
             None if !octets_line => break, // an operator's wording of "+OK n octets"
-            None => match sizes.get_item(index)?.extract::<u64>() {
-                Ok(size) => size,
-                Err(_) => break, // not a size: the engine's general path formats it
+            None => match size_at(sizes, index)? {
+                Some(size) => size,
+                None => break, // not a size: the engine's general path formats it
             },
         };
         // From here on the line is taken: answered, or handed back as the miss.
@@ -849,7 +884,16 @@ fn answer_fetches<'py>(
         out.append(wire)?;
         answered += 1;
     }
-    Ok((answered, retrs, octets, queued, retrieved, miss))
+    Ok((
+        answered,
+        retrs,
+        octets,
+        queued,
+        retrieved,
+        miss,
+        deletes,
+        deleted_octets,
+    ))
 }
 
 /// The compiled wire codec (rust/pop3-wire); docs/wire.md is its specification.
