@@ -152,8 +152,8 @@ def _ok_line(text: str) -> bytes:
 class ServerConnection:
     """One POP3 server session's protocol state."""
 
-    # The quick path of RETR and TOP (answer_fetches) is on; a test's subclass turns
-    # it off to compare it with the general path.
+    # The quick path of RETR, TOP and DELE (answer_fetches) is on; a test's subclass
+    # turns it off to compare it with the general path.
     _fast: ClassVar[bool] = True
 
     # Slots: a session holds one of these for its whole life (idle memory).
