@@ -5,6 +5,7 @@ docs/wire.md is the specification both follow.
 """
 
 from collections.abc import Callable, Sequence
+from os import PathLike
 from typing import Final, Self, final
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "files_unchanged",
     "make_challenge",
     "parse_proxy_header",
+    "read_file_now",
     "read_small_files",
     "stuff",
     "unstuff",
@@ -146,6 +148,17 @@ def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) ->
     system call when it is as large as fstat says. The extension releases the GIL once
     for the whole list (the stuffing included). TypeError for a path that is not
     ``str``, OverflowError for a negative ``limit``."""
+
+def read_file_now(path: str | PathLike[str], limit: int) -> bytes | None:
+    """The whole contents of the regular file at ``path`` (fewer than ``limit`` octets)
+    if the kernel can give them without waiting: the path resolved from its caches
+    alone (``openat2`` with ``RESOLVE_CACHED``), every octet in the page cache
+    (``preadv2`` with ``RWF_NOWAIT``), the file read to the size ``fstat`` gave. None
+    for anything else: not in memory, not a regular file, a symbolic link (never
+    followed), ``limit`` octets or more, shorter than ``fstat`` said, an error, or a
+    kernel without these calls; the caller then reads it where waiting is harmless (a
+    worker thread). The extension releases the GIL for the read. TypeError for a path
+    that is not ``str``, OverflowError for a ``limit`` outside 0..2**64 - 1."""
 
 def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
     """Whether each file named in ``names`` (paths relative to ``directory``, each

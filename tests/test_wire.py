@@ -270,6 +270,7 @@ API = {
     "parse_proxy_header",
     # a backend's read-ahead, and its listing cache's check
     "read_small_files",
+    "read_file_now",
     "files_unchanged",
     # the server engine's quick path for RETR and TOP in TRANSACTION
     "MAX_TOP_LINES",
@@ -1358,6 +1359,80 @@ def test_read_small_files_opens_what_open_opens(
         b"hello",
         b"hello",
     ]
+
+
+# --------------------------------------------------------------------------------------
+# read_file_now (a large message read on the event loop when it is in memory)
+# --------------------------------------------------------------------------------------
+
+
+def test_read_file_now_whole_regular_files_below_the_limit(
+    wire: ModuleType, tmp_path: Path
+) -> None:
+    a, empty, big = tmp_path / "a", tmp_path / "empty", tmp_path / "big"
+    a.write_bytes(b"Subject: a\n\nbody\n")  # just written: in the page cache
+    empty.write_bytes(b"")
+    big.write_bytes(bytes(range(256)) * 4096)  # 1 MiB: the GIL released, one read
+    assert wire.read_file_now(str(a), 100) == a.read_bytes()
+    assert wire.read_file_now(a, 100) == a.read_bytes()  # os.PathLike
+    assert wire.read_file_now(str(empty), 1) == b""
+    assert wire.read_file_now(str(big), (1 << 20) + 1) == big.read_bytes()
+    assert wire.read_file_now(str(big), 1 << 20) is None  # limit octets or more
+    assert wire.read_file_now(str(empty), 0) is None
+
+
+def test_read_file_now_declines_what_is_not_a_whole_regular_file(
+    wire: ModuleType, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    a.write_bytes(b"hello")
+    link, fifo, folder = tmp_path / "link", tmp_path / "fifo", tmp_path / "dir"
+    link.symlink_to(a)  # never followed
+    os.mkfifo(fifo)  # must not hang: opened non-blocking, then refused
+    folder.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for path in (link, fifo, folder, tmp_path / "gone", f"{a}\0x", ""):
+        assert wire.read_file_now(str(path), 100) is None, path
+    # /proc files are regular files of size 0 with content: as fstat said, b"" (the
+    # twin); or None, as the extension answers: /proc's names are checked again at
+    # each lookup, which RESOLVE_CACHED declines.
+    assert wire.read_file_now("/proc/self/status", 100) in (b"", None)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("path", [b"/etc/hostname", 1, None])
+def test_read_file_now_refuses_paths_that_are_not_str(wire: ModuleType, path: object) -> None:
+    with pytest.raises(TypeError):
+        wire.read_file_now(path, 10)
+
+
+@pytest.mark.parametrize("limit", [-1, 1 << 64])
+def test_read_file_now_limit_out_of_range(wire: ModuleType, limit: int) -> None:
+    with pytest.raises(OverflowError):
+        wire.read_file_now("/etc/hostname", limit)
+
+
+def test_read_file_now_twin_faults(twin: ModuleType, tmp_path: Path) -> None:
+    """Injected faults (the twin only: the extension's system calls cannot be mocked):
+    a page not in memory, a file shorter than fstat said, short reads."""
+    a = tmp_path / "a"
+    a.write_bytes(b"0123456789")
+    real_preadv = os.preadv
+
+    def not_in_memory(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        assert flags == os.RWF_NOWAIT
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    def shrunk(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        return 0
+
+    def short(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        return real_preadv(fd, [buffers[0][:3]], offset, flags)
+
+    for fault, expected in ((not_in_memory, None), (shrunk, None), (short, b"0123456789")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "preadv", fault)
+            assert twin.read_file_now(str(a), 100) == expected, fault
 
 
 # --------------------------------------------------------------------------------------

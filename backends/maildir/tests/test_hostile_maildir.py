@@ -20,7 +20,7 @@ import trio
 from pypop.backend import Mailbox, NoSuchMessage
 from pypop.errors import TemporaryFailure
 
-from pypop_maildir import MaildirBackend, MaildirMailbox, _store, create
+from pypop_maildir import MaildirBackend, MaildirMailbox, _backend, _store, create
 from pypop_maildir._lock import DOTLOCK_NAME
 
 from .conftest import BackendMaker, deliver, make_maildir
@@ -217,6 +217,8 @@ async def test_stuck_io_frees_the_session_and_its_lock(
     mb = await backend.open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)
     monkeypatch.setattr(_store, "open_message", blocker.open_message)
+    # Not in the page cache: a large message is read in a thread, and sticks there.
+    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
     try:
         with wall(10):
             # More stuck reads than the session's share of threads.
@@ -328,6 +330,8 @@ async def test_stuck_io_through_the_server(
                     pop.user("alice")
                     pop.pass_(PASSWORD)
                     monkeypatch.setattr(_store, "open_message", blocker.open_message)
+                    # Not in the page cache: read in a thread, which sticks.
+                    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
                     with pytest.raises(poplib.error_proto) as err:
                         pop.retr(1)
                     monkeypatch.undo()

@@ -302,3 +302,22 @@ async def test_release_elsewhere_goes_to_a_worker_thread(
     await mb.aclose()
     assert on_loop == [False]
     assert await trio.to_thread.run_sync(lock_state_elsewhere, root, "auto") == "free"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_refresh_due_says_when_refresh_would_touch_the_dotlock(alice: Path, method: str) -> None:
+    """What lets a large message be read on the event loop: only a dotlock is ever
+    touched, once _REFRESH_EVERY has passed since the last touch, never once released."""
+    held = _lock.acquire(str(alice), method, 600.0)  # type: ignore[arg-type]
+    try:
+        dotlock = (alice / DOTLOCK_NAME).is_symlink()
+        assert dotlock is (method == "dotlock")
+        assert not held.refresh_due()
+        held._last_refresh -= _lock._REFRESH_EVERY  # (a minute and more ago)
+        assert held.refresh_due() is dotlock
+        held.refresh()
+        assert not held.refresh_due()
+        held._last_refresh -= _lock._REFRESH_EVERY
+    finally:
+        held.release()
+    assert not held.refresh_due()

@@ -17,10 +17,11 @@ from pypop.backend import (
     UpdateFailed,
     is_valid_uid,
 )
-from pypop.wire import stuff, wire_size
+from pypop.wire import read_file_now, stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox, _backend
 from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_MESSAGES, READ_AHEAD_TTL
+from pypop_maildir._lock import HeldLock
 from pypop_maildir._store import SIZE_CACHE_NAME, UIDLIST_NAME, delivery_key, mapped_uid
 
 from .conftest import HARD_CASES, BackendMaker, deliver, make_maildir
@@ -550,16 +551,52 @@ async def _fetch(box: MaildirMailbox, index: int) -> bytes:
     return b"".join([b async for b in box.retrieve(index)])
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
 async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
-    alice: Path, backend_factory: BackendMaker
+    alice: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch, in_memory: bool
 ) -> None:
     bodies = [f"Subject: {n}\n\n{'x' * (100 + n)}\n".encode() for n in range(40)]
     bodies.insert(20, b"Subject: big\n\n" + b"y" * (BLOCK_SIZE + 10) + b"\n")
     box, hops = await _open_counting_hops(alice, backend_factory, bodies)
+    if not in_memory:  # the kernel would have to wait for the disk
+        monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
     got = [await _fetch(box, i) for i in range(len(bodies))]
     assert got == bodies
-    # 0..19 in one hop, the big one alone (one LARGE_BLOCK read), then 21..40 in one hop.
-    assert hops.count == 3
+    # 0..19 in one hop, the big one alone (one LARGE_BLOCK read; none if the kernel has
+    # it in memory: just written, it has), then 21..40 in one hop.
+    assert hops.count == (2 if in_memory else 3)
+    assert box._retrieved == set(range(len(bodies)))
+    await box.aclose()
+
+
+async def test_large_message_read_without_a_hop_only_whole_and_when_no_lock_waits(
+    alice: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop reads a large message itself only if it fits one block (one past
+    it streams from the hops) and no dotlock refresh is due (a write, which may wait);
+    a TOP never (it reads a small first block); what goes out is the same."""
+    just = b"Subject: a\n\n" + b"a" * (LARGE_BLOCK - 13) + b"\n"
+    over = b"Subject: b\n\n" + b"b" * (LARGE_BLOCK - 12) + b"\n"
+    assert (len(just), len(over)) == (LARGE_BLOCK, LARGE_BLOCK + 1)
+    box, hops = await _open_counting_hops(alice, backend_factory, [just, over, just])
+    calls: list[int] = []
+    real = read_file_now
+
+    def spy(path: str, limit: int) -> bytes | None:
+        calls.append(limit)
+        return real(path, limit)
+
+    monkeypatch.setattr(_backend, "read_file_now", spy)
+    assert await _fetch(box, 0) == just
+    assert (hops.count, calls) == (0, [LARGE_BLOCK + 1])
+    assert await _fetch(box, 1) == over  # read_file_now declines it: too large
+    assert (hops.count, calls) == (2, [LARGE_BLOCK + 1] * 2)
+    assert b"".join([b async for b in box.retrieve(2, top_lines=0)]) == b"Subject: a\n\n"
+    assert (hops.count, len(calls)) == (3, 2)
+    monkeypatch.setattr(HeldLock, "refresh_due", lambda self: True)
+    assert await _fetch(box, 2) == just
+    assert (hops.count, len(calls)) == (4, 2)
+    assert box._retrieved == {0, 1, 2}
     await box.aclose()
 
 

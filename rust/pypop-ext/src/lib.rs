@@ -577,6 +577,112 @@ fn read_small_files<'py>(
     )
 }
 
+/// The whole contents of the regular file at `path` (fewer than `limit` octets) if the
+/// kernel can give them without waiting: the path resolved from its caches alone
+/// (`openat2` with `RESOLVE_CACHED`) and every octet in the page cache (`preadv2` with
+/// `RWF_NOWAIT`). None for anything else (not cached, not a regular file, a symbolic
+/// link, too large, shorter than `fstat` said, an error, a kernel without these calls):
+/// the caller then reads it in a worker thread, where waiting costs the event loop
+/// nothing. Saves a thread hop per large message when it is in memory.
+#[pyfunction]
+#[allow(unsafe_code)] // a `bytes` filled after it is made, as in exact_bytes
+fn read_file_now<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    limit: u64,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let Some((file, size)) = open_cached(&path, limit) else {
+        return Ok(None);
+    };
+    let n = isize::try_from(size).map_err(|_| PyOverflowError::new_err("file too large"))?;
+    // SAFETY: with a NULL source, PyBytes_FromStringAndSize makes a `bytes` of n octets
+    // left uninitialised (or fails with an exception set); nothing else can see it
+    // before it is returned, so its buffer may be written, without the GIL too.
+    let bytes = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n),
+        )?
+        .cast_into_unchecked::<PyBytes>()
+    };
+    // SAFETY: the buffer of a `bytes` of n octets, as a raw address (Send) for the call.
+    let buf = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) } as usize;
+    let whole = py.detach(|| read_all_now(&file, buf as *mut u8, size as usize));
+    // Never hand out a `bytes` with octets nobody wrote.
+    Ok(whole.then_some(bytes))
+}
+
+/// `struct open_how` of openat2(2) (libc's cannot be built outside the crate).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// [`read_file_now`]'s open: the file and its size, or None.
+#[allow(unsafe_code)]
+fn open_cached(path: &Path, limit: u64) -> Option<(File, u64)> {
+    let name = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let how = OpenHow {
+        flags: (libc::O_RDONLY
+            | libc::O_NOFOLLOW
+            | libc::O_NONBLOCK
+            | libc::O_NOCTTY
+            | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_CACHED,
+    };
+    // SAFETY: `name` is NUL-terminated and `how` a valid open_how of the size passed,
+    // both alive for the call; a non-negative return is a new descriptor of ours.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    let fd = libc::c_int::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: see above.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let meta = file.metadata().ok()?;
+    (meta.file_type().is_file() && meta.len() < limit).then_some((file, meta.len()))
+}
+
+/// Reads `size` octets of `file` from its start into `buf` from the page cache alone;
+/// false if any is not there, the file is shorter, or a read fails.
+#[allow(unsafe_code)]
+fn read_all_now(file: &File, buf: *mut u8, size: usize) -> bool {
+    let mut got = 0;
+    while got < size {
+        let iov = libc::iovec {
+            // SAFETY: `buf` holds `size` writable octets; got < size.
+            iov_base: unsafe { buf.add(got) }.cast(),
+            iov_len: size - got,
+        };
+        // SAFETY: one iovec within `buf`'s octets; the kernel writes at most iov_len.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                got as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => return false, // shorter than fstat said
+            Ok(n) => got += n,
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
+            }
+            Err(_) => return false, // EAGAIN: not all in memory; or not supported here
+        }
+    }
+    true
+}
+
 /// Whether the files named in `names` (NUL-terminated paths relative to `directory`)
 /// still have the size, mtime (ns) and inode in `stats` (three little-endian 64-bit
 /// numbers each: size and inode unsigned, mtime signed), by `lstat`: the check a cached
@@ -922,6 +1028,7 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROXY_HEADER_MAX", DEFAULT_PROXY_MAX)?;
     m.add_function(wrap_pyfunction!(parse_proxy_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_small_files, m)?)?;
+    m.add_function(wrap_pyfunction!(read_file_now, m)?)?;
     m.add_function(wrap_pyfunction!(files_unchanged, m)?)?;
     m.add_function(wrap_pyfunction!(answer_fetches, m)?)?;
     Ok(())

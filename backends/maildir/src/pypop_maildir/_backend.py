@@ -39,6 +39,7 @@ from pypop.errors import (
 )
 from pypop.wire import (
     files_unchanged,
+    read_file_now,
     read_small_files,
     stuff,
     wire_header_is_ascii,
@@ -658,8 +659,10 @@ class MaildirMailbox(SnapshotMailbox):
     # -- on the event loop --
 
     async def retrieve(self, index: int, *, top_lines: int | None = None) -> AsyncIterator[bytes]:
-        """Stream the stored octets: the first 64 KiB, then 256 KiB blocks, each read
-        in a worker thread (a message read ahead needs none).
+        """Stream the stored octets: a message below BLOCK_SIZE (and any TOP) from a
+        first block of BLOCK_SIZE, a larger one in blocks of LARGE_BLOCK, each read in
+        a worker thread. A message read ahead needs none, nor a large one of a single
+        block that the kernel has in memory (pypop.wire.read_file_now).
 
         With ``top_lines`` it stops after the header and that many body lines (counting
         LF line ends, which never stops earlier than the server's TOP cut).
@@ -685,9 +688,20 @@ class MaildirMailbox(SnapshotMailbox):
                 # Read ahead for a server's RETR: the next messages come stuffed (the
                 # likely next commands are RETRs, served by wire_message); else as stored.
                 wire = top_lines is None and self._wire_asked
-                reader, block, ahead, stuffed = await self._threads.run(
-                    self._read_first, index, first, wire
-                )
+                now = None
+                if first > BLOCK_SIZE and not self._lock.refresh_due():
+                    # A large message (nothing to read ahead) that the kernel has in
+                    # memory is read here, without the hop; else, or if it is larger
+                    # than the block, the hop reads it.
+                    now = read_file_now(self._entry(index).path(self.maildir), first + 1)
+                if now is not None:
+                    reader, block = None, now
+                    ahead: dict[int, bytes] = {}
+                    stuffed: dict[int, bytes] = {}
+                else:
+                    reader, block, ahead, stuffed = await self._threads.run(
+                        self._read_first, index, first, wire
+                    )
             except OSError as exc:
                 raise TemporaryFailure("cannot open message") from exc
             if ahead or stuffed:

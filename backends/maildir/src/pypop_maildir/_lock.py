@@ -148,6 +148,14 @@ class HeldLock:
     def released(self) -> bool:
         return self._released
 
+    def refresh_due(self) -> bool:
+        """Whether :meth:`refresh` would touch the dotlock now (a write that may wait)."""
+        return (
+            not self._released
+            and self._ino is not None
+            and time.monotonic() - self._last_refresh >= _REFRESH_EVERY
+        )
+
     def refresh(self, *, force: bool = False) -> None:
         """Touch a dotlock so other hosts do not take it for stale."""
         if self._released or self._ino is None:
