@@ -302,3 +302,46 @@ async def test_refused_8bit_message_is_not_flagged_seen(alice: Path, root: Path)
         replies = await trio.to_thread.run_sync(session, True)
         assert [r.split(b" ", 1)[0] for r in replies] == [b"+OK"] * 4
         assert sorted(os.listdir(alice / "cur")) == sorted(n + ":2,S" for n in names)
+
+
+async def test_large_messages_from_memory_are_exact_flagged_seen_and_8bit_refused(
+    alice: Path, root: Path
+) -> None:
+    """Large messages the kernel has in memory go out through the engine's quick path
+    (wire_message): the same bytes, Seen at UPDATE, and one with an 8-bit header still
+    refused to a client without UTF8 (and not marked), as the streamed path does."""
+    body = b"".join(b"%05d .a line\n" % i for i in range(8_000))  # 112 KiB, dotted lines
+    names = [unique_name() + tag for tag in (".ascii", ".8bit", ".last")]
+    messages = [
+        b"Subject: one\n\n" + body,
+        "Subject: Grüße\n\n".encode() + body,
+        b"Subject: three\n\n.\n" + body,
+    ]
+    for name, message in zip(names, messages, strict=True):
+        deliver(alice, name, message)
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def session() -> list[list[bytes] | bytes]:
+            pop = poplib.POP3(host, port, timeout=60)
+            got: list[list[bytes] | bytes] = []
+            try:
+                pop.user("alice")
+                pop.pass_(PASSWORD)
+                for i in (1, 2, 3):
+                    try:
+                        got.append(pop.retr(i)[1])
+                    except poplib.error_proto as exc:
+                        got.append(exc.args[0])
+                pop.quit()
+            finally:
+                pop.close()
+            return got
+
+        got = await trio.to_thread.run_sync(session)
+    assert got[0] == messages[0].split(b"\n")[:-1]  # poplib unstuffs, splits lines
+    assert isinstance(got[1], bytes) and got[1].startswith(b"-ERR [UTF8]")
+    assert got[2] == messages[2].split(b"\n")[:-1]
+    assert sorted(os.listdir(alice / "cur")) == sorted(
+        [names[0] + ":2,S", names[1] + ":2,", names[2] + ":2,S"]
+    )

@@ -609,6 +609,42 @@ async def _serve(box: MaildirMailbox, index: int, top_lines: int | None = None) 
     return stuff(data, top_lines)
 
 
+async def test_large_message_in_memory_goes_out_through_the_wire_cache(
+    alice: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server's RETR of a message of BLOCK_SIZE to LARGE_BLOCK octets that the kernel
+    has in memory: wire_message reads and stuffs it (no hop, no retrieve(), marked
+    retrieved at once). Not for a TOP, a small message (the read-ahead's), one past
+    LARGE_BLOCK, one with an 8-bit header (the server may refuse it: retrieve()'s),
+    one not in memory, or while a dotlock refresh is due."""
+    large = b"Subject: big\n\n" + b".dot\n" * (BLOCK_SIZE // 5 + 1)
+    bodies = [
+        large,
+        b"Subject: small\n\nbody\n",
+        b"Subject: over\n\n" + b"o" * LARGE_BLOCK + b"\n",
+        "Subject: caf\u00e9\n\n".encode() + b"e" * BLOCK_SIZE + b"\n",
+        large,
+    ]
+    box, hops = await _open_counting_hops(alice, backend_factory, bodies)
+    assert box.wire_message(0, 0) is None  # TOP
+    assert box.wire_message(0) == stuff(large)
+    assert (hops.count, box._retrieved) == (0, {0})
+    for n in (1, 2, 3):
+        assert box.wire_message(n) is None, n
+        assert await _serve(box, n) == stuff(bodies[n]), n
+    assert box._retrieved == {0, 1, 2, 3}
+    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
+    assert box.wire_message(4) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(HeldLock, "refresh_due", lambda self: True)
+    assert box.wire_message(4) is None
+    monkeypatch.undo()
+    assert box._retrieved == {0, 1, 2, 3}
+    assert box.wire_message(4) == stuff(large)
+    assert box._retrieved == {0, 1, 2, 3, 4}
+    await box.aclose()
+
+
 async def test_read_ahead_for_the_server_comes_stuffed(
     alice: Path, backend_factory: BackendMaker
 ) -> None:

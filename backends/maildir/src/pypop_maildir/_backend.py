@@ -536,8 +536,9 @@ class MaildirMailbox(SnapshotMailbox):
             self._ahead.pop(index, None)
 
     def wire_message(self, index: int, top_lines: int | None = None) -> bytes | None:
-        """pypop.backend.WireCache: a message read ahead goes out without a thread hop
-        or an async generator (stuffed here, in Rust); None for any other.
+        """pypop.backend.WireCache: a message read ahead, or a large one the kernel
+        has in memory (a RETR), goes out without a thread hop or an async generator
+        (stuffed here, in Rust); None for any other.
 
         A RETR of a message with an 8-bit header is left to ``retrieve``: the server
         may refuse it (RFC 6856), and only a message read to its end counts as
@@ -560,13 +561,33 @@ class MaildirMailbox(SnapshotMailbox):
         self._wire_asked = True
         data = self._from_ahead(index)
         if data is None:
-            return None
+            return None if top_lines is not None else self._large_now(index)
         wire = stuff(data, top_lines)
         if top_lines is None:
             if not wire_header_is_ascii(wire):
                 return None  # left in _ahead for retrieve(): no second read
             self._take(index)
             self._mark_retrieved(index)
+        return wire
+
+    def _large_now(self, index: int) -> bytes | None:
+        """The wire form of a large message (BLOCK_SIZE octets to LARGE_BLOCK on disk)
+        that the kernel has in memory, read and stuffed here, in the engine's call: no
+        Retrieve event, no thread hop, no stream of blocks. None for any other, for
+        one with an 8-bit header (retrieve() reads it again, from memory, for the
+        server's check), and while a dotlock refresh is due (the hop does it)."""
+        entries = self._entries
+        if not 0 <= index < len(entries) or entries[index].size < BLOCK_SIZE:
+            return None
+        if self._lock.refresh_due():
+            return None
+        data = read_file_now(self._entry(index).path(self.maildir), LARGE_BLOCK + 1)
+        if data is None:
+            return None
+        wire = stuff(data)
+        if not wire_header_is_ascii(wire):
+            return None
+        self._mark_retrieved(index)
         return wire
 
     # -- in worker threads --
