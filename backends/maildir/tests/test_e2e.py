@@ -340,7 +340,8 @@ async def test_large_messages_from_memory_are_exact_flagged_seen_and_8bit_refuse
 
         got = await trio.to_thread.run_sync(session)
     assert got[0] == messages[0].split(b"\n")[:-1]  # poplib unstuffs, splits lines
-    assert isinstance(got[1], bytes) and got[1].startswith(b"-ERR [UTF8]")
+    assert isinstance(got[1], bytes)
+    assert got[1].startswith(b"-ERR [UTF8]")
     assert got[2] == messages[2].split(b"\n")[:-1]
     assert sorted(os.listdir(alice / "cur")) == sorted(
         [names[0] + ":2,S", names[1] + ":2,", names[2] + ":2,S"]
