@@ -787,31 +787,12 @@ def read_file_now(path: str | os.PathLike[str], limit: int) -> bytes | None:
     name = os.fspath(path)
     if not isinstance(name, str):
         raise TypeError("path must be str or os.PathLike[str]")
-    try:
-        fd = os.open(name, _READ_FLAGS)
-    except (OSError, ValueError):  # ValueError: a NUL in the path
-        return None
-    try:
-        st = os.fstat(fd)
-        size = st.st_size
-        if not stat.S_ISREG(st.st_mode) or size >= limit:
-            return None
-        buf = bytearray(size)
-        with memoryview(buf) as view:
-            got = 0
-            while got < size:
-                n = os.preadv(fd, [view[got:]], got, os.RWF_NOWAIT)
-                if n == 0:
-                    return None  # shorter than fstat said
-                got += n
-        return bytes(buf)
-    except OSError:  # BlockingIOError: not all in memory
-        return None
-    finally:
-        os.close(fd)
+    return _read_small_file(name, limit, now=True)
 
 
-def _read_small_file(path: str, limit: int) -> bytes | None:
+def _read_small_file(path: str, limit: int, *, now: bool = False) -> bytes | None:
+    """A regular file below ``limit`` octets, or None. ``now``: read_file_now's reads
+    (the page cache alone, to the size fstat gave); else read_small_files'."""
     try:
         fd = os.open(path, _READ_FLAGS)
     except (OSError, ValueError):  # ValueError: a NUL in the path
@@ -821,21 +802,37 @@ def _read_small_file(path: str, limit: int) -> bytes | None:
         size = st.st_size
         if not stat.S_ISREG(st.st_mode) or size >= limit:
             return None
-        parts = []
-        got = 0
-        while got < size:
-            more = os.read(fd, size + 1 - got)
-            if not more:
-                break  # shorter than fstat said: what is there
-            parts.append(more)
-            got += len(more)
-        if got > size:
-            return None  # grew since fstat
-        return b"".join(parts)
-    except OSError:
+        return _read_now(fd, size) if now else _read_whole(fd, size)
+    except OSError:  # (BlockingIOError: not all in memory)
         return None
     finally:
         os.close(fd)
+
+
+def _read_now(fd: int, size: int) -> bytes | None:
+    buf = bytearray(size)
+    with memoryview(buf) as view:
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], got, os.RWF_NOWAIT)
+            if n == 0:
+                return None  # shorter than fstat said
+            got += n
+    return bytes(buf)
+
+
+def _read_whole(fd: int, size: int) -> bytes | None:
+    parts = []
+    got = 0
+    while got < size:
+        more = os.read(fd, size + 1 - got)
+        if not more:
+            break  # shorter than fstat said: what is there
+        parts.append(more)
+        got += len(more)
+    if got > size:
+        return None  # grew since fstat
+    return b"".join(parts)
 
 
 # ---- the engine's TRANSACTION-state quick path --------------------------------------
