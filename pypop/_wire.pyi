@@ -29,6 +29,7 @@ __all__ = [
     "files_unchanged",
     "make_challenge",
     "parse_proxy_header",
+    "read_at_now",
     "read_file_now",
     "read_small_files",
     "stuff",
@@ -159,6 +160,14 @@ def read_file_now(path: str | PathLike[str], limit: int) -> bytes | None:
     kernel without these calls; the caller then reads it where waiting is harmless (a
     worker thread). The extension releases the GIL for the read. TypeError for a path
     that is not ``str``, OverflowError for a ``limit`` outside 0..2**64 - 1."""
+
+def read_at_now(fd: int, offset: int, size: int) -> bytes | None:
+    """``size`` octets of the open file ``fd`` from ``offset`` if every one is in the
+    page cache (``preadv2`` with ``RWF_NOWAIT``; the extension releases the GIL for
+    it); None if any is not, the file ends before them, a read fails, or the call is
+    not supported here (the caller then reads them in a worker thread). The file's
+    position does not move. ValueError for a negative ``fd``, OverflowError for an
+    ``offset`` or ``size`` below 0 or one that ends past 2**63 - 1."""
 
 def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
     """Whether each file named in ``names`` (paths relative to ``directory``, each

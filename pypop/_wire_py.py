@@ -44,6 +44,7 @@ __all__ = [
     "files_unchanged",
     "make_challenge",
     "parse_proxy_header",
+    "read_at_now",
     "read_file_now",
     "read_small_files",
     "stuff",
@@ -790,6 +791,20 @@ def read_file_now(path: str | os.PathLike[str], limit: int) -> bytes | None:
     return _read_small_file(name, limit, now=True)
 
 
+def read_at_now(fd: int, offset: int, size: int) -> bytes | None:
+    """See the stub: ``size`` octets of ``fd`` from ``offset`` if all are in memory."""
+    if fd < 0:
+        raise ValueError("negative file descriptor")
+    if not (0 <= offset < 1 << 64 and 0 <= size < 1 << 64):
+        raise OverflowError("offset and size must be between 0 and 2**64 - 1")
+    if offset + size >= 1 << 63 or size >= 1 << 63:
+        raise OverflowError("offset and size past 2**63 - 1")
+    try:
+        return _read_now(fd, size, offset)
+    except OSError:  # BlockingIOError: not all in memory
+        return None
+
+
 def _read_small_file(path: str, limit: int, *, now: bool = False) -> bytes | None:
     """A regular file below ``limit`` octets, or None. ``now``: read_file_now's reads
     (the page cache alone, to the size fstat gave); else read_small_files'."""
@@ -809,12 +824,12 @@ def _read_small_file(path: str, limit: int, *, now: bool = False) -> bytes | Non
         os.close(fd)
 
 
-def _read_now(fd: int, size: int) -> bytes | None:
+def _read_now(fd: int, size: int, offset: int = 0) -> bytes | None:
     buf = bytearray(size)
     with memoryview(buf) as view:
         got = 0
         while got < size:
-            n = os.preadv(fd, [view[got:]], got, os.RWF_NOWAIT)
+            n = os.preadv(fd, [view[got:]], offset + got, os.RWF_NOWAIT)
             if n == 0:
                 return None  # shorter than fstat said
             got += n

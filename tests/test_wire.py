@@ -272,6 +272,7 @@ API = {
     # a backend's read-ahead, and its listing cache's check
     "read_small_files",
     "read_file_now",
+    "read_at_now",
     "files_unchanged",
     # the server engine's quick path for RETR and TOP in TRANSACTION
     "MAX_TOP_LINES",
@@ -1427,6 +1428,46 @@ def test_read_file_now_limit_out_of_range(wire: ModuleType, limit: int) -> None:
         wire.read_file_now("/etc/hostname", limit)
 
 
+def test_read_at_now_blocks_at_offsets(wire: ModuleType, tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    data = bytes(range(256)) * 8192  # 2 MiB: the GIL released
+    a.write_bytes(data)
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        assert wire.read_at_now(fd, 0, 10) == data[:10]
+        assert wire.read_at_now(fd, 1 << 20, 1 << 20) == data[1 << 20 :]
+        assert wire.read_at_now(fd, 5, 0) == b""
+        assert wire.read_at_now(fd, len(data) - 3, 4) is None  # the file ends first
+        assert wire.read_at_now(fd, len(data) + 10, 1) is None
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # the position does not move
+    finally:
+        os.close(fd)
+    assert wire.read_at_now(fd, 0, 1) is None  # closed: EBADF
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert wire.read_at_now(folder, 0, 1) is None  # EISDIR
+    finally:
+        os.close(folder)
+
+
+@pytest.mark.parametrize(
+    ("fd", "offset", "size", "error"),
+    [
+        (-1, 0, 1, ValueError),
+        (0, -1, 1, OverflowError),
+        (0, 0, -1, OverflowError),
+        (0, 1 << 63, 1, OverflowError),
+        (0, (1 << 63) - 1, 1, OverflowError),
+        (0, 0, 1 << 64, OverflowError),
+    ],
+)
+def test_read_at_now_refuses_bad_arguments(
+    wire: ModuleType, fd: int, offset: int, size: int, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        wire.read_at_now(fd, offset, size)
+
+
 def test_read_file_now_twin_faults(twin: ModuleType, tmp_path: Path) -> None:
     """Injected faults (the twin only: the extension's system calls cannot be mocked):
     a page not in memory, a file shorter than fstat said, short reads."""
@@ -1444,10 +1485,15 @@ def test_read_file_now_twin_faults(twin: ModuleType, tmp_path: Path) -> None:
     def short(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
         return real_preadv(fd, [buffers[0][:3]], offset, flags)
 
-    for fault, expected in ((not_in_memory, None), (shrunk, None), (short, b"0123456789")):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(os, "preadv", fault)
-            assert twin.read_file_now(str(a), 100) == expected, fault
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        for fault, expected in ((not_in_memory, None), (shrunk, None), (short, b"0123456789")):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(os, "preadv", fault)
+                assert twin.read_file_now(str(a), 100) == expected, fault
+                assert twin.read_at_now(fd, 2, 8) == (expected and expected[2:]), fault
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pypop.backend import (
     UpdateFailed,
     is_valid_uid,
 )
-from pypop.wire import IMPLEMENTATION, read_file_now, stuff, wire_size
+from pypop.wire import IMPLEMENTATION, read_at_now, read_file_now, stuff, wire_size
 
 from pypop_maildir import BLOCK_SIZE, MaildirBackend, MaildirMailbox, _backend
 from pypop_maildir._backend import LARGE_BLOCK, READ_AHEAD_MESSAGES, READ_AHEAD_TTL
@@ -570,18 +570,22 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     await box.aclose()
 
 
-async def test_large_message_read_without_a_hop_only_whole_and_when_no_lock_waits(
+async def test_large_message_read_without_a_hop_when_in_memory_and_no_lock_waits(
     alice: Path, backend_factory: BackendMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The event loop reads a large message itself only if it fits one block (one past
-    it streams from the hops) and no dotlock refresh is due (a write, which may wait);
-    a TOP never (it reads a small first block); what goes out is the same."""
+    """The event loop reads a large message of one block itself, and the later blocks
+    of a larger one (its first block comes from a hop, which opens it), when they are
+    in memory and no dotlock refresh is due (a write, which may wait); a TOP reads its
+    small first block in a hop; what goes out is the same. A block not in memory is
+    read by a hop, from where the last one ended."""
     if not reads_without_waiting(alice, IMPLEMENTATION):
         pytest.skip("this kernel or file system cannot read without waiting")
     just = b"Subject: a\n\n" + b"a" * (LARGE_BLOCK - 13) + b"\n"
     over = b"Subject: b\n\n" + b"b" * (LARGE_BLOCK - 12) + b"\n"
+    three = b"Subject: c\n\n" + b"".join(b"%07d\n" % i for i in range(LARGE_BLOCK * 5 // 16))
     assert (len(just), len(over)) == (LARGE_BLOCK, LARGE_BLOCK + 1)
-    box, hops = await _open_counting_hops(alice, backend_factory, [just, over, just])
+    assert 2 * LARGE_BLOCK < len(three) < 3 * LARGE_BLOCK
+    box, hops = await _open_counting_hops(alice, backend_factory, [just, over, just, three])
     calls: list[int] = []
     real = read_file_now
 
@@ -593,13 +597,27 @@ async def test_large_message_read_without_a_hop_only_whole_and_when_no_lock_wait
     assert await _fetch(box, 0) == just
     assert (hops.count, calls) == (0, [LARGE_BLOCK + 1])
     assert await _fetch(box, 1) == over  # read_file_now declines it: too large
-    assert (hops.count, calls) == (2, [LARGE_BLOCK + 1] * 2)
+    assert (hops.count, calls) == (1, [LARGE_BLOCK + 1] * 2)  # the last octet: no hop
+    assert await _fetch(box, 3) == three
+    assert hops.count == 2
     assert b"".join([b async for b in box.retrieve(2, top_lines=0)]) == b"Subject: a\n\n"
-    assert (hops.count, len(calls)) == (3, 2)
+    assert (hops.count, len(calls)) == (3, 3)
     monkeypatch.setattr(HeldLock, "refresh_due", lambda self: True)
     assert await _fetch(box, 2) == just
-    assert (hops.count, len(calls)) == (4, 2)
-    assert box._retrieved == {0, 1, 2}
+    assert (hops.count, len(calls)) == (4, 3)
+    monkeypatch.undo()
+    # The second block not in memory: a hop reads it, and the third follows on.
+    asked: list[int] = []
+
+    def second_not_in_memory(fd: int, offset: int, size: int) -> bytes | None:
+        asked.append(offset)
+        return None if len(asked) == 1 else read_at_now(fd, offset, size)
+
+    monkeypatch.setattr(_backend, "read_at_now", second_not_in_memory)
+    assert await _fetch(box, 3) == three
+    assert hops.count == 6  # (read_file_now declined it: a first block, then one more)
+    assert asked == [LARGE_BLOCK, 2 * LARGE_BLOCK]
+    assert box._retrieved == {0, 1, 2, 3}
     await box.aclose()
 
 

@@ -594,7 +594,42 @@ fn read_file_now<'py>(
     let Some((file, size)) = open_cached(&path, limit) else {
         return Ok(None);
     };
-    let n = isize::try_from(size).map_err(|_| PyOverflowError::new_err("file too large"))?;
+    bytes_read_now(py, file.as_raw_fd(), 0, size)
+}
+
+/// `size` octets of the open file `fd` from `offset` if every one is in the page cache
+/// (`preadv2` with `RWF_NOWAIT`, the GIL released); None if any is not, the file ends
+/// before them, a read fails, or the call is not supported here. The later blocks of a
+/// large message streamed on the event loop.
+#[pyfunction]
+fn read_at_now<'py>(
+    py: Python<'py>,
+    fd: libc::c_int,
+    offset: u64,
+    size: u64,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    if fd < 0 {
+        return Err(PyValueError::new_err("negative file descriptor"));
+    }
+    bytes_read_now(py, fd, offset, size)
+}
+
+/// A new `bytes` of `size` octets read from `fd` at `offset` by [`read_all_now`], or
+/// None (never a `bytes` with octets nobody wrote).
+#[allow(unsafe_code)] // a `bytes` filled after it is made, as in exact_bytes
+fn bytes_read_now<'py>(
+    py: Python<'py>,
+    fd: libc::c_int,
+    offset: u64,
+    size: u64,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let n = isize::try_from(size).map_err(|_| PyOverflowError::new_err("size too large"))?;
+    if offset
+        .checked_add(size)
+        .is_none_or(|end| i64::try_from(end).is_err())
+    {
+        return Err(PyOverflowError::new_err("offset and size past 2**63 - 1"));
+    }
     // SAFETY: with a NULL source, PyBytes_FromStringAndSize makes a `bytes` of n octets
     // left uninitialised (or fails with an exception set); nothing else can see it
     // before it is returned, so its buffer may be written, without the GIL too.
@@ -607,8 +642,7 @@ fn read_file_now<'py>(
     };
     // SAFETY: the buffer of a `bytes` of n octets, as a raw address (Send) for the call.
     let buf = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) } as usize;
-    let whole = py.detach(|| read_all_now(&file, buf as *mut u8, size as usize));
-    // Never hand out a `bytes` with octets nobody wrote.
+    let whole = py.detach(|| read_all_now(fd, offset, buf as *mut u8, n as usize));
     Ok(whole.then_some(bytes))
 }
 
@@ -651,10 +685,10 @@ fn open_cached(path: &Path, limit: u64) -> Option<(File, u64)> {
     (meta.file_type().is_file() && meta.len() < limit).then_some((file, meta.len()))
 }
 
-/// Reads `size` octets of `file` from its start into `buf` from the page cache alone;
+/// Reads `size` octets of `fd` from `offset` into `buf` from the page cache alone;
 /// false if any is not there, the file is shorter, or a read fails.
 #[allow(unsafe_code)]
-fn read_all_now(file: &File, buf: *mut u8, size: usize) -> bool {
+fn read_all_now(fd: libc::c_int, offset: u64, buf: *mut u8, size: usize) -> bool {
     let mut got = 0;
     while got < size {
         let iov = libc::iovec {
@@ -665,10 +699,10 @@ fn read_all_now(file: &File, buf: *mut u8, size: usize) -> bool {
         // SAFETY: one iovec within `buf`'s octets; the kernel writes at most iov_len.
         let n = unsafe {
             libc::preadv2(
-                file.as_raw_fd(),
+                fd,
                 &iov,
                 1,
-                got as libc::off_t,
+                (offset + got as u64) as libc::off_t,
                 libc::RWF_NOWAIT,
             )
         };
@@ -1029,6 +1063,7 @@ fn _wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_proxy_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_small_files, m)?)?;
     m.add_function(wrap_pyfunction!(read_file_now, m)?)?;
+    m.add_function(wrap_pyfunction!(read_at_now, m)?)?;
     m.add_function(wrap_pyfunction!(files_unchanged, m)?)?;
     m.add_function(wrap_pyfunction!(answer_fetches, m)?)?;
     Ok(())

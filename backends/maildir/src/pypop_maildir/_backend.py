@@ -39,6 +39,7 @@ from pypop.errors import (
 )
 from pypop.wire import (
     files_unchanged,
+    read_at_now,
     read_file_now,
     read_small_files,
     stuff,
@@ -400,35 +401,59 @@ def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
 
 
 class _Reader:
-    """An open message file being streamed, read in worker threads.
+    """An open message file being streamed, from ``offset`` on: each block read in a
+    worker thread, or on the event loop when the kernel has it in memory.
 
     :meth:`close` comes from the event loop and never waits: if a read is still
     running (a call that timed out and was abandoned), the reading thread closes the
     descriptor when it returns, so the number is never reused under it. ``left``
     counts down from the size the file had when it was opened: a read that reaches it
-    is the last, with no read at end of file to find out.
+    is the last, with no read at end of file to find out. Reads are at explicit
+    offsets (``pread``), so the two kinds can follow each other.
     """
 
-    __slots__ = ("_closing", "_fd", "_guard", "left")
+    __slots__ = ("_closing", "_fd", "_guard", "_offset", "left")
 
-    def __init__(self, fd: int, left: int) -> None:
+    def __init__(self, fd: int, offset: int, left: int) -> None:
         self._fd = fd
         self._guard = threading.Lock()
         self._closing = False
+        self._offset = offset
         self.left = left
 
     def read(self, size: int) -> bytes:
+        """The next block (in a worker thread)."""
         with self._guard:
             try:
                 if self._fd < 0:
                     raise OSError("message file is closed")
-                data = _store.read_message(self._fd, size)
-                self.left = 0 if len(data) < size else self.left - len(data)
+                data = _store.read_message(self._fd, size, self._offset)
+                self._took(data, size)
                 return data
             finally:
                 if self._closing and self._fd >= 0:
                     os.close(self._fd)
                     self._fd = -1
+
+    def read_now(self, size: int) -> bytes | None:
+        """The next block if every octet of it is in the page cache (pypop.wire.read_at_now),
+        read without waiting on the event loop; else None, and :meth:`read` reads it.
+        Also None while an abandoned read still holds the file."""
+        if not self._guard.acquire(blocking=False):
+            return None
+        try:
+            if self._fd < 0 or self._closing or self.left <= 0:
+                return None
+            data = read_at_now(self._fd, self._offset, min(size, self.left))
+            if data is not None:
+                self._took(data, size)
+            return data
+        finally:
+            self._guard.release()
+
+    def _took(self, data: bytes, size: int) -> None:
+        self._offset += len(data)
+        self.left = 0 if len(data) < size else self.left - len(data)
 
     def close(self) -> None:
         self._closing = True
@@ -630,7 +655,7 @@ class MaildirMailbox(SnapshotMailbox):
             os.close(fd)
             raise
         if len(block) == first and len(block) < left:
-            return _Reader(fd, left - len(block)), block, {}, {}
+            return _Reader(fd, len(block), left - len(block)), block, {}, {}
         os.close(fd)
         if first > BLOCK_SIZE:
             return None, block, {}, {}  # a large message: nothing to read ahead
@@ -748,7 +773,10 @@ class MaildirMailbox(SnapshotMailbox):
                     break
                 assert reader is not None
                 try:
-                    block = await self._threads.run(reader.read, LARGE_BLOCK)
+                    now = reader.read_now(LARGE_BLOCK)  # in memory: no hop
+                    block = (
+                        await self._threads.run(reader.read, LARGE_BLOCK) if now is None else now
+                    )
                 except OSError as exc:
                     raise TemporaryFailure("cannot read message") from exc
         finally:

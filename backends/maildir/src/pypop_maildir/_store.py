@@ -97,15 +97,18 @@ def open_message(path: str) -> int:
     return fd
 
 
-def read_message(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` octets from ``fd``; fewer only at end of file."""
-    data = os.read(fd, limit)
+def read_message(fd: int, limit: int, offset: int | None = None) -> bytes:
+    """Up to ``limit`` octets from ``fd`` (at ``offset``, by ``pread``, if given);
+    fewer only at end of file."""
+    data = os.read(fd, limit) if offset is None else os.pread(fd, limit, offset)
     if len(data) == limit or not data:
         return data
     parts = [data]
     got = len(data)
     while got < limit:  # a short read that is not EOF (rare: network file systems)
-        more = os.read(fd, limit - got)
+        more = (
+            os.read(fd, limit - got) if offset is None else os.pread(fd, limit - got, offset + got)
+        )
         if not more:
             break
         parts.append(more)
