@@ -36,6 +36,8 @@ SCENARIOS = {
     "top": ("top", 100, 50, 4096, 8),
     "pipelined": ("pipelined", 100, 50, 4096, 8),
     "retr-all-1m": ("retr-all", 10, 20, 1 << 20, 4),
+    # Messages of several 1 MiB blocks (Maildir's LARGE_BLOCK): not in the suite.
+    "retr-all-5m": ("retr-all", 4, 5, 5 << 20, 4),
     "tls-login": ("tls-login", 100, 50, 4096, 8),
     "tls-retr-all-1m": ("tls-retr-all", 10, 20, 1 << 20, 4),
 }
