@@ -21,7 +21,7 @@ from pypop.backend import Mailbox, NoSuchMessage
 from pypop.errors import TemporaryFailure
 
 from pypop_maildir import MaildirBackend, MaildirMailbox, _backend, _store, create
-from pypop_maildir._lock import DOTLOCK_NAME
+from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME
 
 from .conftest import BackendMaker, deliver, make_maildir
 
@@ -77,6 +77,58 @@ async def test_message_swapped_for_a_symlink_after_login_is_not_served(
             await fetch(mb, 0)
     finally:
         await mb.aclose()
+
+
+async def test_lock_file_that_is_a_link_is_never_followed(
+    alice: Path, backend_factory: BackendMaker, tmp_path: Path
+) -> None:
+    # Where the lock file would be, a link to a name elsewhere: the login is refused,
+    # and nothing is created (or locked) there.
+    target = tmp_path / "created-elsewhere"
+    (alice / FLOCK_NAME).symlink_to(target)
+    deliver(alice, "1700000001.M1P1.h", HELLO)
+    with pytest.raises(TemporaryFailure):
+        await backend_factory(lock="fcntl").open_mailbox("alice")
+    assert not target.exists()
+    assert (alice / FLOCK_NAME).is_symlink()
+
+
+@pytest.mark.parametrize("name", [_store.SIZE_CACHE_NAME, _store.UIDLIST_NAME])
+@pytest.mark.parametrize("make", ["symlink", "fifo", "device"])
+async def test_own_files_swapped_for_links_fifos_or_devices_are_not_read(
+    alice: Path, backend_factory: BackendMaker, tmp_path: Path, name: str, make: str
+) -> None:
+    # The size cache and the UIDL list are ours, but the maildir's user can put
+    # anything in their place: a link to a file of theirs elsewhere (with sizes and
+    # UIDLs of their choosing), a FIFO (a reader would hang), a link to a device
+    # (/dev/zero: readline without end).
+    deliver(alice, "1700000001.M1P1.h", HELLO, sub="cur")  # no ,W=: the size is counted
+    path = alice / name
+    if make == "symlink":
+        planted = tmp_path / "planted"
+        base = "1700000001.M1P1.h"
+        st = os.stat(alice / "cur" / base)
+        if name == _store.SIZE_CACHE_NAME:
+            body = f"{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t999"
+        else:
+            body = f"chosen-uidl\t{st.st_ino}\t{st.st_mtime_ns}"
+        sizes = name == _store.SIZE_CACHE_NAME
+        magic = _store._SIZE_CACHE_MAGIC if sizes else _store._UIDLIST_MAGIC
+        planted.write_text(f"{magic}\n{base}\t{body}\n")
+        path.symlink_to(planted)
+    elif make == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with wall(5):
+        mb = await backend_factory(save_uidl=True).open_mailbox("alice")
+    try:
+        assert [(m.uid, m.size) for m in mb.messages] == [("1700000001.M1P1.h", 25)]
+    finally:
+        await mb.aclose()
+    # Replaced by a regular file of ours (rename() replaces the name, never follows it).
+    assert path.is_file()
+    assert not path.is_symlink()
 
 
 class SwapDuringListing(MaildirBackend):

@@ -8,9 +8,11 @@ Methods
 -------
 ``fcntl``
     A POSIX record lock (``lockf``) on ``<maildir>/pypop-pop3.flock``; that file is
-    never removed. The kernel (or the NFS lock manager) drops the lock when the holder
-    dies, so a killed process never leaves a stale lock. Needs working ``fcntl`` locks
-    on the file system (local ones, NFSv4, or NFSv3 with lockd). Taking and dropping
+    never removed, and never opened through a symbolic link (a link in its place
+    fails the login: ``-ERR [SYS/TEMP]``). The kernel (or the NFS lock manager) drops
+    the lock when the holder dies, so a killed process never leaves a stale lock.
+    Needs working ``fcntl`` locks on the file system (local ones, NFSv4, or NFSv3
+    with lockd). Taking and dropping
     it creates nothing: about 9 µs here, where a dotlock costs about 70 µs of kernel
     time (a directory entry made and removed, through the journal).
 ``dotlock``
@@ -242,7 +244,10 @@ def acquire(
         # Every method takes the fcntl lock where the file system has them: a live
         # holder of any method is found there at once, and nothing is created.
         # (f-strings, not os.path.join: a dozen lines of Python each, at every login)
-        fd = os.open(f"{maildir}/{FLOCK_NAME}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a link put in its place must not have us create or lock a file
+        # elsewhere.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(f"{maildir}/{FLOCK_NAME}", flags, 0o600)
         try:
             taken = _lockf_nb(fd)
         except OSError:

@@ -15,6 +15,7 @@ import secrets
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TextIO
 
 from pypop.backend import is_valid_uid
 from pypop.wire import SizeCounter
@@ -289,6 +290,26 @@ def _cacheable(name: str) -> bool:
     return not any(c in name for c in "\t\n\r")
 
 
+def _open_own(path: str) -> TextIO:
+    """One of our own files (the size cache, the UIDL list) for reading, as text. Never
+    through a symbolic link, and never a FIFO or a device (which could hang the
+    reading thread, or feed ``readline`` without end): such a name reads as absent
+    (FileNotFoundError), and the next write replaces it with a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileNotFoundError(errno.ENOENT, "a symbolic link", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", path)
+        return open(fd, encoding="utf-8", errors="surrogateescape", newline="\n")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 # ---------------------------------------------------------------- size cache
 
 
@@ -296,7 +317,7 @@ def read_size_cache(path: str) -> dict[str, tuple[int, int, int, int]]:
     """base -> (st_size, st_mtime_ns, st_ino, pop3 size). Bad content is ignored."""
     cache: dict[str, tuple[int, int, int, int]] = {}
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        with _open_own(path) as f:
             if f.readline().rstrip("\n") != _SIZE_CACHE_MAGIC:
                 return {}
             for line in f:
@@ -392,7 +413,7 @@ def apply_uidlist(maildir: str, entries: list[Entry], *, fsync: bool) -> None:
     path = os.path.join(maildir, UIDLIST_NAME)
     old: dict[str, tuple[str, int, int]] = {}
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        with _open_own(path) as f:
             if f.readline().rstrip("\n") == _UIDLIST_MAGIC:
                 for line in f:
                     fields = line.rstrip("\n").split("\t")
@@ -432,7 +453,7 @@ def drop_from_uidlist(maildir: str, bases: set[str], *, fsync: bool) -> None:
     """Forget UIDLs of messages removed in UPDATE (best effort)."""
     path = os.path.join(maildir, UIDLIST_NAME)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        with _open_own(path) as f:
             lines = f.readlines()
     except FileNotFoundError:
         return
