@@ -265,7 +265,8 @@ def write_atomically(path: str, lines: Iterable[str], *, fsync: bool) -> None:
     """Write a text file through a temporary name and ``rename``."""
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        # "x" (O_EXCL): never through a name someone made in its place, link or file.
+        with open(tmp, "x", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             for line in lines:
                 f.write(line)
             if fsync:
