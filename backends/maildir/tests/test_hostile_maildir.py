@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from pypop.backend import Mailbox, NoSuchMessage
-from pypop.errors import TemporaryFailure
+from pypop.errors import PermanentFailure, TemporaryFailure
 
 from pypop_maildir import MaildirBackend, MaildirMailbox, _backend, _store, create
 from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME
@@ -129,6 +129,47 @@ async def test_own_files_swapped_for_links_fifos_or_devices_are_not_read(
     # Replaced by a regular file of ours (rename() replaces the name, never follows it).
     assert path.is_file()
     assert not path.is_symlink()
+
+
+@pytest.mark.parametrize("folder", ["cur", "new"])
+@pytest.mark.parametrize("cached", [False, True])
+async def test_folders_linked_to_another_users_are_not_served(
+    alice: Path, root: Path, backend_factory: BackendMaker, folder: str, cached: bool
+) -> None:
+    # The server's user can read every maildir; alice's owner points her cur/ (or
+    # new/) at bob's. Her login must not list, serve, move or delete bob's mail.
+    bob = make_maildir(root / "bob")
+    deliver(bob, "1700000001.M1P1.h:2,", b"Subject: bob's\n\nprivate\n", sub="cur")
+    deliver(bob, "1700000002.M2P1.h", b"Subject: bob's new\n\nprivate\n")
+    before = sorted(p.relative_to(bob) for p in bob.rglob("*"))
+    backend = backend_factory()
+    if cached:  # a login before the swap: the listing is cached
+        mb = await backend.open_mailbox("alice")
+        await mb.aclose()
+    (alice / folder).rename(alice / f"{folder}.away")
+    (alice / folder).symlink_to(bob / folder)
+    with pytest.raises(PermanentFailure):
+        await backend.open_mailbox("alice")
+    assert sorted(p.relative_to(bob) for p in bob.rglob("*")) == before
+    mb = await backend.open_mailbox("bob")  # and bob's own login is unaffected
+    assert len(mb.messages) == 2
+    await mb.aclose()
+
+
+@pytest.mark.parametrize("folder", ["new", "tmp", "cur"])
+async def test_delivery_never_goes_through_a_linked_folder(
+    alice: Path, root: Path, backend_factory: BackendMaker, folder: str
+) -> None:
+    # pypop deliver for alice, whose new/ (or tmp/) points at bob's: nothing is
+    # delivered, least of all into bob's maildir.
+    bob = make_maildir(root / "bob")
+    (alice / folder).rmdir()
+    (alice / folder).symlink_to(bob / folder)
+    with pytest.raises(PermanentFailure):
+        await backend_factory().deliver("alice", HELLO)
+    assert not any(bob.rglob("*.*"))
+    if folder != "tmp":
+        assert not any((alice / "tmp").iterdir())  # nothing left half-delivered
 
 
 class SwapDuringListing(MaildirBackend):

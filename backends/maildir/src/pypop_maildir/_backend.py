@@ -10,6 +10,7 @@ import logging
 import operator
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -79,6 +80,7 @@ LARGE_BLOCK = 1024 * 1024
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
 SETTLE_NS = 2_000_000_000
 _KEY = struct.Struct("=QqQq")
+_NOT_A_FOLDER = "cur/ or new/ is not a directory (a symbolic link?): not served"
 _STATS = struct.Struct("<QqQ")  # pypop.wire.files_unchanged's: size, mtime ns, inode
 _SIZE = operator.attrgetter("size")
 
@@ -253,6 +255,8 @@ class MaildirBackend:
             listing = self._listing(user, maildir)
         except BaseException as exc:
             lock.release()
+            if isinstance(exc, _store.NotAFolder):
+                raise PermanentFailure(_NOT_A_FOLDER) from exc
             if isinstance(exc, OSError):
                 raise TemporaryFailure("cannot read maildir") from exc
             raise
@@ -263,12 +267,17 @@ class MaildirBackend:
         taken = time.time_ns()
         cur_dir, new_dir = f"{maildir}/cur", f"{maildir}/new"  # (os.path.join: slower)
         try:
-            cur = os.stat(cur_dir)
-            new = os.stat(new_dir)
+            cur = os.lstat(cur_dir)
+            new = os.lstat(new_dir)
         except FileNotFoundError:
             self._create_maildir(maildir)
-            cur = os.stat(cur_dir)
-            new = os.stat(new_dir)
+            cur = os.lstat(cur_dir)
+            new = os.lstat(new_dir)
+        # lstat: cur/ and new/ are never followed if links. The maildir's owner could
+        # make them point at another user's folders, and the server's user can read
+        # those: their mail would be listed, served, moved and deleted as this user's.
+        if not (stat.S_ISDIR(cur.st_mode) and stat.S_ISDIR(new.st_mode)):
+            raise PermanentFailure(_NOT_A_FOLDER)
         key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
         cache = self._listings
         if cache is not None:
@@ -345,41 +354,52 @@ class MaildirBackend:
     ) -> str:
         cfg = self.config
         try:
-            if not all(os.path.isdir(os.path.join(maildir, d)) for d in ("cur", "new", "tmp")):
+            try:
+                tmp_fd, new_fd = _delivery_folders(maildir)
+            except FileNotFoundError:
                 if not cfg.autocreate:
-                    raise NoSuchUser("maildir does not exist")
+                    raise NoSuchUser("maildir does not exist") from None
                 for d in ("cur", "new", "tmp"):
                     os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
-            if uid is not None and _store.find_by_base(maildir, uid) is not None:
-                raise DuplicateUid(f"the maildir already has {uid!r}")
-            when = time.time() if received is None else received
-            if uid is None:
-                host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-                base = (
-                    f"{int(when)}.M{int(when * 1e6) % 1_000_000}P{os.getpid()}"
-                    f"Q{next(_delivery_counter)}.{host},S={len(data)},W={wire_size(data)}"
-                )
-            else:
-                base = uid
-            tmp = os.path.join(maildir, "tmp", base)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                tmp_fd, new_fd = _delivery_folders(maildir)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                if uid is not None and _store.find_by_base(maildir, uid) is not None:
+                    raise DuplicateUid(f"the maildir already has {uid!r}")
+                when = time.time() if received is None else received
+                if uid is None:
+                    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+                    base = (
+                        f"{int(when)}.M{int(when * 1e6) % 1_000_000}P{os.getpid()}"
+                        f"Q{next(_delivery_counter)}.{host},S={len(data)},W={wire_size(data)}"
+                    )
+                else:
+                    base = uid
+                # Through the folders' descriptors: a link put in place of new/ or tmp/
+                # cannot send this message into another user's maildir.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fd = os.open(base, flags, 0o600, dir_fd=tmp_fd)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    if cfg.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    # Never replaces an existing message.
+                    os.link(base, base, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+                finally:
+                    os.unlink(base, dir_fd=tmp_fd)
+                if received is not None:
+                    os.utime(base, (received, received), dir_fd=new_fd)
                 if cfg.fsync:
-                    os.fsync(fd)
+                    os.fsync(new_fd)
             finally:
-                os.close(fd)
-            target = os.path.join(maildir, "new", base)
-            try:
-                os.link(tmp, target)  # never replaces an existing message
-            finally:
-                os.unlink(tmp)
-            if received is not None:
-                os.utime(target, (received, received))
-            if cfg.fsync:
-                _store.fsync_dir(os.path.join(maildir, "new"))
+                os.close(tmp_fd)
+                os.close(new_fd)
+        except _store.NotAFolder as exc:
+            raise PermanentFailure(_NOT_A_FOLDER) from exc
         except FileExistsError:
             if uid is not None:
                 raise DuplicateUid(f"the maildir already has {uid!r}") from None
@@ -390,6 +410,18 @@ class MaildirBackend:
 
     async def aclose(self) -> None:
         """Nothing to release: every mailbox releases its own lock."""
+
+
+def _delivery_folders(maildir: str) -> tuple[int, int]:
+    """Descriptors of the maildir's tmp/ and new/ (cur/ checked too), none of them
+    through a link (:func:`_store.open_folder`)."""
+    os.close(_store.open_folder(maildir, "cur"))
+    tmp_fd = _store.open_folder(maildir, "tmp")
+    try:
+        return tmp_fd, _store.open_folder(maildir, "new")
+    except BaseException:
+        os.close(tmp_fd)
+        raise
 
 
 def _counted_unchanged(maildir: str, listing: _Listing) -> bool:

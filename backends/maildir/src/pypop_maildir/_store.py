@@ -24,6 +24,7 @@ __all__ = [
     "SIZE_CACHE_NAME",
     "UIDLIST_NAME",
     "Entry",
+    "NotAFolder",
     "NotAMessage",
     "base_name",
     "count_size",
@@ -32,6 +33,7 @@ __all__ = [
     "fsync_dir",
     "list_messages",
     "mapped_uid",
+    "open_folder",
     "open_message",
     "read_message",
     "write_atomically",
@@ -178,6 +180,25 @@ def filename_size(base: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+class NotAFolder(Exception):
+    """cur/, new/ or tmp/ is not a directory: a symbolic link, or anything else."""
+
+
+def open_folder(maildir: str, sub: str) -> int:
+    """A descriptor of the maildir's ``sub`` folder, never through a symbolic link: the
+    maildir's owner could point cur/ or new/ at another user's folders, which the
+    server's user can read. Raises :class:`NotAFolder` for a link or a non-directory,
+    OSError (FileNotFoundError) otherwise."""
+    try:
+        return os.open(
+            f"{maildir}/{sub}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotAFolder(f"{maildir}/{sub}") from None
+        raise
+
+
 def list_messages(maildir: str) -> list[Entry]:
     """Regular files of new/ and cur/ (not dot-files), in delivery order.
 
@@ -191,7 +212,13 @@ def list_messages(maildir: str) -> list[Entry]:
     by_base: dict[str, Entry] = {}
     shared: list[tuple[Entry, Entry]] = []
     for sub in ("cur", "new"):  # cur/ first: the name a duplicate is listed under
-        with os.scandir(os.path.join(maildir, sub)) as it:
+        fd = open_folder(maildir, sub)
+        try:
+            it = os.scandir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        with it:
             for de in it:
                 name = de.name
                 if name.startswith("."):
@@ -206,6 +233,7 @@ def list_messages(maildir: str) -> list[Entry]:
                 if first is not entry:
                     shared.append((first, entry))
                 entries.append(entry)
+        os.close(fd)  # (os.scandir(fd) leaves the descriptor open)
     if shared:
         _merge_links(maildir, entries, shared)
     entries.sort(key=lambda e: delivery_key(e.name))
@@ -233,17 +261,20 @@ def find_by_base(maildir: str, base: str) -> Entry | None:
     """Find a message again after an outside rename (flag change, new/ -> cur/)."""
     for sub in ("cur", "new"):
         try:
-            it = os.scandir(os.path.join(maildir, sub))
-        except OSError:
+            fd = open_folder(maildir, sub)
+        except (OSError, NotAFolder):
             continue
-        with it:
-            for de in it:
-                name = de.name
-                if name.startswith(".") or base_name(name) != base:
-                    continue
-                with contextlib.suppress(OSError):
-                    if de.is_file(follow_symlinks=False):
-                        return Entry(sub, name, base)
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = de.name
+                    if name.startswith(".") or base_name(name) != base:
+                        continue
+                    with contextlib.suppress(OSError):
+                        if de.is_file(follow_symlinks=False):
+                            return Entry(sub, name, base)
+        finally:
+            os.close(fd)
     return None
 
 
@@ -489,27 +520,43 @@ def move_new_to_cur(maildir: str, entries: list[Entry]) -> bool:
     (:attr:`Entry.others` in new/) are removed: the cur/ name keeps the file. Returns
     whether anything was renamed or removed.
     """
+    if not any(e.subdir == "new" or e.others for e in entries):
+        return False
     changed = False
-    for e in entries:
-        if e.others and e.subdir == "cur":
-            for other in e.others:
-                if other.startswith("new/"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(maildir, other))
-                        e.others = tuple(o for o in e.others if o != other)
-                        changed = True
-        if e.subdir != "new":
-            continue
-        target = e.name if ":" in e.name else e.name + ":2,"
-        dst = os.path.join(maildir, "cur", target)
-        try:
-            # Another writer could take the name between this check and the rename:
-            # only a deliverer reusing a unique name could, which Maildir rules out.
-            if os.path.lexists(dst):
+    # Through descriptors of the two folders: a link put in place of either while
+    # this runs cannot send a message into another user's maildir.
+    new_fd = open_folder(maildir, "new")
+    try:
+        cur_fd = open_folder(maildir, "cur")
+    except BaseException:
+        os.close(new_fd)
+        raise
+    try:
+        for e in entries:
+            if e.others and e.subdir == "cur":
+                for other in e.others:
+                    if other.startswith("new/"):
+                        with contextlib.suppress(OSError):
+                            os.unlink(other[4:], dir_fd=new_fd)
+                            e.others = tuple(o for o in e.others if o != other)
+                            changed = True
+            if e.subdir != "new":
                 continue
-            os.rename(e.path(maildir), dst)
-        except OSError:
-            continue
-        e.subdir, e.name = "cur", target
-        changed = True
+            target = e.name if ":" in e.name else e.name + ":2,"
+            try:
+                # Another writer could take the name between this check and the rename:
+                # only a deliverer reusing a unique name could, which Maildir rules out.
+                try:
+                    os.lstat(target, dir_fd=cur_fd)
+                    continue
+                except FileNotFoundError:
+                    pass
+                os.rename(e.name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+            except OSError:
+                continue
+            e.subdir, e.name = "cur", target
+            changed = True
+    finally:
+        os.close(cur_fd)
+        os.close(new_fd)
     return changed
