@@ -182,6 +182,10 @@ class Account:
     """The home directory (passwd-file field 6 or ``userdb_home``)."""
     mail: str | None = None
     """Dovecot's mail location (``userdb_mail``), e.g. ``maildir:~/Maildir``."""
+    uid: int | None = None
+    """The user's system uid (passwd-file field 3 or ``userdb_uid``), if the user
+    database gives one: files at a per-user location should belong to it (Dovecot
+    runs the session as that uid). A backend may refuse a location that does not."""
 
     @property
     def located(self) -> bool:

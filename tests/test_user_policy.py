@@ -20,7 +20,7 @@ import trio
 
 from pypop.auth import PasswdFileStore
 from pypop.auth.userdb import UserPolicy, allowed_from, parse_extra_fields
-from pypop.backend import Mailbox, MessageInfo
+from pypop.backend import Account, Mailbox, MessageInfo
 from pypop.backends.memory import MemoryBackend, create, sample_message
 from pypop.config import ConfigError, ServerConfig
 from pypop.errors import MailboxLocked
@@ -333,3 +333,36 @@ async def test_location_on_a_backend_without_it(
     server = await start_server(backend=NoAccounts(), passwd_file=passwd)
     out = await talk(port_of(server), login("heidi", "heidi-pw") + b"QUIT\r\n")
     assert b"-ERR [SYS/PERM] Mailbox cannot be opened\r\n" in out
+
+
+def test_uid_of_a_user_with_a_location() -> None:
+    # Field 3 (or userdb_uid) is kept only with a per-user location, which a backend
+    # may check it against; numbers only (a name is served without the check).
+    assert parse_extra_fields("userdb_mail=maildir:~/M", home="/h", uid="1000").uid == 1000
+    assert parse_extra_fields("", home="/h", uid="1000").uid == 1000
+    assert parse_extra_fields("userdb_uid=77", home="/h", uid="1000").uid == 77
+    assert parse_extra_fields("", uid="1000") == UserPolicy()  # no location: no policy
+    for odd in ("vmail", "", "-1", "1e3", str(1 << 32)):
+        assert parse_extra_fields("", home="/h", uid=odd).uid is None
+
+
+async def test_the_account_carries_the_uid(
+    start_server: ServerStarter, passwd: Path, backend: MemoryBackend
+) -> None:
+    seen: list[Account] = []
+
+    class Recording:
+        async def open_mailbox(self, user: str) -> Mailbox:
+            return await backend.open_mailbox(user)
+
+        async def open_account(self, account: Account) -> Mailbox:
+            seen.append(account)
+            return await backend.open_mailbox(account.user)
+
+        async def aclose(self) -> None:
+            pass
+
+    server = await start_server(backend=Recording(), passwd_file=passwd)
+    out = await talk(port_of(server), login("heidi", "heidi-pw") + b"QUIT\r\n")
+    assert b"+OK maildrop has 0 messages (0 octets)\r\n" in out
+    assert seen == [Account("heidi", "/home/heidi", "memory:shared", 1000)]

@@ -102,8 +102,9 @@ def parse_passwd_file(
             continue
         password = fields[1]
         home = fields[5] if len(fields) > 5 else ""
+        uid = fields[2] if len(fields) > 2 else ""
         try:
-            policy = parse_extra_fields(fields[7] if len(fields) > 7 else "", home=home)
+            policy = parse_extra_fields(fields[7] if len(fields) > 7 else "", home=home, uid=uid)
         except ValueError as exc:
             bad(lineno, f"user {user!r}: {exc}")
             continue

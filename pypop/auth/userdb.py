@@ -65,6 +65,9 @@ class UserPolicy:
     login_delay: int | None = None
     expire: int | None = None
     """Days; ``-1`` is NEVER (RFC 2449 §6.7), 0 removes what was retrieved."""
+    uid: int | None = None
+    """The user's system uid (passwd-file field 3 or ``userdb_uid``): a per-user
+    location must belong to it."""
 
     @property
     def expire_capa(self) -> str | None:
@@ -99,7 +102,15 @@ def _integer(key: str, value: str, maximum: int) -> int:
     return int(value)
 
 
-def parse_extra_fields(text: str, *, home: str | None = None) -> UserPolicy:
+def _uid(value: str) -> int | None:
+    """A numeric uid field; None for anything else (Dovecot also takes a system user's
+    name there: such a location is served without the owner check)."""
+    if value.isdigit() and int(value) < 1 << 32:
+        return int(value)
+    return None
+
+
+def parse_extra_fields(text: str, *, home: str | None = None, uid: str | None = None) -> UserPolicy:
     """The policy in a passwd-file line's extra fields; ``ValueError`` (naming the
     field, never the value) if a known field is malformed."""
     fields = {"nologin": False}
@@ -130,6 +141,9 @@ def parse_extra_fields(text: str, *, home: str | None = None) -> UserPolicy:
         expire_days = (
             -1 if expire.upper() == "NEVER" else _integer("expire", expire, MAX_EXPIRE_DAYS)
         )
+    home = values.get("userdb_home") or home or None
+    mail = values.get("userdb_mail") or values.get("userdb_mail_path") or None
+    location = home is not None or mail is not None
     reason = values.get("reason")
     if reason is not None:
         reason = "".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON] or None
@@ -137,10 +151,12 @@ def parse_extra_fields(text: str, *, home: str | None = None) -> UserPolicy:
         nologin=fields["nologin"],
         reason=reason,
         allow_nets=nets,
-        home=values.get("userdb_home") or home or None,
-        mail=values.get("userdb_mail") or values.get("userdb_mail_path") or None,
+        home=home,
+        mail=mail,
         login_delay=None if delay is None else _integer("login_delay", delay, MAX_LOGIN_DELAY),
         expire=expire_days,
+        # Only a per-user location is checked against it: none, no policy to keep.
+        uid=_uid(values.get("userdb_uid") or uid or "") if location else None,
     )
 
 

@@ -570,7 +570,7 @@ class Session:
             log_failed_login(user, method, self.peer.host, "login-delay")
             self._login_done(method, "login-delay")
             return conn.login_failed("LOGIN-DELAY", Text.LOGIN_DELAY)
-        account = Account(user, policy.home, policy.mail)
+        account = Account(user, policy.home, policy.mail, policy.uid)
         try:
             if self._passthrough is None:
                 mailbox = await self.ctx.maildrops.open(self.ctx.backend, user, account)

@@ -3,6 +3,7 @@ the expire_days option."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pypop.errors import AuthFailed, PermanentFailure
 
 from pypop_maildir import create
 from pypop_maildir._config import UnsafeUser, location_path
+from pypop_maildir._store import NotAFolder, list_messages
 
 from .conftest import deliver, make_maildir
 
@@ -57,3 +59,58 @@ async def test_open_account_and_received(tmp_path: Path) -> None:
     box = await backend.open_account(Account("bob"))
     assert box.maildir == str(root / "bob")
     await box.aclose()
+
+
+async def test_a_location_must_belong_to_the_users_uid(tmp_path: Path) -> None:
+    # The home is the user's to change: alice's ~/Mail may be a link to bob's maildir,
+    # which the server's user can read. With the uid the user database gives, the
+    # folders the session lists must belong to it.
+    root = tmp_path / "root"
+    root.mkdir()
+    alice_home, bob_home = tmp_path / "home" / "alice", tmp_path / "home" / "bob"
+    alice = make_maildir(alice_home / "Mail")
+    bob = make_maildir(bob_home / "Mail")
+    deliver(alice, "1700000000.M1P1.host", b"Subject: alice's\r\n\r\nx\r\n")
+    deliver(bob, "1700000001.M1P1.host", b"Subject: bob's\r\n\r\ny\r\n")
+    alice_uid, bob_uid = 40001, 40002
+    for maildir, uid in ((alice, alice_uid), (bob, bob_uid)):
+        for path in (maildir, *maildir.iterdir()):
+            os.chown(path, uid, uid)
+    backend = create({"root": str(root)})
+
+    async def count(account: Account) -> int:
+        box = await backend.open_account(account)
+        try:
+            return len(box.messages)
+        finally:
+            await box.aclose()
+
+    assert await count(Account("alice", str(alice_home), "maildir:~/Mail", alice_uid)) == 1
+    assert await count(Account("bob", str(bob_home), "maildir:~/Mail", bob_uid)) == 1
+    assert await count(Account("alice", str(alice_home), "maildir:~/Mail")) == 1  # no uid
+    # Her ~/Mail made a link to bob's: refused, whether listed before or not.
+    (alice_home / "Mail").rename(alice_home / "Mail.away")
+    (alice_home / "Mail").symlink_to(bob)
+    for _ in range(2):
+        with pytest.raises(PermanentFailure, match="uid 40001"):
+            await backend.open_account(Account("alice", str(alice_home), "maildir:~/Mail", 40001))
+    # And a folder of hers that someone else owns (the listing is not cached: cur/ new).
+    (alice_home / "Mail").unlink()
+    (alice_home / "Mail.away").rename(alice_home / "Mail")
+    os.chown(alice / "new", bob_uid, bob_uid)
+    with pytest.raises(PermanentFailure, match="uid 40001"):
+        await backend.open_account(Account("alice", str(alice_home), "maildir:~/Mail", 40001))
+    assert [p.relative_to(bob) for p in bob.rglob("1700000001*")] == [
+        Path("cur/1700000001.M1P1.host:2,")  # (moved there by bob's own login)
+    ]
+
+
+async def test_the_scan_checks_the_folders_it_opens(tmp_path: Path) -> None:
+    # The folder swapped for another uid's between the listing's stat and its scan:
+    # the descriptor the scan reads is checked too.
+    alice = make_maildir(tmp_path / "alice")
+    deliver(alice, "1700000000.M1P1.host", b"Subject: a\r\n\r\nx\r\n")
+    os.chown(alice / "new", 40002, 40002)
+    with pytest.raises(NotAFolder, match="uid 40001"):
+        list_messages(str(alice), 40001)
+    assert [e.name for e in list_messages(str(alice))] == ["1700000000.M1P1.host"]

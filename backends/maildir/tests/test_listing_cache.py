@@ -23,9 +23,9 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = _store.list_messages
 
-    def counting(maildir: str) -> list[_store.Entry]:
+    def counting(maildir: str, owner: int | None = None) -> list[_store.Entry]:
         seen.append(maildir)
-        return real(maildir)
+        return real(maildir, owner)
 
     monkeypatch.setattr(_store, "list_messages", counting)
     return seen

@@ -80,7 +80,13 @@ LARGE_BLOCK = 1024 * 1024
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
 SETTLE_NS = 2_000_000_000
 _KEY = struct.Struct("=QqQq")
-_NOT_A_FOLDER = "cur/ or new/ is not a directory (a symbolic link?): not served"
+_NOT_A_FOLDER = "cur/ or new/ is not a directory (a symbolic link?)"
+
+
+def _not_owned(maildir: str, owner: int) -> str:
+    return f"{maildir}: cur/ or new/ does not belong to the user's uid {owner}"
+
+
 _STATS = struct.Struct("<QqQ")  # pypop.wire.files_unchanged's: size, mtime ns, inode
 _SIZE = operator.attrgetter("size")
 
@@ -211,19 +217,21 @@ class MaildirBackend:
             raise AuthFailed("user name cannot be mapped to a maildir") from None
         except ValueError as exc:
             raise PermanentFailure(f"cannot serve this mail location: {exc}") from None
-        return await self._open_at(account.user, maildir)
+        # Its folders must belong to the uid the user database gives: the location
+        # is the user's to change (a home), and the server's user can read others'.
+        return await self._open_at(account.user, maildir, account.uid)
 
     async def open_mailbox(self, user: str) -> MaildirMailbox:
         return await self._open_at(user, self.maildir_path(user))
 
-    async def _open_at(self, user: str, maildir: str) -> MaildirMailbox:
+    async def _open_at(self, user: str, maildir: str, owner: int | None = None) -> MaildirMailbox:
         if not self.locks.acquire(maildir):
             raise MailboxLocked("maildrop is locked by another session of this process")
         try:
             # One thread call that either returns a locked snapshot or releases the
             # lock: nothing awaits between taking the lock and handing it over.
             threads = self.threads.session()
-            return await threads.run(self._open_sync, user, maildir, threads)
+            return await threads.run(self._open_sync, user, maildir, threads, owner)
         except BaseException:
             self.locks.release(maildir)
             raise
@@ -237,7 +245,9 @@ class MaildirBackend:
         except OSError as exc:
             raise TemporaryFailure("cannot create maildir") from exc
 
-    def _open_sync(self, user: str, maildir: str, threads: SessionThreads) -> MaildirMailbox:
+    def _open_sync(
+        self, user: str, maildir: str, threads: SessionThreads, owner: int | None = None
+    ) -> MaildirMailbox:
         cfg = self.config
         for attempt in (1, 2):
             try:
@@ -252,18 +262,19 @@ class MaildirBackend:
             except OSError as exc:
                 raise TemporaryFailure("cannot lock maildir") from exc
         try:
-            listing = self._listing(user, maildir)
+            listing = self._listing(user, maildir, owner)
         except BaseException as exc:
             lock.release()
             if isinstance(exc, _store.NotAFolder):
-                raise PermanentFailure(_NOT_A_FOLDER) from exc
+                raise PermanentFailure(f"not served: {exc}") from exc
             if isinstance(exc, OSError):
                 raise TemporaryFailure("cannot read maildir") from exc
             raise
         return MaildirMailbox(self, maildir, listing, lock, threads)
 
-    def _listing(self, user: str, maildir: str) -> _Listing:
-        """The snapshot: the cached listing if cur/ and new/ are unchanged, else a scan."""
+    def _listing(self, user: str, maildir: str, owner: int | None = None) -> _Listing:
+        """The snapshot: the cached listing if cur/ and new/ are unchanged, else a scan.
+        With ``owner``, both folders must belong to that uid."""
         taken = time.time_ns()
         cur_dir, new_dir = f"{maildir}/cur", f"{maildir}/new"  # (os.path.join: slower)
         try:
@@ -277,14 +288,16 @@ class MaildirBackend:
         # make them point at another user's folders, and the server's user can read
         # those: their mail would be listed, served, moved and deleted as this user's.
         if not (stat.S_ISDIR(cur.st_mode) and stat.S_ISDIR(new.st_mode)):
-            raise PermanentFailure(_NOT_A_FOLDER)
+            raise PermanentFailure(f"not served: {_NOT_A_FOLDER}")
+        if owner is not None and not cur.st_uid == new.st_uid == owner:
+            raise PermanentFailure(f"not served: {_not_owned(maildir, owner)}")
         key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
         cache = self._listings
         if cache is not None:
             listing = cache.get(maildir)
             if listing is not None and listing.key == key and _counted_unchanged(maildir, listing):
                 return listing
-        listing, changed = self._scan(user, maildir, key)
+        listing, changed = self._scan(user, maildir, key, owner)
         if cache is not None:
             # Cached only if this scan changed nothing (its moves would make the next
             # open scan again anyway) and the folders had settled before it began.
@@ -292,10 +305,12 @@ class MaildirBackend:
             cache.put(maildir, listing if settled and not changed else None)
         return listing
 
-    def _scan(self, user: str, maildir: str, key: bytes) -> tuple[_Listing, bool]:
+    def _scan(
+        self, user: str, maildir: str, key: bytes, owner: int | None = None
+    ) -> tuple[_Listing, bool]:
         cfg = self.config
         keep = self.keep_message
-        entries = [e for e in _store.list_messages(maildir) if keep(user, e.subdir, e.name)]
+        entries = [e for e in _store.list_messages(maildir, owner) if keep(user, e.subdir, e.name)]
         changed = False
         if cfg.flag_updates:
             changed = _store.move_new_to_cur(maildir, entries)
@@ -399,7 +414,7 @@ class MaildirBackend:
                 os.close(tmp_fd)
                 os.close(new_fd)
         except _store.NotAFolder as exc:
-            raise PermanentFailure(_NOT_A_FOLDER) from exc
+            raise PermanentFailure(f"not delivered: {exc}") from exc
         except FileExistsError:
             if uid is not None:
                 raise DuplicateUid(f"the maildir already has {uid!r}") from None

@@ -184,22 +184,26 @@ class NotAFolder(Exception):
     """cur/, new/ or tmp/ is not a directory: a symbolic link, or anything else."""
 
 
-def open_folder(maildir: str, sub: str) -> int:
+def open_folder(maildir: str, sub: str, owner: int | None = None) -> int:
     """A descriptor of the maildir's ``sub`` folder, never through a symbolic link: the
     maildir's owner could point cur/ or new/ at another user's folders, which the
-    server's user can read. Raises :class:`NotAFolder` for a link or a non-directory,
-    OSError (FileNotFoundError) otherwise."""
+    server's user can read. With ``owner``, the folder must belong to that uid. Raises
+    :class:`NotAFolder` for a link, a non-directory or another owner, OSError
+    (FileNotFoundError) otherwise."""
+    path = f"{maildir}/{sub}"
     try:
-        return os.open(
-            f"{maildir}/{sub}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise NotAFolder(f"{maildir}/{sub}") from None
+            raise NotAFolder(f"{path} is a symbolic link or not a directory") from None
         raise
+    if owner is not None and os.fstat(fd).st_uid != owner:
+        os.close(fd)
+        raise NotAFolder(f"{path} does not belong to the user's uid {owner}")
+    return fd
 
 
-def list_messages(maildir: str) -> list[Entry]:
+def list_messages(maildir: str, owner: int | None = None) -> list[Entry]:
     """Regular files of new/ and cur/ (not dot-files), in delivery order.
 
     Symlinks, FIFOs and everything else that is not a regular file are left out (the
@@ -212,7 +216,7 @@ def list_messages(maildir: str) -> list[Entry]:
     by_base: dict[str, Entry] = {}
     shared: list[tuple[Entry, Entry]] = []
     for sub in ("cur", "new"):  # cur/ first: the name a duplicate is listed under
-        fd = open_folder(maildir, sub)
+        fd = open_folder(maildir, sub, owner)
         try:
             it = os.scandir(fd)
         except BaseException:
