@@ -114,3 +114,25 @@ async def test_the_scan_checks_the_folders_it_opens(tmp_path: Path) -> None:
     with pytest.raises(NotAFolder, match="uid 40001"):
         list_messages(str(alice), 40001)
     assert [e.name for e in list_messages(str(alice))] == ["1700000000.M1P1.host"]
+
+
+async def test_a_location_for_another_uid_is_not_made(tmp_path: Path) -> None:
+    # autocreate makes folders owned by the server's user: for an account with
+    # another uid they would never be served, so none are made.
+    root = tmp_path / "root"
+    root.mkdir()
+    home = tmp_path / "home" / "carol"
+    home.mkdir(parents=True)
+    backend = create({"root": str(root)})
+    with pytest.raises(PermanentFailure, match="not made for uid 40003"):
+        await backend.open_account(Account("carol", str(home), "maildir:~/Mail", 40003))
+    assert not (home / "Mail").exists()
+    own = os.geteuid()  # the server's own uid: made, and served
+    box = await backend.open_account(Account("carol", str(home), "maildir:~/Mail", own))
+    await box.aclose()
+    assert sorted(p.name for p in (home / "Mail").iterdir()) == [
+        "cur",
+        "new",
+        "pypop-pop3.flock",
+        "tmp",
+    ]

@@ -236,9 +236,12 @@ class MaildirBackend:
             self.locks.release(maildir)
             raise
 
-    def _create_maildir(self, maildir: str) -> None:
+    def _create_maildir(self, maildir: str, owner: int | None = None) -> None:
         if not self.config.autocreate:
             raise PermanentFailure("maildir does not exist")
+        if owner is not None and owner != os.geteuid():
+            # It would belong to the server's user, and never be served to this one.
+            raise PermanentFailure(f"{maildir} does not exist (not made for uid {owner})")
         try:
             for d in ("cur", "new", "tmp"):
                 os.makedirs(os.path.join(maildir, d), mode=0o700, exist_ok=True)
@@ -258,7 +261,7 @@ class MaildirBackend:
             except FileNotFoundError as exc:
                 if attempt == 2:
                     raise TemporaryFailure("cannot lock maildir") from exc
-                self._create_maildir(maildir)
+                self._create_maildir(maildir, owner)
             except OSError as exc:
                 raise TemporaryFailure("cannot lock maildir") from exc
         try:
@@ -281,7 +284,7 @@ class MaildirBackend:
             cur = os.lstat(cur_dir)
             new = os.lstat(new_dir)
         except FileNotFoundError:
-            self._create_maildir(maildir)
+            self._create_maildir(maildir, owner)
             cur = os.lstat(cur_dir)
             new = os.lstat(new_dir)
         # lstat: cur/ and new/ are never followed if links. The maildir's owner could
