@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from pypop.backend import Mailbox, NoSuchMessage
-from pypop.errors import PermanentFailure, TemporaryFailure
+from pypop.errors import PermanentFailure, TemporaryFailure, UpdateFailed
 
 from pypop_maildir import MaildirBackend, MaildirMailbox, _backend, _store, create
 from pypop_maildir._lock import DOTLOCK_NAME, FLOCK_NAME
@@ -154,6 +154,39 @@ async def test_folders_linked_to_another_users_are_not_served(
     mb = await backend.open_mailbox("bob")  # and bob's own login is unaffected
     assert len(mb.messages) == 2
     await mb.aclose()
+
+
+@pytest.mark.parametrize("swap", ["link", "folder"])
+async def test_update_removes_nothing_through_a_folder_swapped_in_after_the_listing(
+    alice: Path, root: Path, backend_factory: BackendMaker, swap: str
+) -> None:
+    # After alice's login lists her cur/, it is swapped for a link to bob's (or for
+    # another folder), which holds a file of the same name: her DELE and the Seen
+    # flag at UPDATE must not remove or rename it, nor anything else.
+    name = "1700000001.M1P1.h:2,"
+    deliver(alice, name, HELLO, sub="cur")
+    deliver(alice, "1700000002.M2P1.h:2,", HELLO, sub="cur")
+    bob = make_maildir(root / "bob")
+    deliver(bob, name, b"Subject: bob's\n\nprivate\n", sub="cur")
+    deliver(bob, "1700000002.M2P1.h:2,", b"Subject: bob's\n\nalso\n", sub="cur")
+    mb = await backend_factory().open_mailbox("alice")
+    assert isinstance(mb, MaildirMailbox)
+    assert await fetch(mb, 1) == HELLO  # to be flagged Seen at UPDATE
+    (alice / "cur").rename(alice / "cur.away")
+    if swap == "link":
+        (alice / "cur").symlink_to(bob / "cur")
+    else:
+        (alice / "cur").mkdir()
+        (alice / "cur" / name).write_bytes(b"someone else's\n")
+    with pytest.raises(UpdateFailed, match="nothing removed"):
+        await mb.commit([0])
+    assert sorted(p.name for p in (bob / "cur").iterdir()) == [name, "1700000002.M2P1.h:2,"]
+    assert sorted(p.name for p in (alice / "cur.away").iterdir()) == [
+        name,
+        "1700000002.M2P1.h:2,",
+    ]
+    if swap == "folder":
+        assert [p.name for p in (alice / "cur").iterdir()] == [name]
 
 
 @pytest.mark.parametrize("folder", ["new", "tmp", "cur"])

@@ -342,12 +342,12 @@ async def test_commit_partial_failure(
     backend = backend_factory(flag_updates=False)
     mb = await backend.open_mailbox("alice")
     real_unlink = os.unlink
-    bad = str(alice / "new" / name_for(1))
+    bad = name_for(1)  # (removed by name, relative to new/'s descriptor)
 
-    def failing_unlink(path: str | os.PathLike[str], *a: object, **k: object) -> None:
+    def failing_unlink(path: str, *, dir_fd: int | None = None) -> None:
         if os.fspath(path) == bad:  # fault injection: one marked file cannot be removed
             raise PermissionError(13, "Permission denied", bad)
-        real_unlink(path)
+        real_unlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "unlink", failing_unlink)
     with pytest.raises(UpdateFailed, match="1 of 2"):

@@ -442,6 +442,23 @@ def _delivery_folders(maildir: str) -> tuple[int, int]:
         raise
 
 
+def _listed_folders(maildir: str, key: bytes) -> dict[str, int]:
+    """Descriptors of the maildir's cur/ and new/, never through a link, and only if
+    they are still the directories whose inodes ``key`` (the listing's) holds."""
+    cur_ino, _, new_ino, _ = _KEY.unpack(key)
+    dirs: dict[str, int] = {}
+    try:
+        for sub, ino in (("cur", cur_ino), ("new", new_ino)):
+            fd = dirs[sub] = _store.open_folder(maildir, sub)
+            if os.fstat(fd).st_ino != ino:
+                raise _store.NotAFolder(f"{maildir}/{sub} is not the folder listed")
+    except BaseException:
+        for fd in dirs.values():
+            os.close(fd)
+        raise
+    return dirs
+
+
 def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
     """Do the files whose sizes were counted still have their size, mtime and inode?
     (False for one that cannot be stat-ed: the scan that follows meets the error.)"""
@@ -527,6 +544,7 @@ class MaildirMailbox(SnapshotMailbox):
         "_backend",
         "_clock",
         "_entries",
+        "_folders",
         "_found",
         "_lock",
         "_planned",
@@ -550,6 +568,7 @@ class MaildirMailbox(SnapshotMailbox):
         self.maildir = maildir
         self._entries = listing.entries  # shared with the cache: never changed
         self._unseen = listing.unseen
+        self._folders = listing.key  # the inodes of the cur/ and new/ it listed (shared)
         self._lock = lock
         self._threads = threads
         # Made on first use (an idle session holds only the above).
@@ -882,18 +901,32 @@ class MaildirMailbox(SnapshotMailbox):
             self._lock.release()
 
     def _commit_files(self, marked: Sequence[int], flag: Sequence[int]) -> None:
+        # Through descriptors of the very folders the session listed (by inode): a
+        # link or another folder put in their place since (another user's, which the
+        # server's user can reach) gets nothing removed or renamed.
+        try:
+            dirs = _listed_folders(self.maildir, self._folders)
+        except (OSError, _store.NotAFolder) as exc:
+            raise UpdateFailed("cur/ or new/ is not the folder listed: nothing removed") from exc
+        try:
+            self._commit_in(dirs, marked, flag)
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
+
+    def _commit_in(self, dirs: dict[str, int], marked: Sequence[int], flag: Sequence[int]) -> None:
         cfg = self._backend.config
         failed = 0
         removed: set[str] = set()
         for i in marked:
             entry = self._entry(i)
             try:
-                os.unlink(entry.path(self.maildir))
+                os.unlink(entry.name, dir_fd=dirs[entry.subdir])
             except FileNotFoundError:
                 found = _store.find_by_base(self.maildir, entry.base)
                 if found is not None:  # renamed from outside: remove it under its new name
                     try:
-                        os.unlink(found.path(self.maildir))
+                        os.unlink(found.name, dir_fd=dirs[found.subdir])
                     except FileNotFoundError:
                         pass
                     except OSError:
@@ -903,30 +936,35 @@ class MaildirMailbox(SnapshotMailbox):
                 failed += 1
                 continue
             for other in entry.others:  # the same file's other names (a crash left them)
+                sub, _, name = other.partition("/")
                 try:
-                    os.unlink(os.path.join(self.maildir, other))
+                    os.unlink(name, dir_fd=dirs[sub])
                 except FileNotFoundError:
                     pass
                 except OSError:
                     failed += 1
             removed.add(entry.base)
         renamed = False
+        cur = dirs["cur"]
         for i in flag:
             # Dovecot (pop3_no_flag_updates = no) marks RETR-ed messages \Seen.
             entry = self._entry(i)
             target = _store.with_seen_flag(entry.name)
             if target is None:
                 continue
-            dst = os.path.join(self.maildir, "cur", target)
             with contextlib.suppress(OSError):
-                if not os.path.lexists(dst):
-                    os.rename(entry.path(self.maildir), dst)
-                    renamed = True
+                try:
+                    os.lstat(target, dir_fd=cur)
+                    continue  # the name is taken
+                except FileNotFoundError:
+                    pass
+                os.rename(entry.name, target, src_dir_fd=dirs[entry.subdir], dst_dir_fd=cur)
+                renamed = True
         synced = True
         if cfg.fsync and (marked or renamed):
-            for sub in ("cur", "new"):
+            for fd in dirs.values():
                 try:
-                    _store.fsync_dir(os.path.join(self.maildir, sub))
+                    os.fsync(fd)
                 except OSError:
                     synced = False
         if cfg.save_uidl and removed:
