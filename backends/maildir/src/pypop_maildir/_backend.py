@@ -80,13 +80,6 @@ LARGE_BLOCK = 1024 * 1024
 # its ctime (Dovecot's maildir sync keeps the same kind of margin).
 SETTLE_NS = 2_000_000_000
 _KEY = struct.Struct("=QqQq")
-_NOT_A_FOLDER = "cur/ or new/ is not a directory (a symbolic link?)"
-
-
-def _not_owned(maildir: str, owner: int) -> str:
-    return f"{maildir}: cur/ or new/ does not belong to the user's uid {owner}"
-
-
 _STATS = struct.Struct("<QqQ")  # pypop.wire.files_unchanged's: size, mtime ns, inode
 _SIZE = operator.attrgetter("size")
 
@@ -290,10 +283,13 @@ class MaildirBackend:
         # lstat: cur/ and new/ are never followed if links. The maildir's owner could
         # make them point at another user's folders, and the server's user can read
         # those: their mail would be listed, served, moved and deleted as this user's.
-        if not (stat.S_ISDIR(cur.st_mode) and stat.S_ISDIR(new.st_mode)):
-            raise PermanentFailure(f"not served: {_NOT_A_FOLDER}")
-        if owner is not None and not cur.st_uid == new.st_uid == owner:
-            raise PermanentFailure(f"not served: {_not_owned(maildir, owner)}")
+        # (The same checks as _store.open_folder's, which the scan makes again on the
+        # descriptors it reads.)
+        for path, st in ((cur_dir, cur), (new_dir, new)):
+            if not stat.S_ISDIR(st.st_mode):
+                raise _store.NotAFolder(f"{path} is a symbolic link or not a directory")
+            if owner is not None and st.st_uid != owner:
+                raise _store.NotAFolder(f"{path} does not belong to the user's uid {owner}")
         key = _KEY.pack(cur.st_ino, cur.st_ctime_ns, new.st_ino, new.st_ctime_ns)
         cache = self._listings
         if cache is not None:
@@ -433,30 +429,21 @@ class MaildirBackend:
 def _delivery_folders(maildir: str) -> tuple[int, int]:
     """Descriptors of the maildir's tmp/ and new/ (cur/ checked too), none of them
     through a link (:func:`_store.open_folder`)."""
-    os.close(_store.open_folder(maildir, "cur"))
-    tmp_fd = _store.open_folder(maildir, "tmp")
-    try:
-        return tmp_fd, _store.open_folder(maildir, "new")
-    except BaseException:
-        os.close(tmp_fd)
-        raise
+    cur_fd, tmp_fd, new_fd = _store.open_folders(maildir, "cur", "tmp", "new")
+    os.close(cur_fd)
+    return tmp_fd, new_fd
 
 
 def _listed_folders(maildir: str, key: bytes) -> dict[str, int]:
     """Descriptors of the maildir's cur/ and new/, never through a link, and only if
     they are still the directories whose inodes ``key`` (the listing's) holds."""
     cur_ino, _, new_ino, _ = _KEY.unpack(key)
-    dirs: dict[str, int] = {}
-    try:
-        for sub, ino in (("cur", cur_ino), ("new", new_ino)):
-            fd = dirs[sub] = _store.open_folder(maildir, sub)
-            if os.fstat(fd).st_ino != ino:
-                raise _store.NotAFolder(f"{maildir}/{sub} is not the folder listed")
-    except BaseException:
-        for fd in dirs.values():
-            os.close(fd)
-        raise
-    return dirs
+    cur_fd, new_fd = _store.open_folders(maildir, "cur", "new")
+    if (os.fstat(cur_fd).st_ino, os.fstat(new_fd).st_ino) != (cur_ino, new_ino):
+        os.close(cur_fd)
+        os.close(new_fd)
+        raise _store.NotAFolder(f"{maildir}: cur/ or new/ is not the folder listed")
+    return {"cur": cur_fd, "new": new_fd}
 
 
 def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
@@ -953,11 +940,8 @@ class MaildirMailbox(SnapshotMailbox):
             if target is None:
                 continue
             with contextlib.suppress(OSError):
-                try:
-                    os.lstat(target, dir_fd=cur)
-                    continue  # the name is taken
-                except FileNotFoundError:
-                    pass
+                if _store.name_taken(target, cur):
+                    continue
                 os.rename(entry.name, target, src_dir_fd=dirs[entry.subdir], dst_dir_fd=cur)
                 renamed = True
         synced = True

@@ -30,10 +30,11 @@ __all__ = [
     "count_size",
     "delivery_key",
     "find_by_base",
-    "fsync_dir",
     "list_messages",
     "mapped_uid",
+    "name_taken",
     "open_folder",
+    "open_folders",
     "open_message",
     "read_message",
     "write_atomically",
@@ -203,6 +204,28 @@ def open_folder(maildir: str, sub: str, owner: int | None = None) -> int:
     return fd
 
 
+def open_folders(maildir: str, *subs: str) -> tuple[int, ...]:
+    """:func:`open_folder` of each of ``subs``, in order; none left open if one fails."""
+    fds: list[int] = []
+    try:
+        for sub in subs:
+            fds.append(open_folder(maildir, sub))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return tuple(fds)
+
+
+def name_taken(name: str, dir_fd: int) -> bool:
+    """Whether ``name`` exists in the folder open at ``dir_fd`` (a link counts)."""
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def list_messages(maildir: str, owner: int | None = None) -> list[Entry]:
     """Regular files of new/ and cur/ (not dot-files), in delivery order.
 
@@ -217,27 +240,24 @@ def list_messages(maildir: str, owner: int | None = None) -> list[Entry]:
     shared: list[tuple[Entry, Entry]] = []
     for sub in ("cur", "new"):  # cur/ first: the name a duplicate is listed under
         fd = open_folder(maildir, sub, owner)
-        try:
-            it = os.scandir(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        with it:
-            for de in it:
-                name = de.name
-                if name.startswith("."):
-                    continue
-                try:
-                    if not de.is_file(follow_symlinks=False):
+        try:  # (os.scandir(fd) leaves the descriptor open)
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = de.name
+                    if name.startswith("."):
                         continue
-                except OSError:
-                    continue
-                entry = Entry(sub, name, base_name(name))
-                first = by_base.setdefault(entry.base, entry)
-                if first is not entry:
-                    shared.append((first, entry))
-                entries.append(entry)
-        os.close(fd)  # (os.scandir(fd) leaves the descriptor open)
+                    try:
+                        if not de.is_file(follow_symlinks=False):
+                            continue
+                    except OSError:
+                        continue
+                    entry = Entry(sub, name, base_name(name))
+                    first = by_base.setdefault(entry.base, entry)
+                    if first is not entry:
+                        shared.append((first, entry))
+                    entries.append(entry)
+        finally:
+            os.close(fd)
     if shared:
         _merge_links(maildir, entries, shared)
     entries.sort(key=lambda e: delivery_key(e.name))
@@ -312,14 +332,6 @@ def write_atomically(path: str, lines: Iterable[str], *, fsync: bool) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cacheable(name: str) -> bool:
@@ -529,12 +541,7 @@ def move_new_to_cur(maildir: str, entries: list[Entry]) -> bool:
     changed = False
     # Through descriptors of the two folders: a link put in place of either while
     # this runs cannot send a message into another user's maildir.
-    new_fd = open_folder(maildir, "new")
-    try:
-        cur_fd = open_folder(maildir, "cur")
-    except BaseException:
-        os.close(new_fd)
-        raise
+    new_fd, cur_fd = open_folders(maildir, "new", "cur")
     try:
         for e in entries:
             if e.others and e.subdir == "cur":
@@ -550,11 +557,8 @@ def move_new_to_cur(maildir: str, entries: list[Entry]) -> bool:
             try:
                 # Another writer could take the name between this check and the rename:
                 # only a deliverer reusing a unique name could, which Maildir rules out.
-                try:
-                    os.lstat(target, dir_fd=cur_fd)
+                if name_taken(target, cur_fd):
                     continue
-                except FileNotFoundError:
-                    pass
                 os.rename(e.name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
             except OSError:
                 continue
