@@ -291,6 +291,24 @@ async def test_no_scram_plus_over_tls13(
     await c.aclose()
 
 
+async def test_scram_y_flag_over_tls12_when_plus_is_not_configured(
+    start_server: ServerStarter, ca: trustme.CA, tmp_path: Path
+) -> None:
+    # TLS 1.2 has a channel binding, but the operator did not enable -PLUS: no -PLUS
+    # was offered, so "y" (RFC 5802 §6: "thinks the server does not" bind) is the
+    # truth, not a downgrade, and must not fail a right password.
+    mechs = ["SCRAM-SHA-256", "PLAIN"]
+    srv = await tls_server(start_server, write_cert(ca, tmp_path), mechanisms=mechs)
+    ctx = client_context(ca, max_version=ssl.TLSVersion.TLSv1_2)
+    c = await stls_client(port_of(srv), ctx)
+    assert isinstance(c.stream, trio.SSLStream)
+    assert c.stream.version() == "TLSv1.2"
+    caps = await c.multiline(b"CAPA\r\n")
+    assert b"SASL SCRAM-SHA-256 PLAIN\r\n" in caps
+    assert await scram_login(c, Scram("alice", "wonderland", gs2="y,,")) == MAILDROP_OK
+    await c.aclose()
+
+
 # ---- raw exchanges ---------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -830,6 +831,11 @@ def create_mechanism(
     """A new exchange for ``name`` (any case), or None if it is unknown or not usable now
     (same rules and arguments as :func:`available_mechanisms`)."""
     upper = name.upper()
-    if upper not in available_mechanisms(ctx, enabled, allow_plaintext=allow_plaintext):
+    usable = available_mechanisms(ctx, enabled, allow_plaintext=allow_plaintext)
+    if upper not in usable:
         return None
+    if upper == ScramSha256.name and ScramSha256Plus.name not in usable:
+        # RFC 5802 §6: "y" is a downgrade only if -PLUS was offered; a TLS channel
+        # binding without -PLUS enabled offers nothing to bind with.
+        ctx = dataclasses.replace(ctx, channel_binding=None)
     return ALL_MECHANISMS[upper](ctx)
