@@ -141,6 +141,36 @@ def _plain(user: str, password: str) -> bytes:
     return base64.b64encode(f"\0{user}\0{password}".encode())
 
 
+async def test_sasl_exchanges_staged_early_still_pay_the_penalty(
+    autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend
+) -> None:
+    # An attacker opens exchanges while its record is clean ("AUTH PLAIN", "AUTH
+    # LOGIN" get their "+ " at once), fails elsewhere, then sends the passwords: each
+    # must wait the penalty its IP has when the password is checked, as PASS does.
+    ctx = context(memory_backend, max_auth_failures=20)
+    async with (
+        session(ctx, ABUSER) as (plain, _),
+        session(ctx, ABUSER) as (login, _),
+        session(ctx, ABUSER) as (staged_user, _),
+        session(ctx, ABUSER) as (other, _),
+    ):
+        assert await timed(plain, b"AUTH PLAIN\r\n") == (b"+ \r\n", 0)
+        assert await timed(login, b"AUTH LOGIN YWxpY2U=\r\n") == (b"+ UGFzc3dvcmQ6\r\n", 0)
+        assert await staged_user.cmd(b"USER alice\r\n") == b"+OK\r\n"
+        for n in range(3):  # level 3: 8 s before the next check, then 2 s before -ERR
+            assert (await pass_attempt(other, "bob", f"guess-{n}"))[0] == AUTH_FAILED
+        assert await timed(staged_user, b"PASS guess-a\r\n") == (AUTH_FAILED, 10)
+        assert await timed(plain, _plain("alice", "guess-b") + b"\r\n") == (AUTH_FAILED, 17)
+        assert await timed(login, base64.b64encode(b"guess-c") + b"\r\n") == (AUTH_FAILED, 17)
+    # An honest exchange whose IP's record did not change pays once, at its start.
+    async with session(ctx, OTHER) as (c, _):
+        assert await timed(c, b"AUTH PLAIN\r\n") == (b"+ \r\n", 0)
+        assert await timed(c, _plain("alice", "wrong") + b"\r\n") == (AUTH_FAILED, 2)
+        assert await timed(c, b"AUTH LOGIN YWxpY2U=\r\n") == (b"+ UGFzc3dvcmQ6\r\n", 2)
+        reply = await timed(c, base64.b64encode(b"wonderland") + b"\r\n")
+        assert reply == (ALICE_OK, 0)
+
+
 # ---- per-connection cap ------------------------------------------------------------------
 
 

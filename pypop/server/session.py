@@ -204,6 +204,7 @@ class Session:
         self.end = "?"
         self._sasl: SaslMechanism | None = None
         self._sasl_user: str | None = None  # success data sent as a final challenge
+        self._sasl_paid = 0.0  # penalty seconds this SASL exchange has waited
         self._released: Hold | None = None  # let go when our maildrop lock is gone
         self._login_started: float | None = None  # for the login latency histogram
         self._retr_seconds = metrics.HistogramBatch(metrics.RETR_SECONDS)
@@ -650,11 +651,18 @@ class Session:
             self._sasl = mech
             async with self.ctx.guard.auth(self.peer.host) as wait:
                 await self._penalty(wait)
+                self._sasl_paid = wait
                 result = await mech.step(event.initial)
         else:
             if mech is None:
                 return await self._auth_failed(method, None, None)
-            async with self.ctx.guard.auth(self.peer.host, delay=False):
+            async with self.ctx.guard.auth(self.peer.host) as wait:
+                # An exchange pays its IP's penalty once, but as it stands when the
+                # secret comes: one opened while the record was clean, and answered
+                # after failures elsewhere, waits the difference (as a late PASS does).
+                if wait > self._sasl_paid:
+                    await self._penalty(wait - self._sasl_paid)
+                    self._sasl_paid = wait
                 result = await mech.step(event.data)
         if isinstance(result, SaslChallenge):
             return await self._challenge(mech, result.data)
