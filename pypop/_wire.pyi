@@ -139,7 +139,12 @@ def parse_proxy_header(
     octets, or b"" when the header carries none (v1 UNKNOWN, v2 LOCAL, AF_UNSPEC,
     AF_UNIX). ValueError for anything else, or for more than ``max_len`` octets."""
 
-def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) -> list[bytes]:
+def read_small_files(
+    paths: Sequence[str],
+    limit: int,
+    stuffed: bool = False,
+    dir_fds: Sequence[int] | None = None,
+) -> list[bytes]:
     """The contents of ``paths``, in order, while each is a whole small file; with
     ``stuffed``, each in wire form (``stuff(contents)``, its terminator included).
 
@@ -147,10 +152,16 @@ def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) ->
     is not a regular file, cannot be read, has ``limit`` octets or more, or grew while
     read: the result is the contents of the paths before it. Each file is read with one
     system call when it is as large as fstat says. The extension releases the GIL once
-    for the whole list (the stuffing included). TypeError for a path that is not
-    ``str``, OverflowError for a negative ``limit``."""
+    for the whole list (the stuffing included).
 
-def read_file_now(path: str | PathLike[str], limit: int) -> bytes | None:
+    With ``dir_fds`` (one directory descriptor per path), each path is a plain name
+    opened with ``openat(dir_fds[i], name, O_NOFOLLOW ...)``: the file in the very
+    directory the caller holds, whatever its path leads to by now. ValueError, before
+    any I/O, for a length that differs from ``paths``', a negative descriptor, or a
+    name with a ``/``. TypeError for a path that is not ``str``, OverflowError for a
+    negative ``limit``."""
+
+def read_file_now(path: str | PathLike[str], limit: int, dir_fd: int | None = None) -> bytes | None:
     """The whole contents of the regular file at ``path`` (fewer than ``limit`` octets)
     if the kernel can give them without waiting: the path resolved from its caches
     alone (``openat2`` with ``RESOLVE_CACHED``), every octet in the page cache
@@ -158,8 +169,13 @@ def read_file_now(path: str | PathLike[str], limit: int) -> bytes | None:
     for anything else: not in memory, not a regular file, a symbolic link (never
     followed), ``limit`` octets or more, shorter than ``fstat`` said, an error, or a
     kernel without these calls; the caller then reads it where waiting is harmless (a
-    worker thread). The extension releases the GIL for the read. TypeError for a path
-    that is not ``str``, OverflowError for a ``limit`` outside 0..2**64 - 1."""
+    worker thread). The extension releases the GIL for the read.
+
+    With ``dir_fd``, ``path`` is a plain name opened relative to that directory
+    descriptor (and kept beneath it, ``RESOLVE_BENEATH``: ``..`` reads as None), never
+    through the directory's path; ValueError for a negative ``dir_fd`` or a name with a
+    ``/``. TypeError for a path that is not ``str``, OverflowError for a ``limit``
+    outside 0..2**64 - 1."""
 
 def read_at_now(fd: int, offset: int, size: int) -> bytes | None:
     """``size`` octets of the open file ``fd`` from ``offset`` if every one is in the

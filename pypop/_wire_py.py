@@ -762,7 +762,12 @@ def files_unchanged(directory: str, names: bytes, stats: bytes) -> bool:
     return True
 
 
-def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) -> list[bytes]:
+def read_small_files(
+    paths: Sequence[str],
+    limit: int,
+    stuffed: bool = False,
+    dir_fds: Sequence[int] | None = None,
+) -> list[bytes]:
     """See the stub: the contents of the leading paths that are whole small files."""
     if isinstance(paths, str):
         raise TypeError("paths must be a sequence of str, not a str")
@@ -771,16 +776,38 @@ def read_small_files(paths: Sequence[str], limit: int, stuffed: bool = False) ->
     names = [os.fspath(p) for p in paths]
     if not all(isinstance(p, str) for p in names):
         raise TypeError("paths must be str or os.PathLike[str]")
+    fds: list[int | None]
+    if dir_fds is None:
+        fds = [None] * len(names)
+    else:
+        fds = [_dir_fd(fd) for fd in dir_fds]
+        # Checked before any I/O, as the extension does.
+        if len(fds) != len(names):
+            raise ValueError("dir_fds must hold one descriptor per path")
+        if any(fd < 0 for fd in fds if fd is not None):
+            raise ValueError("negative file descriptor")
+        if any("/" in name for name in names):
+            raise ValueError("with dir_fds, paths must be names without '/'")
     out = []
-    for path in names:
-        data = _read_small_file(path, limit)
+    for path, fd in zip(names, fds, strict=True):
+        data = _read_small_file(path, limit, dir_fd=fd)
         if data is None:
             break
         out.append(stuff(data) if stuffed else data)
     return out
 
 
-def read_file_now(path: str | os.PathLike[str], limit: int) -> bytes | None:
+def _dir_fd(fd: int) -> int:
+    """A descriptor as the extension takes it (a C int, by ``__index__``)."""
+    fd = operator.index(fd)
+    if not -(1 << 31) <= fd < 1 << 31:
+        raise OverflowError("descriptor out of range for a C int")
+    return fd
+
+
+def read_file_now(
+    path: str | os.PathLike[str], limit: int, dir_fd: int | None = None
+) -> bytes | None:
     """See the stub: the whole regular file if the kernel has it in memory, else None.
     (Python cannot ask for a path resolved from caches alone: the open may wait.)"""
     if not 0 <= limit < 1 << 64:
@@ -788,7 +815,13 @@ def read_file_now(path: str | os.PathLike[str], limit: int) -> bytes | None:
     name = os.fspath(path)
     if not isinstance(name, str):
         raise TypeError("path must be str or os.PathLike[str]")
-    return _read_small_file(name, limit, now=True)
+    if dir_fd is not None:
+        dir_fd = _dir_fd(dir_fd)
+        if dir_fd < 0:
+            raise ValueError("negative file descriptor")
+        if "/" in name:
+            raise ValueError("with a dir_fd, the name must have no '/'")
+    return _read_small_file(name, limit, now=True, dir_fd=dir_fd)
 
 
 def read_at_now(fd: int, offset: int, size: int) -> bytes | None:
@@ -805,11 +838,14 @@ def read_at_now(fd: int, offset: int, size: int) -> bytes | None:
         return None
 
 
-def _read_small_file(path: str, limit: int, *, now: bool = False) -> bytes | None:
+def _read_small_file(
+    path: str, limit: int, *, now: bool = False, dir_fd: int | None = None
+) -> bytes | None:
     """A regular file below ``limit`` octets, or None. ``now``: read_file_now's reads
-    (the page cache alone, to the size fstat gave); else read_small_files'."""
+    (the page cache alone, to the size fstat gave); else read_small_files'. With
+    ``dir_fd``, ``path`` is a name in that directory (never walked to by its path)."""
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
     try:

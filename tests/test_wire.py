@@ -13,6 +13,7 @@ round trips, and check Rust == twin call for call under random chunkings.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -1363,6 +1364,84 @@ def test_read_small_files_opens_what_open_opens(
     ]
 
 
+@contextlib.contextmanager
+def _held_then_swapped(tmp_path: Path) -> Iterator[int]:
+    """A descriptor of ``mine/`` held while its path is swapped for a link to
+    ``theirs/``, which holds files of the same names: a read through the descriptor
+    must find mine/'s."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for folder, body in ((mine, b"mine"), (theirs, b"theirs")):
+        folder.mkdir()
+        (folder / "a").write_bytes(body + b" a\n")
+        (folder / "b").write_bytes(body + b" b\n")
+    fd = os.open(mine, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        mine.rename(tmp_path / "mine.away")
+        mine.symlink_to(theirs)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def test_read_small_files_through_dir_fds(wire: ModuleType, tmp_path: Path) -> None:
+    """With ``dir_fds``, each name is opened in the directory held, not at its path."""
+    with _held_then_swapped(tmp_path) as fd:
+        before = len(os.listdir("/proc/self/fd"))
+        assert wire.read_small_files(["a", "b"], 100, dir_fds=[fd, fd]) == [
+            b"mine a\n",
+            b"mine b\n",
+        ]
+        assert wire.read_small_files(["b"], 100, True, (fd,)) == [b"mine b\r\n.\r\n"]
+        assert wire.read_small_files([], 100, dir_fds=[]) == []
+        # Never the path walk: the same names by path reach the link's target.
+        via = str(tmp_path / "mine")
+        assert wire.read_small_files([f"{via}/a"], 100) == [b"theirs a\n"]
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_read_small_files_dir_fds_refuse_links_and_stop_as_paths_do(
+    wire: ModuleType, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    a.write_bytes(b"hello")
+    (tmp_path / "link").symlink_to(a)  # never followed
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for stop in ("link", "fifo", "dir", "gone", ".", "..", "", "a\0x"):
+            assert wire.read_small_files(["a", stop, "a"], 100, dir_fds=[fd] * 3) == [b"hello"], (
+                stop
+            )
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("paths", "dir_fds"),
+    [
+        (["a", "b"], [3]),  # fewer descriptors than names
+        (["a"], [3, 3]),  # more
+        (["a"], [-1]),  # negative
+        (["a", "b"], [3, -5]),
+        (["sub/a"], [3]),  # a name that walks on from the held directory
+        (["/etc/passwd"], [3]),
+    ],
+)
+def test_read_small_files_dir_fds_refused_before_any_io(
+    wire: ModuleType, paths: list[str], dir_fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The twin would fail its read through os.open: none is made.)
+    monkeypatch.setattr(os, "open", None)
+    with pytest.raises(ValueError, match=r"dir_fds|descriptor"):
+        wire.read_small_files(paths, 100, dir_fds=dir_fds)
+
+
+def test_read_small_files_dir_fds_must_be_ints(wire: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        wire.read_small_files(["a"], 100, dir_fds=["3"])
+
+
 # --------------------------------------------------------------------------------------
 # read_file_now (a large message read on the event loop when it is in memory)
 # --------------------------------------------------------------------------------------
@@ -1426,6 +1505,37 @@ def test_read_file_now_refuses_paths_that_are_not_str(wire: ModuleType, path: ob
 def test_read_file_now_limit_out_of_range(wire: ModuleType, limit: int) -> None:
     with pytest.raises(OverflowError):
         wire.read_file_now("/etc/hostname", limit)
+
+
+def test_read_file_now_through_a_dir_fd(wire: ModuleType, tmp_path: Path) -> None:
+    """With ``dir_fd``, the name is opened in the directory held, not at its path."""
+    if wire.IMPLEMENTATION == "rust" and not _openat2_cached():
+        pytest.skip("this kernel has no openat2 with RESOLVE_CACHED")
+    with _held_then_swapped(tmp_path) as fd:
+        before = len(os.listdir("/proc/self/fd"))
+        assert wire.read_file_now("a", 100, fd) == b"mine a\n"
+        assert wire.read_file_now("b", 100, dir_fd=fd) == b"mine b\n"
+        assert wire.read_file_now("b", 7, dir_fd=fd) is None  # limit octets or more
+        assert wire.read_file_now(str(tmp_path / "mine" / "a"), 100) == b"theirs a\n"
+        assert len(os.listdir("/proc/self/fd")) == before
+    # A link, a FIFO, a folder, a missing name, the folder itself or its parent: None.
+    a = tmp_path / "x"
+    a.write_bytes(b"hello")
+    (tmp_path / "link").symlink_to(a)
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert wire.read_file_now("x", 100, dir_fd=fd) == b"hello"
+        for name in ("link", "fifo", "mine.away", "gone", ".", "..", "", "x\0y"):
+            assert wire.read_file_now(name, 100, dir_fd=fd) is None, name
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("name", "dir_fd"), [("a", -1), ("a", -100), ("sub/a", 3), ("/a", 3)])
+def test_read_file_now_dir_fd_refusals(wire: ModuleType, name: str, dir_fd: int) -> None:
+    with pytest.raises(ValueError, match=r"descriptor|name"):
+        wire.read_file_now(name, 100, dir_fd=dir_fd)
 
 
 def test_read_at_now_blocks_at_offsets(wire: ModuleType, tmp_path: Path) -> None:

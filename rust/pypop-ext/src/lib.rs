@@ -539,23 +539,34 @@ const DEFAULT_PROXY_MAX: usize = 1024;
 /// (a backend's read-ahead: one call instead of five system calls, each giving up and
 /// taking back the GIL, per file). Stops at the first that cannot be read whole. With
 /// `stuffed`, each comes in wire form (`stuff(contents)`), stuffed here without the GIL.
+/// With `dir_fds`, each path is a plain name opened in the directory held by the
+/// descriptor beside it (never by a path walk: the directory's path may lead elsewhere
+/// by now).
 #[pyfunction]
-#[pyo3(signature = (paths, limit, stuffed = false))]
+#[pyo3(signature = (paths, limit, stuffed = false, dir_fds = None))]
 fn read_small_files<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     limit: usize,
     stuffed: bool,
+    dir_fds: Option<Vec<libc::c_int>>,
 ) -> PyResult<Bound<'py, PyList>> {
+    if let Some(fds) = &dir_fds {
+        check_dir_fds(&paths, fds)?; // before any I/O
+    }
     // All of them in one buffer, `ends` apart: no allocation per file in the worker.
     let (all, ends) = py.detach(|| {
         let mut dirs = Dirs::default();
         let mut all = Vec::new();
         let mut raw = Vec::new();
         let mut ends = Vec::with_capacity(paths.len());
-        for path in &paths {
+        for (i, path) in paths.iter().enumerate() {
             let into = if stuffed { &mut raw } else { &mut all };
-            if !read_small_file(&mut dirs, path, limit, into) {
+            let file = match &dir_fds {
+                Some(fds) => open_at(fds[i], path.as_os_str().as_bytes()),
+                None => open_message(&mut dirs, path),
+            };
+            if !read_small_file(file, limit, into) {
                 break;
             }
             if stuffed {
@@ -577,6 +588,39 @@ fn read_small_files<'py>(
     )
 }
 
+/// `read_small_files`' arguments with `dir_fds`: one non-negative descriptor per path,
+/// and each path a plain name (a `/` would walk from the held directory elsewhere).
+fn check_dir_fds(paths: &[PathBuf], fds: &[libc::c_int]) -> PyResult<()> {
+    if fds.len() != paths.len() {
+        return Err(PyValueError::new_err(
+            "dir_fds must hold one descriptor per path",
+        ));
+    }
+    if fds.iter().any(|&fd| fd < 0) {
+        return Err(PyValueError::new_err("negative file descriptor"));
+    }
+    if paths
+        .iter()
+        .any(|p| p.as_os_str().as_bytes().contains(&b'/'))
+    {
+        return Err(PyValueError::new_err(
+            "with dir_fds, paths must be names without '/'",
+        ));
+    }
+    Ok(())
+}
+
+/// A name without `/` (opened relative to a directory descriptor), else ValueError.
+fn plain_name(path: &Path) -> PyResult<&[u8]> {
+    let name = path.as_os_str().as_bytes();
+    if name.contains(&b'/') {
+        return Err(PyValueError::new_err(
+            "with a dir_fd, the name must have no '/'",
+        ));
+    }
+    Ok(name)
+}
+
 /// The whole contents of the regular file at `path` (fewer than `limit` octets) if the
 /// kernel can give them without waiting: the path resolved from its caches alone
 /// (`openat2` with `RESOLVE_CACHED`) and every octet in the page cache (`preadv2` with
@@ -584,14 +628,26 @@ fn read_small_files<'py>(
 /// link, too large, shorter than `fstat` said, an error, a kernel without these calls):
 /// the caller then reads it in a worker thread, where waiting costs the event loop
 /// nothing. Saves a thread hop per large message when it is in memory.
+///
+/// With `dir_fd`, `path` is a plain name opened in that directory (also kept beneath
+/// it: `RESOLVE_BENEATH`), never through the directory's path.
 #[pyfunction]
-#[allow(unsafe_code)] // a `bytes` filled after it is made, as in exact_bytes
+#[pyo3(signature = (path, limit, dir_fd = None))]
 fn read_file_now<'py>(
     py: Python<'py>,
     path: PathBuf,
     limit: u64,
+    dir_fd: Option<libc::c_int>,
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-    let Some((file, size)) = open_cached(&path, limit) else {
+    let (dirfd, resolve) = match dir_fd {
+        Some(fd) if fd < 0 => return Err(PyValueError::new_err("negative file descriptor")),
+        Some(fd) => {
+            plain_name(&path)?;
+            (fd, libc::RESOLVE_CACHED | libc::RESOLVE_BENEATH)
+        }
+        None => (libc::AT_FDCWD, libc::RESOLVE_CACHED),
+    };
+    let Some((file, size)) = open_cached(dirfd, &path, resolve, limit) else {
         return Ok(None);
     };
     bytes_read_now(py, file.as_raw_fd(), 0, size)
@@ -656,7 +712,7 @@ struct OpenHow {
 
 /// [`read_file_now`]'s open: the file and its size, or None.
 #[allow(unsafe_code)]
-fn open_cached(path: &Path, limit: u64) -> Option<(File, u64)> {
+fn open_cached(dirfd: libc::c_int, path: &Path, resolve: u64, limit: u64) -> Option<(File, u64)> {
     let name = CString::new(path.as_os_str().as_bytes()).ok()?;
     let how = OpenHow {
         flags: (libc::O_RDONLY
@@ -665,14 +721,15 @@ fn open_cached(path: &Path, limit: u64) -> Option<(File, u64)> {
             | libc::O_NOCTTY
             | libc::O_CLOEXEC) as u64,
         mode: 0,
-        resolve: libc::RESOLVE_CACHED,
+        resolve,
     };
-    // SAFETY: `name` is NUL-terminated and `how` a valid open_how of the size passed,
-    // both alive for the call; a non-negative return is a new descriptor of ours.
+    // SAFETY: `dirfd` is AT_FDCWD or a descriptor the caller holds, `name` is
+    // NUL-terminated and `how` a valid open_how of the size passed, all alive for the
+    // call; a non-negative return is a new descriptor of ours.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            libc::AT_FDCWD,
+            dirfd,
             name.as_ptr(),
             &how as *const OpenHow,
             std::mem::size_of::<OpenHow>(),
@@ -814,8 +871,8 @@ fn open_dir(path: &Path) -> Option<OwnedFd> {
 /// link) of fewer than `limit` octets; false, with `out` as it was, for anything else or
 /// a failure. Reads exactly as many octets as fstat reported (one read), asking for one
 /// more to see a file that grew.
-fn read_small_file(dirs: &mut Dirs, path: &Path, limit: usize, out: &mut Vec<u8>) -> bool {
-    let Some(file) = open_message(dirs, path) else {
+fn read_small_file(file: Option<File>, limit: usize, out: &mut Vec<u8>) -> bool {
+    let Some(file) = file else {
         return false;
     };
     let Ok(meta) = file.metadata() else {
@@ -861,25 +918,30 @@ fn read_small_file(dirs: &mut Dirs, path: &Path, limit: usize, out: &mut Vec<u8>
 }
 
 /// Opens a message file for reading: relative to its directory's descriptor when the
-/// path ends in a plain name (`dir/name`), else by the whole path. O_NOFOLLOW: never
-/// through a symbolic link; O_NONBLOCK: a FIFO opens at once instead of hanging.
+/// path ends in a plain name (`dir/name`), else by the whole path.
 fn open_message(dirs: &mut Dirs, path: &Path) -> Option<File> {
-    const FLAGS: libc::c_int =
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
     let bytes = path.as_os_str().as_bytes();
-    let (dirfd, name) = match bytes.iter().rposition(|&b| b == b'/') {
+    match bytes.iter().rposition(|&b| b == b'/') {
         Some(slash) if !matches!(&bytes[slash + 1..], b"" | b"." | b"..") => {
             let dir = if slash == 0 {
                 &bytes[..1]
             } else {
                 &bytes[..slash]
             };
-            (dirs.get(dir)?.as_raw_fd(), &bytes[slash + 1..])
+            open_at(dirs.get(dir)?.as_raw_fd(), &bytes[slash + 1..])
         }
-        _ => (libc::AT_FDCWD, bytes),
-    };
+        _ => open_at(libc::AT_FDCWD, bytes),
+    }
+}
+
+/// Opens `name` relative to `dirfd` for reading. O_NOFOLLOW: never through a symbolic
+/// link; O_NONBLOCK: a FIFO opens at once instead of hanging.
+#[allow(unsafe_code)]
+fn open_at(dirfd: libc::c_int, name: &[u8]) -> Option<File> {
+    const FLAGS: libc::c_int =
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
     let name = CString::new(name).ok()?;
-    // SAFETY: `dirfd` is AT_FDCWD or a descriptor `dirs` keeps open, and `name` a
+    // SAFETY: `dirfd` is AT_FDCWD or a descriptor the caller keeps open, and `name` a
     // NUL-terminated string alive for the call; the descriptor returned is ours alone.
     let fd = unsafe { libc::openat(dirfd, name.as_ptr(), FLAGS) };
     // SAFETY: a non-negative return is a new descriptor nobody else owns.
