@@ -324,11 +324,11 @@ def test_soft_file_limit_is_raised_at_start_up(tmp_path: Path) -> None:
             if soft != 256:
                 break
             time.sleep(0.05)
-        assert soft == 2 * 1000 + 64  # two per connection plus the reserve
+        assert soft == 5 * 1000 + 64  # FDS_PER_CONNECTION per connection plus the reserve
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
-    assert "open-file limit raised from 256 to 2064" in err
+    assert "open-file limit raised from 256 to 5064" in err
 
 
 async def test_out_of_descriptors_refuses_and_backs_off(

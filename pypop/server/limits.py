@@ -28,8 +28,10 @@ __all__ = [
 
 log = logging.getLogger("pypop.server")
 
-FDS_PER_CONNECTION: Final = 2
-"""Descriptors one session may hold: its socket, and a message file or lock file."""
+FDS_PER_CONNECTION: Final = 5
+"""Descriptors one session may hold: its socket and, with the Maildir backend, its lock
+file, the ``cur/`` and ``new/`` it listed (held from its first read, so a folder
+swapped in later is never read) and a message file."""
 RESERVED_FDS: Final = 64
 """For the listeners, the passwd-file, logs and the event loop itself."""
 
@@ -45,7 +47,7 @@ def ensure_open_files(max_connections: int) -> int:
     Raises :class:`OpenFilesError` (a ``ValueError``: a configuration error) if not
     even one descriptor per connection is possible: with fewer, new connections
     would wait unanswered in the listen queue (accept fails with EMFILE). Between one
-    and two per connection the server starts, with a warning.
+    and ``FDS_PER_CONNECTION`` per connection the server starts, with a warning.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = FDS_PER_CONNECTION * max_connections + RESERVED_FDS

@@ -157,12 +157,14 @@ async def test_folders_linked_to_another_users_are_not_served(
 
 
 @pytest.mark.parametrize("swap", ["link", "folder"])
+@pytest.mark.parametrize("read", [False, True])
 async def test_update_removes_nothing_through_a_folder_swapped_in_after_the_listing(
-    alice: Path, root: Path, backend_factory: BackendMaker, swap: str
+    alice: Path, root: Path, backend_factory: BackendMaker, swap: str, read: bool
 ) -> None:
     # After alice's login lists her cur/, it is swapped for a link to bob's (or for
     # another folder), which holds a file of the same name: her DELE and the Seen
-    # flag at UPDATE must not remove or rename it, nor anything else.
+    # flag at UPDATE must not remove or rename it, nor anything else. A session that
+    # read a message before the swap holds her very folders: UPDATE goes through them.
     name = "1700000001.M1P1.h:2,"
     deliver(alice, name, HELLO, sub="cur")
     deliver(alice, "1700000002.M2P1.h:2,", HELLO, sub="cur")
@@ -171,20 +173,23 @@ async def test_update_removes_nothing_through_a_folder_swapped_in_after_the_list
     deliver(bob, "1700000002.M2P1.h:2,", b"Subject: bob's\n\nalso\n", sub="cur")
     mb = await backend_factory().open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)
-    assert await fetch(mb, 1) == HELLO  # to be flagged Seen at UPDATE
+    if read:
+        assert await fetch(mb, 1) == HELLO  # to be flagged Seen at UPDATE
     (alice / "cur").rename(alice / "cur.away")
     if swap == "link":
         (alice / "cur").symlink_to(bob / "cur")
     else:
         (alice / "cur").mkdir()
         (alice / "cur" / name).write_bytes(b"someone else's\n")
-    with pytest.raises(UpdateFailed, match="nothing removed"):
+    if read:
         await mb.commit([0])
+        kept = ["1700000002.M2P1.h:2,S"]  # in her own folder, wherever it is now
+    else:
+        with pytest.raises(UpdateFailed, match="nothing removed"):
+            await mb.commit([0])
+        kept = [name, "1700000002.M2P1.h:2,"]
     assert sorted(p.name for p in (bob / "cur").iterdir()) == [name, "1700000002.M2P1.h:2,"]
-    assert sorted(p.name for p in (alice / "cur.away").iterdir()) == [
-        name,
-        "1700000002.M2P1.h:2,",
-    ]
+    assert sorted(p.name for p in (alice / "cur.away").iterdir()) == kept
     if swap == "folder":
         assert [p.name for p in (alice / "cur").iterdir()] == [name]
 
@@ -311,7 +316,7 @@ class _Blocker:
         os.mkfifo(self.fifo)
         self.entered = threading.Semaphore(0)
 
-    def open_message(self, path: str) -> int:
+    def open_message(self, *args: object) -> int:
         self.entered.release()
         fd = os.open(self.fifo, os.O_RDONLY)  # blocks until a writer appears
         os.close(fd)
@@ -340,11 +345,12 @@ async def test_stuck_io_frees_the_session_and_its_lock(
     deliver(root / "bob", "1700000009.M9P1.h", HELLO)
     backend = create({"root": str(root), "io_threads": 4, "io_timeout": 0.5, "lock": lock})
     blocker = _Blocker(tmp_path)
+    fds_before = len(os.listdir("/proc/self/fd"))
     mb = await backend.open_mailbox("alice")
     assert isinstance(mb, MaildirMailbox)
     monkeypatch.setattr(_store, "open_message", blocker.open_message)
     # Not in the page cache: a large message is read in a thread, and sticks there.
-    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
+    monkeypatch.setattr(_backend, "read_file_now", lambda *args: None)
     try:
         with wall(10):
             # More stuck reads than the session's share of threads.
@@ -365,6 +371,13 @@ async def test_stuck_io_frees_the_session_and_its_lock(
             await other.aclose()
     finally:
         blocker.release()
+    # The threads left behind held alice's folders past her release: they close them
+    # when they end (never closed under them, where the number could be reused).
+    for _ in range(100):
+        if len(os.listdir("/proc/self/fd")) == fds_before:
+            break
+        await trio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
 # ---------------------------------------------------- item 10: crash during new -> cur
@@ -457,7 +470,7 @@ async def test_stuck_io_through_the_server(
                     pop.pass_(PASSWORD)
                     monkeypatch.setattr(_store, "open_message", blocker.open_message)
                     # Not in the page cache: read in a thread, which sticks.
-                    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
+                    monkeypatch.setattr(_backend, "read_file_now", lambda *args: None)
                     with pytest.raises(poplib.error_proto) as err:
                         pop.retr(1)
                     monkeypatch.undo()
@@ -484,3 +497,178 @@ async def test_stuck_io_through_the_server(
     assert 'read message 1 of alice: "blocking I/O did not finish within' in caplog.text
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info]
+
+
+# ------------------------- RETR through the listed folders (a swap after the login)
+
+
+def _mail(who: str, n: int, size: int = 0) -> bytes:
+    """A message of ``who``'s (``size``: at least that many octets of body)."""
+    line = f"{who}'s own mail {n}\n".encode()
+    return f"Subject: {who} {n}\n\n".encode() + line * max(1, size // len(line))
+
+
+def _name(n: int) -> str:
+    return f"170000000{n}.M{n}P1.h:2,"
+
+
+def _retr(pop: poplib.POP3, n: int) -> bytes | None:
+    """The message as stored (LF line ends), or None for an -ERR [SYS/TEMP] (which
+    ends the session: no UPDATE)."""
+    try:
+        _, lines, _ = pop.retr(n)
+    except poplib.error_proto as exc:
+        reply = exc.args[0]
+    else:
+        return b"\n".join(lines) + b"\n"
+    assert reply.startswith(b"-ERR [SYS/TEMP] "), reply
+    return None
+
+
+async def _session_after_swap(
+    root: Path, sizes: list[int], before: list[int], after: list[int], dele: list[int]
+) -> tuple[dict[int, bytes | None], bytes | None]:
+    """alice's messages of ``sizes`` (bob has files of the same names, his own content);
+    over a real server, alice logs in, RETRs ``before``, her cur/ is swapped for a link
+    to bob's, she DELEs ``dele`` and RETRs ``after``: the messages got, and QUIT's reply
+    (None: the session ended at an -ERR, with no UPDATE)."""
+    from .test_e2e import PASSWORD, running
+
+    alice, bob = make_maildir(root / "alice"), make_maildir(root / "bob")
+    for n, size in enumerate(sizes, 1):
+        deliver(alice, _name(n), _mail("alice", n, size), sub="cur")
+        deliver(bob, _name(n), _mail("bob", n, size), sub="cur")
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def client() -> tuple[dict[int, bytes | None], bytes | None]:
+            got: dict[int, bytes | None] = {}
+            pop = poplib.POP3(host, port, timeout=30)
+            try:
+                pop.user("alice")
+                pop.pass_(PASSWORD)
+                for n in before:
+                    got[n] = _retr(pop, n)
+                (alice / "cur").rename(alice / "cur.away")
+                (alice / "cur").symlink_to(bob / "cur")
+                for n in dele:
+                    pop.dele(n)
+                for n in after:
+                    got[n] = _retr(pop, n)
+                    if got[n] is None:
+                        return got, None
+                try:
+                    quit_reply = pop.quit()
+                except poplib.error_proto as exc:
+                    quit_reply = exc.args[0]
+            finally:
+                pop.close()
+            return got, quit_reply
+
+        with wall(20):
+            got, quit_reply = await trio.to_thread.run_sync(client)
+    # Nothing of bob's removed or renamed, whatever alice did.
+    assert sorted(p.name for p in (bob / "cur").iterdir()) == [
+        _name(n) for n in range(1, 1 + len(sizes))
+    ]
+    return got, quit_reply
+
+
+async def test_retr_of_first_message_after_cur_swapped_for_a_link(root: Path) -> None:
+    # The worker's path: the first RETR opens the listed folders, finds cur/ is not the
+    # one listed, and reads nothing: -ERR [SYS/TEMP], the session ends without UPDATE,
+    # so her DELE before it removes nothing.
+    got, quit_reply = await _session_after_swap(root, [0, 0], [], [1], [2])
+    assert (got, quit_reply) == ({1: None}, None)
+    assert sorted(p.name for p in (root / "alice" / "cur.away").iterdir()) == [_name(1), _name(2)]
+
+
+async def test_retr_of_later_messages_after_cur_swapped_for_a_link(root: Path) -> None:
+    # A RETR before the swap holds her folders (its read-ahead stops at the large
+    # message 2); after it, message 3 is read in the worker and message 4 comes from the
+    # read-ahead (read_small_files through the held descriptors): hers, never bob's.
+    got, quit_reply = await _session_after_swap(root, [0, 70_000, 0, 0], [1], [3, 4], [2])
+    assert got == {1: _mail("alice", 1), 3: _mail("alice", 3), 4: _mail("alice", 4)}
+    assert quit_reply is not None
+    assert quit_reply.startswith(b"+OK")
+    # UPDATE went through her folder, wherever its name is now: 2 removed, the
+    # messages retrieved flagged Seen.
+    assert sorted(p.name for p in (root / "alice" / "cur.away").iterdir()) == [
+        _name(1) + "S",
+        _name(3) + "S",
+        _name(4) + "S",
+    ]
+
+
+@pytest.mark.parametrize("size", [70_000, 900_000])
+async def test_retr_of_large_message_after_cur_swapped_for_a_link(root: Path, size: int) -> None:
+    # A large message (just written: in the page cache) goes out through read_file_now
+    # on the event loop, relative to the held cur/: hers, never bob's.
+    got, quit_reply = await _session_after_swap(root, [0, size], [1], [2], [])
+    assert got == {1: _mail("alice", 1), 2: _mail("alice", 2, size)}
+    assert quit_reply is not None
+    assert quit_reply.startswith(b"+OK")
+
+
+async def test_sessions_leave_no_descriptor_open(root: Path) -> None:
+    """The folders' descriptors a session holds from its first read are closed at its
+    end: after QUIT, after a dropped connection, after a RETR refused for a swapped
+    cur/, after an idle session."""
+    from .test_e2e import PASSWORD, running
+
+    alice, bob = make_maildir(root / "alice"), make_maildir(root / "bob")
+    for n, size in enumerate([0, 70_000, 0, 0], 1):
+        deliver(alice, _name(n), _mail("alice", n, size), sub="cur")
+        deliver(bob, _name(n), _mail("bob", n, size), sub="cur")
+
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async with running(create({"root": str(root)})) as server:
+        host, port = server.addresses[0]
+
+        def login() -> poplib.POP3:
+            pop = poplib.POP3(host, port, timeout=30)
+            pop.user("alice")
+            pop.pass_(PASSWORD)
+            return pop
+
+        def sessions() -> None:
+            pop = login()  # idle: QUIT at once
+            pop.quit()
+            pop = login()  # reads everything, deletes one, QUIT
+            for n in range(1, 5):
+                assert _retr(pop, n) == _mail("alice", n, [0, 70_000, 0, 0][n - 1])
+            pop.dele(3)
+            pop.quit()
+            pop = login()  # reads and drops the connection
+            assert _retr(pop, 1) == _mail("alice", 1)
+            pop.close()
+            time.sleep(0.2)
+            pop = login()  # a RETR refused: cur/ is not the one listed
+            (alice / "cur").rename(alice / "cur.away")
+            (alice / "cur").symlink_to(bob / "cur")
+            assert _retr(pop, 1) is None
+            pop.close()
+
+        async def settled() -> int:
+            """The count once the server has let go of the closed connections."""
+            counts = [count()]
+            for _ in range(100):
+                if len(counts) >= 5 and len(set(counts[-5:])) == 1:
+                    break
+                await trio.sleep(0.05)
+                counts.append(count())
+            return counts[-1]
+
+        def warm_up() -> None:  # whatever the process makes once (threads, wake-ups)
+            pop = login()
+            assert _retr(pop, 1) == _mail("alice", 1)
+            pop.quit()
+
+        with wall(30):
+            await trio.to_thread.run_sync(warm_up)
+            before = await settled()
+            await trio.to_thread.run_sync(sessions)
+            assert await settled() <= before
+    assert (alice / "cur.away").is_dir()

@@ -559,7 +559,7 @@ async def test_read_ahead_saves_thread_hops_and_keeps_bytes_exact(
     bodies.insert(20, b"Subject: big\n\n" + b"y" * (BLOCK_SIZE + 10) + b"\n")
     box, hops = await _open_counting_hops(alice, backend_factory, bodies)
     if not in_memory:  # the kernel would have to wait for the disk
-        monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
+        monkeypatch.setattr(_backend, "read_file_now", lambda *args: None)
     got = [await _fetch(box, i) for i in range(len(bodies))]
     assert got == bodies
     # 0..19 in one hop, the big one alone (one LARGE_BLOCK read; none if the kernel has
@@ -589,22 +589,26 @@ async def test_large_message_read_without_a_hop_when_in_memory_and_no_lock_waits
     calls: list[int] = []
     real = read_file_now
 
-    def spy(path: str, limit: int) -> bytes | None:
+    def spy(path: str, limit: int, dir_fd: int | None = None) -> bytes | None:
         calls.append(limit)
-        return real(path, limit)
+        return real(path, limit, dir_fd)
 
     monkeypatch.setattr(_backend, "read_file_now", spy)
+    # The first read opens the listed folders, in a hop (never on the event loop);
+    # from then on the event loop reads through them.
     assert await _fetch(box, 0) == just
-    assert (hops.count, calls) == (0, [LARGE_BLOCK + 1])
+    assert (hops.count, calls) == (1, [])
+    assert await _fetch(box, 0) == just
+    assert (hops.count, calls) == (1, [LARGE_BLOCK + 1])
     assert await _fetch(box, 1) == over  # read_file_now declines it: too large
-    assert (hops.count, calls) == (1, [LARGE_BLOCK + 1] * 2)  # the last octet: no hop
+    assert (hops.count, calls) == (2, [LARGE_BLOCK + 1] * 2)  # the last octet: no hop
     assert await _fetch(box, 3) == three
-    assert hops.count == 2
+    assert hops.count == 3
     assert b"".join([b async for b in box.retrieve(2, top_lines=0)]) == b"Subject: a\n\n"
-    assert (hops.count, len(calls)) == (3, 3)
+    assert (hops.count, len(calls)) == (4, 3)
     monkeypatch.setattr(HeldLock, "refresh_due", lambda self: True)
     assert await _fetch(box, 2) == just
-    assert (hops.count, len(calls)) == (4, 3)
+    assert (hops.count, len(calls)) == (5, 3)
     monkeypatch.undo()
     # The second block not in memory: a hop reads it, and the third follows on.
     asked: list[int] = []
@@ -615,7 +619,7 @@ async def test_large_message_read_without_a_hop_when_in_memory_and_no_lock_waits
 
     monkeypatch.setattr(_backend, "read_at_now", second_not_in_memory)
     assert await _fetch(box, 3) == three
-    assert hops.count == 6  # (read_file_now declined it: a first block, then one more)
+    assert hops.count == 7  # (read_file_now declined it: a first block, then one more)
     assert asked == [LARGE_BLOCK, 2 * LARGE_BLOCK]
     assert box._retrieved == {0, 1, 2, 3}
     await box.aclose()
@@ -649,14 +653,18 @@ async def test_large_message_in_memory_goes_out_through_the_wire_cache(
         large,
     ]
     box, hops = await _open_counting_hops(alice, backend_factory, bodies)
+    # Until a read's hop has opened the listed folders, the event loop reads nothing.
+    assert box.wire_message(0) is None
+    assert await _serve(box, 1) == stuff(bodies[1])
+    assert hops.count == 1
     assert box.wire_message(0, 0) is None  # TOP
     assert box.wire_message(0) == stuff(large)
-    assert (hops.count, box._retrieved) == (0, {0})
+    assert (hops.count, box._retrieved) == (1, {0, 1})
     for n in (1, 2, 3):
         assert box.wire_message(n) is None, n
         assert await _serve(box, n) == stuff(bodies[n]), n
     assert box._retrieved == {0, 1, 2, 3}
-    monkeypatch.setattr(_backend, "read_file_now", lambda path, limit: None)
+    monkeypatch.setattr(_backend, "read_file_now", lambda *args: None)
     assert box.wire_message(4) is None
     monkeypatch.undo()
     monkeypatch.setattr(HeldLock, "refresh_due", lambda self: True)

@@ -446,6 +446,84 @@ def _listed_folders(maildir: str, key: bytes) -> dict[str, int]:
     return {"cur": cur_fd, "new": new_fd}
 
 
+class _Folders:
+    """Descriptors of the cur/ and new/ a session listed (checked by inode), opened in a
+    worker thread at its first read and kept until its release: its reads and UPDATE go
+    through them, so a link or another folder put at their paths since (another user's,
+    which the server's user can read) reaches nothing.
+
+    A thread using them holds a claim. A release while one is stuck (its thread left
+    behind at io_timeout) leaves the closing to that thread, so no descriptor number is
+    closed under it, and reused (for another user's folder), while it works."""
+
+    __slots__ = ("_claims", "_closed", "_mutex", "fds")
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] | None = None
+        self._claims = 0
+        self._closed = False
+        self._mutex = threading.Lock()  # never held across I/O: the event loop may take it
+
+    def usable(self) -> dict[str, int] | None:
+        """On the event loop: the descriptors, if opened already and not released."""
+        return None if self._closed else self.fds
+
+    def claim(self, maildir: str, key: bytes) -> dict[str, int]:
+        """In a worker thread: the descriptors, opened now if not yet (:meth:`unclaim`
+        after use). TemporaryFailure if cur/ or new/ is not the folder listed any more
+        (nothing in another folder is read) or the mailbox was released."""
+        with self._mutex:
+            if self._closed:
+                raise TemporaryFailure("mailbox released")
+            self._claims += 1
+            fds = self.fds
+        if fds is not None:
+            return fds
+        try:
+            fds = _listed_folders(maildir, key)
+        except BaseException as exc:
+            self.unclaim()
+            if isinstance(exc, OSError | _store.NotAFolder):
+                raise TemporaryFailure("cur/ or new/ is not the folder listed") from exc
+            raise
+        with self._mutex:
+            if self.fds is None:
+                self.fds = fds
+                return fds
+            held = self.fds
+        _close_all(fds)  # another thread (one left behind) opened them meanwhile
+        return held
+
+    def unclaim(self) -> None:
+        with self._mutex:
+            self._claims -= 1
+            last = self._closed and not self._claims
+        if last:
+            self._close_fds()
+
+    def close(self) -> None:
+        """At the release (closing a directory descriptor never waits); a claim still
+        held closes them at its end."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            last = not self._claims
+        if last:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self.fds = self.fds, None
+        if fds is not None:
+            _close_all(fds)
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _counted_unchanged(maildir: str, listing: _Listing) -> bool:
     """Do the files whose sizes were counted still have their size, mtime and inode?
     (False for one that cannot be stat-ed: the scan that follows meets the error.)"""
@@ -533,6 +611,7 @@ class MaildirMailbox(SnapshotMailbox):
         "_entries",
         "_folders",
         "_found",
+        "_held",
         "_lock",
         "_planned",
         "_retrieved",
@@ -560,6 +639,7 @@ class MaildirMailbox(SnapshotMailbox):
         self._threads = threads
         # Made on first use (an idle session holds only the above).
         self._found: dict[int, _store.Entry] | None = None  # renamed from outside
+        self._held: _Folders | None = None  # the listed cur/ and new/, from the first read
         self._retrieved: set[int] | None = None
         self._planned: list[int] | None = None  # Seen flags commits_at_once found
         self._ahead: dict[int, bytes] | None = None
@@ -662,7 +742,11 @@ class MaildirMailbox(SnapshotMailbox):
             return None
         if self._lock.refresh_due():
             return None
-        data = read_file_now(self._entry(index).path(self.maildir), LARGE_BLOCK + 1)
+        dirs = self._held.usable() if self._held is not None else None
+        if dirs is None:
+            return None  # the folders are opened (and checked) in retrieve()'s hop
+        entry = self._entry(index)
+        data = read_file_now(entry.name, LARGE_BLOCK + 1, dirs[entry.subdir])
         if data is None:
             return None
         wire = stuff(data)
@@ -673,17 +757,31 @@ class MaildirMailbox(SnapshotMailbox):
 
     # -- in worker threads --
 
-    def _open(self, index: int) -> int:
-        """A descriptor of message ``index`` (found again if renamed from outside)."""
+    def _folders_held(self) -> _Folders:
+        """On the event loop, before a hop that reads or commits: the holder of the
+        folders' descriptors (made here, never in a thread that a release could leave
+        behind; the descriptors are opened in the thread)."""
+        held = self._held
+        if held is None:
+            held = self._held = _Folders()
+        return held
+
+    def _close_folders(self) -> None:
+        if self._held is not None:
+            self._held.close()
+
+    def _open(self, index: int, dirs: Mapping[str, int]) -> int:
+        """A descriptor of message ``index`` (found again if renamed from outside), in
+        the listed folders ``dirs``."""
         entry = self._entry(index)
         try:
-            return _store.open_message(entry.path(self.maildir))
+            return _store.open_message(entry.name, dirs[entry.subdir])
         except _store.NotAMessage:
             raise NoSuchMessage("message is not a regular file") from None
         except FileNotFoundError:
             pass
         # Renamed from outside (an IMAP client set a flag)? Find it by base name.
-        found = _store.find_by_base(self.maildir, entry.base)
+        found = _store.find_in(dirs, entry.base)
         if found is None:
             raise NoSuchMessage("message was removed") from None
         found.size, found.uid, found.others = entry.size, entry.uid, entry.others
@@ -691,7 +789,7 @@ class MaildirMailbox(SnapshotMailbox):
             self._found = {}
         self._found[index] = found
         try:
-            return _store.open_message(found.path(self.maildir))
+            return _store.open_message(found.name, dirs[found.subdir])
         except (FileNotFoundError, _store.NotAMessage):
             raise NoSuchMessage("message was removed") from None
 
@@ -703,7 +801,18 @@ class MaildirMailbox(SnapshotMailbox):
         after it (within the read-ahead budget) in ``ahead`` as stored or, if ``wire``,
         in ``stuffed`` in wire form; else (reader, first block, {}, {})."""
         self._lock.refresh()
-        fd = self._open(index)
+        held = self._held
+        assert held is not None  # made by retrieve() before the hop
+        dirs = held.claim(self.maildir, self._folders)
+        try:
+            return self._read_in(dirs, index, first, wire)
+        finally:
+            held.unclaim()
+
+    def _read_in(
+        self, dirs: Mapping[str, int], index: int, first: int, wire: bool
+    ) -> tuple[_Reader | None, bytes, dict[int, bytes], dict[int, bytes]]:
+        fd = self._open(index, dirs)
         try:
             left = os.fstat(fd).st_size
             block = _store.read_message(fd, first)
@@ -715,14 +824,15 @@ class MaildirMailbox(SnapshotMailbox):
         os.close(fd)
         if first > BLOCK_SIZE:
             return None, block, {}, {}  # a large message: nothing to read ahead
-        paths = self._ahead_paths(index + 1, READ_AHEAD_OCTETS - len(block))
-        if not paths:
+        names, fds = self._ahead_files(index + 1, READ_AHEAD_OCTETS - len(block), dirs)
+        if not names:
             return None, block, {}, {}
         # One call for all of them (the GIL released once, not per system call); it
         # stops at the first that is gone, not a regular file, or grew past a block.
         if not wire:
-            return None, block, dict(enumerate(read_small_files(paths, BLOCK_SIZE), index + 1)), {}
-        read = read_small_files(paths, BLOCK_SIZE, True)
+            read = read_small_files(names, BLOCK_SIZE, dir_fds=fds)
+            return None, block, dict(enumerate(read, index + 1)), {}
+        read = read_small_files(names, BLOCK_SIZE, True, fds)
         ascii_header = list(map(wire_header_is_ascii, read))  # each header judged once
         if all(ascii_header):  # (the usual case: no loop in Python)
             return None, block, {}, dict(enumerate(read, index + 1))
@@ -737,14 +847,21 @@ class MaildirMailbox(SnapshotMailbox):
         # through retrieve() and the stored octets: read those again (page cache).
         ahead: dict[int, bytes] = {}
         if eight_bit:
-            again = read_small_files([paths[j - index - 1] for j in eight_bit], BLOCK_SIZE)
+            again = read_small_files(
+                [names[j - index - 1] for j in eight_bit],
+                BLOCK_SIZE,
+                dir_fds=[fds[j - index - 1] for j in eight_bit],
+            )
             ahead = dict(zip(eight_bit, again, strict=False))
         return None, block, ahead, stuffed
 
-    def _ahead_paths(self, start: int, budget: int) -> list[str]:
-        """The paths of the messages from ``start`` on that the read-ahead takes: at
-        most READ_AHEAD_MESSAGES, each below a block, ``budget`` octets in all (by
-        their POP3 sizes, never below the file sizes: line ends only grow)."""
+    def _ahead_files(
+        self, start: int, budget: int, dirs: Mapping[str, int]
+    ) -> tuple[list[str], list[int]]:
+        """The names of the messages from ``start`` on that the read-ahead takes, and
+        their folders' descriptors: at most READ_AHEAD_MESSAGES, each below a block,
+        ``budget`` octets in all (by their POP3 sizes, never below the file sizes: line
+        ends only grow)."""
         entries, found = self._entries, self._found
         window: Sequence[_store.Entry] = entries[start : start + READ_AHEAD_MESSAGES]
         if found is not None:  # renamed from outside: their new names
@@ -755,8 +872,8 @@ class MaildirMailbox(SnapshotMailbox):
         count = bisect.bisect_right(list(itertools.accumulate(sizes)), budget)
         large = itertools.compress(itertools.count(), map(BLOCK_SIZE.__le__, sizes))
         count = min(count, next(large, count))
-        maildir = self.maildir
-        return [f"{maildir}/{e.subdir}/{e.name}" for e in window[:count]]
+        taken = window[:count]
+        return [e.name for e in taken], [dirs[e.subdir] for e in taken]
 
     # -- on the event loop --
 
@@ -791,11 +908,14 @@ class MaildirMailbox(SnapshotMailbox):
                 # likely next commands are RETRs, served by wire_message); else as stored.
                 wire = top_lines is None and self._wire_asked
                 now = None
-                if first > BLOCK_SIZE and not self._lock.refresh_due():
+                dirs = self._folders_held().usable()
+                if dirs is not None and first > BLOCK_SIZE and not self._lock.refresh_due():
                     # A large message (nothing to read ahead) that the kernel has in
-                    # memory is read here, without the hop; else, or if it is larger
-                    # than the block, the hop reads it.
-                    now = read_file_now(self._entry(index).path(self.maildir), first + 1)
+                    # memory is read here, without the hop, in the folders held; else,
+                    # or if it is larger than the block, the hop reads it (and opens
+                    # the folders, the first time).
+                    entry = self._entry(index)
+                    now = read_file_now(entry.name, first + 1, dirs[entry.subdir])
                 if now is not None:
                     reader, block = None, now
                     ahead: dict[int, bytes] = {}
@@ -869,6 +989,7 @@ class MaildirMailbox(SnapshotMailbox):
         planned, self._planned = self._planned, None
         flag = planned if planned is not None and not deleted else self._to_flag(deleted)
         if deleted or flag:
+            self._folders_held()
             await self._threads.run(self._commit_sync, deleted, flag)
 
     def commits_at_once(self, deleted: Sequence[int]) -> bool:
@@ -888,20 +1009,24 @@ class MaildirMailbox(SnapshotMailbox):
             self._lock.release()
 
     def _commit_files(self, marked: Sequence[int], flag: Sequence[int]) -> None:
-        # Through descriptors of the very folders the session listed (by inode): a
-        # link or another folder put in their place since (another user's, which the
-        # server's user can reach) gets nothing removed or renamed.
+        # Through descriptors of the very folders the session listed (by inode; those
+        # its reads hold, else opened now): a link or another folder put in their place
+        # since (another user's, which the server's user can reach) gets nothing
+        # removed or renamed.
+        held = self._held
+        assert held is not None  # made by update() before the hop
         try:
-            dirs = _listed_folders(self.maildir, self._folders)
-        except (OSError, _store.NotAFolder) as exc:
+            dirs = held.claim(self.maildir, self._folders)
+        except TemporaryFailure as exc:
             raise UpdateFailed("cur/ or new/ is not the folder listed: nothing removed") from exc
         try:
             self._commit_in(dirs, marked, flag)
         finally:
-            for fd in dirs.values():
-                os.close(fd)
+            held.unclaim()
 
-    def _commit_in(self, dirs: dict[str, int], marked: Sequence[int], flag: Sequence[int]) -> None:
+    def _commit_in(
+        self, dirs: Mapping[str, int], marked: Sequence[int], flag: Sequence[int]
+    ) -> None:
         cfg = self._backend.config
         failed = 0
         removed: set[str] = set()
@@ -910,7 +1035,7 @@ class MaildirMailbox(SnapshotMailbox):
             try:
                 os.unlink(entry.name, dir_fd=dirs[entry.subdir])
             except FileNotFoundError:
-                found = _store.find_by_base(self.maildir, entry.base)
+                found = _store.find_in(dirs, entry.base)
                 if found is not None:  # renamed from outside: remove it under its new name
                     try:
                         os.unlink(found.name, dir_fd=dirs[found.subdir])
@@ -966,6 +1091,7 @@ class MaildirMailbox(SnapshotMailbox):
         lock = self._lock
         if not (lock.released or lock.quick_release):
             return False
+        self._close_folders()
         try:
             lock.release()  # (nothing if released already)
         finally:
@@ -975,6 +1101,7 @@ class MaildirMailbox(SnapshotMailbox):
     async def release(self) -> None:
         if self.release_now():
             return
+        self._close_folders()
         lock = self._lock  # held, and not releasable without waiting
         try:
             # Outside this session's thread bound: its own stuck calls must not keep

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -30,6 +30,7 @@ __all__ = [
     "count_size",
     "delivery_key",
     "find_by_base",
+    "find_in",
     "list_messages",
     "mapped_uid",
     "name_taken",
@@ -75,8 +76,10 @@ class Entry:
         return f"{maildir}/{self.subdir}/{self.name}"
 
 
-def open_message(path: str) -> int:
-    """A descriptor of the message file at ``path``, which must be a regular file.
+def open_message(path: str, dir_fd: int | None = None) -> int:
+    """A descriptor of the message file at ``path`` (with ``dir_fd``: the name in that
+    folder's descriptor, never reached through the folder's path), which must be a
+    regular file.
 
     ``O_NOFOLLOW``: a symlink is refused, never followed (a maildir's owner must not
     read /etc/shadow through it). ``O_NONBLOCK``: opening a FIFO returns at once
@@ -85,7 +88,7 @@ def open_message(path: str) -> int:
     it is gone, :class:`NotAMessage` if it is not a regular file.
     """
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise
@@ -283,22 +286,28 @@ def _merge_links(maildir: str, entries: list[Entry], shared: list[tuple[Entry, E
 
 def find_by_base(maildir: str, base: str) -> Entry | None:
     """Find a message again after an outside rename (flag change, new/ -> cur/)."""
-    for sub in ("cur", "new"):
-        try:
-            fd = open_folder(maildir, sub)
-        except (OSError, NotAFolder):
-            continue
-        try:
-            with os.scandir(fd) as it:
-                for de in it:
-                    name = de.name
-                    if name.startswith(".") or base_name(name) != base:
-                        continue
-                    with contextlib.suppress(OSError):
-                        if de.is_file(follow_symlinks=False):
-                            return Entry(sub, name, base)
-        finally:
+    dirs: dict[str, int] = {}
+    try:
+        for sub in ("cur", "new"):
+            with contextlib.suppress(OSError, NotAFolder):
+                dirs[sub] = open_folder(maildir, sub)
+        return find_in(dirs, base)
+    finally:
+        for fd in dirs.values():
             os.close(fd)
+
+
+def find_in(dirs: Mapping[str, int], base: str) -> Entry | None:
+    """:func:`find_by_base` in the folders held by ``dirs`` (``{"cur": fd, "new": fd}``)."""
+    for sub, fd in dirs.items():
+        with contextlib.suppress(OSError), os.scandir(fd) as it:
+            for de in it:
+                name = de.name
+                if name.startswith(".") or base_name(name) != base:
+                    continue
+                with contextlib.suppress(OSError):
+                    if de.is_file(follow_symlinks=False):
+                        return Entry(sub, name, base)
     return None
 
 
