@@ -285,6 +285,28 @@ def test_get_all_saves_attachments_safely(server: PopServer, certs: Certs, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_one_message_the_mail_parser_raises_on_does_not_cost_the_others(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """Anyone can mail headers that make the stdlib parser raise; get_all and
+    get_header_only still return a row for every message, hostile ones included."""
+    from .test_client_rows import BARE_STAR_PARAM, NUL_CHARSET
+
+    srv = pypop_server(tmp_path / "srv", certs, {"dave": [NUL_CHARSET, CORPUS[0], BARE_STAR_PARAM]})
+    try:
+        with Client(srv.url("dave"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            rows = pop.get_all(attachment_path=tmp_path / "att")
+            assert [r.message_number for r in rows] == [1, 2, 3]
+            assert [r.subject for r in rows][::2] == ["invoice", "invoice"]
+            assert rows[0].body == "Pay now\n"
+            assert rows[2].attachments == ["attachment-2.dat"]
+            assert (tmp_path / "att" / "attachment-2.dat").read_bytes() == b"%PDF-"
+            heads = pop.get_header_only()
+            assert [r.subject for r in heads] == [r.subject for r in rows]
+    finally:
+        srv.stop()
+
+
 def test_delete_confirms_quit(fresh: PopServer, certs: Certs) -> None:
     url = fresh.url("carol")
     with Client(url, password=PASSWORD, cafile=certs.ca_file) as pop:

@@ -111,6 +111,39 @@ def test_malformed_mail_gives_a_row_with_defects() -> None:
     assert r.body.startswith("The boundary is never closed")
 
 
+# Headers the stdlib parser raises on (not a defect it records): an RFC 2231 charset
+# with a NUL (ValueError from the codec lookup, even inside message_from_bytes) and a
+# parameter name ending in ``*`` with no value (IndexError on first access).
+NUL_CHARSET = (
+    b"From: Mallory <m@example.org>\r\nSubject: invoice\r\n"
+    b"Content-Type: text/plain; charset*=ut\x00f''x\r\n\r\nPay now\r\n"
+)
+BARE_STAR_PARAM = (
+    b"From: Mallory <m@example.org>\r\nSubject: invoice\r\n"
+    b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+    b"--B\r\nContent-Type: text/plain\r\n\r\nPay now\r\n"
+    b"--B\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+    b"Content-Disposition: attachment; filename*0*\r\n\r\nJVBERi0=\r\n--B--\r\n"
+)
+
+
+def test_headers_the_parser_raises_on_still_make_a_row(tmp_path: Path) -> None:
+    r = build_row(1, "u", NUL_CHARSET, attachment_path=tmp_path)
+    assert (r.from_, r.subject) == ("Mallory <m@example.org>", "invoice")
+    assert r.body == "Pay now\n"
+    assert "unparseable (ValueError): parsed leniently" in r.defects
+    assert "charset: unreadable" in r.defects
+    h = build_row(1, "u", NUL_CHARSET, headers_only=True)
+    assert (h.subject, h.body) == ("invoice", None)
+    r = build_row(2, "u", BARE_STAR_PARAM, attachment_path=tmp_path)
+    assert (r.subject, r.body) == ("invoice", "Pay now")
+    # The part whose headers raise is kept as an opaque attachment, not dropped.
+    assert "part 2: IndexError" in r.defects
+    assert r.attachments == ["attachment-2.dat"]
+    assert r.attachment_files == [str(tmp_path / "attachment-2.dat")]
+    assert (tmp_path / "attachment-2.dat").read_bytes() == b"%PDF-"
+
+
 def test_headers_only_rows_have_no_body() -> None:
     r = build_row(3, "u3", CORPUS["04-nested.eml"], headers_only=True, size=10)
     assert (r.body, r.text_body, r.html_body, r.attachments) == (None, None, None, [])

@@ -17,6 +17,7 @@ import mimetypes
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage, Message
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,19 @@ def header_block(raw: bytes) -> bytes:
     return raw
 
 
+def _parse(raw: bytes, defects: list[str]) -> Message:
+    """``policy.default``; where the stdlib raises instead of recording a defect (it
+    does on some hostile headers), the lenient compat32 parser, then its headers only."""
+    try:
+        return email.message_from_bytes(raw, policy=policy.default)
+    except Exception as exc:
+        defects.append(f"unparseable ({type(exc).__name__}): parsed leniently")
+    try:
+        return email.message_from_bytes(raw, policy=policy.compat32)
+    except Exception:
+        return BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+
+
 def _raw_header(msg: Message, name: str) -> str | None:
     for key, value in msg.raw_items() if isinstance(msg, EmailMessage) else msg.items():
         if key.lower() == name.lower():
@@ -118,6 +132,8 @@ def _header(msg: Message, name: str, defects: list[str]) -> str:
     raw = _raw_header(msg, name)
     if raw is None:
         return ""
+    if not isinstance(msg, EmailMessage):  # the lenient compat32 fallback
+        return _unstructured(raw)
     try:
         values = msg.get_all(name) or []
         found = [type(d).__name__ for v in values for d in getattr(v, "defects", ())]
@@ -155,7 +171,11 @@ def _text_of(part: Message, defects: list[str]) -> str:
     never fails), and the defect is noted."""
     payload = part.get_payload(decode=True)
     data = payload if isinstance(payload, bytes) else b""
-    charset = part.get_content_charset() or "us-ascii"
+    try:
+        charset = part.get_content_charset() or "us-ascii"
+    except ValueError:  # a NUL in an RFC 2231 charset: the codec lookup raises
+        defects.append("charset: unreadable")
+        charset = "us-ascii"
     try:
         text = data.decode(charset)
     except LookupError:
@@ -188,7 +208,11 @@ def _leaves(msg: Message) -> list[Message]:
     stack = [msg]
     while stack:
         part = stack.pop()
-        if part.is_multipart() and part.get_content_maintype() == "multipart":
+        try:
+            container = part.is_multipart() and part.get_content_maintype() == "multipart"
+        except Exception:  # build_row notes it when the part is read
+            container = False
+        if container:
             payload = part.get_payload()
             if isinstance(payload, list):
                 stack.extend(p for p in reversed(payload) if isinstance(p, Message))
@@ -220,7 +244,7 @@ def build_row(
 ) -> Row:
     """Parse ``raw`` into a row; save attachments under ``attachment_path`` if given."""
     defects: list[str] = []
-    msg = email.message_from_bytes(raw, policy=policy.default)
+    msg = _parse(raw, defects)
     defects.extend(type(d).__name__ for d in msg.defects)
     date, date_raw = _date(msg, defects)
     head = header_block(raw).decode("utf-8", "replace").replace("\r\n", "\n")
@@ -248,11 +272,16 @@ def build_row(
             name = type(d).__name__
             if name not in defects:
                 defects.append(name)
-        ctype = part.get_content_type()
-        if _is_attachment(part, defects):
-            _attachment(row, part, index, attachment_path, unique_filenames, defects)
+        try:
+            ctype = part.get_content_type()
+            if _is_attachment(part, defects):
+                _attachment(row, part, index, attachment_path, unique_filenames, defects)
+                continue
+            text = _text_of(part, defects)
+        except Exception as exc:  # header parser crash bugs: one part, not the row
+            defects.append(f"part {index + 1}: {type(exc).__name__}")
+            _opaque(row, part, index, attachment_path, unique_filenames, defects)
             continue
-        text = _text_of(part, defects)
         if not body_taken:
             row.body, body_taken = text, True
         if ctype == "text/plain" and row.text_body is None:
@@ -263,6 +292,32 @@ def build_row(
         row.body = ""
         defects.append("no text body")
     return row
+
+
+def _opaque(
+    row: Row,
+    part: Message,
+    index: int,
+    attachment_path: str | Path | None,
+    unique: bool,
+    defects: list[str],
+) -> None:
+    """A part whose headers the parser raises on: kept under a made-up name."""
+    name = f"attachment-{index + 1}.dat"
+    row.attachments.append(name)
+    if attachment_path is None:
+        return
+    try:
+        payload = part.get_payload(decode=True)
+    except Exception:
+        return
+    data = payload if isinstance(payload, bytes) else b""
+    try:
+        path = save(attachment_path, name, data, unique=unique)
+    except OSError as exc:
+        defects.append(f"attachment {name!r} not saved: {exc.strerror or exc}")
+        return
+    row.attachment_files.append(str(path))
 
 
 def _attachment(
