@@ -19,7 +19,9 @@ import pytest
 
 from pypop.backends.memory import sample_message
 from pypop.client import Client
+from pypop.client.deliver import Maildir, StateFile
 
+from . import popservers
 from .popservers import PASSWORD, Certs, PopServer, corpus, pypop_server
 
 BOB = [sample_message("bob", n, body_octets=2000) for n in range(1, 61)]
@@ -134,6 +136,68 @@ def test_deliver_maildir_keep_new_then_delete(
     with Client(server.url("bob"), password=PASSWORD, cafile=certs.ca_file) as pop:
         assert pop.stat() == (0, 0)
     assert state.read_text() == "# pypop fetch UIDL state v1\n"
+
+
+def test_a_reused_uid_is_delivered_not_deleted_unseen(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 1939 only says a server *should* never reuse a UID (a recreated mailbox, a
+    restored backup, a UIDL made from a counter). The Maildir keeps the tags of mail
+    delivered long ago; a new message under an old UID must be fetched, not taken
+    for an interrupted delivery and deleted on the server without a local copy."""
+    md, state = tmp_path / "Mail", tmp_path / "state"
+    old = [sample_message("dave", n) for n in (1, 2)]
+    first = pypop_server(tmp_path / "one", certs, {"dave": old})
+    ports = iter([first.port, first.tls_port])
+    args = [first.url("dave"), "--cafile", str(certs.ca_file)]
+    args += ["--deliver", f"maildir:{md}", "--state", str(state)]
+    try:
+        run = fetch(*args)
+        assert run.returncode == 0, run.stderr
+    finally:
+        first.stop()
+    assert sorted(maildir_ids(md)) == sorted(message_ids(old))
+    # The same account, its mailbox recreated: UID 0001 names another message now.
+    monkeypatch.setattr(popservers, "free_port", lambda: next(ports))
+    new = [sample_message("dave", 7)]
+    second = pypop_server(tmp_path / "two", certs, {"dave": new})
+    try:
+        again = fetch(*args)
+        assert again.returncode == 0, again.stderr
+        assert "1 message(s)" in again.stderr
+        assert sorted(maildir_ids(md)) == sorted(message_ids(old + new))
+        with Client(second.url("dave"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            assert pop.stat() == (0, 0)
+    finally:
+        second.stop()
+
+
+def test_a_delivery_begun_and_not_recorded_is_recovered_not_repeated(
+    certs: Certs, tmp_path: Path
+) -> None:
+    """A run killed after the rename into new/ and before the state update: the next
+    run finds the begun UID's tagged file, records it and deletes it on the server,
+    and fetches only the other message."""
+    md, state_path = tmp_path / "Mail", tmp_path / "state"
+    mail = [sample_message("erin", n) for n in (1, 2)]
+    srv = pypop_server(tmp_path / "srv", certs, {"erin": mail})
+    try:
+        account = f"erin@127.0.0.1:{srv.port}"
+        state, maildir = StateFile(state_path), Maildir(md, account)
+        state.begin(["0001"])
+        maildir.deliver([("0001", mail[0])])
+        maildir.close()
+        state.close()  # killed here: "0001" never recorded
+        args = [srv.url("erin"), "--cafile", str(certs.ca_file)]
+        run = fetch(*args, "--deliver", f"maildir:{md}", "--state", str(state_path))
+        assert run.returncode == 0, run.stderr
+        assert "1 message(s)" in run.stderr
+        assert "2 deleted" in run.stderr
+        assert sorted(maildir_ids(md)) == sorted(message_ids(mail))
+        with Client(srv.url("erin"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            assert pop.stat() == (0, 0)
+    finally:
+        srv.stop()
 
 
 def test_deliver_mbox(server: PopServer, certs: Certs, tmp_path: Path) -> None:

@@ -411,8 +411,10 @@ def _deliver_session(
     except ClientError:
         client.close()
         raise
-    # What an earlier, interrupted run delivered without recording it.
-    recovered = deliverer.delivered(account, (u for u in uidl.values() if u not in state.uids))
+    # What an earlier, interrupted run delivered without recording it (begun, never
+    # recorded: not any old tag, which a reused UID would match).
+    begun = (u for u in uidl.values() if u in state.pending and u not in state.uids)
+    recovered = deliverer.delivered(account, begun)
     state.record(sorted(recovered))
     numbers = sorted(sizes)
     if args.uid:
@@ -461,6 +463,7 @@ def _deliver_session(
                 done.set_exception(exc)
             finish(done, items)
             return
+        state.begin(uid for uid, _ in job)  # before any rename: what recovery may trust
         pending.append((writer.submit(deliverer.deliver, job), items))
         while len(pending) > 2:
             finish(*pending.popleft())

@@ -7,7 +7,9 @@ UID only after that. So a crash or kill at any point loses nothing:
 - Maildir file names carry a tag derived from the account and the UID
   (``...X<tag>.host``), so the Maildir itself says what was delivered: a run that
   was killed between the rename and the state update finds its messages there and
-  delivers none twice.
+  delivers none twice. Only tags of UIDs the journal marks as begun count: an older
+  tag may stand for another message under a reused UID (RFC 1939 only says SHOULD
+  NOT reuse), which must be fetched, not deleted unseen.
 - mbox cannot be tagged without changing the message, so each message is appended,
   fsynced and recorded before the next: a kill duplicates at most that one message.
 - The state file is rewritten crash-safe (temporary file, fsync, rename, fsync of the
@@ -178,13 +180,29 @@ class StateFile:
             os.close(self._lock)
             raise
         self.uids: set[str] = set()
+        self.pending: set[str] = set()
+        """UIDs whose delivery started after the last :meth:`save` (journal lines
+        `` uid``: a UID has no space). Only these may be recovered from Maildir tags:
+        an older tag may belong to a message a server gave the same UID since."""
         for p in (path, self.journal_path):
             with contextlib.suppress(FileNotFoundError):
                 # A torn last journal line (killed mid-write) has no newline: ignore it.
                 text = p.read_text("utf-8", "replace")
-                lines = text.split("\n")
-                self.uids.update(line for line in lines[:-1] if line and not line.startswith("#"))
+                for line in text.split("\n")[:-1]:
+                    if line.startswith(" "):
+                        self.pending.add(line[1:])
+                    elif line and not line.startswith("#"):
+                        self.uids.add(line)
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def begin(self, uids: Iterable[str]) -> None:
+        """Note (durably) that these UIDs are about to be delivered."""
+        lines = "".join(f" {u}\n" for u in uids)
+        if lines:
+            self._journal.write(lines)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            self.pending.update(lines.split())
 
     def record(self, uids: Iterable[str]) -> None:
         lines = "".join(f"{u}\n" for u in uids)
@@ -197,6 +215,7 @@ class StateFile:
         """Rewrite the state as ``keep`` (temporary file, fsync, rename), then drop the
         journal."""
         self.uids = set(keep)
+        self.pending.clear()  # the journal that held them goes
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.HEADER + "".join(f"{u}\n" for u in sorted(self.uids)))
