@@ -200,6 +200,39 @@ def test_a_delivery_begun_and_not_recorded_is_recovered_not_repeated(
         srv.stop()
 
 
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def test_uids_starting_with_a_hash_are_remembered(certs: Certs, tmp_path: Path, kind: str) -> None:
+    """``#`` is a UIDL character like any in 0x21-0x7E (RFC 1939 §7); the state file
+    took such lines for comments, so --keep --new delivered those messages again on
+    every run."""
+    mail = [sample_message("hash", n) for n in (1, 2)]
+    seed = tmp_path / "srv" / "seed" / "hash"  # the memory backend's UIDs: file names
+    seed.mkdir(parents=True)
+    (seed / "#1.eml").write_bytes(mail[0])
+    (seed / "plain.eml").write_bytes(mail[1])
+    srv = pypop_server(tmp_path / "srv", certs, {"hash": []})
+    target = tmp_path / ("Mail" if kind == "maildir" else "mbox")
+    args = [srv.url("hash"), "--cafile", str(certs.ca_file), "--keep", "--new"]
+    args += ["--deliver", f"{kind}:{target}", "--state", str(tmp_path / "state")]
+    try:
+        with Client(srv.url("hash"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            assert sorted(pop.uidl().values()) == ["#1", "plain"]
+        first = fetch(*args)
+        assert first.returncode == 0, first.stderr
+        assert "2 message(s)" in first.stderr
+        again = fetch(*args)
+        assert again.returncode == 1, again.stderr
+        assert "0 message(s)" in again.stderr
+        if kind == "maildir":
+            assert sorted(maildir_ids(target)) == sorted(message_ids(mail))
+        else:
+            box = mailbox.mbox(target)
+            assert len(box) == 2
+            box.close()
+    finally:
+        srv.stop()
+
+
 def test_deliver_mbox(server: PopServer, certs: Certs, tmp_path: Path) -> None:
     box = tmp_path / "mbox"
     run = fetch(

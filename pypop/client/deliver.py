@@ -191,7 +191,7 @@ class StateFile:
                 for line in text.split("\n")[:-1]:
                     if line.startswith(" "):
                         self.pending.add(line[1:])
-                    elif line and not line.startswith("#"):
+                    elif line and not line.startswith("# "):  # "#1" is a UID
                         self.uids.add(line)
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 
