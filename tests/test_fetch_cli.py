@@ -99,6 +99,34 @@ def test_new_without_deliver_lists_each_message_once(
     assert fetch(*args).returncode == 1
 
 
+def test_listing_with_new_does_not_count_as_delivered(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--new`` remembers the UIDs it listed; --deliver took the same state file for
+    "delivered here" and deleted those messages on the server without a copy."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    mail = [sample_message("fay", n) for n in (1, 2)]
+    srv = pypop_server(tmp_path / "srv", certs, {"fay": mail})
+    args = [srv.url("fay"), "--cafile", str(certs.ca_file)]
+    md = tmp_path / "Mail"
+    try:
+        listed = fetch(*args, "--new", "--json")  # the default state file, as a user would
+        assert [r["UID"] for r in json.loads(listed.stdout)["rows"]] == ["0001", "0002"]
+        got = fetch(*args, "--deliver", f"maildir:{md}", "--keep")
+        assert got.returncode == 0, got.stderr
+        assert "2 message(s)" in got.stderr
+        assert sorted(maildir_ids(md)) == sorted(message_ids(mail))
+        # --new still skips what was listed or delivered before.
+        assert fetch(*args, "--new", "--json").returncode == 1
+        done = fetch(*args, "--deliver", f"maildir:{md}")
+        assert done.returncode == 1, done.stderr
+        assert "0 message(s)" in done.stderr
+        assert "2 deleted" in done.stderr
+        assert sorted(maildir_ids(md)) == sorted(message_ids(mail))
+    finally:
+        srv.stop()
+
+
 def test_exit_codes(server: PopServer, certs: Certs, tmp_path: Path) -> None:
     ca = ["--cafile", str(certs.ca_file)]
     assert fetch(server.url(), *ca, password="wrong").returncode == 3

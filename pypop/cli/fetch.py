@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pypop.client import Client, Result, Row
-from pypop.client.deliver import StateFile, open_deliverer
+from pypop.client.deliver import StateFile, open_deliverer, recorded_uids
 from pypop.errors import (
     AuthError,
     ClientError,
@@ -95,7 +95,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="only messages not fetched or listed before (with --deliver a message is "
         "never delivered twice anyway)",
     )
-    p.add_argument("--state", metavar="FILE", help="UIDL state file (default: per account)")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="UIDL state file of --deliver (default: per account); --new without "
+        "--deliver keeps what it listed in FILE.listed",
+    )
     p.add_argument(
         "--auth",
         default="auto",
@@ -250,21 +255,22 @@ def _rows(client: Client, args: argparse.Namespace) -> int:
     state: StateFile | None = None
     with client as pop:
         if args.new and action != "delete":
-            # Only UIDs not reported before; they are recorded once shown.
+            # Only UIDs not listed or delivered before. Listed ones go to a state file
+            # of their own: --deliver takes its state for "stored here" and deletes.
+            base = Path(args.state).expanduser() if args.state else _default_state(client)
             try:
-                state = StateFile(
-                    Path(args.state).expanduser() if args.state else _default_state(client)
-                )
+                state = StateFile(base.with_name(base.name + ".listed"))
             except BlockingIOError:
                 print("pypop fetch: another fetch is running for this account", file=sys.stderr)
                 return EXIT_EXCLUDED
+            seen = state.uids | recorded_uids(base)
             uidl = pop.uidl()
             chosen = set(messages) if messages is not None else None
             asked = set(uids) if uids is not None else None
             uids = [
                 u
                 for n, u in sorted(uidl.items())
-                if u not in state.uids
+                if u not in seen
                 and (chosen is None or n in chosen)
                 and (asked is None or u in asked)
             ]

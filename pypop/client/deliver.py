@@ -30,7 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Deliverer", "Maildir", "Mbox", "StateFile", "open_deliverer", "uid_tag"]
+__all__ = [
+    "Deliverer",
+    "Maildir",
+    "Mbox",
+    "StateFile",
+    "open_deliverer",
+    "recorded_uids",
+    "uid_tag",
+]
 
 
 def uid_tag(account: str, uid: str) -> str:
@@ -163,6 +171,25 @@ def open_deliverer(spec: str, account: str) -> Maildir | Mbox:
     return Maildir(path, account) if kind == "maildir" else Mbox(path)
 
 
+def _load(path: Path, journal: Path, uids: set[str], pending: set[str]) -> None:
+    for p in (path, journal):
+        with contextlib.suppress(FileNotFoundError):
+            # A torn last journal line (killed mid-write) has no newline: ignore it.
+            text = p.read_text("utf-8", "replace")
+            for line in text.split("\n")[:-1]:
+                if line.startswith(" "):
+                    pending.add(line[1:])
+                elif line and not line.startswith("# "):  # "#1" is a UID
+                    uids.add(line)
+
+
+def recorded_uids(path: Path) -> set[str]:
+    """The UIDs a :class:`StateFile` at ``path`` holds, read without taking its lock."""
+    uids: set[str] = set()
+    _load(path, path.with_name(path.name + ".journal"), uids, set())
+    return uids
+
+
 class StateFile:
     """The UIDs delivered from one account: ``path`` (rewritten atomically) plus
     ``path.journal`` (appended as messages are delivered), under an exclusive lock."""
@@ -184,15 +211,7 @@ class StateFile:
         """UIDs whose delivery started after the last :meth:`save` (journal lines
         `` uid``: a UID has no space). Only these may be recovered from Maildir tags:
         an older tag may belong to a message a server gave the same UID since."""
-        for p in (path, self.journal_path):
-            with contextlib.suppress(FileNotFoundError):
-                # A torn last journal line (killed mid-write) has no newline: ignore it.
-                text = p.read_text("utf-8", "replace")
-                for line in text.split("\n")[:-1]:
-                    if line.startswith(" "):
-                        self.pending.add(line[1:])
-                    elif line and not line.startswith("# "):  # "#1" is a UID
-                        self.uids.add(line)
+        _load(path, self.journal_path, self.uids, self.pending)
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def begin(self, uids: Iterable[str]) -> None:
