@@ -282,6 +282,55 @@ def test_deliver_mbox(server: PopServer, certs: Certs, tmp_path: Path) -> None:
         mbox.close()
 
 
+def test_mbox_short_write_is_a_delivery_failure(certs: Certs, tmp_path: Path) -> None:
+    """A file system that takes part of a write (full disk, quota, size limit) makes
+    os.write return a short count; the rest of the message was dropped, the message
+    recorded and deleted on the server. RLIMIT_FSIZE (SIGXFSZ ignored) gives the short
+    write, then EFBIG."""
+    import re
+    import resource
+
+    mail = [sample_message("gus", n, body_octets=2000) for n in (1, 2)]
+    srv = pypop_server(tmp_path / "srv", certs, {"gus": mail})
+    box = tmp_path / "mbox"
+    limit = 4000  # the first message fits, the second only in part
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    def whole_messages() -> list[bytes]:
+        data = box.read_bytes()
+        return re.split(rb"(?m)^From MAILER-DAEMON [^\n]*\n", data)[1:]
+
+    local = [m.replace(b"\r\n", b"\n") + b"\n" for m in mail]
+    env = dict(os.environ, PYPOP_PASSWORD=PASSWORD, PYTHONDONTWRITEBYTECODE="1")
+    args = [srv.url("gus"), "--cafile", str(certs.ca_file), "--deliver", f"mbox:{box}"]
+    args += ["--state", str(tmp_path / "state")]
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "pypop", "fetch", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=small_files,
+        )
+        assert run.returncode == 10, run.stderr
+        assert "delivery failed" in run.stderr
+        with Client(srv.url("gus"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            assert pop.stat()[0] == 2  # nothing deleted
+        assert whole_messages() == local[:1]  # the torn append is cut off
+        rest = fetch(*args)
+        assert rest.returncode == 0, rest.stderr
+        assert whole_messages() == local
+        with Client(srv.url("gus"), password=PASSWORD, cafile=certs.ca_file) as pop:
+            assert pop.stat() == (0, 0)
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])
 def test_killed_at_random_points_loses_nothing(
     server: PopServer, certs: Certs, tmp_path: Path, kind: str

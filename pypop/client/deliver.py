@@ -156,8 +156,16 @@ class Mbox:
             if not body.endswith(b"\n"):
                 body += b"\n"
             stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-            os.write(self._fd, f"From MAILER-DAEMON {stamp}\n".encode() + body + b"\n")
-            os.fsync(self._fd)
+            view = memoryview(f"From MAILER-DAEMON {stamp}\n".encode() + body + b"\n")
+            start = os.lseek(self._fd, 0, os.SEEK_END)  # ours alone: we hold the flock
+            try:
+                while view:  # a full disk or quota writes part and returns its count
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)  # no torn message for readers
+                raise
 
     def close(self) -> None:
         os.close(self._fd)
