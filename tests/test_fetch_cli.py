@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pypop.client import Client
 from pypop.client.deliver import Maildir, StateFile
 
 from . import popservers
+from .fakeserver import FakeServer
 from .popservers import PASSWORD, Certs, PopServer, corpus, pypop_server
 
 BOB = [sample_message("bob", n, body_octets=2000) for n in range(1, 61)]
@@ -85,6 +87,42 @@ def test_rows_table_json_csv(server: PopServer, certs: Certs) -> None:
     csv_run = fetch(server.url(), *ca, "--all", "--csv", "--msg", "2")
     assert csv_run.stdout.splitlines()[0].startswith("MessageNumber,UID,Date,")
     assert "Rechnung für März 2026.pdf" in csv_run.stdout
+
+
+# Any sender chooses these: a clear-screen and cursor-home, an OSC 8 hyperlink, BEL,
+# the 8-bit CSI and a right-to-left override, all through encoded words.
+ESCAPES = (
+    b"From: =?utf-8?q?Bank=1B]8;;http://evil.example/=1B=5C?= <bank@example.org>\r\n"
+    b"Subject: =?utf-8?q?hi=1B[2J=1B[1;1Hall_fine=07=C2=9B_=E2=80=AEfdp.exe?=\r\n"
+    b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <esc@example.org>\r\n\r\nx\r\n"
+)
+
+
+def test_the_table_does_not_pass_terminal_escapes_through(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the From column is 30 wide then
+    srv = pypop_server(tmp_path / "srv", certs, {"ivy": [ESCAPES]})
+    try:
+        table = fetch(srv.url("ivy"), "--cafile", str(certs.ca_file))
+    finally:
+        srv.stop()
+    assert table.returncode == 0, table.stderr
+    row = table.stdout.splitlines()[1]
+    assert row.split(None, 4)[:4] == ["1", "0001", "2026-12-01", "10:00"]
+    assert ' "Bank\ufffd]8;;http://evil.example/ hi' in row
+    assert row.endswith(" hi\ufffd[2J\ufffd[1;1Hall fine\ufffd\ufffd \ufffdfdp.exe")
+    assert not any(unicodedata.category(c) == "Cc" for c in table.stdout if c != "\n")
+
+
+def test_server_text_in_errors_does_not_pass_terminal_escapes_through() -> None:
+    fake = FakeServer({"USER": b"+OK\r\n", "PASS": b"-ERR [AUTH] \x1b[2Jno\x9b\r\n"})
+    try:
+        run = fetch(f"pop://u@127.0.0.1:{fake.port}")
+    finally:
+        fake.close()
+    assert run.returncode == 3
+    assert run.stderr == "pypop fetch: login failed: server said -ERR [AUTH] \ufffd[2Jno\ufffd\n"
 
 
 def test_new_without_deliver_lists_each_message_once(

@@ -241,8 +241,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fail(exc: Exception, status: int) -> int:
-    print(f"pypop fetch: {exc}", file=sys.stderr)
+    print(f"pypop fetch: {_printable(str(exc))}", file=sys.stderr)  # may quote the server
     return status
+
+
+_UNPRINTABLE = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_UNPRINTABLE.update((c, "\ufffd") for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029))
+_UNPRINTABLE.update((c, "\ufffd") for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def _printable(text: str) -> str:
+    """Text a sender or the server chose, made safe for a terminal: C0 and C1 controls
+    (ESC sequences, the 8-bit CSI, BEL), line separators and bidi overrides (a file
+    name shown reversed) become U+FFFD, one character each, so widths hold."""
+    return text.translate(_UNPRINTABLE)
 
 
 # ---- CFPOP rows ----------------------------------------------------------------------
@@ -351,8 +363,8 @@ def _table(rows: list[Row], out: IO[str]) -> None:
             str(r.message_number),
             r.uid or "",
             r.date.strftime("%Y-%m-%d %H:%M") if r.date else "?",
-            r.from_,
-            r.subject + (f"  [{len(r.attachments)} att]" if r.attachments else ""),
+            _printable(r.from_),
+            _printable(r.subject) + (f"  [{len(r.attachments)} att]" if r.attachments else ""),
         )
         for r in rows
     ]
