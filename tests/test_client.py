@@ -212,6 +212,27 @@ def test_a_hostile_server_gets_protocol_error() -> None:
         fake.close()
 
 
+def test_endless_sasl_challenges_are_cut_off() -> None:
+    """Each challenge is answered within the timeout, so only a bound on the rounds
+    stops a server that keeps AUTH going (XOAUTH2 answers every error challenge)."""
+    rounds = 0
+
+    def challenge(line: bytes) -> bytes:
+        nonlocal rounds
+        rounds += 1
+        return b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n" if rounds < 500 else b"-ERR [AUTH] no\r\n"
+
+    capa = b"+OK\r\nSASL XOAUTH2\r\n.\r\n"
+    fake = FakeServer({"CAPA": capa, "AUTH": challenge, "": challenge})
+    try:
+        client = Client(f"pop://u@127.0.0.1:{fake.port}", token="t", auth="XOAUTH2")
+        with pytest.raises(ProtocolError, match="more than 16 SASL challenges"):
+            client.connect()
+    finally:
+        fake.close()
+    assert rounds == 17
+
+
 # ---- poplib-style and CFPOP -------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ event, or :data:`NEED_DATA`.
   Anything else is a :class:`pypop.errors.ProtocolError`, after which the connection
   is dead.
 - SASL (RFC 5034): a ``+ base64`` line answering AUTH is a :class:`Challenge`; answer
-  with :meth:`send_sasl`.
+  with :meth:`send_sasl`. More than :data:`MAX_CHALLENGES` in one AUTH is a
+  ProtocolError.
 - STLS (RFC 2595): octets that follow the ``+OK`` before the handshake are an attack
   (response injection) and a ProtocolError; call :meth:`tls_started` after it.
 
@@ -64,6 +65,10 @@ DEFAULT_MAX_BODY = 256 * 1024 * 1024
 
 MAX_CHALLENGE = 16384
 """Longest ``+ base64`` SASL challenge line (RFC 5034 does not bound it by 512)."""
+
+MAX_CHALLENGES = 16
+"""Most challenges in one AUTH exchange (GSSAPI, the longest we speak, needs a few):
+each is answered within the timeout, so nothing else stops a server that never ends."""
 
 _MIN_STEP = 4096
 _MAX_STEP = 256 * 1024
@@ -148,6 +153,7 @@ class ClientConnection:
         self._body_len = 0
         self._body_status: StatusLine | None = None
         self._challenge_open = False
+        self._challenges = 0
         self._stls_ok = False
         self._error: ProtocolError | None = None
         self._quit_sent = False
@@ -258,6 +264,9 @@ class ClientConnection:
         if is_auth and (line == b"+" or line.startswith(b"+ ")):
             if self._challenge_open:
                 self._fail("a second SASL challenge before the client answered")
+            self._challenges += 1
+            if self._challenges > MAX_CHALLENGES:
+                self._fail(f"more than {MAX_CHALLENGES} SASL challenges")
             data = decode_base64(line[2:]) if len(line) > 2 else b""
             if data is None:
                 self._fail("SASL challenge is not valid base64")
@@ -268,6 +277,7 @@ class ClientConnection:
         status = parse_status(line)
         self._in_flight.popleft()
         self._challenge_open = False
+        self._challenges = 0
         if isinstance(head, _Greeting):
             match = _TIMESTAMP.search(line)
             return Greeting(status, match.group(0) if match else None)
