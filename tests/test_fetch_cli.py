@@ -299,6 +299,32 @@ def test_uids_starting_with_a_hash_are_remembered(certs: Certs, tmp_path: Path, 
         srv.stop()
 
 
+def test_a_second_account_does_not_remove_a_delivery_in_flight(
+    certs: Certs, tmp_path: Path
+) -> None:
+    """Two accounts delivering into one Maildir (each has its own state lock): the
+    second's clean-up of tmp/ removed the first's files between write and rename, so
+    that delivery failed. Only leftovers older than 36 hours (maildir(5)) go now."""
+    md = tmp_path / "Mail"
+    other = Maildir(md, "other@pop.example.org:995")
+    in_flight = other._name("u1")
+    other._write(in_flight, b"Subject: in flight\r\n\r\nx\r\n")
+    stale = other._name("u0")
+    other._write(stale, b"Subject: killed two days ago\r\n\r\nx\r\n")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(md / "tmp" / stale, (two_days_ago, two_days_ago))
+    srv = pypop_server(tmp_path / "srv", certs, {"joe": [sample_message("joe", 1)]})
+    try:
+        run = fetch(srv.url("joe"), "--cafile", str(certs.ca_file), "--deliver", f"maildir:{md}")
+        assert run.returncode == 0, run.stderr
+    finally:
+        srv.stop()
+    assert sorted(os.listdir(md / "tmp")) == [in_flight]
+    os.rename(md / "tmp" / in_flight, md / "new" / in_flight)  # the first one goes on
+    other.close()
+    assert len(os.listdir(md / "new")) == 2
+
+
 def test_deliver_mbox(server: PopServer, certs: Certs, tmp_path: Path) -> None:
     box = tmp_path / "mbox"
     run = fetch(

@@ -81,12 +81,19 @@ class Maildir:
         self._new_fd = os.open(path / "new", directory)
         self._clean_tmp()
 
+    STALE_TMP = 36 * 3600
+    """maildir(5): a tmp/ file untouched this long is a leftover. Younger ones may be
+    another account's delivery in flight (each account has its own lock, not the
+    Maildir)."""
+
     def _clean_tmp(self) -> None:
         # Our own leftovers from a killed run (never delivered, safe to drop).
+        cutoff = time.time() - self.STALE_TMP
         for entry in os.scandir(self.path / "tmp"):
             if self._TAG.search(entry.name) and entry.name.endswith(self._host):
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def delivered(self, account: str, uids: Iterable[str]) -> set[str]:
         """The UIDs whose tagged copies are already in new/ or cur/."""
