@@ -97,6 +97,8 @@ class _Collected:
     uidvalidity: int | None = None
     read_only: bool | None = None
     search: list[int] = field(default_factory=list)
+    selecting: bool = False
+    """A SELECT/EXAMINE: a new UIDVALIDITY is expected here, and only here."""
 
 
 def uid_set(uids: Sequence[int]) -> list[bytes]:
@@ -239,15 +241,19 @@ class ImapConnection:
         status, _ = await self._run(text, what)
         return status
 
-    async def _run(self, text: bytes, what: str) -> tuple[Status, _Collected]:
+    async def _run(
+        self, text: bytes, what: str, *, selecting: bool = False
+    ) -> tuple[Status, _Collected]:
         if self.broken:
             raise UpstreamError("the connection is broken")
         tag = self._next_tag()
         await self._send(tag + b" " + text + b"\r\n")
-        return await self._until_tagged(tag, what)
+        return await self._until_tagged(tag, what, selecting=selecting)
 
-    async def _until_tagged(self, tag: bytes, what: str) -> tuple[Status, _Collected]:
-        collected = _Collected()
+    async def _until_tagged(
+        self, tag: bytes, what: str, *, selecting: bool = False
+    ) -> tuple[Status, _Collected]:
+        collected = _Collected(selecting=selecting)
         while True:
             event = await self._event()
             if isinstance(event, Status):
@@ -281,6 +287,19 @@ class ImapConnection:
             return
         if event.code == b"UIDVALIDITY":
             collected.uidvalidity = _number(event.code_args, "UIDVALIDITY")
+            selected = self.selected
+            if (
+                not collected.selecting
+                and selected is not None
+                and collected.uidvalidity != selected.uidvalidity
+            ):
+                # The mailbox was recreated under us: every UID we hold may now name
+                # another message, so no further UID command may go out on it.
+                self.broken = True
+                raise UpstreamError(
+                    f"{_where(self.endpoint)} changed UIDVALIDITY from "
+                    f"{selected.uidvalidity} to {collected.uidvalidity} mid-session"
+                )
         else:
             self._take_capabilities(event)
 
@@ -392,7 +411,7 @@ class ImapConnection:
     async def select(self, mailbox: bytes, *, read_only: bool) -> Selected:
         """EXAMINE (read-only: nothing changes upstream) or SELECT."""
         verb = b"EXAMINE " if read_only else b"SELECT "
-        _, got = await self._run(verb + mailbox, verb.decode().strip())
+        _, got = await self._run(verb + mailbox, verb.decode().strip(), selecting=True)
         return self._selected(got, read_only)
 
     async def open_snapshot(
@@ -407,7 +426,7 @@ class ImapConnection:
             select_tag + b" " + verb + mailbox + b"\r\n" + fetch_tag + b" " + _sizes(guid) + b"\r\n"
         )
         try:
-            _, got = await self._until_tagged(select_tag, verb.decode().strip())
+            _, got = await self._until_tagged(select_tag, verb.decode().strip(), selecting=True)
         except CommandFailed:
             # The FETCH fails too (no mailbox selected): read its reply, then report.
             with contextlib.suppress(CommandFailed):

@@ -1,0 +1,62 @@
+"""A hostile or broken upstream (a scripted fake IMAP server): whatever it sends, the
+backend stays within its bounds, never serves one message's octets as another's, and
+never deletes what the session did not mark."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from pypop.backend import Credentials, TemporaryFailure, UpdateFailed
+
+from pypop_imap import ImapMailbox, ImapPassthroughBackend, create
+from tests.fakeimap import mailbox, start_fake
+
+
+def _backend(port: int, **overrides: object) -> ImapPassthroughBackend:
+    options: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": "none",
+        "timeout": 5,
+        "reuse_idle": 0,
+    }
+    options.update(overrides)
+    backend = create(options)
+    assert isinstance(backend, ImapPassthroughBackend)
+    return backend
+
+
+async def _login(backend: ImapPassthroughBackend) -> ImapMailbox:
+    return await backend.authenticate(Credentials("alice", "secret"))
+
+
+async def _read(blocks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([block async for block in blocks])
+
+
+@pytest.mark.parametrize("mark_seen", [False, True])
+async def test_uidvalidity_changed_mid_session_serves_and_deletes_nothing(
+    mark_seen: bool, nursery: trio.Nursery
+) -> None:
+    """The mailbox was recreated after the snapshot: its UIDs name other messages now."""
+    ours = b"Subject: ours\r\n\r\nmine\r\n"
+    other = b"Subject: other\r\n\r\nsomeone else's\r\n"
+    base = mailbox({5: ours})
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        if line.upper().startswith((b"UID FETCH 5 ", b"NOOP")):
+            return b"* OK [UIDVALIDITY 8] recreated\r\n" + mailbox({5: other}, 8)(tag, line)
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port, mark_seen="true" if mark_seen else "false")
+    mbox = await _login(backend)
+    assert [m.size for m in mbox.messages] == [len(ours)]
+    with pytest.raises(TemporaryFailure):
+        await _read(mbox.retrieve(0))
+    with pytest.raises(UpdateFailed):
+        await mbox.commit([0])
+    await backend.aclose()
+    assert not [c for c in fake.commands if c.upper().startswith((b"UID STORE", b"EXPUNGE"))]
