@@ -207,3 +207,33 @@ def test_uid_sets_and_names() -> None:
     assert _response_name(b"BODY.PEEK[]") == b"BODY[]"
     assert _response_name(b"BODY.PEEK[TEXT]<4096.8192>") == b"BODY[TEXT]<4096>"
     assert _response_name(b"body.peek[header]") == b"BODY[HEADER]"
+
+
+@pytest.mark.parametrize("fetch", [True, False])
+def test_literals_held_in_one_response_are_bounded(fetch: bool) -> None:
+    """Each literal under the inline bound, but without end in one response: a server
+    could make the parser hold any amount of memory."""
+    parser = ResponseParser(inline_literal=1000, max_line=100)
+    parser.feed(b"* 1 FETCH (UID 1" if fetch else b"* 1 XLIST (")
+    part = b" X {1000}\r\n" + b"x" * 1000
+    for _ in range(4):  # within the bound (4 * (1000 + 100))
+        parser.feed(part)
+        assert parser.next_event() is NEED_DATA
+    parser.feed(part)
+    with pytest.raises(ImapProtocolError, match="response too large"):
+        parser.next_event()
+
+
+def test_a_response_of_many_lines_within_the_bound_parses() -> None:
+    # Two sections of a TOP at the inline bound each: as much as the backend asks for.
+    parser = ResponseParser(inline_literal=1000, max_line=100)
+    parser.feed(
+        b"* 1 FETCH (UID 1 BODY[HEADER] {1000}\r\n"
+        + b"h" * 1000
+        + b" BODY[TEXT]<0> {1000}\r\n"
+        + b"t" * 1000
+        + b")\r\n"
+    )
+    assert parser.next_event() == Fetch(
+        1, {b"UID": 1, b"BODY[HEADER]": b"h" * 1000, b"BODY[TEXT]<0>": b"t" * 1000}
+    )

@@ -149,7 +149,8 @@ class ResponseParser:
     ``max_line`` bounds one line (a literal splits a response into lines);
     ``inline_literal`` is the largest literal held in memory (larger ones in FETCH
     responses are streamed, elsewhere they are an error); ``max_literal`` bounds a
-    streamed one.
+    streamed one; ``max_response`` bounds what one response holds in memory, its
+    lines and inline literals together (default: four of each at their bound).
     """
 
     def __init__(
@@ -158,10 +159,15 @@ class ResponseParser:
         max_line: int = 65536,
         inline_literal: int = 256 * 1024,
         max_literal: int = 1 << 40,
+        max_response: int | None = None,
     ) -> None:
         self.max_line = max_line
         self.inline_literal = inline_literal
         self.max_literal = max_literal
+        self.max_response = (
+            max_response if max_response is not None else 4 * (inline_literal + max_line)
+        )
+        self._held = 0  # octets the response in progress holds
         self._buf = bytearray()
         self._pos = 0
         self._broken: ImapProtocolError | None = None
@@ -239,6 +245,7 @@ class ResponseParser:
             line = self._line()
             if line is None:
                 return NEED_DATA
+            self._hold(len(line), first=self._stack is None)
             event = self._first_line(line) if self._stack is None else self._continue(line, 0)
             if event is not None:
                 return event
@@ -246,6 +253,12 @@ class ResponseParser:
                 event = self._literal()
                 if event is not None:
                     return event
+
+    def _hold(self, octets: int, *, first: bool = False) -> None:
+        # Each literal is bounded, but a response may chain any number of them.
+        self._held = octets if first else self._held + octets
+        if self._held > self.max_response:
+            raise ImapProtocolError("response too large")
 
     def _literal(self) -> Event | None:
         """Consume literal octets; an event, or None when the literal is complete and
@@ -377,6 +390,8 @@ class ResponseParser:
             number = self._kind[1]
             assert number is not None
             self._started = LiteralStart(number, items[-1].upper(), size, _pairs(items[:-1]))
+        else:
+            self._hold(size)
         return None
 
     def _tokens(self, line: bytes, pos: int, end: int) -> None:
