@@ -10,13 +10,15 @@ from functools import partial
 
 import trio
 
-# (tag, command line without the tag) -> the bytes to send back (b"" sends nothing)
-Script = Callable[[bytes, bytes], bytes]
+# (tag, command line without the tag) -> the bytes to send back (b"" sends nothing),
+# or a list of them to send one after another
+Script = Callable[[bytes, bytes], "bytes | list[bytes]"]
+Answer = Callable[[bytes, bytes], bytes]
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN UIDPLUS ID] fake ready\r\n"
 
 
-def mailbox(messages: dict[int, bytes], validity: int = 7) -> Script:
+def mailbox(messages: dict[int, bytes], validity: int = 7) -> Answer:
     """A well-behaved server of ``messages`` (UID -> content) to build scripts on."""
 
     def answer(tag: bytes, line: bytes) -> bytes:
@@ -91,8 +93,9 @@ async def start_fake(nursery: trio.Nursery, script: Script, greeting: bytes = GR
                     line, buf = buf.split(b"\r\n", 1)
                     tag, _, rest = line.partition(b" ")
                     reply = script(tag, rest)
-                    if reply:
-                        await stream.send_all(reply)
+                    for part in [reply] if isinstance(reply, bytes) else reply:
+                        if part:
+                            await stream.send_all(part)
         except trio.BrokenResourceError:
             pass
         finally:

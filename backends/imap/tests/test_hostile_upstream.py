@@ -4,7 +4,9 @@ never deletes what the session did not mark."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -60,3 +62,58 @@ async def test_uidvalidity_changed_mid_session_serves_and_deletes_nothing(
         await mbox.commit([0])
     await backend.aclose()
     assert not [c for c in fake.commands if c.upper().startswith((b"UID STORE", b"EXPUNGE"))]
+
+
+def _peak(during: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[int]]:
+    async def run() -> int:
+        tracemalloc.start()
+        try:
+            with contextlib.suppress(Exception):
+                await during()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    return run
+
+
+FLOOD = 30_000
+
+
+@pytest.mark.parametrize(
+    ("command", "flood"),
+    [
+        # unsolicited flag updates, answering a command that wants no FETCH at all
+        (b"UID STORE", b"* 1 FETCH (FLAGS (\\Deleted))\r\n" * FLOOD),
+        (b"UID SEARCH", (b"* SEARCH" + b" 5" * 1000 + b"\r\n") * 1000),
+        # a fetch ahead of two small messages, answered over and over
+        (b"UID FETCH 6:7", (b"* 2 FETCH (UID 6 BODY[] {100}\r\n" + b"x" * 100 + b")\r\n") * FLOOD),
+    ],
+)
+async def test_a_flood_of_untagged_responses_is_not_kept(
+    command: bytes, flood: bytes, nursery: trio.Nursery
+) -> None:
+    """What a command collects is bounded by what it asked for, not by what the
+    upstream sends before the tagged reply."""
+    base = mailbox({5: b"a" * 100, 6: b"b" * 100, 7: b"c" * 100})
+
+    def script(tag: bytes, line: bytes) -> bytes | list[bytes]:
+        if line.upper().startswith(command):
+            return [flood, tag + b" OK done\r\n"]
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port)
+    mbox = await _login(backend)
+
+    async def work() -> None:
+        if command.startswith(b"UID FETCH"):
+            await _read(mbox.retrieve(0))
+            await _read(mbox.retrieve(1))  # in order: 2 and 3 are fetched ahead
+        else:
+            await mbox.commit([0])
+
+    peak = await _peak(work)()
+    await mbox.aclose()
+    await backend.aclose()
+    assert peak < 4 * 1024 * 1024, f"{peak} octets held"

@@ -91,12 +91,22 @@ class Selected:
 
 @dataclass(slots=True)
 class _Collected:
-    fetches: list[Fetch] = field(default_factory=list)
+    """What a command's untagged responses said, kept only as far as it asked: a
+    server may send any number of them before the tagged reply."""
+
+    want: bytes | None = None
+    """The FETCH item the command asked for (``RFC822.SIZE``, ``BODY[]``); None:
+    FETCH responses are not kept."""
+    uids: frozenset[int] | None = None
+    """The UIDs asked for (None: any)."""
+    fetches: dict[int, Fetch] = field(default_factory=dict)
+    """By UID: a repeated response replaces the one before."""
     expunged: int = 0
     exists: int | None = None
     uidvalidity: int | None = None
     read_only: bool | None = None
-    search: list[int] = field(default_factory=list)
+    searching: bool = False
+    search: set[int] = field(default_factory=set)
     selecting: bool = False
     """A SELECT/EXAMINE: a new UIDVALIDITY is expected here, and only here."""
 
@@ -242,18 +252,19 @@ class ImapConnection:
         return status
 
     async def _run(
-        self, text: bytes, what: str, *, selecting: bool = False
+        self, text: bytes, what: str, collected: _Collected | None = None
     ) -> tuple[Status, _Collected]:
         if self.broken:
             raise UpstreamError("the connection is broken")
         tag = self._next_tag()
         await self._send(tag + b" " + text + b"\r\n")
-        return await self._until_tagged(tag, what, selecting=selecting)
+        return await self._until_tagged(tag, what, collected)
 
     async def _until_tagged(
-        self, tag: bytes, what: str, *, selecting: bool = False
+        self, tag: bytes, what: str, collected: _Collected | None = None
     ) -> tuple[Status, _Collected]:
-        collected = _Collected(selecting=selecting)
+        if collected is None:
+            collected = _Collected()
         while True:
             event = await self._event()
             if isinstance(event, Status):
@@ -270,7 +281,7 @@ class ImapConnection:
             elif isinstance(event, Data):
                 self._untagged_data(event, collected)
             elif isinstance(event, Fetch):
-                collected.fetches.append(event)
+                self._keep(event, collected)
             elif isinstance(event, LiteralStart | LiteralChunk):
                 # A large literal nobody asked to stream: not something we request.
                 self.broken = True
@@ -278,6 +289,16 @@ class ImapConnection:
             elif isinstance(event, Continuation):
                 self.broken = True
                 raise UpstreamError(f"{_where(self.endpoint)} sent an unexpected continuation")
+
+    def _keep(self, event: Fetch, collected: _Collected) -> None:
+        if collected.want is None or collected.want not in event.items:
+            return  # e.g. an unsolicited flag update
+        uid = event.items.get(b"UID")
+        if not isinstance(uid, int):
+            self.broken = True
+            raise UpstreamError(f"{_where(self.endpoint)} sent a FETCH without its UID")
+        if collected.uids is None or uid in collected.uids:
+            collected.fetches[uid] = event
 
     def _untagged_status(self, event: Status, collected: _Collected) -> None:
         if event.condition == b"BYE":
@@ -308,8 +329,8 @@ class ImapConnection:
             collected.exists = event.number
         elif event.name == b"EXPUNGE":
             collected.expunged += 1
-        elif event.name == b"SEARCH":
-            collected.search.extend(v for v in event.values if isinstance(v, int))
+        elif event.name == b"SEARCH" and collected.searching:
+            collected.search.update(v for v in event.values if isinstance(v, int))
         elif event.name == b"CAPABILITY":
             self.capabilities = frozenset(
                 bytes(v).upper() for v in event.values if isinstance(v, bytes)
@@ -411,7 +432,7 @@ class ImapConnection:
     async def select(self, mailbox: bytes, *, read_only: bool) -> Selected:
         """EXAMINE (read-only: nothing changes upstream) or SELECT."""
         verb = b"EXAMINE " if read_only else b"SELECT "
-        _, got = await self._run(verb + mailbox, verb.decode().strip(), selecting=True)
+        _, got = await self._run(verb + mailbox, verb.decode().strip(), _Collected(selecting=True))
         return self._selected(got, read_only)
 
     async def open_snapshot(
@@ -426,14 +447,16 @@ class ImapConnection:
             select_tag + b" " + verb + mailbox + b"\r\n" + fetch_tag + b" " + _sizes(guid) + b"\r\n"
         )
         try:
-            _, got = await self._until_tagged(select_tag, verb.decode().strip(), selecting=True)
+            _, got = await self._until_tagged(
+                select_tag, verb.decode().strip(), _Collected(selecting=True)
+            )
         except CommandFailed:
             # The FETCH fails too (no mailbox selected): read its reply, then report.
             with contextlib.suppress(CommandFailed):
                 await self._until_tagged(fetch_tag, "UID FETCH")
             raise
         selected = self._selected(got, read_only)
-        _, fetched = await self._until_tagged(fetch_tag, "UID FETCH")
+        _, fetched = await self._until_tagged(fetch_tag, "UID FETCH", _Collected(_SIZE))
         rows = self._rows(fetched, guid)
         return selected, rows, fetched.expunged
 
@@ -450,12 +473,12 @@ class ImapConnection:
         """``(uid, RFC822.SIZE, guid)`` of every message in mailbox order (``guid`` is
         Dovecot's ``X-GUID`` if asked for, else ""), and the number of EXPUNGE
         responses seen meanwhile (the caller asks again if it is not 0)."""
-        _, got = await self._run(_sizes(guid), "UID FETCH")
+        _, got = await self._run(_sizes(guid), "UID FETCH", _Collected(_SIZE))
         return self._rows(got, guid), got.expunged
 
     def _rows(self, got: _Collected, guid: bool) -> list[tuple[int, int, str]]:
         out: list[tuple[int, int, str]] = []
-        for f in got.fetches:
+        for f in got.fetches.values():
             uid, size = f.items.get(b"UID"), f.items.get(b"RFC822.SIZE")
             if isinstance(uid, int) and isinstance(size, int):
                 value = f.items.get(b"X-GUID", b"") if guid else b""
@@ -471,11 +494,16 @@ class ImapConnection:
         """Small messages' ``section`` (e.g. ``BODY.PEEK[]``) in one command."""
         out: dict[int, bytes] = {}
         name = _response_name(section)
+        asked = frozenset(uids)
         for uidset in uid_set(uids):
-            _, got = await self._run(b"UID FETCH " + uidset + b" (" + section + b")", "UID FETCH")
-            for f in got.fetches:
-                uid, body = f.items.get(b"UID"), f.items.get(name)
-                if isinstance(uid, int) and isinstance(body, bytes):
+            _, got = await self._run(
+                b"UID FETCH " + uidset + b" (" + section + b")",
+                "UID FETCH",
+                _Collected(name, asked),
+            )
+            for uid, f in got.fetches.items():
+                body = f.items.get(name)
+                if isinstance(body, bytes):
                     out[uid] = body
         return out
 
@@ -569,8 +597,10 @@ class ImapConnection:
         await self.command(b"EXPUNGE", "EXPUNGE")
 
     async def search_uids(self, criteria: bytes) -> list[int]:
-        _, got = await self._run(b"UID SEARCH " + criteria, "UID SEARCH")
-        return got.search
+        _, got = await self._run(
+            b"UID SEARCH " + criteria, "UID SEARCH", _Collected(searching=True)
+        )
+        return sorted(got.search)
 
     async def noop(self) -> None:
         await self.command(b"NOOP", "NOOP")
@@ -600,6 +630,9 @@ async def _tls(tcp: trio.SocketStream, endpoint: Endpoint) -> trio.SSLStream[tri
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
         raise UpstreamError(f"TLS with {_where(endpoint)} failed: {_why(cause)}") from None
     return stream
+
+
+_SIZE: Final = b"RFC822.SIZE"
 
 
 def _sizes(guid: bool) -> bytes:
