@@ -14,6 +14,7 @@ from pypop.backend import Credentials, TemporaryFailure, UpdateFailed
 
 from pypop_imap import ImapMailbox, ImapPassthroughBackend, create
 from tests.fakeimap import mailbox, start_fake
+from tests.pop3 import Raw, pypop
 
 
 def _backend(port: int, **overrides: object) -> ImapPassthroughBackend:
@@ -117,3 +118,44 @@ async def test_a_flood_of_untagged_responses_is_not_kept(
     await mbox.aclose()
     await backend.aclose()
     assert peak < 4 * 1024 * 1024, f"{peak} octets held"
+
+
+@pytest.mark.parametrize(
+    ("greeting", "refused"),
+    [
+        # no capabilities in the greeting: asked for, and refused
+        (b"* OK fake ready\r\n", b"CAPABILITY"),
+        # STARTTLS advertised, then refused (or the refusal forged by a middlebox)
+        (b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready\r\n", b"STARTTLS"),
+        (b"* OK fake ready\r\n", b"STARTTLS"),
+    ],
+)
+async def test_a_refused_set_up_command_is_sys_temp_without_traceback(
+    greeting: bytes, refused: bytes, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = mailbox({5: b"x\r\n"})
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        if line.upper() == refused:
+            return tag + b" BAD [SERVERBUG] Traceback: secret internals\r\n"
+        if line.upper() == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n" + tag + b" OK done\r\n"
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script, greeting)
+    tls = "starttls" if refused == b"STARTTLS" else "none"
+    backend = create(
+        {"host": "127.0.0.1", "port": fake.port, "tls": tls, "timeout": 5, "reuse_idle": 0}
+    )
+    async with pypop(backend) as server:
+        c = await trio.to_thread.run_sync(Raw, server.addresses[0][1])
+        try:
+            reply = await trio.to_thread.run_sync(c.login, "alice", "secret")
+            after = await trio.to_thread.run_sync(c.cmd, "NOOP")
+        finally:
+            c.close()
+    await backend.aclose()
+    assert reply == b"-ERR [SYS/TEMP] Temporary authentication failure"
+    assert after == b"-ERR Command not valid in this state"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert b"secret" not in bytes(fake.received)  # nothing of the login went out

@@ -168,6 +168,10 @@ class ImapConnection:
                 await conn._starttls()
             if not conn.capabilities:
                 await conn.capability()
+        except CommandFailed as exc:
+            # A refused STARTTLS or CAPABILITY leaves nothing to log in over.
+            await trio.aclose_forcefully(stream)
+            raise UpstreamError(f"{_where(endpoint)} refused the set-up: {exc}") from None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
