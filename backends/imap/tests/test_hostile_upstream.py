@@ -159,3 +159,34 @@ async def test_a_refused_set_up_command_is_sys_temp_without_traceback(
     assert after == b"-ERR Command not valid in this state"
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert b"secret" not in bytes(fake.received)  # nothing of the login went out
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "caps"),
+    [("PLAIN", b"AUTH=PLAIN"), ("PLAIN", b"AUTH=PLAIN SASL-IR"), ("XOAUTH2", b"AUTH=XOAUTH2")],
+)
+async def test_endless_authenticate_challenges_end_the_login(
+    mechanism: str, caps: bytes, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that answers every line of AUTHENTICATE with another challenge: RFC
+    4616 PLAIN has none after the initial response, RFC 7628 one error challenge."""
+    authenticating = False
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        nonlocal authenticating
+        authenticating = authenticating or line.upper().startswith(b"AUTHENTICATE")
+        return b"+ \r\n" if authenticating else tag + b" OK done\r\n"
+
+    greeting = b"* OK [CAPABILITY IMAP4rev1 " + caps + b"] ready\r\n"
+    fake = await start_fake(nursery, script, greeting)
+    backend = _backend(fake.port)
+    credentials = (
+        Credentials("alice", "token", "bearer", mechanism)
+        if mechanism == "XOAUTH2"
+        else Credentials("alice", "secret", "password", mechanism)
+    )
+    with trio.fail_after(3), pytest.raises(TemporaryFailure):
+        await backend.authenticate(credentials)
+    await backend.aclose()
+    assert len(fake.commands) <= 3  # the command, the response, one answer at most
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -386,9 +386,16 @@ class ImapConnection:
             else:
                 self.broken = True
                 raise UpstreamError("no continuation for AUTHENTICATE")
+        answered = False
         while True:
             event = await self._event()
             if isinstance(event, Continuation):
+                if answered:
+                    # None of our mechanisms has a second challenge: a server asking
+                    # again and again would hold the login for ever.
+                    self.broken = True
+                    raise UpstreamError("endless challenges to AUTHENTICATE")
+                answered = True
                 # An error challenge (OAuth's JSON): answer it so the NO comes.
                 reply = b"AQ==" if mechanism == b"OAUTHBEARER" else b""
                 await self._send(reply + b"\r\n")
