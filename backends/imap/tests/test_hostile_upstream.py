@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -190,3 +190,41 @@ async def test_endless_authenticate_challenges_end_the_login(
     await backend.aclose()
     assert len(fake.commands) <= 3  # the command, the response, one answer at most
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_top_reads_no_more_than_the_message(nursery: trio.Nursery) -> None:
+    """A server that answers every partial fetch of the text in full, without a line
+    end, would have TOP ask again and again: never past the message's own size."""
+    header = b"Subject: s\r\n\r\n"
+    base = mailbox({5: header + b"x" * 20_000})
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        upper = line.upper()
+        if upper.startswith(b"UID FETCH 5 ") and b"BODY.PEEK[" in upper:
+            items = []
+            if b"BODY.PEEK[HEADER]" in upper:
+                items.append(b"BODY[HEADER] {%d}\r\n%s" % (len(header), header))
+            if b"BODY.PEEK[TEXT]<" in upper:
+                start, count = upper.split(b"BODY.PEEK[TEXT]<")[1].split(b">")[0].split(b".")
+                items.append(b"BODY[TEXT]<%s> {%s}\r\n%s" % (start, count, b"x" * int(count)))
+            return b"* 1 FETCH (UID 5 " + b" ".join(items) + b")\r\n" + tag + b" OK done\r\n"
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port)
+    mbox = await _login(backend)
+    size = mbox.messages[0].size
+    got = 0
+    with trio.fail_after(10):
+        top = mbox.retrieve(0, top_lines=1)
+        assert isinstance(top, AsyncGenerator)
+        async with contextlib.aclosing(top) as blocks:
+            async for block in blocks:
+                got += len(block)
+                if got > 10 * size:
+                    break
+    await mbox.aclose()
+    await backend.aclose()
+    assert got <= 2 * size  # at most one doubling step past the declared size
+    fetches = [c for c in fake.commands if c.upper().startswith(b"UID FETCH 5 ")]
+    assert len(fetches) == 3  # 4224 octets, 8448 more, then 16896: past 20014

@@ -554,7 +554,10 @@ class ImapMailbox(SnapshotMailbox):
             for part in held:
                 yield part
             offset = got
-            while lines > 0 and body_lines < lines and got == asked:
+            # The text is part of the message: a server that keeps sending more than
+            # its RFC822.SIZE would otherwise be asked again for ever.
+            size = self._messages[index].size
+            while lines > 0 and body_lines < lines and got == asked and offset < size:
                 asked = min(asked * 2, TOP_MAX_STEP)
                 got = 0
                 section = b"BODY.PEEK[TEXT]<%d.%d>" % (offset, asked)
