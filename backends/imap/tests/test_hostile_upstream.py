@@ -228,3 +228,39 @@ async def test_top_reads_no_more_than_the_message(nursery: trio.Nursery) -> None
     assert got <= 2 * size  # at most one doubling step past the declared size
     fetches = [c for c in fake.commands if c.upper().startswith(b"UID FETCH 5 ")]
     assert len(fetches) == 3  # 4224 octets, 8448 more, then 16896: past 20014
+
+
+async def test_top_text_larger_than_asked_is_refused(nursery: trio.Nursery) -> None:
+    """A partial fetch returns at most the octets asked for (RFC 3501 §6.4.5); text
+    sent before the header is held until the header comes, so more than asked would
+    be held in memory, as much as the server cares to send."""
+    header = b"Subject: s\r\n\r\n"
+    text = b"y" * (4 * 1024 * 1024)
+    base = mailbox({5: header + b"body\r\n"})
+
+    def script(tag: bytes, line: bytes) -> bytes | list[bytes]:
+        if line.upper().startswith(b"UID FETCH 5 (BODY.PEEK[HEADER]"):
+            return [
+                b"* 1 FETCH (UID 5 BODY[TEXT]<0> {%d}\r\n" % len(text),
+                text,
+                b" BODY[HEADER] {%d}\r\n%s)\r\n%s OK done\r\n" % (len(header), header, tag),
+            ]
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port)
+    mbox = await _login(backend)
+
+    failed: list[Exception] = []
+
+    async def top() -> None:
+        try:
+            await _read(mbox.retrieve(0, top_lines=1))
+        except Exception as exc:
+            failed.append(exc)
+
+    peak = await _peak(top)()
+    await mbox.aclose()
+    await backend.aclose()
+    assert [type(e) for e in failed] == [TemporaryFailure]
+    assert peak < 2 * 1024 * 1024, f"{peak} octets held"

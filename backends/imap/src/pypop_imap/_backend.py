@@ -541,6 +541,10 @@ class ImapMailbox(SnapshotMailbox):
                     if data is None:
                         continue
                     got += len(data)
+                    if got > asked:
+                        # More than a partial fetch may return (RFC 3501 §6.4.5), and
+                        # text before the header is held: refuse, do not buffer it.
+                        raise UpstreamError(f"UID {uid}: more text than asked for")
                     body_lines += data.count(b"\n")
                     if header_seen:
                         for part in held:
@@ -565,6 +569,8 @@ class ImapMailbox(SnapshotMailbox):
                     async for _, data in pieces:
                         if data:
                             got += len(data)
+                            if got > asked:
+                                raise UpstreamError(f"UID {uid}: more text than asked for")
                             body_lines += data.count(b"\n")
                             yield data
                 offset += got
