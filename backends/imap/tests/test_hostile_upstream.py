@@ -264,3 +264,41 @@ async def test_top_text_larger_than_asked_is_refused(nursery: trio.Nursery) -> N
     await backend.aclose()
     assert [type(e) for e in failed] == [TemporaryFailure]
     assert peak < 2 * 1024 * 1024, f"{peak} octets held"
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        # a large literal (streamed) whose UID, after it, names another message
+        b"* 2 FETCH (BODY[] {%d}\r\n%s UID 6)\r\n",
+        # a small one without any UID (RFC 3501 §6.4.8: UID FETCH answers carry it)
+        b"* 2 FETCH (BODY[] {%d}\r\n%s)\r\n",
+    ],
+)
+async def test_retr_never_completes_with_another_messages_octets(
+    response: bytes, nursery: trio.Nursery
+) -> None:
+    ours = b"Subject: ours\r\n\r\n" + b"o" * 300_000
+    other = (b"Subject: other\r\n\r\n" + b"x" * 300_000) if b"UID 6" in response else b"x\r\n"
+    base = mailbox({5: ours, 6: other})
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        if line.upper().startswith(b"UID FETCH 5 "):
+            return response % (len(other), other) + tag + b" OK done\r\n"
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port)
+    mbox = await _login(backend)
+    got: list[bytes] = []
+
+    async def retr() -> None:
+        async for block in mbox.retrieve(0):
+            got.append(block)
+
+    with pytest.raises(TemporaryFailure):
+        await retr()
+    # Failing after the first block, the session cuts the transfer (no terminator).
+    assert b"".join(got) in (b"", other)
+    await mbox.aclose()
+    await backend.aclose()

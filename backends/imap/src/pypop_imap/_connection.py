@@ -535,6 +535,7 @@ class ImapConnection:
         names = [_response_name(s) for s in sections]
         done = False
         left = 0
+        unchecked = False  # a streamed literal came before its response's UID
         self.busy = True
         try:
             while True:
@@ -545,6 +546,7 @@ class ImapConnection:
                     got_uid = event.before.get(b"UID")
                     if got_uid is not None and got_uid != uid:
                         raise UpstreamError(f"{_where(self.endpoint)} sent another message")
+                    unchecked = unchecked or got_uid is None
                     left = event.size
                     while left:
                         chunk = await self._event()
@@ -553,7 +555,17 @@ class ImapConnection:
                         left -= len(chunk.data)
                         yield event.item, chunk.data
                 elif isinstance(event, Fetch):
-                    if event.items.get(b"UID") not in (uid, None):
+                    # A body is ours only if its response says so (RFC 3501 §6.4.8):
+                    # never another message's octets, and for a streamed one an error
+                    # before its end, so that the POP3 client sees a cut transfer.
+                    got_uid = event.items.get(b"UID")
+                    if unchecked:
+                        if got_uid != uid:
+                            raise UpstreamError(f"{_where(self.endpoint)} sent another message")
+                        unchecked = False
+                    elif got_uid != uid:
+                        if got_uid is None and any(name in event.items for name in names):
+                            raise UpstreamError(f"{_where(self.endpoint)} sent a body without UID")
                         continue  # an unsolicited update about another message
                     for name in names:
                         if name in event.items:
