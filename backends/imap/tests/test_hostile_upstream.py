@@ -302,3 +302,38 @@ async def test_retr_never_completes_with_another_messages_octets(
     assert b"".join(got) in (b"", other)
     await mbox.aclose()
     await backend.aclose()
+
+
+@pytest.mark.parametrize("cut", ["UID STORE", "UID FETCH 1:*"])
+async def test_a_command_cut_off_before_its_reply_is_never_pooled(
+    cut: str, nursery: trio.Nursery
+) -> None:
+    """A session cancelled while a command waits for its tagged reply (the session's
+    time limit, a shutdown) leaves that reply on the wire: the connection must not be
+    pooled for the next login, which would read it as an answer to its own commands."""
+    base = mailbox({5: b"Subject: s\r\n\r\nx\r\n"})
+    hold = cut.encode()
+    answered = {"count": 0}
+
+    def script(tag: bytes, line: bytes) -> bytes:
+        if line.upper().startswith(hold) and not answered["count"]:
+            answered["count"] += 1
+            return b""  # never answered
+        return base(tag, line)
+
+    fake = await start_fake(nursery, script)
+    backend = _backend(fake.port, reuse_idle=60)
+    if cut == "UID STORE":
+        mbox = await _login(backend)
+        with trio.move_on_after(0.5):
+            await mbox.commit([0])
+        await mbox.aclose()
+    else:  # the login's own listing
+        with trio.move_on_after(0.5):
+            await _login(backend)
+    assert backend.pooled == 0
+    again = await _login(backend)  # a fresh upstream login, answered in order
+    assert [m.size for m in again.messages] == [len(b"Subject: s\r\n\r\nx\r\n")]
+    await again.aclose()
+    await backend.aclose()
+    assert fake.connections == 2

@@ -261,8 +261,21 @@ class ImapConnection:
         if self.broken:
             raise UpstreamError("the connection is broken")
         tag = self._next_tag()
-        await self._send(tag + b" " + text + b"\r\n")
-        return await self._until_tagged(tag, what, collected)
+        replied = False
+        try:
+            await self._send(tag + b" " + text + b"\r\n")
+            result = await self._until_tagged(tag, what, collected)
+            replied = True
+            return result
+        except CommandFailed:
+            replied = True  # its tagged NO or BAD was read: the wire is in step
+            raise
+        finally:
+            if not replied:
+                # Cut off before its tagged reply (a cancel, a timeout): that reply is
+                # still to come, so the next command, or the next login given this
+                # connection from the pool, would read it as its own.
+                self.broken = True
 
     async def _until_tagged(
         self, tag: bytes, what: str, collected: _Collected | None = None
