@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Self
 
@@ -35,6 +37,17 @@ def read_plan(octets: int, chunks: int) -> tuple[int, int]:
     return max(1, READ_OCTETS // per_chunk), max(1, BLOCK_OCTETS // per_chunk)
 
 
+class _PendingOpen:
+    """An open in a worker thread, and whether the login still waits for it."""
+
+    __slots__ = ("abandoned", "guard", "handle")
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.abandoned = False
+        self.handle: Handle | None = None
+
+
 class SqlBackend:
     """Maildrops in an SQLite or PostgreSQL database (see README.md)."""
 
@@ -59,8 +72,30 @@ class SqlBackend:
         threads = self.threads.session()
         create = self.config.autocreate != "no"
         # One thread call that returns a locked snapshot or raises with no lock held.
-        handle, snapshot = await threads.run(self.engine.open, user, create)
+        # If the call is given up (io_timeout, a cancelled session), its thread still
+        # finishes and takes the lock (and a PostgreSQL connection) that nobody will
+        # release: whichever of the thread and this task comes second releases it.
+        pending = _PendingOpen()
+        try:
+            handle, snapshot = await threads.run(self._open_sync, user, create, pending)
+        except BaseException:
+            with pending.guard:
+                pending.abandoned = True
+                late, pending.handle = pending.handle, None
+            if late is not None:  # opened, but the result came after we gave up
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.threads.run(self.engine.release, late)
+            raise
         return SqlMailbox(self, handle, snapshot, threads)
+
+    def _open_sync(self, user: str, create: bool, pending: _PendingOpen) -> tuple[Handle, Snapshot]:
+        handle, snapshot = self.engine.open(user, create)
+        with pending.guard:
+            if not pending.abandoned:
+                pending.handle = handle
+                return handle, snapshot
+        self.engine.release(handle)
+        raise TemporaryFailure("the login gave up before the maildrop was opened")
 
     async def open_account(self, account: Account) -> SqlMailbox:
         """pypop.backend.AccountBackend: maildrops are named, not placed, so a home

@@ -1,0 +1,83 @@
+"""A slow or failing database against a real ``pypop serve``: what a login or a
+session leaves behind when a database call outlives ``io_timeout``.
+
+Each test runs a server process on 127.0.0.1 with a fault injected in its prelude,
+and talks POP3 to it over a real socket, asserting the exact replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+from tests.helpers import PASSWORD, open_engine, start_serve
+
+
+class Client:
+    """A raw POP3 client: exact reply lines, nothing interpreted."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.file = self.sock.makefile("rb")
+        assert self.line().startswith(b"+OK ")
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def send(self, command: bytes) -> bytes:
+        self.sock.sendall(command + b"\r\n")
+        return self.line()
+
+    def login(self, user: bytes = b"alice") -> bytes:
+        assert self.send(b"USER " + user) == b"+OK\r\n"
+        return self.send(b"PASS " + PASSWORD.encode())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+# The first two opens of the mailbox are slow: each takes the lock, then its snapshot
+# read outlives io_timeout (a loaded database). Later opens are quick.
+SLOW_OPENS = """
+import time
+from pypop_sql import _engine
+_real = _engine.SnapshotCache.get_or_make
+_calls = []
+def _slow(self, *args, **kwargs):
+    _calls.append(1)
+    if len(_calls) <= 2:
+        time.sleep(1.5)
+    return _real(self, *args, **kwargs)
+_engine.SnapshotCache.get_or_make = _slow
+"""
+
+
+def test_login_that_times_out_does_not_keep_the_lock(db_url: str, tmp_path: Path) -> None:
+    """A login whose open outlives io_timeout gets [SYS/TEMP]; the thread that was
+    left to finish must not keep the maildrop locked (SQLite: the next login got
+    [IN-USE] until a restart) nor, on PostgreSQL, its pooled connection (two such
+    logins took a pool of two for good: every later login waited, then [SYS/TEMP])."""
+    with open_engine(db_url) as e:
+        e.deliver("alice", b"Subject: one\r\n\r\nbody\r\n", None, None)
+    server = start_serve(
+        tmp_path,
+        db_url,
+        "slow",
+        prelude=SLOW_OPENS,
+        backend_extra="io_timeout = 0.5\npool_size = 2\npool_timeout = 1",
+    )
+    try:
+        for _ in range(2):
+            with contextlib.closing(Client(server.port)) as slow:
+                reply = slow.login()
+            assert reply == b"-ERR [SYS/TEMP] Mailbox temporarily unavailable\r\n"
+            time.sleep(2.0)  # the abandoned open has finished by now
+        with contextlib.closing(Client(server.port)) as again:
+            assert again.login() == b"+OK maildrop has 1 messages (22 octets)\r\n"
+            assert again.send(b"STAT") == b"+OK 1 22\r\n"
+            assert again.send(b"QUIT") == b"+OK Logging out\r\n"
+    finally:
+        server.stop()
