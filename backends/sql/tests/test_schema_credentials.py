@@ -125,6 +125,38 @@ async def test_credential_store_schemes_disabled_and_unknown(db_url: str) -> Non
         await store.aclose()
 
 
+async def test_failed_dummy_refresh_is_retried_at_the_next_login(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown users are verified against a dummy as heavy as the table's hashes. If
+    the first sample of the table failed (a database hiccup), the store kept its
+    start-up dummy (PLAIN: no cost) for DUMMY_REFRESH seconds: for five minutes an
+    unknown name was answered at once and a known one after a SHA512-CRYPT, so user
+    names could be told apart by timing. The next login must sample again."""
+    from pypop.errors import TemporaryFailure
+
+    for user in ("u1", "u2", "u3"):
+        stored = schemes.hash_password("SHA512-CRYPT", PASSWORD)
+        _sql(db_url, "INSERT INTO users (name, password) VALUES (?, ?)", (user, stored))
+    store = create_credential_store("sql", {"url": db_url})
+    assert isinstance(store, SqlCredentialStore)
+    real = store.engine.sample_passwords
+
+    def down(limit: int) -> list[str]:
+        raise TemporaryFailure("postgresql: cannot read users: OperationalError: gone")
+
+    try:
+        monkeypatch.setattr(store.engine, "sample_passwords", down)
+        with pytest.raises(TemporaryFailure):
+            await store.verify_password("ghost", PASSWORD)
+        monkeypatch.setattr(store.engine, "sample_passwords", real)
+        assert not await store.verify_password("ghost", PASSWORD)
+        assert store._dummy.scheme == "SHA512-CRYPT"
+        assert await store.verify_password("u1", PASSWORD)
+    finally:
+        await store.aclose()
+
+
 def test_credential_store_options() -> None:
     with pytest.raises(PluginLoadError, match="unknown scheme"):
         create_credential_store("sql", {"url": "sqlite:///tmp/x.db", "default_scheme": "ROT13"})

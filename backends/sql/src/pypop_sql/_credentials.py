@@ -73,8 +73,14 @@ class SqlCredentialStore(_VerifyingStore):
         now = self._clock()
         if self._dummy_at is not None and now - self._dummy_at < DUMMY_REFRESH:
             return
-        self._dummy_at = now  # before awaiting: concurrent logins skip the refresh
-        self._dummy = _make_dummy(await self.threads.run(self._sample))
+        before, self._dummy_at = self._dummy_at, now  # concurrent logins skip it
+        try:
+            self._dummy = _make_dummy(await self.threads.run(self._sample))
+        except BaseException:
+            # Not for DUMMY_REFRESH seconds: until a sample works, the dummy may be the
+            # start-up one (PLAIN, no cost), and timing would tell unknown users apart.
+            self._dummy_at = before
+            raise
 
     async def lookup(self, user: str) -> StoredCredential | None:
         await self._refresh()
