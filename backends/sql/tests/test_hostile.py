@@ -81,3 +81,47 @@ def test_login_that_times_out_does_not_keep_the_lock(db_url: str, tmp_path: Path
             assert again.send(b"QUIT") == b"+OK Logging out\r\n"
     finally:
         server.stop()
+
+
+# UPDATE's deletion is slow: it outlives io_timeout (a loaded database, a slow disk).
+SLOW_UPDATE = """
+import time
+from pypop_sql import _engine
+for _cls in (_engine.SqliteEngine, _engine.PostgresEngine):
+    def _slow(self, conn, mailbox_id, batch, _real=_cls._delete_batch):
+        time.sleep(3.0)
+        return _real(self, conn, mailbox_id, batch)
+    _cls._delete_batch = _slow
+"""
+
+
+def test_update_that_times_out_keeps_the_lock_until_it_ends(db_url: str, tmp_path: Path) -> None:
+    """A QUIT whose deletion outlives io_timeout gets -ERR, and the deletion goes on
+    in its thread. Until it ends the maildrop stays locked: SQLite gave its lock up
+    at once, so a new session got a snapshot listing the message being deleted,
+    which then vanished under it (its RETR: -ERR), while it held the lock."""
+    with open_engine(db_url) as e:
+        for n in (1, 2, 3):
+            e.deliver("alice", f"Subject: {n}\r\n\r\nbody\r\n".encode(), None, None)
+    server = start_serve(
+        tmp_path, db_url, "slowupdate", prelude=SLOW_UPDATE, backend_extra="io_timeout = 0.5"
+    )
+    try:
+        with contextlib.closing(Client(server.port)) as first:
+            assert first.login() == b"+OK maildrop has 3 messages (60 octets)\r\n"
+            assert first.send(b"DELE 1") == b"+OK Marked to be deleted\r\n"
+            quit_reply = first.send(b"QUIT")
+        assert quit_reply == b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n"
+        # The deletion still runs (3 s): a login meanwhile (it waits lock_wait, 1 s).
+        with contextlib.closing(Client(server.port)) as second:
+            assert second.login() == (b"-ERR [IN-USE] Mailbox is locked by another session\r\n"), (
+                server.tail()
+            )
+        time.sleep(3.0)
+        with contextlib.closing(Client(server.port)) as third:
+            assert third.login() == b"+OK maildrop has 2 messages (40 octets)\r\n"
+            assert third.send(b"RETR 1") == b"+OK 20 octets\r\n"
+            assert third.line() == b"Subject: 2\r\n"
+        assert "Traceback" not in server.tail()
+    finally:
+        server.stop()

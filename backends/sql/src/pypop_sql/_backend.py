@@ -142,6 +142,14 @@ class SqlMailbox(SnapshotMailbox):
         self._rows = snapshot.rows
         self._threads = threads
         self._ahead: dict[int, bytes] = {}
+        # UPDATE's deletion may outlive its caller (io_timeout, update_timeout) and
+        # go on in its thread: the lock is then given up by that thread when it ends,
+        # never under it (a new session would list what it is deleting; PostgreSQL's
+        # connection would go back to the pool inside its transaction).
+        self._guard = threading.Lock()
+        self._deleting = False  # from update() until its thread ends (or never starts)
+        self._delete_started = False
+        self._release_when_deleted = False
 
     async def received_times(self) -> list[float | None]:
         """pypop.backend.MessageTimes: one query, only at an UPDATE with EXPIRE."""
@@ -218,10 +226,39 @@ class SqlMailbox(SnapshotMailbox):
         """One transaction: every marked message goes, or none does."""
         if deleted:
             ids = [self._rows[i].id for i in deleted]
+            self._deleting = True
             try:
-                await self._threads.run(self._engine.delete, self._handle, ids)
-            except TemporaryFailure as exc:
-                raise UpdateFailed(f"nothing was removed: {exc}") from exc
+                await self._threads.run(self._delete, ids)
+            except BaseException as exc:
+                with self._guard:
+                    if not self._delete_started:  # given up before a thread took it
+                        self._deleting = False
+                if isinstance(exc, TemporaryFailure):
+                    raise UpdateFailed(f"nothing was removed: {exc}") from exc
+                raise
+
+    def _delete(self, ids: list[int]) -> None:
+        """In a worker thread: the deletion, then the release if it was asked for
+        meanwhile (the caller gave up waiting)."""
+        with self._guard:
+            if not self._deleting:  # the caller gave up before this thread started
+                return
+            self._delete_started = True
+        try:
+            self._engine.delete(self._handle, ids)
+        finally:
+            with self._guard:
+                self._deleting = False
+                release = self._release_when_deleted
+            if release:
+                self._engine.release(self._handle)
+
+    def _release_later(self) -> bool:
+        """True if a deletion still runs: its thread releases the lock when it ends."""
+        with self._guard:
+            if self._deleting:
+                self._release_when_deleted = True
+            return self._deleting
 
     def commits_at_once(self, deleted: Sequence[int]) -> bool:
         """pypop.backend_kit.SnapshotMailbox: nothing to delete (no transaction) and a
@@ -234,9 +271,11 @@ class SqlMailbox(SnapshotMailbox):
         if self._engine.release_blocks:
             return False
         self._ahead = {}
-        self._engine.release(self._handle)
+        if not self._release_later():
+            self._engine.release(self._handle)
         return True
 
     async def release(self) -> None:
         self._ahead = {}
-        await self._threads.run(self._engine.release, self._handle)
+        if not self._release_later():
+            await self._threads.run(self._engine.release, self._handle)
