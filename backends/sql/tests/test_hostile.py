@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PASSWORD, open_engine, start_serve
 
 
@@ -125,3 +127,39 @@ def test_update_that_times_out_keeps_the_lock_until_it_ends(db_url: str, tmp_pat
         assert "Traceback" not in server.tail()
     finally:
         server.stop()
+
+
+async def test_update_given_up_before_it_ran_deletes_nothing_and_releases(
+    sqlite_url: str,
+) -> None:
+    """An UPDATE whose deletion is given up while it waits for a worker thread (every
+    thread busy past io_timeout): -ERR, the lock goes as usual, and the deletion
+    never runs later (nothing was removed, as the error says)."""
+    import trio
+    from pypop.errors import TemporaryFailure, UpdateFailed
+
+    from pypop_sql import SqlBackend, create
+
+    backend = create({"url": sqlite_url, "io_threads": 1, "io_timeout": 0.3})
+    assert isinstance(backend, SqlBackend)
+    try:
+        for n in (1, 2):
+            await backend.deliver("alice", f"Subject: {n}\r\n\r\nbody\r\n".encode())
+        box = await backend.open_mailbox("alice")
+
+        async def hog() -> None:  # the only worker thread, for 1 s
+            with contextlib.suppress(TemporaryFailure):
+                await backend.threads.run(time.sleep, 1.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog)
+            await trio.sleep(0.05)
+            with pytest.raises(UpdateFailed, match="nothing was removed"):
+                await box.commit([0])
+            assert box.closed
+        await trio.sleep(1.0)  # the hog's thread is free again
+        again = await backend.open_mailbox("alice")
+        assert [m.size for m in again.messages] == [20, 20]
+        await again.aclose()
+    finally:
+        await backend.aclose()
