@@ -163,3 +163,45 @@ async def test_update_given_up_before_it_ran_deletes_nothing_and_releases(
         await again.aclose()
     finally:
         await backend.aclose()
+
+
+async def test_postgresql_release_waiting_for_a_thread_still_happens(pg_url: str) -> None:
+    """PostgreSQL's release is a query in a worker thread. When every thread is busy
+    past io_timeout (a stalled database), that call was given up before it ran: the
+    connection never went back to the pool (nor was its advisory lock released
+    while anything referred to it), so a few such session ends took the whole pool
+    and every later login waited pool_timeout, then failed."""
+    import gc
+
+    import trio
+    from pypop.errors import TemporaryFailure
+
+    from pypop_sql import SqlBackend, create
+
+    backend = create(
+        {"url": pg_url, "io_threads": 1, "io_timeout": 0.3, "pool_size": 2, "pool_timeout": 0.1}
+    )
+    assert isinstance(backend, SqlBackend)
+    try:
+        for user in ("alice", "bob"):
+            await backend.deliver(user, b"Subject: 1\r\n\r\nbody\r\n")
+        box = await backend.open_mailbox("alice")
+
+        async def hog() -> None:  # the only worker thread, for 1 s
+            with contextlib.suppress(TemporaryFailure):
+                await backend.threads.run(time.sleep, 1.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog)
+            await trio.sleep(0.05)
+            with contextlib.suppress(TemporaryFailure):  # the server would log it
+                await box.aclose()
+        del box
+        gc.collect()
+        await trio.sleep(1.0)  # the hog's thread is free again
+        boxes = [await backend.open_mailbox(user) for user in ("alice", "bob")]
+        assert [len(b.messages) for b in boxes] == [1, 1]
+        for b in boxes:
+            await b.aclose()
+    finally:
+        await backend.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final, Self
@@ -83,8 +82,10 @@ class SqlBackend:
                 pending.abandoned = True
                 late, pending.handle = pending.handle, None
             if late is not None:  # opened, but the result came after we gave up
-                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await self.threads.run(self.engine.release, late)
+                # (A thread of its own: the worker threads may all be busy.)
+                threading.Thread(
+                    target=self.engine.release, args=(late,), name="pypop-sql-release", daemon=True
+                ).start()
             raise
         return SqlMailbox(self, handle, snapshot, threads)
 
@@ -150,6 +151,7 @@ class SqlMailbox(SnapshotMailbox):
         self._deleting = False  # from update() until its thread ends (or never starts)
         self._delete_started = False
         self._release_when_deleted = False
+        self._released = False
 
     async def received_times(self) -> list[float | None]:
         """pypop.backend.MessageTimes: one query, only at an UPDATE with EXPIRE."""
@@ -251,7 +253,7 @@ class SqlMailbox(SnapshotMailbox):
                 self._deleting = False
                 release = self._release_when_deleted
             if release:
-                self._engine.release(self._handle)
+                self._release_once()
 
     def _release_later(self) -> bool:
         """True if a deletion still runs: its thread releases the lock when it ends."""
@@ -272,10 +274,26 @@ class SqlMailbox(SnapshotMailbox):
             return False
         self._ahead = {}
         if not self._release_later():
-            self._engine.release(self._handle)
+            self._release_once()
         return True
 
     async def release(self) -> None:
         self._ahead = {}
-        if not self._release_later():
-            await self._threads.run(self._engine.release, self._handle)
+        if self._release_later():
+            return
+        try:
+            await self._threads.run(self._release_once)
+        except TemporaryFailure:
+            # Given up: if no worker took the call (all busy past io_timeout), the
+            # lock and the pooled connection would stay taken. A thread of its own.
+            threading.Thread(
+                target=self._release_once, name="pypop-sql-release", daemon=True
+            ).start()
+
+    def _release_once(self) -> None:
+        """The engine's release, by whichever thread comes first."""
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+        self._engine.release(self._handle)
