@@ -205,3 +205,33 @@ async def test_postgresql_release_waiting_for_a_thread_still_happens(pg_url: str
             await b.aclose()
     finally:
         await backend.aclose()
+
+
+def test_postgresql_failed_snapshot_read_leaves_no_lock(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL sends lock, version and snapshot statements in one pipeline. When
+    the snapshot statement failed (here: the messages table locked by an
+    administrator's DDL, so it ran into statement_timeout), the error left the
+    pipeline before the unlock handlers: the connection went back to the pool
+    still holding the maildrop's advisory lock. Every other host (and most
+    connections of this one) then answered [IN-USE] until that connection was
+    recycled. The login must fail with [SYS/TEMP] and hold nothing."""
+    import psycopg
+
+    with open_engine(pg_url) as e:
+        e.deliver("alice", b"Subject: one\r\n\r\nbody\r\n", None, None)
+    a = start_serve(tmp_path, pg_url, "a", backend_extra="io_timeout = 1")
+    b = start_serve(tmp_path, pg_url, "b")
+    try:
+        with psycopg.connect(pg_url) as admin:
+            admin.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            with contextlib.closing(Client(a.port)) as blocked:
+                reply = blocked.login()
+            admin.rollback()
+        assert reply == b"-ERR [SYS/TEMP] Mailbox temporarily unavailable\r\n", a.tail()
+        with contextlib.closing(Client(b.port)) as other:
+            assert other.login() == b"+OK maildrop has 1 messages (22 octets)\r\n", a.tail()
+            assert other.send(b"QUIT") == b"+OK Logging out\r\n"
+        assert "Traceback" not in a.tail()
+    finally:
+        a.stop()
+        b.stop()

@@ -708,6 +708,25 @@ class PostgresEngine(Engine):
     def _open_on(
         self, conn: psycopg.Connection[Any], user: str, create: bool
     ) -> tuple[Handle, Snapshot]:
+        try:
+            return self._lock_and_read(conn, user, create)
+        except BaseException:
+            # The lock statement may have taken the lock before a later statement
+            # failed (in the pipeline, the error comes at its end): the connection
+            # goes back to the pool holding no lock, or is closed. (A broken one
+            # holds none, and stays "broken" for _read's retry.)
+            if not conn.broken:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+                except Exception:
+                    if not conn.broken:
+                        with contextlib.suppress(Exception):
+                            conn.close()
+            raise
+
+    def _lock_and_read(
+        self, conn: psycopg.Connection[Any], user: str, create: bool
+    ) -> tuple[Handle, Snapshot]:
         lock = "SELECT id, pg_try_advisory_lock(%s, id) FROM mailboxes WHERE name = %s"
         # Lock and snapshot in one round trip (pipeline mode). The server runs them in
         # order, so the snapshot statement starts after the lock is taken and sees
@@ -724,19 +743,14 @@ class PostgresEngine(Engine):
             mailbox_id, taken = int(row[0]), bool(row[1])
             if not taken:
                 raise MailboxLocked("maildrop is locked by another session")
-            try:
-                seen = version.fetchone()
-                if seen is None or int(seen[0]) != mailbox_id:
-                    # Removed and made again between the statements: no cache.
-                    return Handle(mailbox_id, conn), Snapshot.of(
-                        conn.execute(_pg(_SNAPSHOT), (mailbox_id,))
-                    )
-                cached = self.snapshots.get_or_make(mailbox_id, int(seen[1]), lambda: snapshot)
-                return Handle(mailbox_id, conn), cached
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, mailbox_id))
-                raise
+            seen = version.fetchone()
+            if seen is None or int(seen[0]) != mailbox_id:
+                # Removed and made again between the statements: no cache.
+                return Handle(mailbox_id, conn), Snapshot.of(
+                    conn.execute(_pg(_SNAPSHOT), (mailbox_id,))
+                )
+            cached = self.snapshots.get_or_make(mailbox_id, int(seen[1]), lambda: snapshot)
+            return Handle(mailbox_id, conn), cached
         if row is None:
             if not create:
                 raise PermanentFailure("no such mailbox")
@@ -749,14 +763,9 @@ class PostgresEngine(Engine):
         mailbox_id, taken = int(row[0]), bool(row[1])
         if not taken:
             raise MailboxLocked("maildrop is locked by another session")
-        try:
-            # A statement after the lock: its snapshot sees every UPDATE committed
-            # by the previous holder.
-            snap = Snapshot.of(conn.execute(_pg(_SNAPSHOT), (mailbox_id,)))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, mailbox_id))
-            raise
+        # A statement after the lock: its snapshot sees every UPDATE committed by
+        # the previous holder.
+        snap = Snapshot.of(conn.execute(_pg(_SNAPSHOT), (mailbox_id,)))
         return Handle(mailbox_id, conn), snap
 
     def release(self, handle: Handle) -> None:
