@@ -112,6 +112,18 @@ def test_deliver_exit_codes(tmp_path: Path) -> None:
     assert b"does not take deliveries" in r.stderr
 
 
+def test_deliver_to_a_name_that_is_not_utf8_bounces(db_url: str) -> None:
+    """An MTA passes the recipient's local part as it came: octets that are not UTF-8
+    (here Latin-1 e-acute) reach ``-u`` as a lone surrogate, which neither database
+    can store. That was EX_CONFIG (78: Postfix defers and retries for days, the
+    mail sits in its queue) from a UnicodeEncodeError; it is no such mailbox (67)."""
+    status, out, err = deliver(db_url, "al\udce9", b"Subject: x\r\n\r\nbody\r\n")
+    assert (status, out) == (67, "")
+    assert err.endswith(": no such mailbox"), err
+    assert "codec" not in err
+    assert deliver(db_url, "al\u00e9", b"Subject: x\r\n\r\nbody\r\n")[0] == 0  # UTF-8 is fine
+
+
 def test_deliver_while_sqlite_is_locked_is_tempfail(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path / 'mail.db'}"
     assert deliver(url, "alice", b"Subject: 1\r\n\r\n")[0] == 0

@@ -298,6 +298,16 @@ class Engine(ABC):
         if uid is not None and not is_valid_uid(uid):
             raise ValueError(f"invalid UIDL {uid!r}: 1-70 characters in 0x21-0x7E")
 
+    @staticmethod
+    def _check_user(user: str) -> None:
+        """A name neither database can store (octets that were not UTF-8, as an MTA
+        may pass a recipient's local part) names no maildrop: a bounce, not the
+        UnicodeEncodeError (a ValueError: EX_CONFIG, deferred for days)."""
+        try:
+            user.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NoSuchUser("no such mailbox") from None
+
     def _mailbox_for_delivery(
         self, fetch: Callable[[str, tuple[object, ...]], Any], user: str
     ) -> int:
@@ -565,6 +575,7 @@ class SqliteEngine(Engine):
 
     def deliver(self, user: str, data: bytes, uid: str | None, received: float | None) -> str:
         self._check_uid(uid)
+        self._check_user(user)
         with _sqlite_errors("cannot deliver"), self._write() as conn:
 
             def fetch(sql: str, params: tuple[object, ...]) -> Any:
@@ -836,6 +847,7 @@ class PostgresEngine(Engine):
 
     def deliver(self, user: str, data: bytes, uid: str | None, received: float | None) -> str:
         self._check_uid(uid)
+        self._check_user(user)
         with self._errors("cannot deliver"), self.pool.connection() as conn, conn.transaction():
 
             def fetch(sql: str, params: tuple[object, ...]) -> Any:
