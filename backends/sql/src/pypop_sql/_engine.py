@@ -721,6 +721,8 @@ class PostgresEngine(Engine):
     ) -> tuple[Handle, Snapshot]:
         try:
             return self._lock_and_read(conn, user, create)
+        except (MailboxLocked, PermanentFailure):
+            raise  # no lock was taken: no round trip more for an [IN-USE] answer
         except BaseException:
             # The lock statement may have taken the lock before a later statement
             # failed (in the pipeline, the error comes at its end): the connection
