@@ -14,7 +14,8 @@ and Dovecot (``pop3_uidl_format = %f``) served: clients do not download everythi
 again. ``-O save_uidl=true`` also honours a ``pypop-uidlist`` file. An mbox message
 keeps its ``X-UIDL`` header as UIDL when valid (Dovecot's ``pop3_reuse_xuidl``).
 The octets are copied exactly. A message whose UIDL is already in the destination
-is skipped, so an interrupted import can simply be run again.
+is skipped, so an interrupted import can simply be run again. A message whose UIDL
+the destination cannot keep is stored under a new one, with a line on standard error.
 """
 
 from __future__ import annotations
@@ -127,12 +128,26 @@ def _mbox_items(path: str) -> Iterator[Item]:
 
 async def _store(deliverer: Deliverer, user: str, items: AsyncIterator[Item]) -> Counts:
     counts = Counts()
+    number = 0
     async for item in items:
+        number += 1
         try:
             await deliverer.deliver(user, item.data, uid=item.uid, received=item.received)
         except DuplicateUid:
             counts.present += 1
             continue
+        except ValueError as exc:
+            # A UIDL this store cannot keep (a maildir file name cannot hold "/", and
+            # a mapped "pypop/..." UIDL or a sender's X-UIDL can): the message still
+            # goes in, under a new UIDL, rather than the import stopping here.
+            if item.uid is None:
+                raise
+            print(
+                f"pypop import: {user}: message {number}: its UIDL cannot be kept here "
+                f"({exc}): stored with a new UIDL",
+                file=sys.stderr,
+            )
+            await deliverer.deliver(user, item.data, received=item.received)
         counts.imported += 1
     return counts
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 from pypop.backend import Deliverer
 from pypop.errors import DuplicateUid, NoSuchUser
 from pypop.wire import wire_size
@@ -76,3 +77,56 @@ def test_pypop_deliver_into_maildir(tmp_path: Path) -> None:
     [name] = os.listdir(tmp_path / "carol" / "new")
     assert r.stdout.decode().strip() == name
     assert (tmp_path / "carol" / "new" / name).read_bytes() == b"Subject: via cli\n\nhello\n"
+
+
+def _import(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "pypop", "import", "--backend", "maildir",
+         "-o", f"root={root}", *args],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_import_goes_on_past_a_uidl_that_cannot_be_a_file_name(tmp_path: Path) -> None:
+    # A Maildir migrated from a host with a long name: a base name over 70 octets is
+    # served with a mapped UIDL ("pypop/..."), which holds a slash. And an X-UIDL
+    # header in an mbox is whatever a sender wrote. Neither may stop the import.
+    long_name = "1700000000.M1P1." + "h" * 80 + ",S=13"
+    src = tmp_path / "src" / "bob"
+    for d in ("cur", "new", "tmp"):
+        (src / d).mkdir(parents=True)
+    (src / "cur" / f"{long_name}:2,S").write_bytes(b"Subject: a\n\nA\n")
+    (src / "cur" / "1700000001.M1P1.host:2,S").write_bytes(b"Subject: b\n\nB\n")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    r = _import(dst, "--maildir-root", str(tmp_path / "src"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"bob: 2 imported, 0 already there\n"
+    assert r.stderr == (
+        b"pypop import: bob: message 1: its UIDL cannot be kept here (UIDL '"
+        + trio.run(_served, tmp_path / "src", "bob")[0][0].encode()
+        + b"' cannot be a maildir file name): stored with a new UIDL\n"
+    )
+    served = trio.run(_served, dst, "bob")
+    # (The message under a new UIDL is named after now, so it is listed last.)
+    assert [d for _, _, d in served] == [b"Subject: b\n\nB\n", b"Subject: a\n\nA\n"]
+    assert served[0][0] == "1700000001.M1P1.host"
+
+    mbox = tmp_path / "inbox"
+    mbox.write_bytes(
+        b"From a@example.org Thu Jan  1 00:00:00 2026\nX-UIDL: a/b\nSubject: 1\n\none\n\n"
+        b"From a@example.org Thu Jan  1 00:01:00 2026\nX-UIDL: kept\nSubject: 2\n\ntwo\n"
+    )
+    r = _import(dst, "--mbox", str(mbox), "-u", "al")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"al: 2 imported, 0 already there\n"
+    assert r.stderr == (
+        b"pypop import: al: message 1: its UIDL cannot be kept here "
+        b"(UIDL 'a/b' cannot be a maildir file name): stored with a new UIDL\n"
+    )
+    served = trio.run(_served, dst, "al")
+    assert sorted(d for _, _, d in served) == [
+        b"X-UIDL: a/b\nSubject: 1\n\none\n",
+        b"X-UIDL: kept\nSubject: 2\n\ntwo\n",
+    ]
+    assert "kept" in [u for u, _, _ in served]
