@@ -130,3 +130,26 @@ def test_import_goes_on_past_a_uidl_that_cannot_be_a_file_name(tmp_path: Path) -
         b"X-UIDL: kept\nSubject: 2\n\ntwo\n",
     ]
     assert "kept" in [u for u, _, _ in served]
+
+
+def test_a_kept_uidl_never_states_a_false_size(tmp_path: Path) -> None:
+    # The UIDL becomes the file name, and a ",W=" in a file name is the POP3 size
+    # LIST reports without reading the file: a sender's "X-UIDL: x,W=1" made a
+    # 40-octet message list as 1 octet (a client that trusts LIST reads short).
+    backend = create({"root": str(tmp_path)})
+    data = b"Subject: a\n\nhello\n"
+    with pytest.raises(ValueError, match="size"):
+        trio.run(lambda: backend.deliver("al", data, uid="x,W=1"))
+    assert not (tmp_path / "al").exists()  # refused before anything is written
+    # A true one, as a Dovecot maildir being migrated has, is kept.
+    right = f"1.M1P1.host,S={len(data)},W={wire_size(data)}"
+    assert trio.run(lambda: backend.deliver("al", data, uid=right)) == right
+
+    mbox = tmp_path / "inbox"
+    mbox.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 2026\nX-UIDL: x,W=1\n\nbody\n")
+    r = _import(tmp_path, "--mbox", str(mbox), "-u", "bob")
+    assert r.returncode == 0, r.stderr
+    [(uid, size, got)] = trio.run(_served, tmp_path, "bob")
+    assert got == b"X-UIDL: x,W=1\n\nbody\n"
+    assert size == wire_size(got) == 23
+    assert uid != "x,W=1"

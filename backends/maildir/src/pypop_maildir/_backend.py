@@ -351,7 +351,8 @@ class MaildirBackend:
 
         The message counts as delivered only after the link; a crash before leaves a
         file in tmp/ that no session reads. ``uid`` becomes the file's base name (the
-        UIDL this backend serves), so it must also be a safe file name.
+        UIDL this backend serves), so it must also be a safe file name, and a ``,W=``
+        in it must be the message's POP3 size.
         """
         try:
             maildir = self.maildir_path(user)
@@ -361,6 +362,12 @@ class MaildirBackend:
             not is_valid_uid(uid) or "/" in uid or ":" in uid or uid.startswith(".")
         ):
             raise ValueError(f"UIDL {uid!r} cannot be a maildir file name")
+        if uid is not None:
+            # A ",W=" in the name is the size LIST reports without reading the file:
+            # kept only if true (a Dovecot name being migrated), never a sender's.
+            named = _store.filename_size(uid)
+            if named is not None and named != wire_size(message):
+                raise ValueError(f"UIDL {uid!r} names a size (,W=) that is not the message's")
         return await self.threads.run(self._deliver_sync, maildir, bytes(message), uid, received)
 
     def _deliver_sync(
