@@ -2,13 +2,16 @@
 
 For Postfix's ``mailbox_command`` (or any MTA that pipes a message to a command).
 The message, read whole from standard input (bounded by ``--max-size``), goes to the
-configured backend's :class:`~pypop.backend.Deliverer` capability. The exit status follows
-sysexits.h so that the MTA does the right thing:
+maildrop a login opens for ``--user`` (the name prepared with PRECIS, as the server
+prepares a login's name), through the configured backend's
+:class:`~pypop.backend.Deliverer` capability. The exit status follows sysexits.h so
+that the MTA does the right thing:
 
 ==  ===============  ==================================================================
 0   delivered        the message is durable in the store
 65  EX_DATAERR       empty message, or larger than ``--max-size`` (bounced)
-67  EX_NOUSER        no such maildrop, and the backend does not create one (bounced)
+67  EX_NOUSER        no such maildrop, and the backend does not create one, or a name
+                     no login can use (RFC 8265 PRECIS refuses it) (bounced)
 69  EX_UNAVAILABLE   the store refused the message for good (bounced)
 75  EX_TEMPFAIL      the store is down or busy, or anything unexpected: the MTA keeps
                      the message and retries
@@ -24,8 +27,10 @@ from typing import BinaryIO
 
 import trio
 
+from pypop.auth.prep import try_username
 from pypop.cli._store import (
     EX_DATAERR,
+    EX_NOUSER,
     EX_TEMPFAIL,
     add_backend_flags,
     exit_status,
@@ -75,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return fail(EX_DATAERR, f"message larger than {args.max_size} octets")
     if not message:
         return fail(EX_DATAERR, "empty message")
+    # The name a login opens the maildrop under (the session prepares it so): mail
+    # for a variant of it (decomposed, full-width) must reach the same maildrop.
+    user = try_username(args.user)
+    if user is None:
+        return fail(EX_NOUSER, f"{args.user!r}: no such user")
     try:
         backend, deliverer = open_deliverer(args)
     except Exception as exc:
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def deliver() -> str:
         try:
-            return await deliverer.deliver(args.user, message)
+            return await deliverer.deliver(user, message)
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         leaf: BaseException = exc
         while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
             leaf = leaf.exceptions[0]
-        return fail(exit_status(leaf), f"{args.user}: {leaf}")
+        return fail(exit_status(leaf), f"{user}: {leaf}")
     if args.verbose:
         print(uid)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import poplib
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,60 @@ def test_a_kept_uidl_never_states_a_false_size(tmp_path: Path) -> None:
     assert got == b"X-UIDL: x,W=1\n\nbody\n"
     assert size == wire_size(got) == 23
     assert uid != "x,W=1"
+
+
+async def test_deliver_uses_the_name_a_login_opens(tmp_path: Path) -> None:
+    # A login's name is prepared with PRECIS (RFC 8265: NFC, full-width letters made
+    # narrow) before the maildrop is opened. The MTA's recipient must be too: mail
+    # for "jose" + U+0301 was stored exit 0 in a maildir that no login reaches.
+    from pypop.auth import MemoryCredentialStore
+    from pypop.config import ServerConfig
+    from pypop.server import Server, serve
+
+    def deliver_cli(user: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "pypop", "deliver", "--backend", "maildir",
+             "-o", f"root={tmp_path}", "-u", user],
+            input=data, capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    r = await trio.to_thread.run_sync(deliver_cli, "jose\u0301", b"Subject: 1\n\nNFD\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    r = await trio.to_thread.run_sync(deliver_cli, "\uff4aose\u0301", b"Subject: 2\n\nwide\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    # A name no login can ever use bounces (EX_NOUSER), no maildir is made for it.
+    r = await trio.to_thread.run_sync(deliver_cli, "a b", b"Subject: 3\n\nspace\n")
+    assert (r.returncode, r.stderr) == (67, b"pypop deliver: 'a b': no such user\n")
+    assert sorted(os.listdir(tmp_path)) == ["jos\u00e9"]
+
+    config = ServerConfig(listen=[("127.0.0.1", 0)], auth_failure_delay=0.0,
+                          auth_penalty_max=0.0, shutdown_timeout=5.0)  # fmt: skip
+    store = MemoryCredentialStore({"jos\u00e9": "pw-of-jose"})
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            lambda task_status: serve(
+                config,
+                backend=create({"root": str(tmp_path)}),
+                store=store,
+                task_status=task_status,
+            )
+        )
+        host, port = server.addresses[0]
+
+        def session() -> list[bytes]:
+            pop = poplib.POP3(host, port, timeout=30)
+            try:
+                pop.utf8()
+                pop.user("jos\u00e9")
+                pop.pass_("pw-of-jose")
+                bodies = [b"\n".join(pop.retr(i + 1)[1]) for i in range(pop.stat()[0])]
+                pop.quit()
+                return bodies
+            finally:
+                pop.close()
+
+        try:
+            bodies = await trio.to_thread.run_sync(session)
+        finally:
+            server.shutdown()
+    assert bodies == [b"Subject: 1\n\nNFD", b"Subject: 2\n\nwide"]
