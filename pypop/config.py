@@ -69,6 +69,7 @@ Example ``pypop.toml`` (every key optional)::
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import socket
 import tomllib
@@ -182,6 +183,9 @@ class ServerConfig:
             self.listen = []
 
     def validate(self) -> None:
+        for name, (attr, kind) in _SECTIONS["limits"].items():
+            if kind == (int, float) and math.isnan(getattr(self, attr)):
+                raise ConfigError(f"limits.{name} must be a number, got nan")  # a CLI flag
         if self.idle_timeout < 600:
             # RFC 1939 §3: an autologout timer MUST be at least 10 minutes.
             raise ConfigError("limits.idle_timeout must be at least 600 seconds (RFC 1939 §3)")
@@ -305,6 +309,9 @@ def _check(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         got = type(value).__name__
         raise ConfigError(f"{where} must be {_type_name(kind)}, got {got} {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        # TOML has nan, and nan passes every range check (all comparisons are false).
+        raise ConfigError(f"{where} must be a number, got nan")
     return value
 
 

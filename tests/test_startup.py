@@ -103,6 +103,28 @@ def test_config_file_errors_name_file_setting_and_type(tmp_path: Path) -> None:
     )
 
 
+def test_nan_is_refused_for_every_number_setting(tmp_path: Path) -> None:
+    # TOML has nan, and every check is a comparison, which nan passes: with
+    # auth_failure_delay = nan each failed login crashed its session (trio refuses a
+    # NaN deadline) and the client got EOF instead of -ERR [AUTH].
+    cfg = tmp_path / "pypop.toml"
+    for key in ("auth_failure_delay", "auth_penalty_initial", "auth_penalty_max",
+                "shutdown_timeout", "idle_timeout", "line_timeout", "lock_wait"):  # fmt: skip
+        cfg.write_text(f"[limits]\n{key} = nan\n")
+        run = serve("-c", str(cfg), "--listen", "127.0.0.1:0", "--passwd-file", passwd(tmp_path))
+        assert (run.returncode, run.stderr) == (
+            2,
+            f"pypop: {cfg}: limits.{key} must be a number, got nan\n",
+        )
+    run = serve(
+        "--shutdown-timeout", "nan", "--listen", "127.0.0.1:0", "--passwd-file", passwd(tmp_path)
+    )  # fmt: skip
+    assert (run.returncode, run.stderr) == (
+        2,
+        "pypop: limits.shutdown_timeout must be a number, got nan\n",
+    )
+
+
 def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, str]:
     """The server, its port, and what it logged up to "listening on"."""
     proc = subprocess.Popen(
