@@ -211,3 +211,16 @@ async def test_deliver_uses_the_name_a_login_opens(tmp_path: Path) -> None:
         finally:
             server.shutdown()
     assert bodies == [b"Subject: 1\n\nNFD", b"Subject: 2\n\nwide"]
+
+
+def test_a_recipient_too_long_for_a_path_bounces(tmp_path: Path) -> None:
+    # 300 octets make a path component the file system refuses (ENAMETOOLONG): that
+    # never gets better, yet it was EX_TEMPFAIL, and the MTA retried for days.
+    r = subprocess.run(
+        [sys.executable, "-m", "pypop", "deliver", "--backend", "maildir",
+         "-o", f"root={tmp_path}", "-u", "a" * 300],
+        input=b"Subject: x\n\nx\n", capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 67  # EX_NOUSER
+    assert r.stderr == b"pypop deliver: " + b"a" * 300 + b": user name too long for a maildir\n"
+    assert os.listdir(tmp_path) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import errno
 import itertools
 import logging
 import operator
@@ -426,6 +427,10 @@ class MaildirBackend:
                 raise DuplicateUid(f"the maildir already has {uid!r}") from None
             raise TemporaryFailure("delivery name in use") from None
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                # The maildir path (the name within it is at most 70 octets or a
+                # generated one): it never gets shorter, so bounce rather than retry.
+                raise NoSuchUser("user name too long for a maildir") from None
             raise TemporaryFailure(f"cannot deliver: {exc.strerror or exc}") from exc
         return base if _store.valid_uid(base) else _store.mapped_uid(base)
 
