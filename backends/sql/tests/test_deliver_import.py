@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from pypop.backend import Backend
+from pypop.backend import Backend, NoSuchUser
 from pypop.registry import create_backend
 from pypop.testing import HARD_MESSAGES, expected_retr
 from pypop.wire import wire_size
@@ -119,9 +119,20 @@ def test_deliver_to_a_name_that_is_not_utf8_bounces(db_url: str) -> None:
     mail sits in its queue) from a UnicodeEncodeError; it is no such mailbox (67)."""
     status, out, err = deliver(db_url, "al\udce9", b"Subject: x\r\n\r\nbody\r\n")
     assert (status, out) == (67, "")
-    assert err.endswith(": no such mailbox"), err
+    # (pypop deliver refuses it first, as PRECIS does; the engine's own check below)
+    assert err == "pypop deliver: 'al\\udce9': no such user", err
     assert "codec" not in err
     assert deliver(db_url, "al\u00e9", b"Subject: x\r\n\r\nbody\r\n")[0] == 0  # UTF-8 is fine
+
+    async def direct() -> None:  # a caller that prepares no name (pypop import, the API)
+        backend = create_backend("sql", {"url": db_url})
+        try:
+            with pytest.raises(NoSuchUser, match="no such mailbox"):
+                await backend.deliver("al\udce9", b"Subject: x\r\n\r\nbody\r\n")  # type: ignore[attr-defined]
+        finally:
+            await backend.aclose()
+
+    trio.run(direct)
 
 
 def test_deliver_while_sqlite_is_locked_is_tempfail(tmp_path: Path) -> None:
