@@ -33,9 +33,11 @@ from email.policy import compat32
 
 import trio
 
+from pypop.auth.prep import try_username
 from pypop.backend import Backend, Deliverer, is_valid_uid
 from pypop.cli._store import (
     EX_NOINPUT,
+    EX_NOUSER,
     EX_USAGE,
     add_backend_flags,
     exit_status,
@@ -178,6 +180,14 @@ def run(args: argparse.Namespace) -> int:
     where = args.maildir or args.maildir_root or args.mbox
     if not os.path.exists(where):
         return fail(EX_NOINPUT, f"{where}: no such file or directory")
+    # Into the maildrop a login opens: the session prepares a login's name (PRECIS,
+    # RFC 8265), so "jose" + U+0301 must land where "jos\u00e9" logs in.
+    user: str | None = None
+    if args.user:
+        user = try_username(args.user)
+        if user is None:
+            return fail(EX_NOUSER, f"{args.user!r}: not a name a login can use")
+    refused: list[str] = []  # --maildir-root folders whose names no login can use
 
     try:
         backend, deliverer = open_deliverer(args)
@@ -198,22 +208,31 @@ def run(args: argparse.Namespace) -> int:
                 options[key] = value
             source = create_backend("maildir", options)
             if args.maildir:
-                jobs = [(args.user, os.path.basename(args.maildir.rstrip("/")))]
+                assert user is not None
+                jobs = [(user, os.path.basename(args.maildir.rstrip("/")))]
             else:
-                jobs = [(u, u) for u in _maildir_users(root)]
+                for folder in _maildir_users(root):
+                    name = try_username(folder)
+                    if name is None:
+                        refused.append(folder)
+                    else:
+                        jobs.append((name, folder))
     except Exception as exc:
         return fail(exit_status(exc), str(exc))
 
     async def main() -> int:
         try:
             if source is None:
-                counts = await _store(deliverer, args.user, _aiter(_mbox_items(args.mbox)))
-                print(f"{args.user}: {counts.imported} imported, {counts.present} already there")
-                return 0
-            for user, folder in jobs:
-                counts = await _store(deliverer, user, _maildir_items(source, folder))
+                assert user is not None
+                counts = await _store(deliverer, user, _aiter(_mbox_items(args.mbox)))
                 print(f"{user}: {counts.imported} imported, {counts.present} already there")
-            return 0
+                return 0
+            for dest, folder in jobs:
+                counts = await _store(deliverer, dest, _maildir_items(source, folder))
+                print(f"{dest}: {counts.imported} imported, {counts.present} already there")
+            for folder in refused:  # the others are in; the admin must rename these
+                fail(EX_NOUSER, f"{folder!r}: not a name a login can use: not imported")
+            return EX_NOUSER if refused else 0
         finally:
             with trio.CancelScope(shield=True):
                 if source is not None:

@@ -224,3 +224,32 @@ def test_a_recipient_too_long_for_a_path_bounces(tmp_path: Path) -> None:
     assert r.returncode == 67  # EX_NOUSER
     assert r.stderr == b"pypop deliver: " + b"a" * 300 + b": user name too long for a maildir\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_import_uses_the_name_a_login_opens(tmp_path: Path) -> None:
+    # As pypop deliver (test above): a login's name is prepared with PRECIS, so an
+    # import for "jose" + U+0301, or of a folder so named, must land in "jos\u00e9"'s
+    # maildrop; a folder whose name no login can use is reported, the rest imported.
+    src = tmp_path / "src"
+    for user in ("jose\u0301", "a b", "carol"):
+        for d in ("cur", "new", "tmp"):
+            (src / user / d).mkdir(parents=True)
+        (src / user / "cur" / "1700000000.M1P1.host:2,S").write_bytes(b"Subject: x\n\nx\n")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r = _import(dest, "--maildir-root", str(src))
+    assert r.returncode == 67, r.stderr
+    assert r.stderr == b"pypop import: 'a b': not a name a login can use: not imported\n"
+    assert sorted(r.stdout.decode().splitlines()) == [
+        "carol: 1 imported, 0 already there",
+        "jos\u00e9: 1 imported, 0 already there",
+    ]
+    assert sorted(os.listdir(dest)) == ["carol", "jos\u00e9"]
+
+    mbox = tmp_path / "in.mbox"
+    mbox.write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\nSubject: m\n\nm\n")
+    r = _import(dest, "--mbox", str(mbox), "--user", "\uff4aose\u0301")
+    assert (r.returncode, r.stdout) == (0, "jos\u00e9: 1 imported, 0 already there\n".encode())
+    assert sorted(os.listdir(dest)) == ["carol", "jos\u00e9"]
+    r = _import(dest, "--mbox", str(mbox), "--user", "a b")
+    assert (r.returncode, r.stderr) == (67, b"pypop import: 'a b': not a name a login can use\n")
