@@ -312,12 +312,21 @@ def _opaque(
     except Exception:
         return
     data = payload if isinstance(payload, bytes) else b""
+    _save(row, attachment_path, name, data, unique, defects)
+
+
+def _save(
+    row: Row, directory: str | Path, name: str, data: bytes, unique: bool, defects: list[str]
+) -> str | None:
+    """Save one attachment; its path (also in ``row.attachment_files``), or None with
+    the failure in ``defects``."""
     try:
-        path = save(attachment_path, name, data, unique=unique)
+        path = str(save(directory, name, data, unique=unique))
     except OSError as exc:
         defects.append(f"attachment {name!r} not saved: {exc.strerror or exc}")
-        return
-    row.attachment_files.append(str(path))
+        return None
+    row.attachment_files.append(path)
+    return path
 
 
 def _attachment(
@@ -347,11 +356,6 @@ def _attachment(
     else:
         payload = part.get_payload(decode=True)
         data = payload if isinstance(payload, bytes) else b""
-    try:
-        path = save(attachment_path, name, data, unique=unique)
-    except OSError as exc:
-        defects.append(f"attachment {name!r} not saved: {exc.strerror or exc}")
-        return
-    row.attachment_files.append(str(path))
-    if cid_key:
-        row.cids[cid_key] = str(path)
+    path = _save(row, attachment_path, name, data, unique, defects)
+    if path is not None and cid_key:
+        row.cids[cid_key] = path
