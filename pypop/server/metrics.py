@@ -241,7 +241,8 @@ class MetricsServer:
 
     ``healthy`` decides /healthz: 200 ``ok`` or 503 with its reason (HAProxy's
     ``option httpchk`` takes a 503 as down, so a draining server gets no new clients).
-    Requests are bounded: 8 KiB of head, 5 s to send it.
+    Requests are bounded: 8 KiB of head, 5 s to send it. A failure to answer one
+    (collecting raised) is a 500 and a log line, never the end of the server.
     """
 
     def __init__(
@@ -274,7 +275,14 @@ class MetricsServer:
                     if not data:
                         return
                     head += data
-                await stream.send_all(await self._respond(head))
+                try:
+                    answer = await self._respond(head)
+                except Exception as exc:
+                    # (A worker's metric file caught half made, a full disk.) One
+                    # scrape fails; the endpoint, and the supervisor it runs in, stay.
+                    log.error("cannot collect the metrics: %s: %s", type(exc).__name__, exc)
+                    answer = _reply(500, b"metrics unavailable, see the log\n")
+                await stream.send_all(answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -297,7 +305,13 @@ class MetricsServer:
         return _reply(404, b"not found: /metrics, /healthz\n")
 
 
-_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_STATUS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _reply(
