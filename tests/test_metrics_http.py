@@ -5,12 +5,20 @@ the endpoint (and the server around it) stays up."""
 from __future__ import annotations
 
 import logging
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
 
-from pypop.server.metrics import MetricsServer, multiprocess_registry
+from pypop.server.metrics import MAX_CLIENTS, MetricsServer, multiprocess_registry
+
+from .test_workers import free_port
 
 
 async def exchange(address: tuple[str, int] | None, request: bytes) -> bytes:
@@ -57,4 +65,82 @@ async def test_a_failing_scrape_answers_500_and_the_endpoint_stays(
         (tmp_path / "counter_4242.db").unlink()
         got = await exchange(server.address, b"GET /metrics HTTP/1.0\r\n\r\n")
         assert got.startswith(b"HTTP/1.0 200 OK\r\n")
+        nursery.cancel_scope.cancel()
+
+
+def test_idle_metrics_connections_cannot_starve_pop3_of_descriptors(tmp_path: Path) -> None:
+    """A client of the metrics address opens connections and sends nothing. Each one
+    was accepted (serve_listeners has no cap), so a few hundred took every descriptor
+    the process may open, and POP3 clients of the same process were refused with
+    ``[SYS/TEMP]`` for as long as the flood went on. Now the endpoint holds at most
+    ``MAX_CLIENTS`` at once; POP3 is served, and so is a scrape."""
+    (tmp_path / "passwd").write_text("alice:{PLAIN}secret\n")
+    (tmp_path / "pypop.toml").write_text("[limits]\nmax_connections = 32\n")
+    port, metrics = free_port(), free_port()
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "pypop", "serve", "-c", str(tmp_path / "pypop.toml"),
+            "--passwd-file", str(tmp_path / "passwd"), "--listen", f"127.0.0.1:{port}",
+            "--metrics-listen", f"127.0.0.1:{metrics}", "-o", "sample_users=0",
+        ],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=few_files,
+    )  # fmt: skip
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", metrics), timeout=10))
+        time.sleep(0.5)  # the server accepts what it will
+        pop = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with pop:
+            assert pop.recv(512).startswith(b"+OK ")
+        # A scrape is answered at once: the oldest idle connection gives way.
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=30) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
+        assert time.monotonic() - started < 4
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+async def test_at_the_cap_the_oldest_idle_connection_gives_way() -> None:
+    """With MAX_CLIENTS connections open and silent, a new client is served at once
+    and the longest-connected silent one is closed (a cap alone would make the
+    scrapes and health checks wait behind them)."""
+    server = MetricsServer("127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert server.address is not None
+        idle = []
+        for _ in range(MAX_CLIENTS):
+            idle.append(await trio.open_tcp_stream(*server.address))
+            await trio.sleep(0.01)  # accepted in this order
+        got = await exchange(server.address, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert got == reply("200 OK", b"ok\n")
+        with trio.fail_after(5):
+            assert await idle[0].receive_some(100) == b""  # closed, nothing said
+        # The others are still held: one of them may still ask.
+        await idle[-1].send_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while data := await idle[-1].receive_some(65536):
+                answer += data
+        assert answer == reply("200 OK", b"ok\n")
+        for stream in idle:
+            await stream.aclose()
         nursery.cancel_scope.cancel()

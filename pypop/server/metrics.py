@@ -13,7 +13,9 @@ names is ``other``), results are the login log's reasons, verbs are POP3's.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -34,9 +36,14 @@ from pypop.config import parse_address
 from pypop.server import sessionlog
 from pypop.server.sessionlog import Amount
 
-__all__ = ["HistogramBatch", "MetricsServer", "multiprocess_registry"]
+__all__ = ["MAX_CLIENTS", "HistogramBatch", "MetricsServer", "multiprocess_registry"]
 
 log = logging.getLogger("pypop.metrics")
+
+# Connections served at once (Prometheus and a few balancers' health checks need a
+# handful); each holds a descriptor and, while collecting, a thread.
+MAX_CLIENTS: Final = 16
+_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 SESSIONS_OPEN: Final = Gauge(
     "pypop_sessions_open", "POP3 sessions open now", multiprocess_mode="livesum"
@@ -241,8 +248,9 @@ class MetricsServer:
 
     ``healthy`` decides /healthz: 200 ``ok`` or 503 with its reason (HAProxy's
     ``option httpchk`` takes a 503 as down, so a draining server gets no new clients).
-    Requests are bounded: 8 KiB of head, 5 s to send it. A failure to answer one
-    (collecting raised) is a 500 and a log line, never the end of the server.
+    Requests are bounded: 8 KiB of head, 5 s to send it, :data:`MAX_CLIENTS` at
+    once. A failure to answer one (collecting raised) is a 500 and a log line, never
+    the end of the server.
     """
 
     def __init__(
@@ -256,6 +264,9 @@ class MetricsServer:
         self.registry = registry
         self.healthy = healthy
         self.address: tuple[str, int] | None = None
+        self._slots = trio.Semaphore(MAX_CLIENTS)
+        # Connections still reading their request, oldest first.
+        self._reading: dict[trio.CancelScope, None] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -264,17 +275,62 @@ class MetricsServer:
         self.address = (str(name[0]), int(name[1]))
         log.info("metrics on http://%s:%d/metrics", *self.address)
         task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """At most MAX_CLIENTS connections at once (trio.serve_listeners has no cap:
+        idle ones took every descriptor POP3 needs in the same process). When a new
+        client waits and all are taken, the longest-connected one that has not sent
+        its request yet gives way: idle connections cannot lock out the scrapes and
+        the health checks, whose requests follow their connect at once."""
+        last_logged = -math.inf
+        async with listener:
+            while True:
+                await trio.lowlevel.wait_readable(listener.socket)
+                if self._slots.value == 0 and self._reading:
+                    oldest = next(iter(self._reading))
+                    del self._reading[oldest]
+                    oldest.cancel()
+                await self._slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    self._slots.release()
+                    if exc.errno not in _SHORTAGE:
+                        raise
+                    now = trio.current_time()
+                    if now - last_logged >= 60:
+                        last_logged = now
+                        log.warning("metrics: accept failed: %s", exc.strerror or exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._handle_in_slot, stream)
+
+    async def _handle_in_slot(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle(stream)
+        finally:
+            self._slots.release()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             with trio.move_on_after(5):
                 head = b""
-                while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 8192:
-                    data = await stream.receive_some(8192)
-                    if not data:
-                        return
-                    head += data
+                # Until the request is in, a newer client may take this one's place.
+                with trio.CancelScope() as reading:
+                    self._reading[reading] = None
+                    try:
+                        while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 8192:
+                            data = await stream.receive_some(8192)
+                            if not data:
+                                return
+                            head += data
+                    finally:
+                        self._reading.pop(reading, None)
+                if reading.cancelled_caught:
+                    return
                 try:
                     answer = await self._respond(head)
                 except Exception as exc:
