@@ -144,3 +144,33 @@ async def test_at_the_cap_the_oldest_idle_connection_gives_way() -> None:
         for stream in idle:
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "answer"),
+    [
+        (
+            b"HEAD /nothing HTTP/1.0\r\n\r\n",
+            reply("404 Not Found", b"not found: /metrics, /healthz\n"),
+        ),
+        (b"HEAD /healthz HTTP/1.0\r\n\r\n", reply("503 Service Unavailable", b"shutting down\n")),
+        (
+            b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            reply("503 Service Unavailable", b"shutting down\n"),
+        ),
+    ],
+)
+async def test_a_head_request_gets_no_body_whatever_the_status(
+    request_head: bytes, answer: bytes
+) -> None:
+    """RFC 9110 §9.3.2: a reply to HEAD carries the headers of GET's, never content.
+    Only 200 left the body out: a 404 or a draining server's 503 sent it after the
+    head, where a client that knows HEAD has no content finds stray octets."""
+    server = MetricsServer("127.0.0.1:0", healthy=lambda: "shutting down")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        head_only = answer[: answer.index(b"\r\n\r\n") + 4]
+        assert await exchange(server.address, request_head) == head_only
+        get = request_head.replace(b"HEAD ", b"GET ", 1)
+        assert await exchange(server.address, get) == answer
+        nursery.cancel_scope.cancel()

@@ -349,16 +349,17 @@ class MetricsServer:
         if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
             return _reply(405, b"method not allowed\n")
         path = line[1].split(b"?", 1)[0]
+        head_only = line[0] == b"HEAD"  # every status: a HEAD reply has no content
         if path == b"/healthz":
             problem = self.healthy()
             if problem is None:
-                return _reply(200, b"ok\n", head=line[0] == b"HEAD")
-            return _reply(503, problem.encode("utf-8", "replace") + b"\n")
+                return _reply(200, b"ok\n", head=head_only)
+            return _reply(503, problem.encode("utf-8", "replace") + b"\n", head=head_only)
         if path in (b"/metrics", b"/"):
             sessionlog.flush()  # this process's waiting amounts, so that it is exact
             body = await trio.to_thread.run_sync(generate_latest, self.registry)
-            return _reply(200, body, CONTENT_TYPE_LATEST, head=line[0] == b"HEAD")
-        return _reply(404, b"not found: /metrics, /healthz\n")
+            return _reply(200, body, CONTENT_TYPE_LATEST, head=head_only)
+        return _reply(404, b"not found: /metrics, /healthz\n", head=head_only)
 
 
 _STATUS = {
