@@ -174,3 +174,30 @@ async def test_a_head_request_gets_no_body_whatever_the_status(
         get = request_head.replace(b"HEAD ", b"GET ", 1)
         assert await exchange(server.address, get) == answer
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "extra", "body"),
+    [
+        (b"POST /metrics HTTP/1.0\r\n\r\n", "405 Method Not Allowed", "Allow: GET, HEAD\r\n",
+         b"method not allowed\n"),
+        (b"OPTIONS * HTTP/1.1\r\n\r\n", "405 Method Not Allowed", "Allow: GET, HEAD\r\n",
+         b"method not allowed\n"),
+        (b"GET\r\n\r\n", "400 Bad Request", "", b"bad request\n"),
+        (b"\r\n\r\n", "400 Bad Request", "", b"bad request\n"),
+    ],
+)  # fmt: skip
+async def test_refused_requests_get_the_status_http_names(
+    request_head: bytes, status: str, extra: str, body: bytes
+) -> None:
+    """RFC 9110 §15.5.6: a 405 lists the methods that are allowed (``Allow``); a
+    request line without a target is not a wrong method but a bad request (400)."""
+    server = MetricsServer("127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        expected = (
+            f"HTTP/1.0 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+        ).encode() + body
+        assert await exchange(server.address, request_head) == expected
+        nursery.cancel_scope.cancel()

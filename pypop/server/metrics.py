@@ -346,8 +346,11 @@ class MetricsServer:
 
     async def _respond(self, head: bytes) -> bytes:
         line = head.split(b"\n", 1)[0].split()
-        if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
-            return _reply(405, b"method not allowed\n")
+        if len(line) < 2:
+            return _reply(400, b"bad request\n")
+        if line[0] not in (b"GET", b"HEAD"):
+            # RFC 9110 §15.5.6: a 405 names the methods that are allowed.
+            return _reply(405, b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
         path = line[1].split(b"?", 1)[0]
         head_only = line[0] == b"HEAD"  # every status: a HEAD reply has no content
         if path == b"/healthz":
@@ -364,6 +367,7 @@ class MetricsServer:
 
 _STATUS = {
     200: "OK",
+    400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
@@ -372,9 +376,14 @@ _STATUS = {
 
 
 def _reply(
-    code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", *, head: bool = False
+    code: int,
+    body: bytes,
+    ctype: str = "text/plain; charset=utf-8",
+    *,
+    head: bool = False,
+    extra: str = "",
 ) -> bytes:
     return (
         f"HTTP/1.0 {code} {_STATUS[code]}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
     ).encode("ascii") + (b"" if head else body)
