@@ -48,6 +48,7 @@ __all__ = ["AnvilClient", "AnvilServer", "Limits", "LocalLimits"]
 log = logging.getLogger("pypop.anvil")
 
 MAX_LINE: Final = 512  # longest anvil line (a key is an address)
+HEARTBEAT_EVERY: Final = 1.0  # a ready worker says it is alive this often
 
 
 class Limits(Protocol):
@@ -316,6 +317,13 @@ class AnvilClient:
         """Tell the supervisor that this worker serves and takes signals."""
         self._send("R", "-")
 
+    async def heartbeat(self) -> None:
+        """Say every HEARTBEAT_EVERY seconds that this worker's event loop runs: one
+        that stops (a blocking call, a deadlock) is killed and replaced."""
+        while not self.lost.is_set():
+            self._send("H", "-")
+            await trio.sleep(HEARTBEAT_EVERY)
+
     async def status(self, ip: str) -> dict[str, int]:
         """The anvil's view of one client: penalty level, connections, auth slots."""
         answer = await self._ask("L", _key(ip)) or ""
@@ -349,8 +357,14 @@ class AnvilServer:
         self._slots: dict[str, _Slots] = {}
         self.requests = 0
 
-    async def serve(self, sock: socket.socket, ready: Callable[[], None] = lambda: None) -> None:
-        """Answer one worker; ``ready`` is called when it says it serves."""
+    async def serve(
+        self,
+        sock: socket.socket,
+        ready: Callable[[], None] = lambda: None,
+        beat: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Answer one worker; ``ready`` is called when it says it serves, ``beat`` at
+        each of its heartbeats."""
         chan = _Channel(sock)
         held = _Held()
         try:
@@ -358,6 +372,9 @@ class AnvilServer:
                 nursery.start_soon(chan.writer)
                 async for lines in chan.lines():
                     for line in lines:
+                        if line == b"H 0 -":
+                            beat()
+                            continue
                         if line == b"R 0 -":
                             ready()
                             continue

@@ -27,7 +27,9 @@ The supervisor also runs the anvil (pypop.server.anvil: the limits of the whole
 server) and the metrics endpoint, and it:
 
 - restarts a worker that dies, after 0.5 s doubling to 30 s while they keep dying
-  within a minute of starting;
+  within a minute of starting; a worker whose heartbeat (one a second, once it
+  serves) stops for :data:`HANG_AFTER` seconds has hung: it is killed, so restarted
+  (and a graceful stop does not wait for it);
 - passes SIGTERM and SIGINT (graceful shutdown) and SIGHUP (reload the TLS
   certificate and the passwd-file) on to every worker; on the first SIGTERM/SIGINT it
   also closes its copies of the listeners, so that new connections are refused
@@ -60,7 +62,7 @@ import trio
 
 from pypop.auth import AuthPenalty
 from pypop.config import ConfigError, ServerConfig
-from pypop.server.anvil import AnvilClient, AnvilServer
+from pypop.server.anvil import HEARTBEAT_EVERY, AnvilClient, AnvilServer
 from pypop.server.limits import ConnectionLimits
 from pypop.server.listeners import Listener, open_listeners
 
@@ -72,6 +74,10 @@ BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 30.0
 STABLE_AFTER: Final = 60.0  # a worker that lived this long resets the backoff
 KILL_AFTER: Final = 5.0  # after the second signal
+# A ready worker without a heartbeat (pypop.server.anvil) for this long has hung: its
+# sessions are stuck, the connections it holds still count against the limits, and a
+# graceful stop would wait for it for ever. It is killed (and restarted).
+HANG_AFTER: Final = 30.0
 _HANDSHAKE: Final = struct.Struct(">I")
 
 
@@ -84,6 +90,7 @@ class _Slot:
     backoff: float = BACKOFF_FIRST
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
+    last_beat: float = 0.0  # (trio's clock) its last heartbeat, or when it became ready
 
 
 class Supervisor:
@@ -220,7 +227,10 @@ class Supervisor:
             ours.sendall(_HANDSHAKE.pack(len(handshake)) + handshake)
             log.info("worker %d started (pid %d)", slot.index, process.pid)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.anvil.serve, ours, lambda: self._ready(slot))
+                nursery.start_soon(
+                    self.anvil.serve, ours, lambda: self._ready(slot), lambda: self._beat(slot)
+                )
+                nursery.start_soon(self._watch, slot, process)
                 status = await process.wait()
                 nursery.cancel_scope.cancel()
             self._dead(process.pid)
@@ -254,8 +264,28 @@ class Supervisor:
 
             multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
 
+    def _beat(self, slot: _Slot) -> None:
+        slot.last_beat = trio.current_time()
+
+    async def _watch(self, slot: _Slot, process: trio.Process) -> None:
+        """Kill the worker if it is ready and its heartbeat stops (while serving or
+        while stopping: SIGKILL works on a stopped or blocked process alike)."""
+        while True:
+            await trio.sleep(HEARTBEAT_EVERY)
+            if slot.ready and trio.current_time() - slot.last_beat > HANG_AFTER:
+                log.error(
+                    "worker %d (pid %d) has not answered for %gs: killing it",
+                    slot.index,
+                    process.pid,
+                    HANG_AFTER,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                return
+
     def _ready(self, slot: _Slot) -> None:
         slot.ready = True
+        slot.last_beat = trio.current_time()
         if self.stopping and slot.process is not None:
             # Started while the server began to stop: it stops too.
             with contextlib.suppress(ProcessLookupError):
@@ -366,6 +396,7 @@ async def _worker(config: ServerConfig, sock: socket.socket, hello: dict[str, An
             # Until now a signal would have found the default action (SIGHUP kills):
             # the supervisor sends none before this.
             client.ready()
+            outer.start_soon(client.heartbeat)
         outer.cancel_scope.cancel()
     return 1 if forced.is_set() else 0
 
