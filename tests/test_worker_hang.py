@@ -107,3 +107,50 @@ async def test_a_hung_worker_is_replaced_and_cannot_hold_up_the_stop(
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_worker_stuck_before_it_serves_cannot_hold_up_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker still starting gets no signal (it would find no handler yet; it is
+    told once ready). One that never gets ready (stuck in start-up) made a graceful
+    stop wait for it for ever: it has no session to finish, so it is killed once the
+    stop has waited HANG_AFTER seconds for it."""
+    monkeypatch.setattr(workers, "HANG_AFTER", HANG_AFTER)
+    maildir(tmp_path / "mail", "alice", 1)
+    (tmp_path / "passwd").write_text("alice:{PLAIN}wonderland\n")
+    config = ServerConfig(
+        listen=[("127.0.0.1", 0)],
+        backend="maildir",
+        backend_options={"root": str(tmp_path / "mail")},
+        passwd_file=tmp_path / "passwd",
+        shutdown_timeout=1.0,
+        log_target=str(tmp_path / "workers.log"),
+    )
+    sup = Supervisor(config, 1)
+    stopped: list[int] = []
+    caplog.set_level(logging.INFO, "pypop.supervisor")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await until(lambda: sup.slots[0].process is not None, 30)
+            assert sup.slots[0].process is not None
+            stuck = sup.slots[0].process.pid
+            os.kill(stuck, signal.SIGSTOP)  # (a Python start-up takes far longer)
+            stopped.append(stuck)
+            await trio.sleep(0.3)
+            assert not sup.slots[0].ready
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await until(lambda: sup.alive == 0, HANG_AFTER + 15)
+            assert time.monotonic() - started < HANG_AFTER + 10
+            messages = [r.getMessage() for r in caplog.records]
+            assert (
+                f"worker 0 (pid {stuck}) did not start within {HANG_AFTER:g}s of the stop: "
+                "killing it" in messages
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

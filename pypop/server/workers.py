@@ -29,7 +29,8 @@ server) and the metrics endpoint, and it:
 - restarts a worker that dies, after 0.5 s doubling to 30 s while they keep dying
   within a minute of starting; a worker whose heartbeat (one a second, once it
   serves) stops for :data:`HANG_AFTER` seconds has hung: it is killed, so restarted
-  (and a graceful stop does not wait for it);
+  (and a graceful stop does not wait for it); so is one still not ready
+  :data:`HANG_AFTER` seconds into a stop;
 - passes SIGTERM and SIGINT (graceful shutdown) and SIGHUP (reload the TLS
   certificate and the passwd-file) on to every worker; on the first SIGTERM/SIGINT it
   also closes its copies of the listeners, so that new connections are refused
@@ -120,6 +121,7 @@ class Supervisor:
         self._metrics_dir: str | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._stopped_at: float | None = None  # (trio's clock) the first SIGTERM/SIGINT
 
     # -- state for /healthz and the metrics --
 
@@ -269,19 +271,24 @@ class Supervisor:
 
     async def _watch(self, slot: _Slot, process: trio.Process) -> None:
         """Kill the worker if it is ready and its heartbeat stops (while serving or
-        while stopping: SIGKILL works on a stopped or blocked process alike)."""
+        while stopping: SIGKILL works on a stopped or blocked process alike), or if
+        the server stops and it is still not ready HANG_AFTER seconds later (it has
+        no session to finish, and gets no signal before it is ready)."""
         while True:
             await trio.sleep(HEARTBEAT_EVERY)
-            if slot.ready and trio.current_time() - slot.last_beat > HANG_AFTER:
-                log.error(
-                    "worker %d (pid %d) has not answered for %gs: killing it",
-                    slot.index,
-                    process.pid,
-                    HANG_AFTER,
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                return
+            now = trio.current_time()
+            if slot.ready:
+                if now - slot.last_beat <= HANG_AFTER:
+                    continue
+                why = f"has not answered for {HANG_AFTER:g}s"
+            elif self._stopped_at is not None and now - self._stopped_at > HANG_AFTER:
+                why = f"did not start within {HANG_AFTER:g}s of the stop"
+            else:
+                continue
+            log.error("worker %d (pid %d) %s: killing it", slot.index, process.pid, why)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            return
 
     def _ready(self, slot: _Slot) -> None:
         slot.ready = True
@@ -321,6 +328,7 @@ class Supervisor:
                     continue
                 log.info("%s: graceful shutdown of %d workers", name, self.alive)
                 self.stopping = True
+                self._stopped_at = trio.current_time()
                 self._stop.set()
                 self._send(signum)
                 # New connections are refused from now on instead of queueing.
