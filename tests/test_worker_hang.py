@@ -154,3 +154,34 @@ async def test_a_worker_stuck_before_it_serves_cannot_hold_up_the_stop(
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_stalled_supervisor_does_not_take_its_workers_for_hung(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the supervisor itself did not run for a while (stopped, swapped out), its
+    workers' heartbeats wait unread in the sockets: the watch must not kill every
+    worker for a silence that was its own."""
+    monkeypatch.setattr(workers, "HANG_AFTER", HANG_AFTER)
+    maildir(tmp_path / "mail", "alice", 1)
+    (tmp_path / "passwd").write_text("alice:{PLAIN}wonderland\n")
+    config = ServerConfig(
+        listen=[("127.0.0.1", 0)],
+        backend="maildir",
+        backend_options={"root": str(tmp_path / "mail")},
+        passwd_file=tmp_path / "passwd",
+        shutdown_timeout=1.0,
+        log_target=str(tmp_path / "workers.log"),
+    )
+    sup = Supervisor(config, 2)
+    caplog.set_level(logging.INFO, "pypop.supervisor")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await all_ready(sup)
+        time.sleep(HANG_AFTER + 1.5)  # noqa: ASYNC251 (the supervisor's loop stands still)
+        await trio.sleep(HANG_AFTER / 2)
+        assert [s.restarts for s in sup.slots] == [0, 0]
+        assert not [r for r in caplog.records if "killing it" in r.getMessage()]
+        os.kill(os.getpid(), signal.SIGTERM)
+        await until(lambda: sup.alive == 0, 30)
+        nursery.cancel_scope.cancel()

@@ -274,9 +274,16 @@ class Supervisor:
         while stopping: SIGKILL works on a stopped or blocked process alike), or if
         the server stops and it is still not ready HANG_AFTER seconds later (it has
         no session to finish, and gets no signal before it is ready)."""
+        tick = trio.current_time()
         while True:
             await trio.sleep(HEARTBEAT_EVERY)
-            now = trio.current_time()
+            now, last = trio.current_time(), tick
+            tick = now
+            if now - last > 2 * HEARTBEAT_EVERY:
+                # This loop itself stood still (the supervisor was stopped or starved):
+                # the heartbeats wait unread in the socket. Judge from now on.
+                slot.last_beat = max(slot.last_beat, now)
+                continue
             if slot.ready:
                 if now - slot.last_beat <= HANG_AFTER:
                     continue
