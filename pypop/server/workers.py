@@ -35,7 +35,9 @@ server) and the metrics endpoint, and it:
   certificate and the passwd-file) on to every worker; on the first SIGTERM/SIGINT it
   also closes its copies of the listeners, so that new connections are refused
   instead of waiting. A second SIGTERM/SIGINT is passed on too (the workers stop at
-  once, cutting sessions without UPDATE) and, 5 s later, whatever is left is killed.
+  once, cutting sessions without UPDATE) and, 5 s later, whatever is left is killed,
+  except a worker still finishing an UPDATE (its heartbeat goes on), which is given
+  up to :data:`UPDATE_GRACE` seconds more: a SIGKILL would leave the UPDATE half done.
 
 Workers run in their own process group, so a terminal's Ctrl-C reaches only the
 supervisor (which passes it on once). A worker whose supervisor disappears (its anvil
@@ -79,6 +81,9 @@ KILL_AFTER: Final = 5.0  # after the second signal
 # sessions are stuck, the connections it holds still count against the limits, and a
 # graceful stop would wait for it for ever. It is killed (and restarted).
 HANG_AFTER: Final = 30.0
+# After a second signal, a worker still finishing an UPDATE (pypop.server.session's
+# update_timeout, 60 s) is not killed for this long.
+UPDATE_GRACE: Final = 65.0
 _HANDSHAKE: Final = struct.Struct(">I")
 
 
@@ -343,10 +348,24 @@ class Supervisor:
                     lst.socket.close()
 
     async def _kill_later(self) -> None:
+        """KILL_AFTER seconds after the second signal, kill what still runs, except
+        a worker whose heartbeat goes on: its sessions are cut, so it is finishing
+        an UPDATE (shielded, at most the session's update_timeout), and a SIGKILL
+        there would leave it half done. It gets up to UPDATE_GRACE seconds more."""
         await trio.sleep(KILL_AFTER)
-        if self.alive:
-            log.error("killing %d workers that did not stop", self.alive)
-            self._send(signal.SIGKILL)
+        until = trio.current_time() + UPDATE_GRACE
+        while self.alive:
+            now = trio.current_time()
+            for slot in self.slots:
+                proc = slot.process
+                if proc is None or proc.returncode is not None:
+                    continue
+                if slot.ready and now - slot.last_beat <= 3 * HEARTBEAT_EVERY and now < until:
+                    continue
+                log.error("killing worker %d (pid %d): it did not stop", slot.index, proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await trio.sleep(HEARTBEAT_EVERY)
 
 
 def _where(lst: Listener) -> str:
@@ -403,16 +422,21 @@ async def _worker(config: ServerConfig, sock: socket.socket, hello: dict[str, An
             log.warning("the supervisor is gone: shutting down")
             server.shutdown()
 
-    async with trio.open_nursery() as outer:
-        await outer.start(watch_signals, server, outer.cancel_scope, forced)
-        outer.start_soon(client.run, lost)
-        async with trio.open_nursery() as inner:
-            await inner.start(server.run)
-            # Until now a signal would have found the default action (SIGHUP kills):
-            # the supervisor sends none before this.
-            client.ready()
-            outer.start_soon(client.heartbeat)
-        outer.cancel_scope.cancel()
+    # The link to the supervisor (the anvil, the heartbeat) outlives a forced stop's
+    # cancel: an UPDATE still finishing (shielded) keeps reporting it is alive, and
+    # is not killed half done.
+    async with trio.open_nursery() as link:
+        link.start_soon(client.run, lost)
+        async with trio.open_nursery() as outer:
+            await outer.start(watch_signals, server, outer.cancel_scope, forced)
+            async with trio.open_nursery() as inner:
+                await inner.start(server.run)
+                # Until now a signal would have found the default action (SIGHUP
+                # kills): the supervisor sends none before this.
+                client.ready()
+                link.start_soon(client.heartbeat)
+            outer.cancel_scope.cancel()
+        link.cancel_scope.cancel()
     return 1 if forced.is_set() else 0
 
 
