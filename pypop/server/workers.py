@@ -97,6 +97,7 @@ class _Slot:
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
     last_beat: float = 0.0  # (trio's clock) its last heartbeat, or when it became ready
+    hup: bool = False  # a SIGHUP came while it was starting: passed on when it is ready
 
 
 class Supervisor:
@@ -230,6 +231,7 @@ class Supervisor:
             finally:
                 theirs.close()
             slot.process, slot.started, slot.ready = process, time.monotonic(), False
+            slot.hup = False
             slot.pids.append(process.pid)
             ours.sendall(_HANDSHAKE.pack(len(handshake)) + handshake)
             log.info("worker %d started (pid %d)", slot.index, process.pid)
@@ -305,20 +307,27 @@ class Supervisor:
     def _ready(self, slot: _Slot) -> None:
         slot.ready = True
         slot.last_beat = trio.current_time()
-        if self.stopping and slot.process is not None:
-            # Started while the server began to stop: it stops too.
+        if slot.process is None:
+            return
+        # Started while the server began to stop: it stops too. A SIGHUP that came
+        # while it started may postdate the files it read: it reads them again.
+        signum = signal.SIGTERM if self.stopping else signal.SIGHUP if slot.hup else None
+        slot.hup = False
+        if signum is not None:
             with contextlib.suppress(ProcessLookupError):
-                slot.process.send_signal(signal.SIGTERM)
+                slot.process.send_signal(signum)
 
     def _send(self, signum: int) -> None:
         """Pass a signal on to every worker that can take it. One still starting
-        reads its files fresh anyway (SIGHUP), and has no session to finish (SIGTERM,
-        SIGINT: it is told when ready); SIGKILL goes to all."""
+        may have no handler yet: it is told when ready (SIGHUP: it may have read its
+        files before the change; SIGTERM, SIGINT: it has no session to finish);
+        SIGKILL goes to all."""
         for slot in self.slots:
             proc = slot.process
             if proc is None or proc.returncode is not None:
                 continue
             if not slot.ready and signum != signal.SIGKILL:
+                slot.hup = slot.hup or signum == signal.SIGHUP
                 continue
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
