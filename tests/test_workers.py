@@ -364,6 +364,36 @@ def test_a_second_sigterm_stops_at_once(tmp_path: Path) -> None:
     assert messages(server.root / "bob") == 1  # nothing deleted
 
 
+def test_a_second_sigterm_stops_a_worker_that_had_not_read_the_first(tmp_path: Path) -> None:
+    """A worker that has not yet read the first stop signal when the second comes (a
+    busy or stopped process): two pending SIGTERMs are one to the kernel and to
+    trio, so it only drained, waiting for its sessions, and its heartbeat spared it
+    the kill. The supervisor passes the second on as the other stop signal."""
+    with serve(tmp_path, 2) as server:
+        workers = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", server.text())]
+        assert len(workers) == 2
+        c = Pop(server.port)
+        assert c.cmd(b"USER bob") == b"+OK\r\n"
+        assert c.cmd(b"PASS builder").startswith(b"+OK")
+        assert c.cmd(b"DELE 1").startswith(b"+OK")
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_log(r"graceful shutdown of 2 workers")
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_log(r"second SIGTERM: workers stop now")
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        start = time.monotonic()
+        assert server.proc.wait(15) == 1
+        assert time.monotonic() - start < 4  # neither the drain nor the 5 s kill
+        assert c.file.readline() == b""  # cut, without UPDATE
+        c.close()
+    assert messages(server.root / "bob") == 1  # nothing deleted
+
+
 def gone(pid: int) -> bool:
     """The process has exited (a zombie waiting for its new parent counts)."""
     try:

@@ -34,8 +34,10 @@ server) and the metrics endpoint, and it:
 - passes SIGTERM and SIGINT (graceful shutdown) and SIGHUP (reload the TLS
   certificate and the passwd-file) on to every worker; on the first SIGTERM/SIGINT it
   also closes its copies of the listeners, so that new connections are refused
-  instead of waiting. A second SIGTERM/SIGINT is passed on too (the workers stop at
-  once, cutting sessions without UPDATE) and, 5 s later, whatever is left is killed,
+  instead of waiting. A second SIGTERM/SIGINT is passed on too, as the other of the
+  two (a worker would take a second signal of the same kind, pending before it read
+  the first, as one), and the workers stop at once, cutting sessions without UPDATE;
+  5 s later whatever is left is killed,
   except a worker still finishing an UPDATE (its heartbeat goes on), which is given
   up to :data:`UPDATE_GRACE` seconds more: a SIGKILL would leave the UPDATE half done.
 
@@ -128,6 +130,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._stopped_at: float | None = None  # (trio's clock) the first SIGTERM/SIGINT
+        self._first_stop: int = signal.SIGTERM  # which of the two it was
 
     # -- state for /healthz and the metrics --
 
@@ -343,12 +346,18 @@ class Supervisor:
                 if self.stopping:
                     log.warning("second %s: workers stop now, open sessions are cut", name)
                     self.forced = True
-                    self._send(signum)
+                    # The other stop signal: a worker that has not yet read the first
+                    # would take a second of the same kind as the same one (the kernel
+                    # and trio both coalesce a pending signal), and only drain.
+                    self._send(
+                        signal.SIGINT if self._first_stop == signal.SIGTERM else signal.SIGTERM
+                    )
                     assert self._nursery is not None
                     self._nursery.start_soon(self._kill_later)
                     continue
                 log.info("%s: graceful shutdown of %d workers", name, self.alive)
                 self.stopping = True
+                self._first_stop = signum
                 self._stopped_at = trio.current_time()
                 self._stop.set()
                 self._send(signum)
